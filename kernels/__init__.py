@@ -1,0 +1,1 @@
+"""Triton kernels for packed torchzip weights (import name ``torchzip.kernels``)."""

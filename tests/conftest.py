@@ -1,0 +1,20 @@
+"""Test-wide set-up: Triton runs in its CPU interpreter unless a GPU is present; fresh seeds."""
+
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before triton is first imported anywhere in the session.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed():
+    """Seed torch afresh for every test; the seed is printed so a failure can be replayed."""
+    seed = int(os.environ.get("TORCHZIP_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(seed)
+    print(f"TORCHZIP_TEST_SEED={seed}")
+    return seed

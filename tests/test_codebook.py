@@ -1,0 +1,99 @@
+import pytest
+import torch
+from torch import nn
+
+import torchzip as tz
+from torchzip.packed import CodebookWeight, CsrWeight, Sparse24Weight
+from torchzip.passes.codebook import codebook_of, kmeans_1d
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("granularity", ["channel", "layer"])
+def test_at_most_2_pow_bits_values_per_group(bits, granularity):
+    layer = nn.Linear(300, 13)
+    model = tz.compress(nn.Sequential(layer), [tz.Codebook(bits=bits, granularity=granularity)], progress=False)
+    w = model[0].weight.detach()
+    groups = w if granularity == "channel" else w.reshape(1, -1)
+    for row in groups:
+        assert row.unique().numel() <= 2**bits
+    frozen = tz.freeze(model)
+    assert isinstance(frozen[0].packed, CodebookWeight)
+    assert torch.equal(frozen[0].packed.dequantize(), w)
+
+
+@pytest.mark.parametrize("init", ["linear", "kmeans++"])
+def test_kmeans_beats_uniform_grid_on_gaussian(init):
+    x = torch.randn(4, 5000, dtype=torch.float64)
+    for bits in (2, 3, 4):
+        k = 2**bits
+        centroids, assign = kmeans_1d(x.float(), torch.ones_like(x, dtype=torch.bool), k, init=init, iterations=50)
+        km = ((centroids.double().gather(1, assign) - x) ** 2).mean()
+        lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+        grid = lo + (hi - lo) * torch.linspace(0, 1, k, dtype=torch.float64)
+        uni = ((x.unsqueeze(-1) - grid.unsqueeze(1)) ** 2).amin(-1).mean()
+        assert km < 0.8 * uni, (bits, float(km), float(uni))
+        # Every point sits at its nearest centroid (a fixed point of Lloyd's assignment step).
+        nearest = (x.unsqueeze(-1) - centroids.double().unsqueeze(1)).abs().argmin(-1)
+        d_assigned = (x - centroids.double().gather(1, assign)).abs()
+        d_best = (x - centroids.double().gather(1, nearest)).abs()
+        assert torch.allclose(d_assigned, d_best)
+
+
+def test_centroid_gradient_is_sum_of_shared_weight_gradients():
+    layer = nn.Linear(20, 6)
+    model = tz.compress(nn.Sequential(layer), [tz.Codebook(bits=2)], progress=False)
+    quant = codebook_of(model[0])
+    x = torch.randn(7, 20, dtype=torch.float64)
+    model(x.float()).sum().backward()
+    dw = (torch.ones(7, 6, dtype=torch.float64).T @ x)  # dL/dW in float64
+    ref = torch.zeros(6, 4, dtype=torch.float64).scatter_add_(1, quant.assign.long(), dw)
+    assert torch.allclose(quant.centroids.grad.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_pruned_zeros_take_no_centroid_and_stay_zero():
+    model = tz.compress(nn.Sequential(nn.Linear(64, 32)), [tz.Prune(sparsity=0.75), tz.Codebook(bits=4)], progress=False)
+    pruned = model[0].weight == 0
+    quant = codebook_of(model[0])
+    assert bool((quant.assign[pruned] == -1).all()) and bool((quant.assign[~pruned] >= 0).all())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    for _ in range(20):
+        opt.zero_grad()
+        model(torch.randn(8, 64)).pow(2).sum().backward()
+        opt.step()
+    assert bool((model[0].weight[pruned] == 0).all())
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        expected = model(x)
+    frozen = tz.freeze(model)
+    assert isinstance(frozen[0].packed, CsrWeight) and frozen[0].packed.kind == "codebook"
+    assert frozen[0].packed.values.numel() == int((~pruned).sum())
+    assert torch.equal(frozen(x), expected)
+
+
+def test_24_codebook_packs_semi_structured():
+    model = tz.compress(nn.Sequential(nn.Linear(32, 16)), [tz.Prune(pattern="2:4"), tz.Codebook(bits=3)], progress=False)
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        expected = model(x)
+    frozen = tz.freeze(model)
+    assert isinstance(frozen[0].packed, Sparse24Weight)
+    assert torch.equal(frozen(x), expected)
+
+
+def test_delayed_clustering_after_gradual_prune():
+    recipe = [tz.Prune(sparsity=0.8, end_step=10, frequency=2), tz.Codebook(bits=4, start_step=12)]
+    model = tz.compress(nn.Sequential(nn.Linear(40, 24)), recipe, progress=False)
+    quant = codebook_of(model[0])
+    for step in range(1, 15):
+        tz.step(model)
+        assert bool(quant.clustered) == (step >= 12)
+    w = model[0].weight
+    assert int((w == 0).sum()) == round(0.8 * w.numel())
+    assert w[w != 0].reshape(-1).unique().numel() <= 16 * 24
+    for row in w:
+        assert row[row != 0].unique().numel() <= 16
+
+
+def test_codebook_before_prune_end_is_rejected():
+    with pytest.raises(tz.RecipeError, match="start_step"):
+        tz.compress(nn.Linear(8, 8), [tz.Prune(sparsity=0.5, end_step=10), tz.Codebook(start_step=5)], progress=False)

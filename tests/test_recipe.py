@@ -1,0 +1,154 @@
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import torchzip as tz
+from torchzip.errors import RecipeError, UnsupportedLayerError
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def net():
+    return nn.Sequential(nn.Embedding(50, 16), nn.Flatten(), nn.Linear(48, 37), nn.ReLU(), nn.Linear(37, 12))
+
+
+def test_yaml_round_trip_exact():
+    recipe = tz.Recipe([
+        tz.Prune(sparsity=0.85, scope="layer", initial_sparsity=0.2, start_step=5, end_step=50, frequency=5,
+                 exclude=["head*"], overrides={"features.*": {"sparsity": 0.5}}),
+        tz.Codebook(bits=3, granularity="layer", init="kmeans++", targets=["Linear", "Conv2d"], start_step=60),
+    ])
+    text = recipe.to_yaml()
+    back = tz.Recipe.from_yaml(text)
+    assert back == recipe
+    assert back.to_yaml() == text
+    assert tz.Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+def test_recipe_accepts_every_spelling(tmp_path):
+    passes = [tz.Prune(pattern="2:4"), tz.Quantize()]
+    path = tmp_path / "r.yaml"
+    tz.Recipe(passes).save(path)
+    model = nn.Sequential(nn.Linear(16, 8))
+    x = torch.randn(3, 16)
+    outs = [tz.compress(model, r, progress=False)(x) for r in
+            (passes, tz.Recipe(passes), str(path), path, {"passes": [{"prune": {"pattern": "2:4"}}, {"quantize": None}]})]
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+
+
+@pytest.mark.parametrize("name", ["int8", "codebook4", "sparse24_int8"])
+def test_shipped_recipes_work_on_any_model(name):
+    model = net()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = tz.compress(model, str(RECIPES / f"{name}.yaml"), progress=False)
+    idx = torch.randint(0, 50, (4, 3))
+    with torch.no_grad():
+        expected = out(idx)
+    frozen = tz.freeze(out)
+    assert torch.equal(frozen(idx), expected)
+    if name == "sparse24_int8":  # the 37-wide input cannot take 2:4: one warning names it
+        msgs = [str(w.message) for w in caught if "skipped" in str(w.message)]
+        assert len(msgs) == 1 and "'4'" in msgs[0] and "37" in msgs[0]
+    assert tz.summary(frozen, print_table=False).ratio > 1.5
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"passes": [{"prun": {}}]}, r"unknown pass 'prun'.*allowed: \['codebook'.*'prune'"),
+    ({"passes": [{"prune": {"sparsty": 0.5}}]}, r"unknown argument\(s\) \['sparsty'\].*allowed"),
+    ({"pases": []}, r"unknown recipe key\(s\) \['pases'\]; allowed: \['passes'\]"),
+    ({"passes": [{"prune": {"sparsity": 1.0}}]}, r"sparsity must be in \[0, 1\)"),
+    ({"passes": [{"prune": {"sparsity": -0.1}}]}, r"sparsity must be in \[0, 1\)"),
+    ({"passes": [{"codebook": {"bits": 9}}]}, r"bits must be an integer in 1..8"),
+    ({"passes": [{"codebook": {"bits": 0}}]}, r"bits must be an integer in 1..8"),
+    ({"passes": [{"quantize": {"bits": 4}}]}, r"bits=8 only"),
+    ({"passes": [{"prune": {"pattern": "3:2"}}]}, r"0 < N < M"),
+    ({"passes": [{"prune": {"pattern": "diagonal"}}]}, r"unknown pruning pattern"),
+    ({"passes": [{"prune": {"targets": ["LSTM"]}}]}, r"unknown target layer type 'LSTM'"),
+    ({"passes": [{"prune": {"overrides": {"fc": {"bits": 3}}}}]}, r"unknown argument\(s\) \['bits'\] in override 'fc'"),
+])
+def test_bad_recipes_raise_named_errors(data, match):
+    with pytest.raises(RecipeError, match=match):
+        tz.Recipe.from_dict(data)
+    assert issubclass(RecipeError, ValueError)
+
+
+def test_bad_yaml_and_missing_file():
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        tz.Recipe.from_yaml("passes: [prune: {")
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        tz.compress(nn.Linear(4, 4), "recipes/no_such.yaml")
+
+
+def _unchanged(model, snapshot):
+    return all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), snapshot.values())) and \
+        not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+@pytest.mark.parametrize("recipe,error,match", [
+    ([tz.Quantize(), tz.Codebook()], RecipeError, "already quantized"),
+    ([tz.Codebook(), tz.Prune()], RecipeError, "prune before quantizing"),
+    ([tz.Prune(), tz.Prune()], RecipeError, "already pruned"),
+    ([tz.Prune(pattern="2:4", overrides={"4": {"pattern": "2:4"}})], UnsupportedLayerError, "'4'.*37.*cannot be honoured"),
+    ([tz.Quantize(overrides={"2": {"group_size": 5}})], UnsupportedLayerError, "group_size 5 does not divide"),
+    ([tz.Prune(targets=["Conv2d"])], RecipeError, "no layer of the model is targeted"),
+    ([tz.Prune(exclude=["*"])], RecipeError, "no layer of the model is targeted"),
+])
+def test_impossible_recipes_fail_before_touching_the_model(recipe, error, match):
+    for inplace in (False, True):
+        model = net()
+        snapshot = copy.deepcopy(model.state_dict())
+        with pytest.raises(error, match=match):
+            tz.compress(model, recipe, inplace=inplace, progress=False)
+        assert _unchanged(model, snapshot)
+
+
+def test_untargeted_layers_stay_bitwise_identical():
+    model = nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32), nn.Conv1d(4, 4, 3), nn.Linear(32, 8))
+    before = copy.deepcopy(model.state_dict())
+    out = tz.compress(model, [tz.Codebook(bits=2, targets=["Linear"], exclude=["3"])], progress=False)
+    frozen = tz.freeze(out)
+    for name in ("1.weight", "1.bias", "2.weight", "2.bias", "3.weight", "3.bias"):
+        assert torch.equal(frozen.state_dict()[name], before[name])
+    assert type(frozen[2]) is nn.Conv1d and type(frozen[3]) is nn.Linear
+    assert _unchanged(model, before)  # not inplace: the input model is untouched
+
+
+def test_multihead_attention_weights_left_alone_and_reported():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x)[0])
+
+    block = Block()
+    out = tz.compress(block, [tz.Quantize()], progress=False)
+    assert not hasattr(out.attn.out_proj, "parametrizations")  # a Linear subclass: not matched
+    assert torch.equal(out.attn.in_proj_weight, block.attn.in_proj_weight)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected = out(x)
+    frozen = tz.freeze(out)
+    assert torch.equal(frozen(x), expected)
+    report = tz.summary(frozen, print_table=False)
+    notes = {r.name: r.note for r in report.rows}
+    assert "in_proj_weight" in notes["attn"] and "not a plain weight" in notes["attn"]
+    assert "left uncompressed" in str(report)
+
+
+def test_compress_twice_composes_like_one_recipe():
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+    once = tz.compress(model, [tz.Prune(sparsity=0.5), tz.Quantize()], progress=False)
+    twice = tz.compress(tz.compress(model, [tz.Prune(sparsity=0.5)], progress=False), [tz.Quantize()], progress=False)
+    x = torch.randn(5, 32)
+    assert torch.equal(once(x), twice(x))
+    with pytest.raises(RecipeError, match="already quantized"):
+        tz.compress(twice, [tz.Codebook()], progress=False)

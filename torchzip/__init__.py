@@ -1,0 +1,23 @@
+"""torchzip: composable model compression for PyTorch.
+
+``compress(model, recipe)`` applies passes (pruning, int8, codebooks, distillation); ``step``
+advances their schedules while fine-tuning; ``freeze`` packs the weights; ``summary`` reports
+what is stored.
+"""
+
+from torchzip.api import compress, plan_recipe, step
+from torchzip.errors import DistillationError, FormatError, RecipeError, TorchzipError, UnsupportedLayerError
+from torchzip.freeze import freeze
+from torchzip.passes.codebook import Codebook
+from torchzip.passes.prune import Prune
+from torchzip.passes.quantize import Quantize
+from torchzip.recipe import Recipe
+from torchzip.summary import Summary, summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compress", "step", "freeze", "summary", "plan_recipe", "Recipe", "Summary",
+    "Prune", "Quantize", "Codebook",
+    "TorchzipError", "RecipeError", "UnsupportedLayerError", "FormatError", "DistillationError",
+]

@@ -1,0 +1,48 @@
+"""Bit-packing of small unsigned integers into int32 words along the last dimension.
+
+A word holds ``32 // bits`` fields; field ``j`` of a row sits in word ``j // per_word`` at bit
+offset ``(j % per_word) * bits`` (least significant bits first). 3-bit fields therefore waste two
+bits per word, a price paid for kernels that never split a field across words.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def fields_per_word(bits: int) -> int:
+    """Number of ``bits``-wide fields one int32 word holds."""
+    return 32 // bits
+
+
+def packed_words(k: int, bits: int) -> int:
+    """Words needed to hold ``k`` fields of ``bits`` bits."""
+    return math.ceil(k / fields_per_word(bits)) if k else 0
+
+
+def pack_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integers in ``[0, 2**bits)`` along the last dim into int32 words (see module doc)."""
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bits must be in 1..16, got {bits}")
+    per = fields_per_word(bits)
+    *lead, k = x.shape
+    words = packed_words(k, bits)
+    padded = torch.zeros(*lead, words * per, dtype=torch.int64, device=x.device)
+    padded[..., :k] = x.to(torch.int64)
+    shifts = torch.arange(per, device=x.device, dtype=torch.int64) * bits
+    word = (padded.view(*lead, words, per) << shifts).sum(-1)
+    # int32 has no unsigned form in torch: wrap the top bit into the sign.
+    word = torch.where(word >= 2**31, word - 2**32, word)
+    return word.to(torch.int32)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: return the first ``k`` fields as int64."""
+    per = fields_per_word(bits)
+    *lead, words = packed.shape
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int64) * bits
+    word = packed.to(torch.int64) & 0xFFFFFFFF
+    fields = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return fields.reshape(*lead, words * per)[..., :k]

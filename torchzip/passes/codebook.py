@@ -1,0 +1,201 @@
+"""Non-uniform quantization: k-means weight sharing with ``2**bits`` centroids (Deep Compression).
+
+Each weight is replaced by its nearest centroid, per layer or per output channel. While
+fine-tuning, assignments are fixed and centroids are trainable: indexing the centroids with the
+assignments makes autograd sum the gradients of all weights sharing a centroid into it. Weights
+pruned before clustering take no centroid and stay zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from torchzip.errors import RecipeError
+from torchzip.passes.base import LayerPass, weight_before
+from torchzip.passes.prune import masks_of
+
+INITS = ("linear", "kmeans++")
+GRANULARITIES = ("channel", "layer")
+
+
+def _seed_linear(x: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    # Evenly spaced between each group's min and max, so large weights keep a centroid (Han et al.).
+    big = torch.finfo(x.dtype).max
+    lo = torch.where(valid, x, torch.full_like(x, big)).amin(1, keepdim=True)
+    hi = torch.where(valid, x, torch.full_like(x, -big)).amax(1, keepdim=True)
+    lo, hi = torch.where(lo > hi, 0.0, lo), torch.where(lo > hi, 0.0, hi)  # groups with no weight
+    return lo + (hi - lo) * torch.linspace(0, 1, k, device=x.device)
+
+
+def _seed_kmeanspp(x: torch.Tensor, valid: torch.Tensor, k: int, gen: torch.Generator, sample: int = 1 << 15) -> torch.Tensor:
+    # k-means++ seeding on at most `sample` points per group (sampling keeps it cheap on big layers).
+    g, n = x.shape
+    if n > sample:
+        cols = torch.randperm(n, generator=gen)[:sample].to(x.device)
+        x, valid = x[:, cols], valid[:, cols]
+    w = valid.float() + 1e-12  # groups with no valid point still sample something
+    centroids = torch.empty(g, k, device=x.device)
+    centroids[:, 0] = x.gather(1, torch.multinomial(w.cpu(), 1, generator=gen).to(x.device)).squeeze(1)
+    d2 = (x - centroids[:, :1]) ** 2
+    for i in range(1, k):
+        pick = torch.multinomial((d2 * valid + 1e-30 * w).cpu(), 1, generator=gen).to(x.device)
+        centroids[:, i] = x.gather(1, pick).squeeze(1)
+        d2 = torch.minimum(d2, (x - centroids[:, i : i + 1]) ** 2)
+    return centroids
+
+
+def assign_nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid for every value (1-D per group: binary search on midpoints)."""
+    order = centroids.argsort(1)
+    sorted_c = centroids.gather(1, order)
+    mids = ((sorted_c[:, 1:] + sorted_c[:, :-1]) / 2).contiguous()
+    return order.gather(1, torch.searchsorted(mids, x.contiguous()))
+
+
+def kmeans_1d(x: torch.Tensor, valid: torch.Tensor, k: int, *, init: str = "linear", iterations: int = 25,
+              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched 1-D k-means over rows of ``x`` ``[G, n]``, using only entries where ``valid``.
+
+    Returns ``(centroids [G, k], assign [G, n])``; ``assign`` is -1 where not ``valid``.
+    Deterministic for a given ``seed`` (so every DDP rank computes the same codebook).
+    """
+    x = x.float()
+    if x.shape[0] == 1 and not bool(valid.all()):
+        # One group: cluster only the kept weights (after pruning, often a small fraction).
+        centroids, kept = kmeans_1d(x[valid].unsqueeze(0), torch.ones(1, int(valid.sum()), dtype=torch.bool, device=x.device),
+                                    k, init=init, iterations=iterations, seed=seed)
+        assign = torch.full_like(x, -1, dtype=torch.long)
+        assign[valid] = kept[0]
+        return centroids, assign
+    gen = torch.Generator().manual_seed(seed)
+    centroids = _seed_linear(x, valid, k) if init == "linear" else _seed_kmeanspp(x, valid, k, gen)
+    weight = valid.float()
+    assign = assign_nearest(x, centroids)
+    for _ in range(iterations):
+        sums = torch.zeros_like(centroids).scatter_add_(1, assign, x * weight)
+        counts = torch.zeros_like(centroids).scatter_add_(1, assign, weight)
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+        new = assign_nearest(x, centroids)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return centroids, torch.where(valid, assign, -1)
+
+
+class CodebookQuant(nn.Module):
+    """Parametrization: each weight becomes ``centroids[group, assign]`` (0 where pruned).
+
+    Until it is clustered (at ``start_step``) it passes the weight through unchanged.
+    """
+
+    def __init__(self, weight: torch.Tensor, *, bits: int, granularity: str, init: str, iterations: int,
+                 start_step: int, seed: int) -> None:
+        super().__init__()
+        rows = weight.shape[0]
+        groups = rows if granularity == "channel" else 1
+        self.bits, self.granularity, self.init, self.iterations = bits, granularity, init, iterations
+        self.start_step, self.seed = start_step, seed
+        self.centroids = nn.Parameter(torch.zeros(groups, 2**bits, device=weight.device))
+        self.register_buffer("assign", torch.full((rows, weight[0].numel()), -1, dtype=torch.int16, device=weight.device))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("clustered", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def cluster(self, w: torch.Tensor, keep: torch.Tensor | None) -> None:
+        """Run k-means on ``w`` (entries where ``keep`` is False take no centroid)."""
+        w2 = w.detach().reshape(w.shape[0], -1)
+        valid = torch.ones_like(w2, dtype=torch.bool) if keep is None else keep.reshape(w2.shape)
+        x, v = (w2, valid) if self.granularity == "channel" else (w2.reshape(1, -1), valid.reshape(1, -1))
+        centroids, assign = kmeans_1d(x, v, 2**self.bits, init=self.init, iterations=self.iterations, seed=self.seed)
+        self.centroids.copy_(centroids)
+        self.assign.copy_(assign.reshape(w2.shape))
+        self.clustered.fill_(True)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not bool(self.clustered):
+            return w
+        assign = self.assign.long()
+        if self.centroids.shape[0] > 1:
+            values = self.centroids.gather(1, assign.clamp(min=0))
+        else:
+            values = self.centroids[0][assign.clamp(min=0)]
+        values = torch.where(assign >= 0, values, torch.zeros((), device=values.device)).view(w.shape).to(w.dtype)
+        # + an exact zero that keeps the master weight in the graph, so DDP sees every parameter used.
+        return values + (w - w.detach())
+
+
+def codebook_of(module: nn.Module) -> CodebookQuant | None:
+    """The :class:`CodebookQuant` parametrization on ``module.weight``, if any."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    return next((p for p in module.parametrizations.weight if isinstance(p, CodebookQuant)), None)
+
+
+def _keep_mask(module: nn.Module) -> torch.Tensor | None:
+    mask = masks_of(module)
+    return None if mask is None else mask.mask
+
+
+@dataclass
+class Codebook(LayerPass):
+    """k-means weight sharing with ``2**bits`` centroids (``bits`` 1..8), one codebook per output
+    channel (``granularity: channel``) or per layer. ``init``: ``linear`` (evenly spaced between
+    min and max) or ``kmeans++``. ``start_step`` > 0 clusters later in fine-tuning (e.g. after a
+    gradual prune has finished), the weight staying float until then."""
+
+    key = "codebook"
+    bits: int = 4
+    granularity: str = "channel"
+    init: str = "linear"
+    iterations: int = 25
+    start_step: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate(self.__dict__, f"pass '{self.key}'")
+
+    @staticmethod
+    def validate(args: dict, where: str) -> None:
+        """Raise :class:`RecipeError` for argument values that cannot work."""
+        if not isinstance(args["bits"], int) or not 1 <= args["bits"] <= 8:
+            raise RecipeError(f"codebook bits must be an integer in 1..8, got {args['bits']!r} in {where}")
+        if args["granularity"] not in GRANULARITIES:
+            raise RecipeError(f"granularity must be one of {list(GRANULARITIES)}, got {args['granularity']!r} in {where}")
+        if args["init"] not in INITS:
+            raise RecipeError(f"init must be one of {list(INITS)}, got {args['init']!r} in {where}")
+        for key in ("iterations", "start_step", "seed"):
+            if not isinstance(args[key], int) or args[key] < 0:
+                raise RecipeError(f"{key} must be a non-negative integer, got {args[key]!r} in {where}")
+
+    def unfit(self, name: str, module: nn.Module, args: dict) -> str | None:
+        """Every weight can take a codebook; only the arguments are checked."""
+        self.validate(args, f"override for layer '{name}'")
+        return None
+
+    def apply(self, model: nn.Module, plan: list[tuple[str, nn.Module, dict]], group: str, progress: bool = False) -> None:
+        """Attach codebooks to the planned layers, clustering now unless ``start_step`` > 0."""
+        from tqdm.auto import tqdm
+
+        for _, module, args in tqdm(plan, desc="k-means", disable=not progress, leave=False):
+            opts = {k: args[k] for k in ("bits", "granularity", "init", "iterations", "start_step", "seed")}
+            quant = CodebookQuant(module.weight, **opts)
+            if args["start_step"] == 0:
+                quant.cluster(module.weight, _keep_mask(module))
+            parametrize.register_parametrization(module, "weight", quant)
+
+
+@torch.no_grad()
+def step_codebooks(model: nn.Module) -> None:
+    """Advance codebook schedules by one step; cluster those whose ``start_step`` has come."""
+    for module in model.modules():
+        quant = codebook_of(module)
+        if quant is None:
+            continue
+        quant.step += 1
+        if not bool(quant.clustered) and int(quant.step) >= quant.start_step:
+            quant.cluster(weight_before(module, quant), _keep_mask(module))

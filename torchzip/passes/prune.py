@@ -1,0 +1,243 @@
+"""Magnitude pruning: unstructured (per layer or global), N:M, output channels; gradual schedules.
+
+A pruned weight carries a :class:`Mask` parametrization (``torch.nn.utils.parametrize``): the
+layer keeps its type and its float master weight, and the weight every forward sees is
+``master * mask``, so masked entries stay exactly zero whatever the optimizer does.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from torchzip.errors import RecipeError
+from torchzip.passes.base import LayerPass
+
+PATTERNS = ("unstructured", "channel", "N:M (e.g. 2:4)")
+NORMS = ("l1", "l2")
+
+
+def parse_nm(pattern: str) -> tuple[int, int] | None:
+    """``(n, m)`` for an ``"N:M"`` pattern string, else None."""
+    found = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def _scores(w: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    # Already-pruned weights score below everything so they stay pruned as sparsity grows.
+    s = w.detach().abs().float()
+    return s if mask is None else torch.where(mask, s, torch.full_like(s, -1.0))
+
+
+def _keep_all_but_lowest(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if n_prune:
+        keep[torch.topk(scores.flatten(), n_prune, largest=False).indices] = False
+    return keep.view(scores.shape)
+
+
+def unstructured_mask(w: torch.Tensor, sparsity: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep-mask that prunes exactly ``round(sparsity * numel)`` smallest-magnitude weights."""
+    return _keep_all_but_lowest(_scores(w, mask), round(sparsity * w.numel()))
+
+
+def global_masks(weights: list[torch.Tensor], sparsity: float, masks: list | None = None) -> list[torch.Tensor]:
+    """Keep-masks pruning ``round(sparsity * total)`` smallest weights across all ``weights``."""
+    masks = masks or [None] * len(weights)
+    scores = torch.cat([_scores(w, m).flatten() for w, m in zip(weights, masks)])
+    keep = _keep_all_but_lowest(scores, round(sparsity * scores.numel()))
+    return [k.view(w.shape) for k, w in zip(torch.split(keep, [w.numel() for w in weights]), weights)]
+
+
+def nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` largest of every ``m`` consecutive input weights of each output row."""
+    w2 = w.detach().abs().reshape(w.shape[0], -1)
+    groups = w2.reshape(w2.shape[0], -1, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, torch.topk(groups, n, dim=-1).indices, True)
+    return keep.view(w.shape)
+
+
+def channel_mask(w: torch.Tensor, sparsity: float, norm: str = "l2", mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Prune ``round(sparsity * out_channels)`` whole output rows with the smallest L1/L2 norm."""
+    rows = w.detach().float().reshape(w.shape[0], -1)
+    if mask is not None:
+        rows = rows * mask.reshape(w.shape[0], -1)
+    score = rows.abs().sum(1) if norm == "l1" else rows.pow(2).sum(1).sqrt()
+    if mask is not None:  # pruned rows stay pruned
+        score = torch.where(mask.reshape(w.shape[0], -1).any(1), score, torch.full_like(score, -1.0))
+    keep = _keep_all_but_lowest(score, round(sparsity * w.shape[0]))
+    return keep.view(-1, *([1] * (w.dim() - 1))).expand(w.shape).clone()
+
+
+def cubic_sparsity(step: int, final: float, initial: float, start: int, end: int | None) -> float:
+    """Zhu & Gupta (2017) schedule: ``s_f + (s_i - s_f) * (1 - progress)**3``, clamped to the ends."""
+    if end is None or step >= end:
+        return final
+    if step <= start:
+        return initial
+    progress = (step - start) / (end - start)
+    return final + (initial - final) * (1.0 - progress) ** 3
+
+
+class Mask(nn.Module):
+    """Parametrization ``w -> w * mask`` plus the schedule that grows the mask.
+
+    ``step`` counts optimizer steps (advanced by :func:`torchzip.step`); it is a buffer so it
+    is saved with the model and kept equal across DDP ranks.
+    """
+
+    def __init__(self, mask: torch.Tensor, *, pattern: str, sparsity: float, scope: str, norm: str,
+                 initial_sparsity: float, start_step: int, end_step: int | None, frequency: int, group: str) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.pattern, self.sparsity, self.scope, self.norm = pattern, sparsity, scope, norm
+        self.initial_sparsity, self.start_step, self.end_step, self.frequency = initial_sparsity, start_step, end_step, frequency
+        self.group = group
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+    def target(self, step: int) -> float:
+        """Sparsity the schedule asks for at ``step``."""
+        return cubic_sparsity(step, self.sparsity, self.initial_sparsity, self.start_step, self.end_step)
+
+    def due(self, step: int) -> bool:
+        """Whether the mask is recomputed at ``step``."""
+        if self.end_step is None or step < self.start_step or step > self.end_step:
+            return False
+        return (step - self.start_step) % self.frequency == 0 or step == self.end_step
+
+    def recompute(self, w: torch.Tensor, sparsity: float) -> None:
+        """Grow the mask to ``sparsity`` (per-layer scopes; global groups are handled together)."""
+        if self.pattern == "channel":
+            self.mask.copy_(channel_mask(w, sparsity, self.norm, self.mask))
+        else:
+            self.mask.copy_(unstructured_mask(w, sparsity, self.mask))
+
+
+def masks_of(module: nn.Module) -> Mask | None:
+    """The :class:`Mask` parametrization on ``module.weight``, if any."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    return next((p for p in module.parametrizations.weight if isinstance(p, Mask)), None)
+
+
+@dataclass
+class Prune(LayerPass):
+    """Magnitude pruning.
+
+    ``pattern``: ``"unstructured"``, ``"channel"`` (whole output channels by ``norm``) or
+    ``"N:M"`` such as ``"2:4"`` (keep N of every M consecutive input weights; ``sparsity`` is then
+    ignored). ``scope``: ``"layer"`` (each layer reaches ``sparsity``) or ``"global"`` (one
+    magnitude threshold across all targeted layers; unstructured only). With ``end_step`` set,
+    sparsity grows from ``initial_sparsity`` at ``start_step`` to ``sparsity`` at ``end_step`` on
+    Zhu & Gupta's cubic schedule, the mask recomputed every ``frequency`` steps.
+    """
+
+    key = "prune"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    scope: str = "layer"
+    norm: str = "l2"
+    initial_sparsity: float = 0.0
+    start_step: int = 0
+    end_step: int | None = None
+    frequency: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate(self.__dict__, f"pass '{self.key}'")
+        if self.scope == "global" and self.overrides:
+            raise RecipeError("global pruning uses one threshold for all layers: overrides are not allowed with scope 'global'")
+
+    @staticmethod
+    def validate(args: dict, where: str) -> None:
+        """Raise :class:`RecipeError` for argument values that cannot work."""
+        pattern = args["pattern"]
+        if pattern not in ("unstructured", "channel") and parse_nm(pattern) is None:
+            raise RecipeError(f"unknown pruning pattern {pattern!r} in {where}; allowed: {list(PATTERNS)}")
+        nm = parse_nm(pattern)
+        if nm and not 0 < nm[0] < nm[1]:
+            raise RecipeError(f"N:M pattern {pattern!r} in {where} needs 0 < N < M")
+        for key in ("sparsity", "initial_sparsity"):
+            if not isinstance(args[key], (int, float)) or not 0.0 <= args[key] < 1.0:
+                raise RecipeError(f"{key} must be in [0, 1), got {args[key]!r} in {where}")
+        if args["scope"] not in ("layer", "global"):
+            raise RecipeError(f"scope must be 'layer' or 'global', got {args['scope']!r} in {where}")
+        if args["scope"] == "global" and pattern != "unstructured":
+            raise RecipeError(f"scope 'global' needs pattern 'unstructured', got {pattern!r} in {where}")
+        if args["norm"] not in NORMS:
+            raise RecipeError(f"norm must be one of {list(NORMS)}, got {args['norm']!r} in {where}")
+        if not isinstance(args["frequency"], int) or args["frequency"] < 1:
+            raise RecipeError(f"frequency must be a positive integer, got {args['frequency']!r} in {where}")
+        end, start = args["end_step"], args["start_step"]
+        if end is not None:
+            if nm:
+                raise RecipeError(f"N:M pruning is applied at once; remove end_step from {where}")
+            if not isinstance(end, int) or not isinstance(start, int) or not 0 <= start < end:
+                raise RecipeError(f"need 0 <= start_step < end_step, got {start!r}, {end!r} in {where}")
+
+    def unfit(self, name: str, module: nn.Module, args: dict) -> str | None:
+        """Why ``module`` cannot take this pruning, or None."""
+        self.validate(args, f"override for layer '{name}'")
+        nm = parse_nm(args["pattern"])
+        k = module.weight[0].numel()
+        if nm and k % nm[1]:
+            return f"{args['pattern']} needs in_features divisible by {nm[1]}, layer '{name}' has {k}"
+        return None
+
+    def apply(self, model: nn.Module, plan: list[tuple[str, nn.Module, dict]], group: str) -> None:
+        """Attach masks to the planned layers at the schedule's starting sparsity."""
+        if self.scope == "global":
+            weights = [m.weight for _, m, _ in plan]
+            keeps = global_masks(weights, cubic_sparsity(0, self.sparsity, self.initial_sparsity, self.start_step, self.end_step))
+        for i, (_, module, args) in enumerate(plan):
+            w = module.weight
+            nm = parse_nm(args["pattern"])
+            s0 = cubic_sparsity(0, args["sparsity"], args["initial_sparsity"], args["start_step"], args["end_step"])
+            if nm:
+                keep = nm_mask(w, *nm)
+            elif self.scope == "global":
+                keep = keeps[i]
+            elif args["pattern"] == "channel":
+                keep = channel_mask(w, s0, args["norm"])
+            else:
+                keep = unstructured_mask(w, s0)
+            opts = {k: args[k] for k in ("pattern", "sparsity", "scope", "norm", "initial_sparsity", "start_step", "end_step", "frequency")}
+            parametrize.register_parametrization(module, "weight", Mask(keep, group=group, **opts))
+
+
+@torch.no_grad()
+def step_masks(model: nn.Module) -> None:
+    """Advance every mask schedule in ``model`` by one step and grow the masks that are due."""
+    groups: dict[str, list[tuple[nn.Module, Mask]]] = {}
+    for module in model.modules():
+        mask = masks_of(module)
+        if mask is not None:
+            groups.setdefault(mask.group, []).append((module, mask))
+    for members in groups.values():
+        for _, m in members:
+            m.step += 1
+        first = members[0][1]
+        step = int(first.step)
+        if first.scope == "global":
+            if not first.due(step):
+                continue
+            weights = [mod.parametrizations.weight.original for mod, _ in members]
+            for (_, m), keep in zip(members, global_masks(weights, first.target(step), [m.mask for _, m in members])):
+                m.mask.copy_(keep)
+            due = members
+        else:
+            due = [(mod, m) for mod, m in members if m.due(step)]
+            for mod, m in due:
+                m.recompute(mod.parametrizations.weight.original, m.target(step))
+        for mod, m in due:
+            # Zero the master too, so a checkpoint of the original weights agrees with the mask.
+            mod.parametrizations.weight.original.mul_(m.mask)

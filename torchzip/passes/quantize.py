@@ -1,0 +1,69 @@
+"""int8 weight-only quantization: symmetric, per output channel or per group of input columns.
+
+While fine-tuning, the weight passes through :class:`Int8FakeQuant`, so the model trains against
+exactly what ``freeze`` will store, with a straight-through gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from torchzip.errors import RecipeError
+from torchzip.passes.base import LayerPass
+from torchzip.packed.values import int8_quantize
+
+
+class Int8FakeQuant(nn.Module):
+    """Parametrization: the weight rounded to int8 with dynamic per-channel/group scales."""
+
+    def __init__(self, group_size: int) -> None:
+        super().__init__()
+        self.group_size = group_size
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        w2 = w.reshape(w.shape[0], -1)
+        q, scales = int8_quantize(w2, self.group_size)
+        n, k = w2.shape
+        g = self.group_size or k
+        deq = (q.float().view(n, k // g, g) * scales.unsqueeze(-1)).view(w.shape).to(w.dtype)
+        # Straight-through: the value is exactly deq (adding an exact zero), the gradient is w's.
+        return deq + (w - w.detach())
+
+
+@dataclass
+class Quantize(LayerPass):
+    """int8 weight-only quantization (``bits`` must be 8). ``group_size`` 0: one scale per output
+    channel; otherwise one scale per ``group_size`` consecutive input weights."""
+
+    key = "quantize"
+    bits: int = 8
+    group_size: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate(self.__dict__, f"pass '{self.key}'")
+
+    @staticmethod
+    def validate(args: dict, where: str) -> None:
+        """Raise :class:`RecipeError` for argument values that cannot work."""
+        if args["bits"] != 8:
+            raise RecipeError(f"quantize supports bits=8 only, got {args['bits']!r} in {where}; use 'codebook' for 1..8-bit weight sharing")
+        if not isinstance(args["group_size"], int) or args["group_size"] < 0:
+            raise RecipeError(f"group_size must be 0 (per channel) or a positive integer, got {args['group_size']!r} in {where}")
+
+    def unfit(self, name: str, module: nn.Module, args: dict) -> str | None:
+        """Why ``module`` cannot take this quantization, or None."""
+        self.validate(args, f"override for layer '{name}'")
+        k = module.weight[0].numel()
+        if args["group_size"] and k % args["group_size"]:
+            return f"group_size {args['group_size']} does not divide in_features {k} of layer '{name}'"
+        return None
+
+    def apply(self, model: nn.Module, plan: list[tuple[str, nn.Module, dict]], group: str) -> None:
+        """Attach fake-quantization to the planned layers."""
+        for _, module, args in plan:
+            parametrize.register_parametrization(module, "weight", Int8FakeQuant(args["group_size"]))

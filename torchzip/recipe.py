@@ -1,0 +1,113 @@
+"""A recipe is an ordered list of passes; YAML (or a dict) is one way to write that list.
+
+```yaml
+passes:
+  - prune: {pattern: "2:4"}
+  - quantize: {group_size: 128}
+```
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from torchzip.errors import RecipeError
+from torchzip.passes.base import PASSES, Pass
+
+TOP_LEVEL_KEYS = ("passes",)
+
+
+@dataclass
+class Recipe:
+    """An ordered list of passes (``Prune``, ``Quantize``, ``Codebook``, ``Distill``...)."""
+
+    passes: list[Pass] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for p in self.passes:
+            if not isinstance(p, Pass):
+                raise RecipeError(f"a recipe holds pass objects ({', '.join(_pass_names())}), got {type(p).__name__}")
+
+    @classmethod
+    def from_dict(cls, data: dict | list) -> "Recipe":
+        """From ``{"passes": [{"prune": {...}}, ...]}`` (or the bare list)."""
+        if isinstance(data, list):
+            data = {"passes": data}
+        if not isinstance(data, dict):
+            raise RecipeError(f"a recipe is a mapping with key 'passes', got {type(data).__name__}")
+        unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
+        if unknown:
+            raise RecipeError(f"unknown recipe key(s) {unknown}; allowed: {list(TOP_LEVEL_KEYS)}")
+        entries = data.get("passes") or []
+        if not isinstance(entries, list):
+            raise RecipeError("'passes' must be a list of single-key mappings such as {'prune': {'sparsity': 0.5}}")
+        return cls([_parse_entry(i, e) for i, e in enumerate(entries)])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data; arguments equal to their defaults are left out."""
+        return {"passes": [{p.key: p.to_dict()} for p in self.passes]}
+
+    @classmethod
+    def from_yaml(cls, source: str | os.PathLike) -> "Recipe":
+        """From YAML text, or from a file when ``source`` is a path (``Path`` or ``*.yaml``/``*.yml``)."""
+        if isinstance(source, os.PathLike) or str(source).endswith((".yaml", ".yml")):
+            path = Path(source)
+            if not path.is_file():
+                raise RecipeError(f"recipe file not found: {path}")
+            source = path.read_text()
+        try:
+            data = yaml.safe_load(source)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"recipe is not valid YAML: {err}") from None
+        return cls.from_dict(data if data is not None else {})
+
+    def to_yaml(self) -> str:
+        """YAML text that :meth:`from_yaml` turns back into an equal recipe."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write :meth:`to_yaml` to ``path``."""
+        Path(path).write_text(self.to_yaml())
+
+
+def _pass_names() -> list[str]:
+    return sorted(PASSES)
+
+
+def _parse_entry(index: int, entry: Any) -> Pass:
+    if isinstance(entry, str):
+        entry = {entry: {}}
+    if not isinstance(entry, dict) or len(entry) != 1:
+        raise RecipeError(f"pass #{index + 1} must be a single-key mapping like {{'prune': {{...}}}}, got {entry!r}")
+    (name, args), = entry.items()
+    if name not in PASSES:
+        raise RecipeError(f"unknown pass '{name}' (pass #{index + 1}); allowed: {_pass_names()}")
+    if args is not None and not isinstance(args, dict):
+        raise RecipeError(f"arguments of pass '{name}' must be a mapping, got {args!r}")
+    return PASSES[name].from_dict(args)
+
+
+def as_recipe(recipe: "Recipe | str | os.PathLike | dict | Iterable[Pass]") -> Recipe:
+    """Accept a Recipe, a YAML path, a dict, a list of pass objects or a single pass."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, Pass):
+        return Recipe([recipe])
+    if isinstance(recipe, (str, os.PathLike)):
+        path = Path(recipe)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path} (pass a Recipe, a dict, a list of passes or a YAML file path)")
+        return Recipe.from_yaml(path)
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if isinstance(recipe, Iterable):
+        items = list(recipe)
+        if all(isinstance(p, Pass) for p in items):
+            return Recipe(items)
+        return Recipe.from_dict(items)
+    raise RecipeError(f"cannot use a {type(recipe).__name__} as a recipe")

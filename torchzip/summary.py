@@ -1,0 +1,147 @@
+"""``summary``: per-layer parameters, sparsity, bits per weight and bytes, read from packed tensors."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from torchzip.packed.layers import PackedConv, PackedEmbedding, PackedLinear
+from torchzip.passes.base import layer_type
+
+PACKED_LAYERS = (PackedLinear, PackedConv, PackedEmbedding)
+
+
+@dataclass
+class LayerRow:
+    """One module's stored tensors. ``fp32_bytes`` is what they would take as float32."""
+
+    name: str
+    kind: str
+    format: str
+    params: int
+    sparsity: float
+    bits_per_weight: float
+    bytes: int
+    fp32_bytes: int
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        """fp32 bytes / stored bytes."""
+        return self.fp32_bytes / self.bytes if self.bytes else float("inf")
+
+
+@dataclass
+class Summary:
+    """Rows for every module that owns tensors, and totals over the model."""
+
+    rows: list[LayerRow] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return sum(r.params for r in self.rows)
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.bytes for r in self.rows)
+
+    @property
+    def fp32_bytes(self) -> int:
+        return sum(r.fp32_bytes for r in self.rows)
+
+    @property
+    def ratio(self) -> float:
+        return self.fp32_bytes / self.bytes if self.bytes else float("inf")
+
+    def to_dict(self) -> dict:
+        """Plain data (for JSON)."""
+        rows = [dict(vars(r), ratio=r.ratio) for r in self.rows]
+        return {"rows": rows, "params": self.params, "bytes": self.bytes, "fp32_bytes": self.fp32_bytes, "ratio": self.ratio}
+
+    def __str__(self) -> str:
+        head = f"{'layer':<32} {'kind':<12} {'format':<16} {'params':>10} {'sparsity':>8} {'bits/w':>7} {'bytes':>11} {'ratio':>7}"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            lines.append(
+                f"{r.name[:32]:<32} {r.kind[:12]:<12} {r.format[:16]:<16} {r.params:>10,} {r.sparsity:>8.1%} "
+                f"{r.bits_per_weight:>7.2f} {r.bytes:>11,} {r.ratio:>6.2f}x"
+            )
+        lines.append("-" * len(head))
+        lines.append(f"{'total':<62} {self.params:>10,} {'':>8} {'':>7} {self.bytes:>11,} {self.ratio:>6.2f}x")
+        notes = [f"  {r.name}: {r.note}" for r in self.rows if r.note]
+        if notes:
+            lines += ["left uncompressed:"] + notes
+        return "\n".join(lines)
+
+
+def _fp32_bytes(t: torch.Tensor) -> int:
+    return t.numel() * (4 if t.is_floating_point() else t.element_size())
+
+
+def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    # What the module itself stores: parameters and persistent buffers, not its children's.
+    return {k: v for k, v in module.state_dict(keep_vars=True).items() if "." not in k}
+
+
+def _packed_row(name: str, layer: nn.Module) -> LayerRow:
+    packed = layer.packed
+    n, k = packed.shape
+    bias = layer.bias if getattr(layer, "bias", None) is not None else None
+    bias_bytes = 0 if bias is None else bias.numel() * bias.element_size()
+    fmt = packed.format_name + (f"/{packed.kind}" if hasattr(packed, "kind") else "")
+    return LayerRow(
+        name, type(layer).__name__.replace("Packed", ""), fmt, n * k + (0 if bias is None else bias.numel()),
+        packed.sparsity, packed.nbytes() * 8 / (n * k), packed.nbytes() + bias_bytes,
+        4 * n * k + (0 if bias is None else _fp32_bytes(bias)),
+    )
+
+
+def _dense_row(name: str, module: nn.Module, tensors: dict[str, torch.Tensor], targeted: tuple) -> LayerRow:
+    weight = tensors.get("weight")
+    params = sum(t.numel() for t in tensors.values() if t.is_floating_point())
+    sparsity = float((weight == 0).sum()) / weight.numel() if weight is not None else 0.0
+    bits = weight.element_size() * 8 if weight is not None else 0.0
+    note = ""
+    if layer_type(module) not in targeted:
+        odd = [k for k, v in tensors.items() if v.dim() >= 2]
+        if odd:
+            note = f"{', '.join(odd)} of {type(module).__name__} (not a plain weight of a targeted layer)"
+    return LayerRow(
+        name or "(model)", type(module).__name__, "dense", params, sparsity, bits,
+        sum(t.numel() * t.element_size() for t in tensors.values()), sum(_fp32_bytes(t) for t in tensors.values()), note,
+    )
+
+
+@torch.no_grad()
+def summary(model: nn.Module, *, print_table: bool = True) -> Summary:
+    """Per-layer parameters, sparsity, bits per weight, stored bytes and ratio vs fp32, with totals.
+
+    A model that is still trainable is frozen on a copy first, so the bytes are always those of
+    the packed tensors. Modules holding tensors torchzip left alone are listed too, with a note
+    when a matrix in them was not a plain weight of a targeted layer (e.g. ``in_proj_weight``).
+    """
+    from torchzip.freeze import freeze
+    from torchzip.passes.base import LAYER_TYPES
+
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        model = freeze(copy.deepcopy(model))
+    targeted = tuple(LAYER_TYPES.values())
+    result = Summary()
+    skip: set[str] = set()
+    for name, module in model.named_modules():
+        if any(not s or name.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(module, PACKED_LAYERS):
+            result.rows.append(_packed_row(name, module))
+            skip.add(name)
+            continue
+        tensors = _own_tensors(module)
+        if tensors:
+            result.rows.append(_dense_row(name, module, tensors, targeted))
+    if print_table:
+        print(result)
+    return result
