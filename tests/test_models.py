@@ -67,3 +67,15 @@ def test_resnet18(recipe, min_ratio):
     assert report.ratio > min_ratio
     packed = [m for m in frozen.modules() if isinstance(m, (PackedLinear, PackedConv))]
     assert len(packed) >= 20
+
+
+def test_summary_and_freeze_of_a_copy_leave_the_trainable_model_working():
+    import copy
+
+    model = tz.compress(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), [tz.Prune(sparsity=0.9), tz.Quantize()], progress=False)
+    x = torch.randn(2, 8)
+    before = model(x)
+    tz.summary(model, print_table=False)
+    tz.freeze(copy.deepcopy(model))
+    assert torch.equal(model(x), before)
+    assert hasattr(model[0], "parametrizations")

@@ -6,6 +6,7 @@ what is stored.
 """
 
 from torchzip.api import compress, plan_recipe, step
+from torchzip.export import export, load, read_manifest
 from torchzip.errors import DistillationError, FormatError, RecipeError, TorchzipError, UnsupportedLayerError
 from torchzip.freeze import freeze
 from torchzip.passes.codebook import Codebook
@@ -17,7 +18,7 @@ from torchzip.summary import Summary, summary
 __version__ = "0.1.0"
 
 __all__ = [
-    "compress", "step", "freeze", "summary", "plan_recipe", "Recipe", "Summary",
+    "compress", "step", "freeze", "summary", "export", "load", "read_manifest", "plan_recipe", "Recipe", "Summary",
     "Prune", "Quantize", "Codebook",
     "TorchzipError", "RecipeError", "UnsupportedLayerError", "FormatError", "DistillationError",
 ]

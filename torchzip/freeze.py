@@ -62,6 +62,21 @@ def pack_weight(module: nn.Module) -> PackedWeight | None:
     return None
 
 
+def _bake_weight(module: nn.Module) -> None:
+    """Make ``module`` a plain layer again holding its current effective weight.
+
+    ``parametrize.remove_parametrizations`` deletes the property from the module's class, and a
+    deep copy of a parametrized module shares that class with the original: removing it there
+    would break the caller's model (e.g. when ``summary`` freezes a copy). So restore the plain
+    class on this instance only.
+    """
+    weight = module.weight.detach().clone()
+    requires_grad = module.parametrizations.weight.original.requires_grad
+    del module._modules["parametrizations"]
+    module.__class__ = parametrize.type_before_parametrizations(module)
+    module.register_parameter("weight", nn.Parameter(weight, requires_grad=requires_grad))
+
+
 @torch.no_grad()
 def freeze(model: nn.Module) -> nn.Module:
     """Replace every compressed layer of ``model`` (in place) by its packed inference layer.
@@ -74,7 +89,7 @@ def freeze(model: nn.Module) -> nn.Module:
         if not parametrize.is_parametrized(module, "weight"):
             continue
         packed = pack_weight(module)
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        _bake_weight(module)
         if packed is None:
             continue
         if not name:  # the model is itself one compressed layer

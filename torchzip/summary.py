@@ -10,7 +10,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from torchzip.packed.layers import PackedConv, PackedEmbedding, PackedLinear
-from torchzip.passes.base import layer_type
 
 PACKED_LAYERS = (PackedLinear, PackedConv, PackedEmbedding)
 
@@ -106,7 +105,7 @@ def _dense_row(name: str, module: nn.Module, tensors: dict[str, torch.Tensor], t
     sparsity = float((weight == 0).sum()) / weight.numel() if weight is not None else 0.0
     bits = weight.element_size() * 8 if weight is not None else 0.0
     note = ""
-    if layer_type(module) not in targeted:
+    if parametrize.type_before_parametrizations(module) not in targeted:
         odd = [k for k, v in tensors.items() if v.dim() >= 2]
         if odd:
             note = f"{', '.join(odd)} of {type(module).__name__} (not a plain weight of a targeted layer)"

@@ -72,11 +72,14 @@ class PackedEmbedding(nn.Module):
         return F.embedding(idx, self.weight, self.padding_idx, self.max_norm, self.norm_type)
 
 
-def wrap(module: nn.Module, packed: PackedWeight) -> nn.Module:
-    """The packed layer that replaces ``module``."""
+_KEEP = object()
+
+
+def wrap(module: nn.Module, packed: PackedWeight, bias: torch.Tensor | None = _KEEP) -> nn.Module:
+    """The packed layer that replaces ``module`` (with ``module``'s bias unless one is given)."""
     if isinstance(module, nn.Embedding):
         return PackedEmbedding(packed, module)
-    bias = getattr(module, "bias", None)
+    bias = getattr(module, "bias", None) if bias is _KEEP else bias
     if isinstance(module, nn.Linear):
         return PackedLinear(packed, bias)
     return PackedConv(packed, bias, module)

@@ -113,7 +113,7 @@ class LayerPass(Pass):
                 if f.name not in ("targets", "exclude", "overrides")}
         out = []
         for name, module in model.named_modules():
-            if layer_type(module) not in classes or any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+            if parametrize.type_before_parametrizations(module) not in classes or any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
                 continue
             args, named = dict(base), False
             for pattern, extra in self.overrides.items():
@@ -122,12 +122,6 @@ class LayerPass(Pass):
                     named = True
             out.append((name, module, args, named))
         return out
-
-
-def layer_type(module: nn.Module) -> type:
-    """The module's class, seeing through the subclass ``parametrize`` generates."""
-    cls = type(module)
-    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
 
 
 def weight_before(module: nn.Module, parametrization: nn.Module) -> torch.Tensor:
