@@ -152,3 +152,11 @@ def test_compress_twice_composes_like_one_recipe():
     assert torch.equal(once(x), twice(x))
     with pytest.raises(RecipeError, match="already quantized"):
         tz.compress(twice, [tz.Codebook()], progress=False)
+
+
+def test_distill_without_teacher_fails_before_any_pass_runs():
+    model = net()
+    snapshot = copy.deepcopy(model.state_dict())
+    with pytest.raises(RecipeError, match="needs a teacher"):
+        tz.compress(model, [tz.Prune(sparsity=0.5), tz.Distill()], inplace=True, progress=False)
+    assert _unchanged(model, snapshot)

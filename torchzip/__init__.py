@@ -5,11 +5,14 @@ advances their schedules while fine-tuning; ``freeze`` packs the weights; ``summ
 what is stored.
 """
 
+from torchzip import distill
 from torchzip.api import compress, plan_recipe, step
+from torchzip.distill import Callback, DistillationCallback, finetune, kd_loss
 from torchzip.export import export, load, read_manifest
 from torchzip.errors import DistillationError, FormatError, RecipeError, TorchzipError, UnsupportedLayerError
 from torchzip.freeze import freeze
 from torchzip.passes.codebook import Codebook
+from torchzip.passes.distill import Distill
 from torchzip.passes.prune import Prune
 from torchzip.passes.quantize import Quantize
 from torchzip.recipe import Recipe
@@ -19,6 +22,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "compress", "step", "freeze", "summary", "export", "load", "read_manifest", "plan_recipe", "Recipe", "Summary",
-    "Prune", "Quantize", "Codebook",
+    "Prune", "Quantize", "Codebook", "Distill", "finetune", "Callback", "DistillationCallback", "kd_loss",
     "TorchzipError", "RecipeError", "UnsupportedLayerError", "FormatError", "DistillationError",
 ]

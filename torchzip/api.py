@@ -97,6 +97,8 @@ def compress(model: nn.Module, recipe: Any, *, inplace: bool = False, progress: 
     arguments (e.g. ``teacher=``) reach passes that need objects a recipe file cannot hold.
     """
     recipe = as_recipe(recipe)
+    for p in recipe.passes:
+        p.check_context(context)
     plans = plan_recipe(recipe, model)
     for index, (p, (_, skipped)) in enumerate(zip(recipe.passes, plans)):
         if skipped:

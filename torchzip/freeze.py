@@ -85,6 +85,9 @@ def freeze(model: nn.Module) -> nn.Module:
     computed. Layers that stay dense (e.g. pruned too little for a sparse form to pay) keep their
     type with the final weight baked in. Returns ``model``.
     """
+    from torchzip import distill
+
+    distill.detach(model)  # training is over: drop attached callbacks (and the teacher they hold)
     for name, module in list(model.named_modules()):
         if not parametrize.is_parametrized(module, "weight"):
             continue

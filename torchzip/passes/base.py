@@ -41,6 +41,9 @@ class Pass:
     def __call__(self, model: nn.Module, **context: Any) -> nn.Module:
         raise NotImplementedError
 
+    def check_context(self, context: dict[str, Any]) -> None:
+        """Raise :class:`RecipeError` if ``compress`` was not given an object this pass needs."""
+
     def to_dict(self) -> dict[str, Any]:
         """Arguments that differ from their defaults (what a recipe file needs to say)."""
         out = {}

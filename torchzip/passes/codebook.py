@@ -64,6 +64,8 @@ def kmeans_1d(x: torch.Tensor, valid: torch.Tensor, k: int, *, init: str = "line
     Deterministic for a given ``seed`` (so every DDP rank computes the same codebook).
     """
     x = x.float()
+    if not bool(valid.any()):  # e.g. a layer global pruning emptied: nothing to cluster
+        return torch.zeros(x.shape[0], k, device=x.device), torch.full_like(x, -1, dtype=torch.long)
     if x.shape[0] == 1 and not bool(valid.all()):
         # One group: cluster only the kept weights (after pruning, often a small fraction).
         centroids, kept = kmeans_1d(x[valid].unsqueeze(0), torch.ones(1, int(valid.sum()), dtype=torch.bool, device=x.device),
@@ -100,7 +102,7 @@ class CodebookQuant(nn.Module):
         self.bits, self.granularity, self.init, self.iterations = bits, granularity, init, iterations
         self.start_step, self.seed = start_step, seed
         self.centroids = nn.Parameter(torch.zeros(groups, 2**bits, device=weight.device))
-        self.register_buffer("assign", torch.full((rows, weight[0].numel()), -1, dtype=torch.int16, device=weight.device))
+        self.register_buffer("assign", torch.full((rows, weight[0].numel()), -1, dtype=torch.int32, device=weight.device))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("clustered", torch.zeros((), dtype=torch.bool))
 
@@ -117,7 +119,8 @@ class CodebookQuant(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not bool(self.clustered):
-            return w
+            # The exact zero keeps the centroids in the graph, so DDP needs no unused-parameter search.
+            return w + 0.0 * self.centroids.sum()
         assign = self.assign.long()
         if self.centroids.shape[0] > 1:
             values = self.centroids.gather(1, assign.clamp(min=0))

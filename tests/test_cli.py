@@ -1,0 +1,46 @@
+import json
+import subprocess
+import sys
+
+import torch
+from torch import nn
+
+import torchzip as tz
+from torchzip.cli import main
+
+
+def model():
+    return nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 20), nn.LayerNorm(20), nn.Linear(20, 10))
+
+
+def test_inspect_matches_summary(tmp_path, capsys):
+    frozen = tz.freeze(tz.compress(model(), [tz.Prune(sparsity=0.8, exclude=["4"]), tz.Quantize()], progress=False))
+    path = tmp_path / "m.tzip"
+    size = tz.export(frozen, path, progress=False)
+    assert main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    summary = {r.name: r for r in tz.summary(frozen, print_table=False).rows}
+    layers = [r for r in report["rows"] if r["name"] != "(dense tensors)"]
+    assert [r["name"] for r in layers] == ["0", "2", "4"]
+    for r in layers:
+        s = summary[r["name"]]
+        assert r["params"] == s.params
+        assert abs(r["sparsity"] - s.sparsity) < 1e-12
+        assert r["codec"] == s.format
+    assert report["file_bytes"] == size
+    assert report["fp32_bytes"] == summary_fp32(frozen)
+    assert main(["inspect", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "csr/int8" in table and f"{size:,}" in table
+
+
+def summary_fp32(frozen):
+    return tz.summary(frozen, print_table=False).fp32_bytes
+
+
+def test_inspect_bad_file_exits_2_with_a_message(tmp_path):
+    bad = tmp_path / "bad.tzip"
+    bad.write_bytes(b"not a model")
+    proc = subprocess.run([sys.executable, "-m", "torchzip.cli", "inspect", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "too short" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,235 @@
+import json
+import os
+import random
+import struct
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import torchzip as tz
+from torchzip.export import container
+
+
+def net():
+    return nn.Sequential(
+        nn.Embedding(50, 16), nn.Flatten(), nn.Linear(48, 40), nn.LayerNorm(40), nn.ReLU(),
+        nn.Linear(40, 12), nn.Unflatten(1, (1, 12)), nn.Conv1d(1, 4, 3), nn.BatchNorm1d(4),
+    )
+
+
+RECIPES = {
+    "int8": [tz.Quantize()],
+    "int8_group": [tz.Quantize(group_size=4)],
+    "codebook": [tz.Codebook(bits=3)],
+    "codebook_layer": [tz.Codebook(bits=6, granularity="layer")],
+    "24_int8": [tz.Prune(pattern="2:4"), tz.Quantize(group_size=4)],
+    "24_codebook": [tz.Prune(pattern="2:4"), tz.Codebook(bits=2)],
+    "24_float": [tz.Prune(pattern="2:4")],
+    "csr_int8": [tz.Prune(sparsity=0.9), tz.Quantize()],
+    "csr_codebook": [tz.Prune(sparsity=0.9), tz.Codebook(bits=4, granularity="layer")],
+    "csr_float": [tz.Prune(sparsity=0.95)],
+    "channel_int8": [tz.Prune(sparsity=0.5, pattern="channel"), tz.Quantize()],
+    "dense_leftovers": [tz.Quantize(targets=["Embedding"])],
+}
+
+
+def compressed(recipe):
+    model = net()
+    model[8].running_mean.normal_()  # buffers must travel too
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tz.freeze(tz.compress(model, RECIPES[recipe], progress=False)).eval()
+
+
+def assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_round_trip_bit_for_bit(recipe, tmp_path):
+    model = compressed(recipe)
+    path = tmp_path / "m.tzip"
+    size = tz.export(model, path, progress=False)
+    assert size == path.stat().st_size
+    loaded = tz.load(path, net().eval(), progress=False)
+    assert_same_state(model, loaded)
+    idx = torch.randint(0, 50, (5, 3))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+
+
+def test_trainable_model_is_frozen_on_export(tmp_path):
+    model = tz.compress(net(), [tz.Prune(sparsity=0.8), tz.Quantize()], progress=False)
+    tz.export(model, tmp_path / "a.tzip", progress=False)
+    assert hasattr(model[2], "parametrizations")  # the caller's model is untouched
+    loaded = tz.load(tmp_path / "a.tzip", net(), progress=False).eval()
+    idx = torch.randint(0, 50, (4, 3))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model.eval()(idx))
+
+
+def test_all_zero_layer_and_single_symbol_streams(tmp_path):
+    model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 8), nn.Linear(8, 4, bias=False))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[1].weight.fill_(0.25)
+    frozen = tz.freeze(tz.compress(model, [tz.Quantize(targets=["Linear"], exclude=["2"]), ], progress=False))
+    frozen2 = tz.freeze(tz.compress(nn.Sequential(nn.Linear(8, 4, bias=False)), [tz.Prune(sparsity=0.9), tz.Codebook(bits=1)],
+                                    progress=False))
+    for m, skeleton in ((frozen, nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 8), nn.Linear(8, 4, bias=False))),
+                        (frozen2, nn.Sequential(nn.Linear(8, 4, bias=False)))):
+        tz.export(m, tmp_path / "z.tzip", progress=False)
+        assert_same_state(m, tz.load(tmp_path / "z.tzip", skeleton, progress=False))
+
+
+def test_uncompressed_model_round_trips(tmp_path):
+    model = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3)).half()
+    tz.export(model, tmp_path / "d.tzip", progress=False)
+    assert_same_state(model, tz.load(tmp_path / "d.tzip", nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3)).half(), progress=False))
+
+
+def test_huffman_beats_packed_bytes_on_a_bigger_model(tmp_path):
+    model = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 512))
+    frozen = tz.freeze(tz.compress(model, [tz.Prune(sparsity=0.9), tz.Codebook(bits=4, granularity="layer")], progress=False))
+    size = tz.export(frozen, tmp_path / "b.tzip", progress=False)
+    packed = tz.summary(frozen, print_table=False)
+    # CSR in memory spends 16 bits per column index and 8 per value; the file codes gaps and indices.
+    assert size < 0.6 * packed.bytes
+    assert packed.fp32_bytes / size > 15
+
+
+def test_skeleton_mismatch_is_a_format_error(tmp_path):
+    tz.export(compressed("csr_int8"), tmp_path / "m.tzip", progress=False)
+    wrong_shape = net()
+    wrong_shape[5] = nn.Linear(40, 13)
+    renamed = nn.Sequential(*list(net().children())[:5])
+    wrong_type = net()
+    wrong_type[2] = nn.Conv1d(48, 40, 1)
+    for skeleton, match in ((wrong_shape, "shape"), (renamed, "no module named|disagree"), (wrong_type, "Linear")):
+        with pytest.raises(tz.FormatError, match=match):
+            tz.load(tmp_path / "m.tzip", skeleton, progress=False)
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "m.tzip"
+    tz.export(compressed("int8"), path, progress=False)
+    before = path.read_bytes()
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        tz.export(compressed("codebook"), path, progress=False)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.tzip"]  # no temporary left behind
+
+
+def _rewrite(data: bytes, edit, tmp_path) -> bytes:
+    """Apply ``edit`` to the parsed manifest/sections and re-emit with valid checksums."""
+    manifest, sections = container.parse(data)
+    sections = [bytearray(s) for s in sections]
+    del manifest["sections"], manifest["file_size"]
+    edit(manifest, sections)
+    table = manifest.pop("sections", None)
+    if table is None:
+        container.write(tmp_path / "re.tzip", manifest, [bytes(s) for s in sections])
+        return (tmp_path / "re.tzip").read_bytes()
+    # The edit aimed at the section table itself: emit header + manifest only, sizes consistent.
+    manifest["sections"], manifest["file_size"] = table, 0
+    for _ in range(4):
+        raw = json.dumps(manifest).encode()
+        manifest["file_size"] = container.HEADER.size + len(raw)
+    raw = json.dumps(manifest).encode()
+    return container.HEADER.pack(container.MAGIC, container.VERSION, zlib.crc32(raw), len(raw)) + raw
+
+
+def _semantic_mutation(rng: random.Random, manifest: dict, sections: list) -> None:
+    layer = rng.choice(manifest["layers"]) if manifest["layers"] else None
+    choice = rng.randrange(9)
+    if choice == 0 and layer:  # absurd shape
+        layer["shape"] = [rng.choice([0, 1, 10**6, 2**40]), rng.choice([3, 10**9])]
+    elif choice == 1 and layer:  # offsets outside the section
+        spec = next(iter(layer["tensors"].values()))
+        key = "at" if "at" in spec else "payload"
+        spec[key] = [rng.choice([0, 10**9, -5]), rng.choice([10**12, 3])]
+    elif choice == 2 and layer:  # lengths table that is not a prefix code
+        for spec in layer["tensors"].values():
+            if spec.get("codec") == "huffman" and spec["lengths"][1]:
+                off, n = spec["lengths"]
+                for i in range(off, off + n):
+                    sections[layer["section"]][i] = rng.choice([1, 1, 2, 0, 21, 255])
+    elif choice == 3 and layer:  # symbol counts that the payload cannot hold
+        for spec in layer["tensors"].values():
+            if spec.get("codec") == "huffman":
+                spec[rng.choice(["n", "chunk_size", "alphabet"])] = rng.choice([spec["n"] + 1, spec["n"] * 1000 + 7, -1, 2**62, 1])
+    elif choice == 4 and layer:
+        layer["format"] = rng.choice(["int4", None, 3, "csr", "sparse24", "int8", "codebook"])
+    elif choice == 5 and layer:
+        layer[rng.choice(["bits", "group_size", "dtype", "section", "values", "name", "kind"])] = rng.choice(
+            [None, -1, 0, 9, 2**40, "x", [1], {"a": 1}])
+    elif choice == 6:  # section table entries outside the file
+        manifest["sections"] = [[rng.choice([7, 64, 2**50]), rng.choice([0, 2**40]), 0]]
+    elif choice == 7 and sections:  # garbage inside a section, checksum fixed
+        sec = rng.choice(sections)
+        for _ in range(rng.randint(1, 8)):
+            if sec:
+                sec[rng.randrange(len(sec))] = rng.randrange(256)
+    else:
+        manifest["dense"]["tensors"][rng.choice(["x", "0.weight"])] = {"codec": "raw", "dtype": rng.choice(["float32", "float128"]),
+                                                                        "shape": [rng.choice([4, 2**30])], "at": [0, 16]}
+
+
+def test_a_thousand_mutated_artifacts_raise_format_error_only(tmp_path):
+    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    good = {}
+    for name in ("csr_int8", "24_codebook", "codebook", "int8_group", "csr_float"):
+        tz.export(compressed(name), tmp_path / f"{name}.tzip", progress=False)
+        good[name] = (tmp_path / f"{name}.tzip").read_bytes()
+    outcomes = {"format_error": 0, "loaded": 0}
+    path = tmp_path / "bad.tzip"
+    for i in range(1000):
+        name = rng.choice(list(good))
+        data = bytearray(good[name])
+        kind = i % 4
+        if kind == 0:  # truncation
+            data = data[: rng.randrange(len(data))]
+        elif kind == 1:  # random bit flips anywhere
+            for _ in range(rng.randint(1, 6)):
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        elif kind == 2:  # header fields: magic, version, manifest length
+            field = rng.choice([(0, 8), (8, 4), (12, 4), (16, 8)])
+            data[field[0]: field[0] + field[1]] = os.urandom(field[1]) if rng.random() < 0.5 else \
+                struct.pack("<Q", rng.choice([2**63, 2**32, 0, 1]))[: field[1]]
+        else:  # semantic damage behind valid checksums
+            data = bytearray(_rewrite(bytes(data), lambda m, s: _semantic_mutation(rng, m, s), tmp_path))
+        path.write_bytes(bytes(data))
+        try:
+            tz.load(path, net(), progress=False)
+            outcomes["loaded"] += 1
+        except tz.FormatError:
+            outcomes["format_error"] += 1
+        except Exception as err:  # noqa: BLE001 - any other exception is the bug this test hunts
+            raise AssertionError(f"mutation {i} ({kind}) of {name} raised {type(err).__name__}: {err}") from err
+    assert outcomes["format_error"] >= 900, outcomes
+
+
+def test_future_version_and_wrong_magic(tmp_path):
+    tz.export(compressed("int8"), tmp_path / "m.tzip", progress=False)
+    data = bytearray((tmp_path / "m.tzip").read_bytes())
+    future = data[:8] + struct.pack("<I", 2) + data[12:]
+    (tmp_path / "f.tzip").write_bytes(bytes(future))
+    with pytest.raises(tz.FormatError, match="version 2 is not supported"):
+        tz.load(tmp_path / "f.tzip", net(), progress=False)
+    (tmp_path / "g.tzip").write_bytes(b"PK\x03\x04" + bytes(data[4:]))
+    with pytest.raises(tz.FormatError, match="not a .tzip file"):
+        tz.load(tmp_path / "g.tzip", net(), progress=False)
+    with pytest.raises(tz.FormatError, match="cannot read"):
+        tz.load(tmp_path / "missing.tzip", net(), progress=False)

@@ -1,0 +1,332 @@
+"""``export`` and ``load``: packed models to and from ``.tzip`` files.
+
+Each packed layer gets one section holding its pieces: Huffman streams (code lengths, chunk
+offsets, payload) for int8 values, codebook indices and sparse positions, and raw little-endian
+bytes for scales, codebooks, float values and the bias. Every other tensor of the model (layers
+left dense, norms, buffers) is stored raw, losslessly, in one last section.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+import torchzip
+from torchzip.errors import FormatError
+from torchzip.export import container, huffman
+from torchzip.export.streams import gaps_decode, gaps_encode, pairs24_decode, pairs24_encode
+from torchzip.packed import CodebookWeight, CsrWeight, Int8Weight, Sparse24Weight
+from torchzip.packed.bits import pack_bits
+from torchzip.packed.layers import PackedConv, PackedEmbedding, PackedLinear, wrap
+
+PACKED_LAYERS = (PackedLinear, PackedConv, PackedEmbedding)
+DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+    "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+KINDS = {"Linear": (nn.Linear,), "Conv": (nn.Conv1d, nn.Conv2d), "Embedding": (nn.Embedding,)}
+MAX_ELEMENTS = 1 << 40
+
+if sys.byteorder != "little":  # pragma: no cover - raw sections are written in host byte order
+    raise ImportError("torchzip.export needs a little-endian machine")
+
+
+# ---- writing -------------------------------------------------------------------------------
+
+
+def _raw(w: container.SectionWriter, t: torch.Tensor) -> dict:
+    t = t.detach().contiguous().cpu()
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return {"codec": "raw", "dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "at": w.add(data)}
+
+
+def _huffman(w: container.SectionWriter, symbols: np.ndarray, alphabet: int, **extra: Any) -> dict:
+    s = huffman.encode(np.asarray(symbols, dtype=np.int64).reshape(-1), alphabet)
+    used = int(np.flatnonzero(s.lengths)[-1]) + 1 if s.lengths.any() else 0
+    wide = s.chunk_bits.size and int(s.chunk_bits[-1]) >= 2**32
+    return {
+        "codec": "huffman", "n": s.n_symbols, "alphabet": alphabet, "chunk_size": s.chunk_size,
+        "chunk_dtype": "u8" if wide else "u4",
+        "lengths": w.add(s.lengths[:used].astype(np.uint8).tobytes()),
+        "chunks": w.add(s.chunk_bits.astype("<u8" if wide else "<u4").tobytes()),
+        "payload": w.add(bytes(s.payload)), **extra,
+    }
+
+
+def _values(w: container.SectionWriter, packed) -> dict:
+    kind = packed.kind
+    if kind == "int8":
+        return _huffman(w, packed.values.cpu().numpy().view(np.uint8), 256)
+    if kind == "codebook":
+        return _huffman(w, packed.values.cpu().numpy(), packed.codebook.shape[1])
+    return _raw(w, packed.values)
+
+
+def _encode_layer(name: str, layer: nn.Module) -> tuple[dict, bytes]:
+    w = container.SectionWriter()
+    p = layer.packed
+    n, k = p.shape
+    kind = {PackedLinear: "Linear", PackedConv: "Conv", PackedEmbedding: "Embedding"}[type(layer)]
+    entry: dict[str, Any] = {"name": name, "kind": kind, "format": p.format_name, "shape": [n, k],
+                             "dtype": DTYPE_NAMES[p.dtype], "zeros": int((p.dequantize() == 0).sum())}
+    t: dict[str, Any] = {}
+    if isinstance(p, Int8Weight):
+        entry["group_size"] = p.group_size
+        t["qweight"] = _huffman(w, p.qweight.cpu().numpy().view(np.uint8), 256)
+        t["scales"] = _raw(w, p.scales)
+    elif isinstance(p, CodebookWeight):
+        entry["bits"] = p.bits
+        t["indices"] = _huffman(w, p.indices().cpu().numpy(), 2**p.bits)
+        t["codebook"] = _raw(w, p.codebook)
+    else:
+        entry["values"] = p.kind
+        entry["group_size"] = p.group_size
+        if isinstance(p, Sparse24Weight):
+            cols = p.columns().cpu().numpy()
+            t["positions"] = _huffman(w, pairs24_encode(cols % 4), 6)
+        else:
+            flat = p.rows().cpu().numpy() * k + p.col_idx.long().cpu().numpy()
+            symbols, escape = gaps_encode(flat)
+            t["positions"] = _huffman(w, symbols, escape + 1, escape=escape, count=int(flat.size))
+        t["values"] = _values(w, p)
+        for side in ("scales", "codebook"):
+            if getattr(p, side) is not None:
+                t[side] = _raw(w, getattr(p, side))
+    if getattr(layer, "bias", None) is not None:
+        t["bias"] = _raw(w, layer.bias)
+    entry["tensors"] = t
+    return entry, w.getvalue()
+
+
+def export(model: nn.Module, path: str | os.PathLike, *, progress: bool = True) -> int:
+    """Write ``model`` to a ``.tzip`` file at ``path``; returns the file size in bytes.
+
+    A trainable compressed model is frozen on a copy first. The write is atomic: a crash never
+    leaves a partial file under ``path``.
+    """
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        model = torchzip.freeze(copy.deepcopy(model))
+    layers, sections, skip = [], [], []
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, PACKED_LAYERS)]
+    for name, layer in tqdm(named, desc="export", disable=not progress, leave=False):
+        entry, data = _encode_layer(name, layer)
+        entry["section"] = len(sections)
+        layers.append(entry)
+        sections.append(data)
+        skip.append(name + "." if name else "")
+    w = container.SectionWriter()
+    dense = {key: _raw(w, t) for key, t in model.state_dict().items() if not any(key.startswith(s) for s in skip)}
+    sections.append(w.getvalue())
+    manifest = {"format": "torchzip", "torchzip_version": torchzip.__version__, "layers": layers,
+                "dense": {"section": len(sections) - 1, "tensors": dense}}
+    return container.write(path, manifest, sections)
+
+
+# ---- reading -------------------------------------------------------------------------------
+
+
+def _lookup(table: dict, key: Any) -> Any:
+    """``table[key]`` for a string key, else None (manifest values may be any JSON)."""
+    return table.get(key) if isinstance(key, str) else None
+
+
+def _need(cond: bool, where: str, what: str) -> None:
+    if not cond:
+        raise FormatError(f"{where}: {what}")
+
+
+def _piece(section: memoryview, ref: Any, where: str) -> memoryview:
+    ok = isinstance(ref, list) and len(ref) == 2 and all(type(v) is int for v in ref)
+    _need(ok and ref[0] >= 0 and ref[1] >= 0 and ref[0] + ref[1] <= len(section), where,
+          f"byte range {ref!r} lies outside its section ({len(section)} bytes)")
+    return section[ref[0] : ref[0] + ref[1]]
+
+
+def _shape(spec: dict, where: str) -> list[int]:
+    shape = spec.get("shape")
+    _need(isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape), where, f"bad shape {shape!r}")
+    _need(math.prod(shape) <= MAX_ELEMENTS, where, f"shape {shape} is absurdly large")
+    return shape
+
+
+def _read_raw(section: memoryview, spec: Any, where: str) -> torch.Tensor:
+    _need(isinstance(spec, dict) and spec.get("codec") == "raw", where, "expected a raw tensor entry")
+    dtype = _lookup(DTYPES, spec.get("dtype"))
+    _need(dtype is not None, where, f"unknown dtype {spec.get('dtype')!r}; allowed: {sorted(DTYPES)}")
+    shape = _shape(spec, where)
+    data = _piece(section, spec.get("at"), where)
+    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    _need(len(data) == size, where, f"holds {len(data)} bytes, shape {shape} of {spec['dtype']} needs {size}")
+    if not size:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def _read_huffman(section: memoryview, spec: Any, where: str, alphabet: int | None = None) -> np.ndarray:
+    _need(isinstance(spec, dict) and spec.get("codec") == "huffman", where, "expected a Huffman stream entry")
+    n, a, chunk = spec.get("n"), spec.get("alphabet"), spec.get("chunk_size")
+    _need(all(type(v) is int for v in (n, a, chunk)) and n >= 0 and 1 <= a <= huffman.MAX_ALPHABET and chunk >= 1,
+          where, "stream header (n, alphabet, chunk_size) is invalid")
+    _need(alphabet is None or a == alphabet, where, f"alphabet {a} does not match the layer (expected {alphabet})")
+    lengths = np.frombuffer(_piece(section, spec.get("lengths"), where), dtype=np.uint8)
+    _need(lengths.size <= a, where, "code length table is longer than the alphabet")
+    payload = _piece(section, spec.get("payload"), where)
+    _need(n <= 8 * len(payload), where, f"{n} symbols cannot fit in {len(payload)} payload bytes")
+    dt = _lookup({"u4": "<u4", "u8": "<u8"}, spec.get("chunk_dtype"))
+    _need(dt is not None, where, "chunk offset dtype must be 'u4' or 'u8'")
+    chunks = np.frombuffer(_piece(section, spec.get("chunks"), where), dtype=dt).astype(np.int64)
+    full = np.zeros(a, np.uint8)
+    full[: lengths.size] = lengths
+    stream = huffman.HuffmanStream(full, np.frombuffer(payload, np.uint8), chunks, n, chunk)
+    try:
+        return huffman.decode(stream)
+    except FormatError as err:
+        raise FormatError(f"{where}: {err}") from None
+
+
+def _values_of(section, t, kind, count, where, codebook):
+    if kind == "float":
+        values = _read_raw(section, t.get("values"), where + " values")
+        _need(values.dtype.is_floating_point and values.numel() == count, where, "float values do not match the positions")
+        return values.reshape(-1)
+    if kind == "int8":
+        sym = _read_huffman(section, t.get("values"), where + " values", 256)
+        values = torch.from_numpy(sym.astype(np.uint8).view(np.int8).copy())
+    else:
+        sym = _read_huffman(section, t.get("values"), where + " values", codebook.shape[1])
+        values = torch.from_numpy(sym.astype(np.uint8))
+    _need(values.numel() == count, where, f"{values.numel()} values for {count} positions")
+    return values
+
+
+def _side(section, t, kind, g, n, k, where):
+    scales = codebook = None
+    if kind == "int8":
+        scales = _read_raw(section, t.get("scales"), where + " scales").float()
+        _need(tuple(scales.shape) == (n, k // g if g else 1), where, f"scales shape {tuple(scales.shape)} does not fit")
+    if kind == "codebook":
+        codebook = _read_raw(section, t.get("codebook"), where + " codebook").float()
+        _need(codebook.dim() == 2 and codebook.shape[0] in (1, n) and 1 <= codebook.shape[1] <= 256, where,
+              f"codebook shape {tuple(codebook.shape)} does not fit {n} rows")
+    return scales, codebook
+
+
+def _decode_layer(entry: dict, section: memoryview) -> tuple[Any, torch.Tensor | None]:
+    where = f"layer '{entry.get('name')}'"
+    shape = _shape(entry, where)
+    _need(len(shape) == 2, where, "weight shape must be [out, in]")
+    n, k = shape
+    dtype = _lookup(DTYPES, entry.get("dtype"))
+    _need(dtype is not None and dtype.is_floating_point, where, f"bad weight dtype {entry.get('dtype')!r}")
+    t = entry.get("tensors")
+    _need(isinstance(t, dict), where, "no tensors")
+    fmt = entry.get("format")
+    _need(fmt in ("int8", "codebook", "sparse24", "csr"), where,
+          f"unknown packed format {fmt!r}; allowed: int8, codebook, sparse24, csr")
+    kind = fmt if fmt in ("int8", "codebook") else entry.get("values")
+    _need(kind in ("float", "int8", "codebook"), where, f"unknown value kind {kind!r}; allowed: float, int8, codebook")
+    g = entry.get("group_size", 0)
+    _need(type(g) is int and g >= 0 and (g == 0 or k % g == 0), where, f"bad group_size {g!r}")
+    scales, codebook = _side(section, t, kind, g, n, k, where)
+    if fmt == "int8":
+        q = _read_huffman(section, t.get("qweight"), where + " qweight", 256)
+        _need(q.size == n * k, where, f"{q.size} int8 values for a {n}x{k} weight")
+        qweight = torch.from_numpy(q.astype(np.uint8).view(np.int8).reshape(n, k).copy())
+        packed = Int8Weight(qweight, scales, g, dtype)
+    elif fmt == "codebook":
+        bits = entry.get("bits")
+        _need(type(bits) is int and 1 <= bits <= 8, where, f"bad bits {bits!r}")
+        _need(codebook.shape[1] == 2**bits, where, f"codebook has {codebook.shape[1]} entries, bits={bits} needs {2**bits}")
+        idx = _read_huffman(section, t.get("indices"), where + " indices", 2**bits)
+        _need(idx.size == n * k, where, f"{idx.size} indices for a {n}x{k} weight")
+        packed = CodebookWeight(pack_bits(torch.from_numpy(idx.reshape(n, k).astype(np.int64)), bits), codebook, bits, (n, k), dtype)
+    elif fmt == "sparse24":
+        _need(k % 4 == 0, where, f"2:4 weight needs in_features divisible by 4, got {k}")
+        sym = _read_huffman(section, t.get("positions"), where + " positions", 6)
+        _need(sym.size == n * k // 4, where, f"{sym.size} position pairs for a {n}x{k} weight")
+        pos = torch.from_numpy(pairs24_decode(sym).reshape(n, k // 2))
+        values = _values_of(section, t, kind, n * k // 2, where, codebook).reshape(n, k // 2)
+        packed = Sparse24Weight(values, pack_bits(pos, 2), (n, k), dtype, scales, codebook, g)
+    elif fmt == "csr":
+        spec = t.get("positions")
+        _need(isinstance(spec, dict) and type(spec.get("escape")) is int and spec["escape"] >= 1, where, "bad escape")
+        sym = _read_huffman(section, spec, where + " positions", spec["escape"] + 1)
+        flat = torch.from_numpy(gaps_decode(sym, spec["escape"], n * k))
+        _need(spec.get("count") == flat.numel(), where, "position count does not match")
+        values = _values_of(section, t, kind, flat.numel(), where, codebook)
+        rows, cols = flat // k, flat % k
+        row_ptr = torch.zeros(n + 1, dtype=torch.int64)
+        row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
+        packed = CsrWeight(row_ptr, cols.to(CsrWeight.index_dtype(k)), values, (n, k), dtype, scales, codebook, g)
+    bias = _read_raw(section, t["bias"], where + " bias") if "bias" in t else None
+    _need(bias is None or tuple(bias.shape) == (n,), where, "bias shape does not match")
+    return packed, bias
+
+
+def read_manifest(path: str | os.PathLike) -> tuple[dict, list[memoryview]]:
+    """Read and check a ``.tzip`` file; returns its manifest and sections."""
+    manifest, sections = container.read(path)
+    _need(manifest.get("format") == "torchzip", str(path), "manifest does not describe a torchzip model")
+    layers, dense = manifest.get("layers"), manifest.get("dense")
+    _need(isinstance(layers, list) and all(isinstance(e, dict) for e in layers), str(path), "manifest 'layers' must be a list")
+    _need(isinstance(dense, dict) and isinstance(dense.get("tensors"), dict), str(path), "manifest 'dense' is missing")
+    for entry in layers + [dense]:
+        sec = entry.get("section")
+        _need(type(sec) is int and 0 <= sec < len(sections), str(path), f"section index {sec!r} out of range")
+    return manifest, sections
+
+
+@torch.no_grad()
+def load(path: str | os.PathLike, model_skeleton: nn.Module, *, device: str | torch.device | None = None,
+         progress: bool = True) -> nn.Module:
+    """Load a ``.tzip`` file into ``model_skeleton`` (a freshly built, uncompressed model).
+
+    Compressed layers are replaced by packed layers restored bit for bit; every other tensor is
+    loaded into the skeleton. Raises :class:`torchzip.FormatError` for a damaged file or a
+    skeleton whose layer names, types or shapes do not match. Returns the model (on ``device``).
+    """
+    manifest, sections = read_manifest(path)
+    modules = dict(model_skeleton.named_modules())
+    model = model_skeleton
+    replaced = []
+    for entry in tqdm(manifest["layers"], desc="load", disable=not progress, leave=False):
+        name = entry.get("name")
+        module = modules.get(name) if isinstance(name, str) else None
+        _need(module is not None, str(path), f"the skeleton has no module named {name!r}")
+        kind = entry.get("kind")
+        _need(_lookup(KINDS, kind) is not None and issubclass(parametrize.type_before_parametrizations(module), KINDS[kind]), str(path),
+              f"layer '{name}' is a {kind!r} in the file but a {type(module).__name__} in the skeleton")
+        weight = module.weight
+        rows = [weight.shape[0], weight[0].numel()] if weight.dim() else []
+        _need(rows == entry.get("shape"), str(path), f"layer '{name}' has shape {entry.get('shape')} in the file, {rows} in the skeleton")
+        packed, bias = _decode_layer(entry, sections[entry["section"]])
+        _need((bias is None) == (getattr(module, "bias", None) is None), str(path), f"layer '{name}': bias presence differs")
+        layer = wrap(module, packed, bias)
+        if name:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+        else:
+            model = layer
+        replaced.append(name + "." if name else "")
+    dense_sec = sections[manifest["dense"]["section"]]
+    stored = {key: _read_raw(dense_sec, spec, f"tensor '{key}'") for key, spec in manifest["dense"]["tensors"].items()}
+    expected = {k: v for k, v in model.state_dict().items() if not any(k.startswith(s) for s in replaced)}
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    _need(not missing and not unexpected, str(path),
+          f"skeleton and file disagree: missing from the file {missing[:5]}, not in the skeleton {unexpected[:5]}")
+    for key, value in stored.items():
+        _need(tuple(value.shape) == tuple(expected[key].shape), str(path),
+              f"tensor '{key}' has shape {tuple(value.shape)} in the file, {tuple(expected[key].shape)} in the skeleton")
+    model.load_state_dict(stored, strict=False)
+    return model.to(device) if device is not None else model

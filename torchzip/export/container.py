@@ -1,0 +1,147 @@
+"""The ``.tzip`` container: header, JSON manifest, 64-byte-aligned sections with CRC32s.
+
+Layout (little-endian; see docs/FORMAT.md):
+
+    0   magic     8 bytes  b"TZIP\\r\\n\\x1a\\n"
+    8   version   uint32   1
+    12  crc32     uint32   of the manifest bytes
+    16  length    uint64   manifest length in bytes
+    24  manifest  UTF-8 JSON
+        sections  each starting at a multiple of 64, zero padding between
+
+The manifest's ``sections`` list holds ``[offset, length, crc32]`` for each section, and
+``file_size`` the exact size of the file. Nothing is ever unpickled or executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+
+from torchzip.errors import FormatError
+
+MAGIC = b"TZIP\r\n\x1a\n"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQ")
+ALIGN = 64
+MAX_MANIFEST = 64 << 20
+
+
+class SectionWriter:
+    """Collects the byte pieces of one section; returns where each piece sits in it."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, data: bytes) -> list[int]:
+        """Append ``data``; return ``[offset, length]`` within the section."""
+        ref = [self.size, len(data)]
+        self.parts.append(data)
+        self.size += len(data)
+        return ref
+
+    def getvalue(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def write(path: str | os.PathLike, manifest: dict, sections: list[bytes]) -> int:
+    """Write the file atomically (temporary file, fsync, rename). Returns its size."""
+    path = Path(path)
+    # Section offsets depend on the manifest's length, which depends on the offsets: iterate.
+    table: list[list[int]] = [[0, len(s), zlib.crc32(s)] for s in sections]
+    size = 0
+    for _ in range(8):
+        body = dict(manifest, sections=table, file_size=size)
+        raw = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+        offset = _align(HEADER.size + len(raw))
+        new = []
+        for i, s in enumerate(sections):
+            new.append([offset, len(s), zlib.crc32(s)])
+            offset += len(s) if i == len(sections) - 1 else _align(len(s))
+        new_size = offset if sections else HEADER.size + len(raw)
+        if new == table and new_size == size:
+            break
+        table, size = new, new_size
+    else:  # pragma: no cover - the lengths settle after two rounds
+        raise RuntimeError("manifest layout did not converge")
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(HEADER.pack(MAGIC, VERSION, zlib.crc32(raw), len(raw)))
+            f.write(raw)
+            for (off, _, _), s in zip(table, sections):
+                f.write(b"\0" * (off - f.tell()))
+                f.write(s)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent or ".", os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return size
+
+
+def read(path: str | os.PathLike) -> tuple[dict, list[memoryview]]:
+    """Read and check a file: magic, version, manifest CRC, every section's bounds and CRC."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise FormatError(f"cannot read {path}: {err.strerror}") from None
+    return parse(data, str(path))
+
+
+def parse(data: bytes, name: str = "artifact") -> tuple[dict, list[memoryview]]:
+    """:func:`read` on bytes in memory."""
+    if len(data) < HEADER.size:
+        raise FormatError(f"{name}: {len(data)} bytes is too short for a .tzip file (header is {HEADER.size})")
+    magic, version, crc, length = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise FormatError(f"{name}: not a .tzip file (bad magic {magic!r})")
+    if version != VERSION:
+        raise FormatError(f"{name}: format version {version} is not supported (this torchzip reads version {VERSION})")
+    if length > min(MAX_MANIFEST, len(data) - HEADER.size):
+        raise FormatError(f"{name}: manifest length {length} exceeds the file ({len(data)} bytes) or the {MAX_MANIFEST}-byte limit")
+    raw = data[HEADER.size : HEADER.size + length]
+    if zlib.crc32(raw) != crc:
+        raise FormatError(f"{name}: manifest checksum mismatch (file corrupted)")
+    try:
+        manifest = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FormatError(f"{name}: manifest is not valid JSON: {err}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sections"), list):
+        raise FormatError(f"{name}: manifest has no section table")
+    if manifest.get("file_size") != len(data):
+        raise FormatError(f"{name}: file is {len(data)} bytes but its manifest says {manifest.get('file_size')!r} (truncated or padded)")
+    view = memoryview(data)
+    sections = []
+    end = HEADER.size + length
+    for i, entry in enumerate(manifest["sections"]):
+        if not (isinstance(entry, list) and len(entry) == 3 and all(type(v) is int for v in entry)):
+            raise FormatError(f"{name}: section {i} entry {entry!r} is not [offset, length, crc32]")
+        off, size, sec_crc = entry
+        if off % ALIGN or off < end or size < 0 or off + size > len(data):
+            raise FormatError(f"{name}: section {i} at {off}+{size} is misaligned, overlapping or outside the file")
+        section = view[off : off + size]
+        if zlib.crc32(section) != sec_crc:
+            raise FormatError(f"{name}: section {i} checksum mismatch (file corrupted)")
+        sections.append(section)
+        end = off + size
+    return manifest, sections
