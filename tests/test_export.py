@@ -145,9 +145,9 @@ def _rewrite(data: bytes, edit, tmp_path) -> bytes:
     # The edit aimed at the section table itself: emit header + manifest only, sizes consistent.
     manifest["sections"], manifest["file_size"] = table, 0
     for _ in range(4):
-        raw = json.dumps(manifest).encode()
+        raw = zlib.compress(json.dumps(manifest).encode())
         manifest["file_size"] = container.HEADER.size + len(raw)
-    raw = json.dumps(manifest).encode()
+    raw = zlib.compress(json.dumps(manifest).encode())
     return container.HEADER.pack(container.MAGIC, container.VERSION, zlib.crc32(raw), len(raw)) + raw
 
 
@@ -233,3 +233,31 @@ def test_future_version_and_wrong_magic(tmp_path):
         tz.load(tmp_path / "g.tzip", net(), progress=False)
     with pytest.raises(tz.FormatError, match="cannot read"):
         tz.load(tmp_path / "missing.tzip", net(), progress=False)
+
+
+def test_manifest_bomb_and_bad_json_are_format_errors(tmp_path):
+    for text in (b"{" * 200000, b"[" * 10**6 + b"]" * 10**6, b"not json", b'"a string"'):
+        raw = zlib.compress(text, 9)
+        for _ in range(2):
+            data = container.HEADER.pack(container.MAGIC, container.VERSION, zlib.crc32(raw), len(raw)) + raw
+        (tmp_path / "m.tzip").write_bytes(data)
+        with pytest.raises(tz.FormatError):
+            tz.load(tmp_path / "m.tzip", net(), progress=False)
+    bomb = zlib.compress(b" " * (container.MAX_MANIFEST + 1), 9)  # inflates past the limit
+    (tmp_path / "b.tzip").write_bytes(container.HEADER.pack(container.MAGIC, container.VERSION, zlib.crc32(bomb), len(bomb)) + bomb)
+    with pytest.raises(tz.FormatError, match="inflates past"):
+        tz.load(tmp_path / "b.tzip", net(), progress=False)
+
+
+def test_dead_input_columns_code_column_major(tmp_path):
+    layer = nn.Linear(8, 1000)
+    with torch.no_grad():
+        layer.weight[:, 2:] *= 1e-3  # six inputs that barely matter: 75% pruning takes exactly them
+    model = tz.freeze(tz.compress(nn.Sequential(layer), [tz.Prune(sparsity=0.75), tz.Codebook(bits=3)], progress=False))
+    tz.export(model, tmp_path / "c.tzip", progress=False)
+    manifest, _ = tz.read_manifest(tmp_path / "c.tzip")
+    assert manifest["layers"][0]["tensors"]["positions"]["order"] == "col"
+    loaded = tz.load(tmp_path / "c.tzip", nn.Sequential(nn.Linear(8, 1000)), progress=False)
+    assert_same_state(model, loaded)
+    x = torch.randn(3, 8)
+    assert torch.equal(loaded(x), model(x))

@@ -249,3 +249,29 @@ def test_callback_misuse():
         Callback().step()
     with pytest.raises(TorchzipError, match="another model"):
         finetune(mlp(), batches(1), callbacks=[Callback(mlp())], progress=False)
+
+
+def test_cosine_lr_schedule_follows_half_a_cosine():
+    import math
+
+    model = mlp()
+    lrs = []
+
+    class LrProbe(Callback):
+        def on_step_end(self, m):
+            lrs.append(self.optimizer.param_groups[0]["lr"])
+
+    probe = LrProbe()
+    probe.optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    finetune(model, batches(5), epochs=2, optimizer=probe.optimizer, callbacks=[probe], progress=False)
+    assert lrs == [0.2] * 10  # constant: the start value throughout
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    finetune(model, batches(5), epochs=2, optimizer=opt, lr_schedule="cosine", progress=False)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # decayed to 0 after all 10 steps
+    lrs.clear()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    probe.optimizer = opt
+    finetune(model, batches(5), epochs=2, optimizer=opt, callbacks=[probe], lr_schedule="cosine", progress=False)
+    assert lrs == pytest.approx([0.1 * (1 + math.cos(math.pi * t / 10)) for t in range(1, 11)])
+    with pytest.raises(TorchzipError, match="lr_schedule"):
+        finetune(model, batches(2), lr_schedule="linear", progress=False)

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -57,3 +59,34 @@ def test_frozen_equals_trainable(recipe):
     assert torch.equal(frozen(x), expected)
     kinds = {type(m[1].packed) if hasattr(m[1], "packed") else None for m in frozen.named_children()}
     assert kinds & {Int8Weight, Sparse24Weight, CsrWeight}
+
+
+def test_quantize_bias_is_int8_exact_and_survives_freeze_and_export(tmp_path):
+    net = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5, bias=False), nn.Linear(5, 3))
+    with pytest.warns(UserWarning, match="has no bias"):  # the general rule skips the bias-less layer
+        model = tz.compress(net, [tz.Prune(sparsity=0.7), tz.Codebook(bits=3), tz.QuantizeBias()], progress=False)
+    b = model[0].bias.detach().double()
+    scale = b.abs().max() / 127  # reference in float64
+    assert torch.allclose(b, torch.round(b / scale) * scale, atol=1e-6)
+    assert (b - net[0].bias.detach().double()).abs().max() <= scale / 2 + 1e-7
+    x = torch.randn(6, 20)
+    reference = tz.freeze(copy.deepcopy(model))  # the same function with a plain bias tensor
+    reference[0].bias.requires_grad_(True)
+    reference(x).sum().backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(x).sum().backward()  # straight-through: the master bias gets the plain gradient
+    assert torch.allclose(model[0].parametrizations.bias.original.grad, reference[0].bias.grad)
+    opt.step()
+    with torch.no_grad():
+        expected = model(x)
+    frozen = tz.freeze(model)
+    assert torch.equal(frozen(x), expected)
+    tz.export(frozen, tmp_path / "b.tzip", progress=False)
+    manifest, _ = tz.read_manifest(tmp_path / "b.tzip")
+    scaled = {e["name"]: "scale" in e["tensors"].get("bias", {}) for e in manifest["layers"]}
+    assert scaled == {"0": True, "2": False, "3": True}  # stored as int8 + one scale
+    loaded = tz.load(tmp_path / "b.tzip", nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5, bias=False), nn.Linear(5, 3)),
+                     progress=False)
+    assert torch.equal(loaded[0].bias, frozen[0].bias) and torch.equal(loaded(x), expected)
+    with pytest.raises(tz.UnsupportedLayerError, match="no bias"):
+        tz.compress(net, [tz.QuantizeBias(overrides={"2": {}})], progress=False)

@@ -14,7 +14,7 @@ from torchzip.freeze import freeze
 from torchzip.passes.codebook import Codebook
 from torchzip.passes.distill import Distill
 from torchzip.passes.prune import Prune
-from torchzip.passes.quantize import Quantize
+from torchzip.passes.quantize import Quantize, QuantizeBias
 from torchzip.recipe import Recipe
 from torchzip.summary import Summary, summary
 
@@ -22,6 +22,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "compress", "step", "freeze", "summary", "export", "load", "read_manifest", "plan_recipe", "Recipe", "Summary",
-    "Prune", "Quantize", "Codebook", "Distill", "finetune", "Callback", "DistillationCallback", "kd_loss",
+    "Prune", "Quantize", "QuantizeBias", "Codebook", "Distill", "finetune", "Callback", "DistillationCallback", "kd_loss",
     "TorchzipError", "RecipeError", "UnsupportedLayerError", "FormatError", "DistillationError",
 ]

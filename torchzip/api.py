@@ -7,12 +7,13 @@ import warnings
 from typing import Any
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from torchzip.errors import RecipeError, UnsupportedLayerError
 from torchzip.passes.base import LayerPass
 from torchzip.passes.codebook import Codebook, codebook_of, step_codebooks
 from torchzip.passes.prune import Mask, Prune, masks_of, step_masks
-from torchzip.passes.quantize import Int8FakeQuant, Quantize
+from torchzip.passes.quantize import Int8FakeQuant, Quantize, QuantizeBias
 from torchzip.recipe import Recipe, as_recipe
 
 Plan = list[tuple[str, nn.Module, dict]]
@@ -22,8 +23,9 @@ def _existing_state(module: nn.Module) -> dict[str, Any]:
     state: dict[str, Any] = {"prune": masks_of(module), "quant": None, "passes": []}
     if codebook_of(module) is not None:
         state["quant"] = "codebook"
-    elif hasattr(module, "parametrizations") and any(isinstance(p, Int8FakeQuant) for p in module.parametrizations.weight):
+    elif parametrize.is_parametrized(module, "weight") and any(isinstance(p, Int8FakeQuant) for p in module.parametrizations.weight):
         state["quant"] = "quantize"
+    state["bias"] = parametrize.is_parametrized(module, "bias")
     if state["prune"] is not None:
         state["prune_end"] = state["prune"].end_step or 0
     return state
@@ -67,7 +69,11 @@ def plan_recipe(recipe: Recipe, model: nn.Module) -> list[tuple[Plan | None, lis
 
 
 def _check_order(state: dict, p: LayerPass, args: dict, name: str, where: str) -> None:
-    if isinstance(p, Prune):
+    if isinstance(p, QuantizeBias):
+        if state.get("bias"):
+            raise RecipeError(f"{where}: the bias of layer '{name}' is already quantized")
+        state["bias"] = True
+    elif isinstance(p, Prune):
         if state["prune"] is not None:
             raise RecipeError(f"{where}: layer '{name}' is already pruned; use one prune pass per layer")
         if state["quant"]:

@@ -626,7 +626,8 @@ def _is_rank0() -> bool:
 
 def finetune(model: nn.Module, loader: Iterable, *, loss_fn: TaskLoss | None = None, callbacks: Iterable[Callback] = (),
              epochs: int = 1, optimizer: torch.optim.Optimizer | None = None, lr: float = 1e-3,
-             device: torch.device | str | None = None, progress: bool = True) -> list[dict]:
+             device: torch.device | str | None = None, lr_schedule: str = "constant",
+             progress: bool = True) -> list[dict]:
     """Fine-tune ``model`` (maybe wrapped in ``DistributedDataParallel``) on ``loader``.
 
     ``loader`` yields ``(inputs, targets)`` pairs or dicts (passed as keyword arguments, targets =
@@ -636,7 +637,8 @@ def finetune(model: nn.Module, loader: Iterable, *, loss_fn: TaskLoss | None = N
     ``optimizer`` defaults to Adam at ``lr`` over the model's and the callbacks' trainable
     parameters; a given optimizer gets the callbacks' parameters (distillation projections)
     added as a new parameter group if it lacks them. ``device`` moves the model, teacher and
-    batches there.
+    batches there. ``lr_schedule``: ``"constant"``, or ``"cosine"`` (the learning rate decays
+    from its start value to 0 over all steps, following half a cosine; needs ``len(loader)``).
 
     Before any update, the first batch is run once in eval mode under ``no_grad`` through the
     whole loss, so a bad set-up raises (e.g. :class:`DistillationError`) with nothing changed.
@@ -649,6 +651,10 @@ def finetune(model: nn.Module, loader: Iterable, *, loss_fn: TaskLoss | None = N
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise TorchzipError(f"epochs must be a non-negative integer, got {epochs!r}")
+    if lr_schedule not in ("constant", "cosine"):
+        raise TorchzipError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+    if lr_schedule == "cosine" and not hasattr(loader, "__len__"):
+        raise TorchzipError("lr_schedule 'cosine' needs a loader with a length (to know the number of steps)")
     inner = unwrap(model)
     given = list(callbacks)
     cbs = given + [c for c in _attached(inner) if not any(c is g for g in given)]
@@ -673,6 +679,11 @@ def finetune(model: nn.Module, loader: Iterable, *, loss_fn: TaskLoss | None = N
         loss = _loss(inner, inputs, targets, loss_fn, cbs)
 
     optimizer = _optimizer(model, cbs, optimizer, lr)
+    scheduler = None
+    if lr_schedule == "cosine":
+        steps = max(epochs * len(loader), 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t / steps, 1.0))))
     history: list[dict] = []
     modes = [(m, m.training) for m in inner.modules()]
     show = progress and _is_rank0()
@@ -696,6 +707,8 @@ def finetune(model: nn.Module, loader: Iterable, *, loss_fn: TaskLoss | None = N
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
                 advance_schedules(model)  # once per optimizer step, however many callbacks
                 for cb in cbs:
                     cb.on_step_end(model)

@@ -62,19 +62,20 @@ def pack_weight(module: nn.Module) -> PackedWeight | None:
     return None
 
 
-def _bake_weight(module: nn.Module) -> None:
-    """Make ``module`` a plain layer again holding its current effective weight.
+def _bake(module: nn.Module) -> None:
+    """Make ``module`` a plain layer again, holding the current values of its parametrized tensors.
 
-    ``parametrize.remove_parametrizations`` deletes the property from the module's class, and a
-    deep copy of a parametrized module shares that class with the original: removing it there
+    ``parametrize.remove_parametrizations`` deletes properties from the module's class, and a
+    deep copy of a parametrized module shares that class with the original: removing them there
     would break the caller's model (e.g. when ``summary`` freezes a copy). So restore the plain
     class on this instance only.
     """
-    weight = module.weight.detach().clone()
-    requires_grad = module.parametrizations.weight.original.requires_grad
+    names = list(module.parametrizations.keys())
+    values = {n: (getattr(module, n).detach().clone(), module.parametrizations[n].original.requires_grad) for n in names}
     del module._modules["parametrizations"]
     module.__class__ = parametrize.type_before_parametrizations(module)
-    module.register_parameter("weight", nn.Parameter(weight, requires_grad=requires_grad))
+    for n, (value, requires_grad) in values.items():
+        module.register_parameter(n, nn.Parameter(value, requires_grad=requires_grad))
 
 
 @torch.no_grad()
@@ -89,10 +90,10 @@ def freeze(model: nn.Module) -> nn.Module:
 
     distill.detach(model)  # training is over: drop attached callbacks (and the teacher they hold)
     for name, module in list(model.named_modules()):
-        if not parametrize.is_parametrized(module, "weight"):
+        if not parametrize.is_parametrized(module):
             continue
-        packed = pack_weight(module)
-        _bake_weight(module)
+        packed = pack_weight(module) if parametrize.is_parametrized(module, "weight") else None
+        _bake(module)
         if packed is None:
             continue
         if not name:  # the model is itself one compressed layer

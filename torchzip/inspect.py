@@ -29,7 +29,7 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
         n, k = entry["shape"]
         tensors = entry["tensors"]
         bias = tensors.get("bias")
-        bias_n = math.prod(bias["shape"]) if bias else 0
+        bias_n = n if bias else 0
         weight_bytes = sum(_piece_bytes(s) for name, s in tensors.items() if name != "bias")
         codec = entry["format"] + (f"/{entry['values']}" if "values" in entry else "")
         rows.append({

@@ -27,6 +27,7 @@ from torchzip.export.streams import gaps_decode, gaps_encode, pairs24_decode, pa
 from torchzip.packed import CodebookWeight, CsrWeight, Int8Weight, Sparse24Weight
 from torchzip.packed.bits import pack_bits
 from torchzip.packed.layers import PackedConv, PackedEmbedding, PackedLinear, wrap
+from torchzip.packed.values import int8_quantize
 
 PACKED_LAYERS = (PackedLinear, PackedConv, PackedEmbedding)
 DTYPES = {
@@ -51,23 +52,58 @@ def _raw(w: container.SectionWriter, t: torch.Tensor) -> dict:
     return {"codec": "raw", "dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "at": w.add(data)}
 
 
-def _huffman(w: container.SectionWriter, symbols: np.ndarray, alphabet: int, **extra: Any) -> dict:
-    s = huffman.encode(np.asarray(symbols, dtype=np.int64).reshape(-1), alphabet)
-    used = int(np.flatnonzero(s.lengths)[-1]) + 1 if s.lengths.any() else 0
+MAX_CODE_LEN = 15  # so a code length fits a 4-bit nibble in the stored table
+
+
+def _nibbles(lengths: np.ndarray) -> bytes:
+    # Two code lengths per byte, the first in the low nibble; trailing unused symbols are dropped.
+    used = int(np.flatnonzero(lengths)[-1]) + 1 if lengths.any() else 0
+    padded = np.zeros(used + used % 2, np.uint8)
+    padded[:used] = lengths[:used]
+    return (padded[0::2] | (padded[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def _huffman_parts(symbols: np.ndarray, alphabet: int) -> tuple[huffman.HuffmanStream, bytes, bytes]:
+    s = huffman.encode(np.asarray(symbols, dtype=np.int64).reshape(-1), alphabet, max_len=MAX_CODE_LEN)
     wide = s.chunk_bits.size and int(s.chunk_bits[-1]) >= 2**32
+    return s, _nibbles(s.lengths), s.chunk_bits.astype("<u8" if wide else "<u4").tobytes()
+
+
+def _coded_bytes(symbols: np.ndarray, alphabet: int) -> int:
+    s, table, chunks = _huffman_parts(symbols, alphabet)
+    return len(s.payload) + len(table) + len(chunks)
+
+
+def _huffman(w: container.SectionWriter, symbols: np.ndarray, alphabet: int, **extra: Any) -> dict:
+    s, table, chunks = _huffman_parts(symbols, alphabet)
     return {
         "codec": "huffman", "n": s.n_symbols, "alphabet": alphabet, "chunk_size": s.chunk_size,
-        "chunk_dtype": "u8" if wide else "u4",
-        "lengths": w.add(s.lengths[:used].astype(np.uint8).tobytes()),
-        "chunks": w.add(s.chunk_bits.astype("<u8" if wide else "<u4").tobytes()),
-        "payload": w.add(bytes(s.payload)), **extra,
+        "chunk_dtype": "u4" if len(chunks) == 4 * s.chunk_bits.size else "u8",
+        "lengths": w.add(table), "chunks": w.add(chunks), "payload": w.add(bytes(s.payload)), **extra,
     }
+
+
+def _int8(w: container.SectionWriter, q: torch.Tensor, **extra: Any) -> dict:
+    """An int8 stream: Huffman-coded bytes, or the raw bytes when those are smaller (short streams)."""
+    data = q.detach().cpu().numpy().astype(np.int8).reshape(-1)
+    if _coded_bytes(data.view(np.uint8), 256) >= data.size:
+        return {**_raw(w, torch.from_numpy(data.copy())), **extra}
+    return _huffman(w, data.view(np.uint8), 256, **extra)
+
+
+def _bias(w: container.SectionWriter, bias: torch.Tensor) -> dict:
+    # A bias that is exactly int8 times one scale (as quantize_bias leaves it) is stored so, losslessly.
+    if bias.dtype == torch.float32 and bias.numel():
+        q, scale = int8_quantize(bias.reshape(1, -1))
+        if torch.equal((q.float() * scale).reshape(bias.shape), bias):
+            return _int8(w, q, scale=float(scale))
+    return _raw(w, bias)
 
 
 def _values(w: container.SectionWriter, packed) -> dict:
     kind = packed.kind
     if kind == "int8":
-        return _huffman(w, packed.values.cpu().numpy().view(np.uint8), 256)
+        return _int8(w, packed.values)
     if kind == "codebook":
         return _huffman(w, packed.values.cpu().numpy(), packed.codebook.shape[1])
     return _raw(w, packed.values)
@@ -83,7 +119,7 @@ def _encode_layer(name: str, layer: nn.Module) -> tuple[dict, bytes]:
     t: dict[str, Any] = {}
     if isinstance(p, Int8Weight):
         entry["group_size"] = p.group_size
-        t["qweight"] = _huffman(w, p.qweight.cpu().numpy().view(np.uint8), 256)
+        t["qweight"] = _int8(w, p.qweight)
         t["scales"] = _raw(w, p.scales)
     elif isinstance(p, CodebookWeight):
         entry["bits"] = p.bits
@@ -96,15 +132,25 @@ def _encode_layer(name: str, layer: nn.Module) -> tuple[dict, bytes]:
             cols = p.columns().cpu().numpy()
             t["positions"] = _huffman(w, pairs24_encode(cols % 4), 6)
         else:
-            flat = p.rows().cpu().numpy() * k + p.col_idx.long().cpu().numpy()
-            symbols, escape = gaps_encode(flat)
-            t["positions"] = _huffman(w, symbols, escape + 1, escape=escape, count=int(flat.size))
+            rows, cols = p.rows().cpu().numpy(), p.col_idx.long().cpu().numpy()
+            # Gaps in row-major or column-major order, whichever codes smaller (e.g. a dead input
+            # feature prunes a whole column: one long gap column-major, many row-major).
+            order = np.argsort(cols * n + rows, kind="stable")
+            options = {"row": (rows * k + cols, None), "col": ((cols * n + rows)[order], order)}
+            coded = {name: gaps_encode(flat) for name, (flat, _) in options.items()}
+            best = min(coded, key=lambda o: _coded_bytes(coded[o][0], coded[o][1] + 1))
+            symbols, escape = coded[best]
+            t["positions"] = _huffman(w, symbols, escape + 1, escape=escape, count=int(rows.size), order=best)
+            perm = options[best][1]
+            if perm is not None:
+                p = CsrWeight(p.row_ptr, p.col_idx[torch.from_numpy(perm)], p.values[torch.from_numpy(perm)], p.shape, p.dtype,
+                              p.scales, p.codebook, p.group_size)
         t["values"] = _values(w, p)
         for side in ("scales", "codebook"):
             if getattr(p, side) is not None:
                 t[side] = _raw(w, getattr(p, side))
     if getattr(layer, "bias", None) is not None:
-        t["bias"] = _raw(w, layer.bias)
+        t["bias"] = _bias(w, layer.bias.detach().cpu())
     entry["tensors"] = t
     return entry, w.getvalue()
 
@@ -179,8 +225,10 @@ def _read_huffman(section: memoryview, spec: Any, where: str, alphabet: int | No
     _need(all(type(v) is int for v in (n, a, chunk)) and n >= 0 and 1 <= a <= huffman.MAX_ALPHABET and chunk >= 1,
           where, "stream header (n, alphabet, chunk_size) is invalid")
     _need(alphabet is None or a == alphabet, where, f"alphabet {a} does not match the layer (expected {alphabet})")
-    lengths = np.frombuffer(_piece(section, spec.get("lengths"), where), dtype=np.uint8)
-    _need(lengths.size <= a, where, "code length table is longer than the alphabet")
+    packed = np.frombuffer(_piece(section, spec.get("lengths"), where), dtype=np.uint8)
+    lengths = np.stack([packed & 15, packed >> 4], axis=1).reshape(-1)
+    _need(lengths.size <= a + 1 and not lengths[a:].any(), where, "code length table is longer than the alphabet")
+    lengths = lengths[:a]
     payload = _piece(section, spec.get("payload"), where)
     _need(n <= 8 * len(payload), where, f"{n} symbols cannot fit in {len(payload)} payload bytes")
     dt = _lookup({"u4": "<u4", "u8": "<u8"}, spec.get("chunk_dtype"))
@@ -201,8 +249,7 @@ def _values_of(section, t, kind, count, where, codebook):
         _need(values.dtype.is_floating_point and values.numel() == count, where, "float values do not match the positions")
         return values.reshape(-1)
     if kind == "int8":
-        sym = _read_huffman(section, t.get("values"), where + " values", 256)
-        values = torch.from_numpy(sym.astype(np.uint8).view(np.int8).copy())
+        values = _read_int8(section, t.get("values"), count, where + " values")
     else:
         sym = _read_huffman(section, t.get("values"), where + " values", codebook.shape[1])
         values = torch.from_numpy(sym.astype(np.uint8))
@@ -220,6 +267,26 @@ def _side(section, t, kind, g, n, k, where):
         _need(codebook.dim() == 2 and codebook.shape[0] in (1, n) and 1 <= codebook.shape[1] <= 256, where,
               f"codebook shape {tuple(codebook.shape)} does not fit {n} rows")
     return scales, codebook
+
+
+def _read_int8(section: memoryview, spec: Any, count: int, where: str) -> torch.Tensor:
+    """``count`` int8 values, Huffman-coded or raw."""
+    if isinstance(spec, dict) and spec.get("codec") == "raw":
+        q = _read_raw(section, spec, where)
+        _need(q.dtype == torch.int8, where, f"int8 values stored as {q.dtype}")
+        q = q.reshape(-1)
+    else:
+        q = torch.from_numpy(_read_huffman(section, spec, where, 256).astype(np.uint8).view(np.int8).copy())
+    _need(q.numel() == count, where, f"{q.numel()} int8 values where {count} are needed")
+    return q
+
+
+def _read_bias(section: memoryview, spec: Any, n: int, where: str) -> torch.Tensor:
+    if not (isinstance(spec, dict) and "scale" in spec):
+        return _read_raw(section, spec, where)
+    scale = spec.get("scale")
+    _need(type(scale) is float and math.isfinite(scale) and scale > 0, where, f"bad scale {scale!r}")
+    return _read_int8(section, spec, n, where).float() * torch.tensor(scale, dtype=torch.float32)
 
 
 def _decode_layer(entry: dict, section: memoryview) -> tuple[Any, torch.Tensor | None]:
@@ -240,9 +307,7 @@ def _decode_layer(entry: dict, section: memoryview) -> tuple[Any, torch.Tensor |
     _need(type(g) is int and g >= 0 and (g == 0 or k % g == 0), where, f"bad group_size {g!r}")
     scales, codebook = _side(section, t, kind, g, n, k, where)
     if fmt == "int8":
-        q = _read_huffman(section, t.get("qweight"), where + " qweight", 256)
-        _need(q.size == n * k, where, f"{q.size} int8 values for a {n}x{k} weight")
-        qweight = torch.from_numpy(q.astype(np.uint8).view(np.int8).reshape(n, k).copy())
+        qweight = _read_int8(section, t.get("qweight"), n * k, where + " qweight").reshape(n, k)
         packed = Int8Weight(qweight, scales, g, dtype)
     elif fmt == "codebook":
         bits = entry.get("bits")
@@ -261,15 +326,20 @@ def _decode_layer(entry: dict, section: memoryview) -> tuple[Any, torch.Tensor |
     elif fmt == "csr":
         spec = t.get("positions")
         _need(isinstance(spec, dict) and type(spec.get("escape")) is int and spec["escape"] >= 1, where, "bad escape")
+        _need(spec.get("order", "row") in ("row", "col"), where, f"position order must be 'row' or 'col', got {spec.get('order')!r}")
         sym = _read_huffman(section, spec, where + " positions", spec["escape"] + 1)
         flat = torch.from_numpy(gaps_decode(sym, spec["escape"], n * k))
         _need(spec.get("count") == flat.numel(), where, "position count does not match")
         values = _values_of(section, t, kind, flat.numel(), where, codebook)
+        if spec.get("order") == "col":  # back to row-major, values alongside
+            flat = (flat % n) * k + flat // n
+            flat, perm = torch.sort(flat)
+            values = values[perm]
         rows, cols = flat // k, flat % k
         row_ptr = torch.zeros(n + 1, dtype=torch.int64)
         row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
         packed = CsrWeight(row_ptr, cols.to(CsrWeight.index_dtype(k)), values, (n, k), dtype, scales, codebook, g)
-    bias = _read_raw(section, t["bias"], where + " bias") if "bias" in t else None
+    bias = _read_bias(section, t["bias"], n, where + " bias") if "bias" in t else None
     _need(bias is None or tuple(bias.shape) == (n,), where, "bias shape does not match")
     return packed, bias
 

@@ -4,9 +4,9 @@ Layout (little-endian; see docs/FORMAT.md):
 
     0   magic     8 bytes  b"TZIP\\r\\n\\x1a\\n"
     8   version   uint32   1
-    12  crc32     uint32   of the manifest bytes
-    16  length    uint64   manifest length in bytes
-    24  manifest  UTF-8 JSON
+    12  crc32     uint32   of the (compressed) manifest bytes
+    16  length    uint64   compressed manifest length in bytes
+    24  manifest  UTF-8 JSON, zlib-compressed (at most 64 MiB once inflated)
         sections  each starting at a multiple of 64, zero padding between
 
 The manifest's ``sections`` list holds ``[offset, length, crc32]`` for each section, and
@@ -56,23 +56,22 @@ def _align(n: int) -> int:
 def write(path: str | os.PathLike, manifest: dict, sections: list[bytes]) -> int:
     """Write the file atomically (temporary file, fsync, rename). Returns its size."""
     path = Path(path)
-    # Section offsets depend on the manifest's length, which depends on the offsets: iterate.
-    table: list[list[int]] = [[0, len(s), zlib.crc32(s)] for s in sections]
-    size = 0
-    for _ in range(8):
-        body = dict(manifest, sections=table, file_size=size)
-        raw = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
-        offset = _align(HEADER.size + len(raw))
-        new = []
+    if not sections:
+        raise ValueError("a .tzip file has at least one section")
+    # Section offsets depend on the manifest's length, which depends on the offsets. Moving the
+    # first section only ever later makes this settle (the gap is zero padding).
+    start = _align(HEADER.size + 1)
+    while True:
+        table, offset = [], start
         for i, s in enumerate(sections):
-            new.append([offset, len(s), zlib.crc32(s)])
+            table.append([offset, len(s), zlib.crc32(s)])
             offset += len(s) if i == len(sections) - 1 else _align(len(s))
-        new_size = offset if sections else HEADER.size + len(raw)
-        if new == table and new_size == size:
+        body = dict(manifest, sections=table, file_size=offset)
+        raw = zlib.compress(json.dumps(body, separators=(",", ":"), sort_keys=True).encode(), 9)
+        if HEADER.size + len(raw) <= start:
+            size = offset
             break
-        table, size = new, new_size
-    else:  # pragma: no cover - the lengths settle after two rounds
-        raise RuntimeError("manifest layout did not converge")
+        start = _align(HEADER.size + len(raw))
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -123,8 +122,14 @@ def parse(data: bytes, name: str = "artifact") -> tuple[dict, list[memoryview]]:
     if zlib.crc32(raw) != crc:
         raise FormatError(f"{name}: manifest checksum mismatch (file corrupted)")
     try:
-        manifest = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        inflate = zlib.decompressobj()
+        text = inflate.decompress(raw, MAX_MANIFEST)  # bounded: a small file cannot inflate without limit
+        if inflate.unconsumed_tail or not inflate.eof:
+            raise FormatError(f"{name}: manifest inflates past {MAX_MANIFEST} bytes or is cut short")
+        manifest = json.loads(text)
+    except zlib.error as err:
+        raise FormatError(f"{name}: manifest is not zlib data: {err}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise FormatError(f"{name}: manifest is not valid JSON: {err}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("sections"), list):
         raise FormatError(f"{name}: manifest has no section table")

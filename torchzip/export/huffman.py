@@ -238,10 +238,10 @@ def encode(
     # the start of at least one code, and a code spills into at most the next word.
     words = np.zeros(total_bits // 64 + 2, np.uint64)
     sym_code = codes.astype(np.uint64)
-    for lo in range(0, n, _ENCODE_SLAB):
-        part = symbols[lo : lo + _ENCODE_SLAB]
+    for first_sym in range(0, n, _ENCODE_SLAB):
+        part = symbols[first_sym : first_sym + _ENCODE_SLAB]
         lens = sym_len[part]
-        starts = ends[lo : lo + part.size] - lens
+        starts = ends[first_sym : first_sym + part.size] - lens
         word = starts >> 6
         room = 64 - (starts & 63) - lens  # bits left in the word after the code; < 0 spills
         code = sym_code[part]
@@ -370,7 +370,8 @@ def decode(stream: HuffmanStream) -> np.ndarray:
     payload = check_stream(stream)
     lengths = np.asarray(stream.lengths).astype(np.uint8)
     out_dtype = np.uint8 if lengths.size <= 256 else np.uint16
-    n, cs = int(stream.n_symbols), int(stream.chunk_size)
+    # A chunk size beyond the stream means one chunk; clamp it so arrays never see a huge value.
+    n, cs = int(stream.n_symbols), min(int(stream.chunk_size), int(stream.n_symbols))
     if n == 0:
         return np.zeros(0, out_dtype)
     syms, sizes, width = decode_table(lengths)
@@ -390,21 +391,23 @@ def _steps_table(
     if k == 1:
         return syms.astype(f"<u{sym_bits // 8}"), sizes
     bits = k * width
-    window = np.arange(1 << bits, dtype=np.int64)
+    window = np.arange(1 << bits, dtype=np.int32)
     mask = (1 << width) - 1
-    used = np.zeros(window.size, np.int64)
+    syms = syms.astype(np.uint64)
+    sizes32 = sizes.astype(np.int32)
+    used = np.zeros(window.size, np.int32)
     packed = np.zeros(window.size, np.uint64)
     for j in range(k):
         idx = (window >> (bits - width - used)) & mask
-        packed |= syms[idx].astype(np.uint64) << np.uint64(j * sym_bits)
-        used += sizes[idx]
-    return packed.astype(f"<u{k * sym_bits // 8}"), used
+        packed |= syms[idx] << np.uint64(j * sym_bits)
+        used += sizes32[idx]
+    return packed.astype(f"<u{k * sym_bits // 8}"), used.astype(np.int64)
 
 
 def _symbols_per_step(width: int, n: int, sym_bits: int) -> int:
     """How many symbols one table lookup decodes: more per step means fewer numpy calls, but the
     table has 2**(k * width) entries and costs time to build, so only big streams get big tables."""
-    cap = 16 if n >= 1 << 18 else 12
+    cap = 16 if n >= 1 << 19 else 12  # a 16-bit table takes ~1.5 ms to build
     for k in (4, 2):
         if k * width <= cap and k * sym_bits <= 64:
             return k
@@ -427,7 +430,7 @@ def _decode_lanes(
     k = _symbols_per_step(width, n, sym_bits)
     bits = k * width
     packed, step_bits = _steps_table(syms, sizes, width, k, sym_bits)
-    steps = -(-min(cs, n) // k)  # a lone chunk may be declared longer than the stream
+    steps = -(-cs // k)
 
     # 64-bit big-endian windows starting at every 4-byte boundary. Lanes keep stepping after their
     # chunk ends (the last one past the payload), so pad with zeros as far as any lane can reach.

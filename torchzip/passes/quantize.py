@@ -18,14 +18,15 @@ from torchzip.packed.values import int8_quantize
 
 
 class Int8FakeQuant(nn.Module):
-    """Parametrization: the weight rounded to int8 with dynamic per-channel/group scales."""
+    """Parametrization: the tensor rounded to int8 with dynamic scales, one per output channel
+    (or per group of ``group_size`` columns), or one for the whole tensor (``per_tensor``)."""
 
-    def __init__(self, group_size: int) -> None:
+    def __init__(self, group_size: int, per_tensor: bool = False) -> None:
         super().__init__()
-        self.group_size = group_size
+        self.group_size, self.per_tensor = group_size, per_tensor
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        w2 = w.reshape(w.shape[0], -1)
+        w2 = w.reshape(1, -1) if self.per_tensor else w.reshape(w.shape[0], -1)
         q, scales = int8_quantize(w2, self.group_size)
         n, k = w2.shape
         g = self.group_size or k
@@ -67,3 +68,20 @@ class Quantize(LayerPass):
         """Attach fake-quantization to the planned layers."""
         for _, module, args in plan:
             parametrize.register_parametrization(module, "weight", Int8FakeQuant(args["group_size"]))
+
+
+@dataclass
+class QuantizeBias(LayerPass):
+    """int8 biases with one scale per layer (fake-quantized while trainable). Tiny layers' fp32
+    biases can outweigh their compressed weights; ``export`` stores these biases as int8."""
+
+    key = "quantize_bias"
+
+    def unfit(self, name: str, module: nn.Module, args: dict) -> str | None:
+        """Layers without a bias cannot take it."""
+        return None if getattr(module, "bias", None) is not None else f"layer '{name}' has no bias"
+
+    def apply(self, model: nn.Module, plan: list[tuple[str, nn.Module, dict]], group: str) -> None:
+        """Attach per-tensor int8 fake-quantization to the planned layers' biases."""
+        for _, module, _ in plan:
+            parametrize.register_parametrization(module, "bias", Int8FakeQuant(0, per_tensor=True))

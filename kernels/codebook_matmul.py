@@ -1,0 +1,188 @@
+"""Codebook (LUT) matmul: bit-packed centroid indices, codebook looked up in registers.
+
+``W[n, k] = codebook[n or 0, field k of row n of packed]`` (fields ``bits`` wide, ``32 // bits``
+per int32 word, LSB first; see ``torchzip.packed.bits``). The GEMV reads each packed word once
+and unpacks it into a ``[words, fields]`` tile (fields padded to a power of two, so 3-bit rows
+with 10 fields a word need no special case); the GEMM does the same per ``[words, fields, N]``
+tile and reshapes it into the ``[K, N]`` operand of ``tl.dot``. Codebook lookups are gathers that hit L1: per layer it is ``2**bits`` floats, per
+channel one row of them per output row.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from torchzip.kernels import _common as C
+from torchzip.kernels.int8_matmul import GEMM_CONFIGS, INTERP_GEMM, prune_gemm
+
+# BLOCK_W words of one row per step: 64 words is 512 4-bit weights, 256 bytes of indices a row.
+GEMV_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w, num_stages=s)
+    for bn, bw, w, s in [
+        (4, 64, 4, 2), (8, 64, 4, 2), (8, 32, 4, 3), (16, 32, 4, 2),
+        (4, 128, 4, 2), (8, 128, 8, 2), (16, 64, 8, 2), (2, 128, 4, 2),
+    ]
+]
+INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_W": 8})
+
+
+@triton.jit
+def codebook_tile(p_ptr, book_ptr, rows, cols, mask, stride_pn, stride_b, BITS: tl.constexpr, PER: tl.constexpr):
+    """fp32 weights at broadcastable ``rows`` x ``cols`` (the dequantize kernel).
+
+    Each packed word is read by the PER columns it holds; the repeats hit L1.
+    """
+    words = tl.load(p_ptr + rows * stride_pn + cols // PER, mask=mask, other=0)
+    idx = (words >> ((cols % PER) * BITS)) & ((1 << BITS) - 1)
+    return tl.load(book_ptr + rows * stride_b + idx, mask=mask, other=0.0)
+
+
+@triton.jit
+def _codebook_gemv_kernel(
+    x_ptr, p_ptr, book_ptr, b_ptr, out_ptr, M, N, K, W, stride_xm, stride_pn, stride_b,
+    BITS: tl.constexpr, PER: tl.constexpr, PER_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    w_span = tl.cdiv(W, SPLIT_K * BLOCK_W) * BLOCK_W
+    w_lo = pid_k * w_span
+    w_hi = tl.minimum(w_lo + w_span, W)
+    rf = tl.arange(0, PER_P2)
+    # Padding fields (rf >= PER) get shift 0: shifting by >= 32 is undefined on the GPU.
+    shifts = tl.where(rf < PER, rf * BITS, 0)
+    acc = tl.zeros((BLOCK_N, BLOCK_W, PER_P2), tl.float32)
+    for w0 in range(w_lo, w_hi, BLOCK_W):
+        rw = w0 + tl.arange(0, BLOCK_W)
+        w_mask = rw < w_hi
+        words = tl.load(p_ptr + rn[:, None] * stride_pn + rw[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)
+        # Arithmetic shift of the signed word, then mask: the sign bits never reach a field.
+        idx = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+        cols = rw[:, None] * PER + rf[None, :]
+        x = tl.load(x_ptr + m * stride_xm + cols, mask=(rf[None, :] < PER) & (cols < K) & w_mask[:, None], other=0.0)
+        w = tl.load(book_ptr + rn[:, None, None] * stride_b + idx, mask=n_mask[:, None, None], other=0.0)
+        acc += w * x.to(tl.float32)[None, :, :]
+    out = tl.sum(tl.sum(acc, 2), 1)
+    C.store_tile(out[None, :], m + tl.arange(0, 1), rn, M, N, out_ptr, b_ptr, pid_k, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _codebook_gemm_kernel(
+    x_ptr, p_ptr, book_ptr, b_ptr, out_ptr, M, N, K, W, stride_xm, stride_pn, stride_b, M_BUCKET,
+    BITS: tl.constexpr, PER: tl.constexpr, PER_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = rm < M, rn < N
+    # A step covers BLOCK_W whole words: each word is loaded once and unpacked into PER_P2 rows
+    # of the [BLOCK_K, BLOCK_N] weight tile (padding rows of 3/5/6/7-bit words meet x = 0).
+    BLOCK_W: tl.constexpr = BLOCK_K // PER_P2
+    w_span = tl.cdiv(W, SPLIT_K * BLOCK_W) * BLOCK_W
+    w_lo = pid_k * w_span
+    w_hi = tl.minimum(w_lo + w_span, W)
+    rf = tl.arange(0, PER_P2)
+    shifts = tl.where(rf < PER, rf * BITS, 0)  # no shift by >= 32 (undefined on the GPU)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for w0 in range(w_lo, w_hi, BLOCK_W):
+        rw = w0 + tl.arange(0, BLOCK_W)
+        w_mask = rw < w_hi
+        words = tl.load(p_ptr + rn[None, :] * stride_pn + rw[:, None], mask=w_mask[:, None] & n_mask[None, :], other=0)
+        idx = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+        w = tl.load(book_ptr + rn[None, None, :] * stride_b + idx, mask=n_mask[None, None, :], other=0.0)
+        w = tl.reshape(w, (BLOCK_K, BLOCK_N)).to(x_ptr.dtype.element_ty).to(DOT_DTYPE)
+        if PER == PER_P2:  # no padding fields: the tile's columns are contiguous
+            rk = w0 * PER + tl.arange(0, BLOCK_K)
+            k_mask = rk < tl.minimum(w_hi * PER, K)
+        else:
+            cols = rw[:, None] * PER + rf[None, :]
+            rk = tl.reshape(cols, (BLOCK_K,))
+            k_mask = tl.reshape((rf[None, :] < PER) & w_mask[:, None], (BLOCK_K,)) & (rk < K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(x.to(DOT_DTYPE), w, acc, input_precision=PRECISION)
+    C.store_tile(acc, rm, rn, M, N, out_ptr, b_ptr, pid_k, HAS_BIAS, SPLIT_K)
+
+
+_gemv_tuned = C.tuned(_codebook_gemv_kernel, GEMV_CONFIGS, key=["N", "K", "BITS", "SPLIT_K"])
+_gemm_tuned = C.tuned(_codebook_gemm_kernel, GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "BITS", "SPLIT_K"],
+                      prune=prune_gemm)
+
+
+def _prepare(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bits: int, k: int):
+    n, words = packed.shape
+    if not 1 <= bits <= 16:
+        raise ValueError(f"codebook kernels take 1..16-bit indices (like torchzip.packed.bits), got {bits}")
+    if x.shape[-1] != k or words != triton.cdiv(k, 32 // bits):
+        raise ValueError(f"x has {x.shape[-1]} features, packed weight {tuple(packed.shape)} holds {k} at {bits} bits")
+    if codebook.shape[0] not in (1, n) or codebook.dtype != torch.float32:
+        raise ValueError(f"codebook must be float32 [1 or {n}, entries], got {codebook.dtype} {tuple(codebook.shape)}")
+    codebook = codebook.contiguous()
+    stride_b = codebook.stride(0) if codebook.shape[0] > 1 else 0  # per layer: every row reads row 0
+    return C.as_2d(x), packed.contiguous(), codebook, stride_b
+
+
+def codebook_gemv(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None,
+                  bits: int, k: int, split_k: int | None = None, config: triton.Config | None = None) -> torch.Tensor:
+    """GEMV kernel (one program per (row block, activation row); meant for M == 1).
+
+    ``x`` ``[..., k]``, ``packed`` int32 ``[N, W]``, ``codebook`` fp32 ``[N or 1, entries]``;
+    returns ``[..., N]`` in ``x.dtype``.
+    """
+    x2, packed, codebook, stride_b = _prepare(x, packed, codebook, bits, k)
+    m, (n, words) = x2.shape[0], packed.shape
+    per = 32 // bits
+    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 8) * m, k)
+    out, ws = C.new_output(m, n, split, x.dtype, x.device)
+    if m and n:
+        C.launch(
+            _codebook_gemv_kernel, _gemv_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, split),
+            (x2, packed, codebook, bias, ws, m, n, k, words, x2.stride(0), packed.stride(0), stride_b),
+            config, INTERP_GEMV, BITS=bits, PER=per, PER_P2=C.next_pow2(per), HAS_BIAS=bias is not None,
+            SPLIT_K=split,
+        )
+        C.finish_split_k(out, ws, bias, split)
+    return out.view(*x.shape[:-1], n)
+
+
+def codebook_gemm(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None,
+                  bits: int, k: int, split_k: int | None = None, config: triton.Config | None = None) -> torch.Tensor:
+    """Tiled ``tl.dot`` kernel for M > 1 (see :func:`codebook_gemv` for arguments)."""
+    x2, packed, codebook, stride_b = _prepare(x, packed, codebook, bits, k)
+    m, n = x2.shape[0], packed.shape[0]
+    bucket = min(C.next_pow2(m), 256)
+    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 64) * triton.cdiv(m, min(max(bucket, 16), 64)), k)
+    out, ws = C.new_output(m, n, split, x.dtype, x.device)
+    if m and n:
+        C.launch(
+            _codebook_gemm_kernel, _gemm_tuned,
+            lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split),
+            (x2, packed, codebook, bias, ws, m, n, k, packed.shape[1], x2.stride(0), packed.stride(0), stride_b, bucket),
+            config, INTERP_GEMM, BITS=bits, PER=32 // bits, PER_P2=C.next_pow2(32 // bits), HAS_BIAS=bias is not None,
+            SPLIT_K=split,
+            DOT_DTYPE=C.dot_dtype(x.dtype), PRECISION=C.dot_precision(x.dtype),
+        )
+        C.finish_split_k(out, ws, bias, split)
+    return out.view(*x.shape[:-1], n)
+
+
+def reference(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None,
+              bits: int, k: int) -> torch.Tensor:
+    """What the kernels compute, in float64 (indices unpacked with ``torchzip.packed.bits``)."""
+    from torchzip.packed.bits import unpack_bits
+
+    idx = unpack_bits(packed, bits, k)
+    book = codebook.double().expand(packed.shape[0], -1) if codebook.shape[0] == 1 else codebook.double()
+    out = x.double() @ torch.gather(book, 1, idx).T
+    return out if bias is None else out + bias.double()

@@ -1,0 +1,207 @@
+"""int8 weight-only matmul: ``x @ (qweight * scales).T + bias`` with fp32 accumulation.
+
+Two kernels: a GEMV for one activation row (weight streamed once with wide int8 loads, products
+kept in a 2-D fp32 accumulator and reduced once at the end) and a tiled ``tl.dot`` GEMM for
+more rows (weight tile converted to the activation dtype in registers). Both can split K across
+programs when the grid is too small to keep every SM loading.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from torchzip.kernels import _common as C
+
+# GEMV (M == 1): BLOCK_N rows x BLOCK_K int8 columns per step; 512-1024 bytes a row keeps 16-byte
+# loads on every thread, a few rows per program keeps thousands of programs for big N.
+GEMV_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bn, bk, w, s in [
+        (2, 1024, 4, 2), (4, 512, 4, 2), (4, 1024, 4, 2), (8, 512, 4, 2),
+        (8, 256, 4, 3), (8, 1024, 8, 2), (16, 256, 4, 2), (16, 512, 8, 2),
+    ]
+]
+# GEMM: small tiles along M for skinny activations, large square tiles for prefill-sized M.
+GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4),
+        (32, 64, 128, 4, 4), (32, 128, 128, 4, 3),
+        (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3),
+        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+    ]
+]
+# The interpreter runs programs one after another in Python: few, mid-sized blocks are fastest
+# there, and they still leave ragged edges in the test shapes.
+INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_K": 64})
+INTERP_GEMM = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4})
+
+
+def prune_gemm(configs, named_args, **kwargs):
+    """Keep tiles whose BLOCK_M fits the M bucket, so tuning only tries sensible shapes."""
+    bucket = named_args["M_BUCKET"]
+    if bucket <= 64:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] == max(16, bucket)]
+    else:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
+    return keep or configs[:1]
+
+
+@triton.jit
+def _int8_gemv_kernel(
+    x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_span
+    k_hi = tl.minimum(k_lo + k_span, K)
+    # Scales cost nothing per weight unless groups are narrower than a block: per channel they
+    # scale the row sum once; a block inside one group takes one scale per row; several whole
+    # power-of-two groups per block reduce each group first, then scale it.
+    if GROUP > 0 and GROUP < BLOCK_K and BLOCK_K % GROUP == 0:
+        acc = tl.zeros((BLOCK_N, BLOCK_K // GROUP), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = rk < k_hi
+        x = tl.load(x_ptr + m * stride_xm + rk, mask=k_mask, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + rn[:, None] * stride_qn + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+        prod = q.to(tl.float32) * x[None, :]
+        if GROUP == 0:
+            acc += prod
+        elif GROUP % BLOCK_K == 0:
+            s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)
+            acc += prod * s[:, None]
+        elif BLOCK_K % GROUP == 0:
+            rg = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+            s = tl.load(s_ptr + rn[:, None] * stride_sn + rg[None, :], mask=n_mask[:, None] & (rg[None, :] * GROUP < K),
+                        other=0.0)
+            acc += tl.sum(tl.reshape(prod, (BLOCK_N, BLOCK_K // GROUP, GROUP)), 2) * s
+        else:  # group size not a power of two: one scale per weight, gathered from L1
+            s = tl.load(s_ptr + rn[:, None] * stride_sn + rk[None, :] // GROUP, mask=n_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            acc += prod * s
+    out = tl.sum(acc, 1)
+    if GROUP == 0:
+        out *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0)
+    C.store_tile(out[None, :], m + tl.arange(0, 1), rn, M, N, out_ptr, b_ptr, pid_k, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _int8_gemm_kernel(
+    x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn, M_BUCKET,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped program order: neighbouring programs share weight columns of the same L2 lines.
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = rm < M, rn < N
+    k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_span
+    k_hi = tl.minimum(k_lo + k_span, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = rk < k_hi
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        # Weight tile as [BLOCK_K, BLOCK_N] (the dot's B operand), read along K from [N, K] rows.
+        wmask = k_mask[:, None] & n_mask[None, :]
+        q = tl.load(q_ptr + rn[None, :] * stride_qn + rk[:, None], mask=wmask, other=0)
+        # Via fp32: the interpreter casts int8 -> bf16 to garbage (a GPU goes through fp32 anyway).
+        # Per channel the integers (|q| <= 127, exact in fp16/bf16) are scaled after the dot.
+        w = q.to(tl.float32)
+        if GROUP > 0 and GROUP % BLOCK_K == 0:
+            w = w * tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)[None, :]
+        elif GROUP > 0:
+            w = w * tl.load(s_ptr + rn[None, :] * stride_sn + rk[:, None] // GROUP, mask=wmask, other=0.0)
+        # Round the weight to the activation dtype first (what a GPU dot sees), then to DOT_DTYPE.
+        w = w.to(x_ptr.dtype.element_ty).to(DOT_DTYPE)
+        acc = tl.dot(x.to(DOT_DTYPE), w, acc, input_precision=PRECISION)
+    if GROUP == 0:
+        acc *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0)[None, :]
+    C.store_tile(acc, rm, rn, M, N, out_ptr, b_ptr, pid_k, HAS_BIAS, SPLIT_K)
+
+
+_gemv_tuned = C.tuned(_int8_gemv_kernel, GEMV_CONFIGS, key=["N", "K", "GROUP", "SPLIT_K"])
+_gemm_tuned = C.tuned(_int8_gemm_kernel, GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "SPLIT_K"], prune=prune_gemm)
+
+
+def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> None:
+    n, k = qweight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} input features, weight has {k}")
+    g = 1 if group_size == 0 else k // group_size
+    if scales.shape != (n, g) or scales.dtype != torch.float32:
+        raise ValueError(f"scales must be float32 {(n, g)}, got {scales.dtype} {tuple(scales.shape)}")
+
+
+def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+              group_size: int, split_k: int | None = None, config: triton.Config | None = None) -> torch.Tensor:
+    """GEMV kernel (any M, one program per (row block, activation row); meant for M == 1).
+
+    ``x`` ``[..., K]``; returns ``[..., N]`` in ``x.dtype``. ``split_k``/``config`` override the
+    heuristic split and the autotuner (tests use them to reach every branch).
+    """
+    _check(x, qweight, scales, group_size)
+    x2 = C.as_2d(x)
+    (m, k), n = x2.shape, qweight.shape[0]
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 8) * m, k)
+    out, ws = C.new_output(m, n, split, x.dtype, x.device)
+    if m and n:
+        C.launch(
+            _int8_gemv_kernel, _gemv_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, split),
+            (x2, qweight, scales, bias, ws, m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0)),
+            config, INTERP_GEMV, GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split,
+        )
+        C.finish_split_k(out, ws, bias, split)
+    return out.view(*x.shape[:-1], n)
+
+
+def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+              group_size: int, split_k: int | None = None, config: triton.Config | None = None) -> torch.Tensor:
+    """Tiled ``tl.dot`` kernel for M > 1 (see :func:`int8_gemv` for arguments)."""
+    _check(x, qweight, scales, group_size)
+    x2 = C.as_2d(x)
+    (m, k), n = x2.shape, qweight.shape[0]
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    bucket = min(C.next_pow2(m), 256)
+    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 64) * triton.cdiv(m, min(max(bucket, 16), 64)), k)
+    out, ws = C.new_output(m, n, split, x.dtype, x.device)
+    if m and n:
+        C.launch(
+            _int8_gemm_kernel, _gemm_tuned,
+            lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split),
+            (x2, qweight, scales, bias, ws, m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0), bucket),
+            config, INTERP_GEMM, GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split,
+            DOT_DTYPE=C.dot_dtype(x.dtype), PRECISION=C.dot_precision(x.dtype),
+        )
+        C.finish_split_k(out, ws, bias, split)
+    return out.view(*x.shape[:-1], n)
+
+
+def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+              group_size: int) -> torch.Tensor:
+    """What the kernels compute, in float64: ``x @ (qweight * scales).T + bias``."""
+    n, k = qweight.shape
+    g = group_size or k
+    w = (qweight.double().view(n, k // g, g) * scales.double().unsqueeze(-1)).view(n, k)
+    out = x.double() @ w.T
+    return out if bias is None else out + bias.double()

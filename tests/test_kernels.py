@@ -1,0 +1,413 @@
+"""Triton kernels for packed weights, against float64 references built from the dequantized weight.
+
+Without a GPU these run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+Every test draws its own seed (shapes and data are random; shapes avoid block-size multiples
+where the format allows) and names it in failure messages; TORCHZIP_TEST_SEED=<n> replays one.
+Packed weights are built with the real ``torchzip.packed`` classes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchzip.kernels import codebook_matmul, dequantize, dispatch, int8_matmul, sparse_matmul
+from torchzip.packed import CodebookWeight, CsrWeight, Int8Weight, PackedLinear, Sparse24Weight
+from torchzip.packed.values import int8_quantize
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# ||out - ref|| / ||ref|| bounds: output rounding plus (for the tl.dot paths) rounding the weight
+# tile to the activation dtype, which F.linear does too.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+M_VALUES = (1, 3, 17, 64)
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """This test's seed: conftest's ``fresh_seed`` (which seeds torch and prints it) if present."""
+    try:
+        return request.getfixturevalue("fresh_seed")
+    except pytest.FixtureLookupError:
+        s = int(os.environ.get("TORCHZIP_TEST_SEED") or random.SystemRandom().randrange(2**31))
+        torch.manual_seed(s)
+        return s
+
+
+@pytest.fixture(autouse=True)
+def kernel_device():
+    """Tensors are made on the GPU when there is one (the interpreter runs on CPU tensors)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    torch.set_default_device("cuda")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, seed: int, what: str) -> None:
+    assert out.dtype == dtype and out.shape == ref.shape, f"{what}: got {out.dtype} {tuple(out.shape)} (seed={seed})"
+    err = rel_err(out, ref)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.2e} > {TOL[dtype]:.0e} (seed={seed})"
+
+
+def randint(lo: int, hi: int) -> int:
+    return int(torch.randint(lo, hi + 1, ()))
+
+
+def pick_k(base: int, lo: int = 65, hi: int = 400) -> int:
+    """A random K that is a multiple of ``base`` (group size, 4 for 2:4) and, if possible, of no block size."""
+    ks = [k for k in range(lo, hi + 1) if k % base == 0]
+    odd = [k for k in ks if k % 32]
+    pool = odd or ks
+    return pool[randint(0, len(pool) - 1)]
+
+
+def pick_n() -> int:
+    return randint(9, 70) | 1  # odd: never a multiple of a block
+
+
+def cases(*axes, rotate=M_VALUES):
+    """Full product of ``axes`` with M (and bias) rotating through the cases, so that every value
+    of every axis is met without the full product's test time."""
+    out = []
+    for i, combo in enumerate(itertools.product(*axes)):
+        m, bias = rotate[i % len(rotate)], i % 2 == 0
+        name = "-".join(str(v).replace("torch.", "") for v in combo) + f"-M{m}" + ("-bias" if bias else "")
+        out.append(pytest.param(*combo, m, bias, id=name))
+    return out
+
+
+def mask24(n: int, k: int) -> torch.Tensor:
+    keep = torch.rand(n, k // 4, 4).argsort(-1)[..., :2]
+    return torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(2, keep, True).view(n, k)
+
+
+# ---- int8 --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("group_size,dtype,m,with_bias", cases((0, 32, 48, 128), DTYPES))
+def test_int8_kernels(seed, group_size, dtype, m, with_bias):
+    n, k = pick_n(), pick_k(group_size or 1)
+    w = Int8Weight.from_float(torch.randn(n, k), group_size)
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    x = torch.randn(m, k).to(dtype)
+    ref = int8_matmul.reference(x, w.qweight, w.scales, bias, group_size)
+    what = f"int8 g={group_size} {dtype} M={m} N={n} K={k} bias={with_bias}"
+    check(int8_matmul.int8_gemm(x, w.qweight, w.scales, bias, group_size), ref, dtype, seed, "gemm " + what)
+    if m <= 3:
+        check(int8_matmul.int8_gemv(x, w.qweight, w.scales, bias, group_size), ref, dtype, seed, "gemv " + what)
+
+
+# ---- codebook ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,books,dtype,m,with_bias", cases((2, 3, 4, 8), ("layer", "channel"), DTYPES))
+def test_codebook_kernels(seed, bits, books, dtype, m, with_bias):
+    n, k = pick_n(), pick_k(1)
+    book = torch.randn(1 if books == "layer" else n, 2**bits)
+    w = CodebookWeight.from_indices(torch.randint(0, 2**bits, (n, k)), book, bits, dtype)
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    x = torch.randn(m, k).to(dtype)
+    ref = codebook_matmul.reference(x, w.packed, w.codebook, bias, bits, k)
+    what = f"codebook {bits}-bit per {books} {dtype} M={m} N={n} K={k} bias={with_bias}"
+    check(codebook_matmul.codebook_gemm(x, w.packed, w.codebook, bias, bits, k), ref, dtype, seed, "gemm " + what)
+    if m <= 3:
+        check(codebook_matmul.codebook_gemv(x, w.packed, w.codebook, bias, bits, k), ref, dtype, seed, "gemv " + what)
+
+
+@pytest.mark.parametrize("bits", (*range(1, 9), 12, 16))
+def test_codebook_every_width(seed, bits):
+    """Every index width (5-7 bits pad their fields to a power of two like 3 bits; 12 and 16 bits
+    with a per-layer codebook, as a per-channel one would be huge)."""
+    n, k = pick_n(), pick_k(1)
+    book = torch.randn(n if bits <= 8 else 1, 2**bits)
+    w = CodebookWeight.from_indices(torch.randint(0, 2**bits, (n, k)), book, bits, torch.float32)
+    x = torch.randn(2, k)
+    ref = codebook_matmul.reference(x, w.packed, w.codebook, None, bits, k)
+    check(codebook_matmul.codebook_gemv(x[:1], w.packed, w.codebook, None, bits, k), ref[:1], torch.float32, seed,
+          f"gemv {bits}-bit")
+    check(codebook_matmul.codebook_gemm(x, w.packed, w.codebook, None, bits, k), ref, torch.float32, seed,
+          f"gemm {bits}-bit")
+    assert torch.equal(dequantize.dequantize_codebook(w.packed, w.codebook, bits, k, torch.float32), w.dequantize())
+
+
+# ---- sparse: 2:4 and CSR -----------------------------------------------------------------------
+
+VALUE_KINDS = ("float16", "float32", "int8", "int8-group", "codebook-layer", "codebook-channel")
+
+
+def sparse_weight(cls, kind: str, mask: torch.Tensor, dtype: torch.dtype):
+    """A ``Sparse24Weight``/``CsrWeight`` with values of ``kind`` (the three kinds, float in two dtypes)."""
+    n, k = mask.shape
+    w = torch.randn(n, k)
+    if kind.startswith("float"):
+        return cls.build(w.to(getattr(torch, kind)), mask, dtype)
+    if kind.startswith("int8"):
+        group = 4 * randint(1, 4) if kind == "int8-group" else 0
+        while group and k % group:
+            group //= 2
+        q, scales = int8_quantize(w, group)
+        return cls.build(q, mask, dtype, scales=scales, group_size=group)
+    entries = 16 if kind == "codebook-layer" else 256  # indices >= 128 check the uint8 load
+    book = torch.randn(1 if kind == "codebook-layer" else n, entries)
+    return cls.build(torch.randint(0, entries, (n, k), dtype=torch.uint8), mask, dtype, codebook=book)
+
+
+def sparse24_args(w: Sparse24Weight):
+    return (w.values, w.positions, w.scales, w.codebook)
+
+
+def csr_args(w: CsrWeight):
+    return (w.row_ptr, w.col_idx, w.values, w.scales, w.codebook)
+
+
+def assert_reference_is_dequantize(x, w, bias, ref, seed):
+    """The kernel file's float64 reference is ``x @ PackedWeight.dequantize().T + bias`` (which
+    multiplies int8 scales in fp32, hence not exact)."""
+    dense = x.double() @ w.dequantize().double().T + (0 if bias is None else bias.double())
+    assert rel_err(dense, ref) < 1e-6, f"reference disagrees with {type(w).__name__}.dequantize (seed={seed})"
+
+
+@pytest.mark.parametrize("kind,dtype,m,with_bias", cases(VALUE_KINDS, DTYPES))
+def test_sparse24_kernels(seed, kind, dtype, m, with_bias):
+    n, k = pick_n(), pick_k(4)
+    w = sparse_weight(Sparse24Weight, kind, mask24(n, k), torch.float32)  # fp32: dequantize() exact
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    x = torch.randn(m, k).to(dtype)
+    args = (*sparse24_args(w), bias, w.group_size, k)
+    ref = sparse_matmul.sparse24_reference(x, *args)
+    assert_reference_is_dequantize(x, w, bias, ref, seed)
+    what = f"2:4 {kind} {dtype} M={m} N={n} K={k} bias={with_bias}"
+    check(sparse_matmul.sparse24_gemm(x, *args), ref, dtype, seed, "gemm " + what)
+    if m <= 3:
+        check(sparse_matmul.sparse24_gemv(x, *args), ref, dtype, seed, "gemv " + what)
+
+
+@pytest.mark.parametrize("kind,dtype,m,with_bias", cases(VALUE_KINDS, DTYPES))
+def test_csr_kernel(seed, kind, dtype, m, with_bias):
+    n, k = pick_n(), pick_k(4)
+    density = 0.05 + 0.15 * float(torch.rand(()))  # 80-95% sparse
+    mask = torch.rand(n, k) < density
+    mask[0] = False  # an empty row
+    mask[1, : k // 2] = True  # and a long one, so rows of a program end at different steps
+    w = sparse_weight(CsrWeight, kind, mask, torch.float32)
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    x = torch.randn(m, k).to(dtype)
+    args = (*csr_args(w), bias, w.group_size, k)
+    ref = sparse_matmul.csr_reference(x, *args)
+    assert_reference_is_dequantize(x, w, bias, ref, seed)
+    what = f"CSR {kind} {dtype} M={m} N={n} K={k} density={density:.2f} bias={with_bias}"
+    check(sparse_matmul.csr_matmul(x, *args), ref, dtype, seed, what)
+
+
+# ---- split-K -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("split", (2, 3))
+def test_split_k(seed, split):
+    """Split-K partials (fp32 workspace + reduce kernel with bias) for every kernel that splits."""
+    dtype = torch.float16
+    n, k = pick_n(), pick_k(16, lo=200)
+    bias = torch.randn(n).to(dtype)
+    x1, x5 = torch.randn(1, k).to(dtype), torch.randn(5, k).to(dtype)
+    for group in (0, 16):
+        w = Int8Weight.from_float(torch.randn(n, k), group)
+        for x, fn in ((x1, int8_matmul.int8_gemv), (x5, int8_matmul.int8_gemm)):
+            ref = int8_matmul.reference(x, w.qweight, w.scales, bias, group)
+            check(fn(x, w.qweight, w.scales, bias, group, split_k=split), ref, dtype, seed, f"{fn.__name__} g={group}")
+    cw = CodebookWeight.from_indices(torch.randint(0, 8, (n, k)), torch.randn(n, 8), 3, dtype)
+    for x, fn in ((x1, codebook_matmul.codebook_gemv), (x5, codebook_matmul.codebook_gemm)):
+        ref = codebook_matmul.reference(x, cw.packed, cw.codebook, bias, 3, k)
+        check(fn(x, cw.packed, cw.codebook, bias, 3, k, split_k=split), ref, dtype, seed, fn.__name__)
+    sw = sparse_weight(Sparse24Weight, "int8-group", mask24(n, k), dtype)
+    args = (*sparse24_args(sw), bias, sw.group_size, k)
+    for x, fn in ((x1, sparse_matmul.sparse24_gemv), (x5, sparse_matmul.sparse24_gemm)):
+        check(fn(x, *args, split_k=split), sparse_matmul.sparse24_reference(x, *args), dtype, seed, fn.__name__)
+
+
+# ---- dequantize --------------------------------------------------------------------------------
+
+def same_weights(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal, except that the interpreter truncates fp32 -> bf16 where a GPU rounds to nearest:
+    there bf16 may be one unit in the last place off."""
+    if got.dtype != want.dtype or got.shape != want.shape:
+        return False
+    if want.dtype == torch.bfloat16 and dispatch._INTERPRET:
+        return bool(((got.float() - want.float()).abs() <= want.float().abs() * 2.0**-7).all())
+    return torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dequantize_kernels(seed, dtype):
+    """Each dequantize kernel equals the format's torch ``dequantize`` cast to ``dtype``."""
+    n, k = pick_n(), pick_k(16)
+    for group in (0, 16):
+        w = Int8Weight.from_float(torch.randn(n, k), group)
+        got = dequantize.dequantize_int8(w.qweight, w.scales, group, dtype)
+        assert same_weights(got, w.dequantize().to(dtype)), f"int8 g={group} (seed={seed})"
+    for bits, rows in ((3, 1), (4, n)):
+        w = CodebookWeight.from_indices(torch.randint(0, 2**bits, (n, k)), torch.randn(rows, 2**bits), bits, dtype)
+        got = dequantize.dequantize_codebook(w.packed, w.codebook, bits, k, dtype)
+        assert same_weights(got, w.dequantize()), f"codebook {bits}-bit (seed={seed})"
+    csr_mask = torch.rand(n, k) < 0.1
+    for kind in VALUE_KINDS:
+        w = sparse_weight(Sparse24Weight, kind, mask24(n, k), torch.float32)
+        got = dequantize.dequantize_sparse24(*sparse24_args(w), w.group_size, k, dtype)
+        assert same_weights(got, w.dequantize().to(dtype)), f"2:4 {kind} (seed={seed})"
+        w = sparse_weight(CsrWeight, kind, csr_mask, torch.float32)
+        got = dequantize.dequantize_csr(*csr_args(w), w.group_size, k, dtype)
+        assert same_weights(got, w.dequantize().to(dtype)), f"CSR {kind} (seed={seed})"
+
+
+# ---- dispatch through torchzip.packed ----------------------------------------------------------
+
+def packed_weights(n: int, k: int, dtype: torch.dtype):
+    """One weight of every format and value kind, all ``[n, k]``."""
+    out = [
+        Int8Weight.from_float(torch.randn(n, k).to(dtype), 0),
+        Int8Weight.from_float(torch.randn(n, k).to(dtype), 16),
+        CodebookWeight.from_indices(torch.randint(0, 16, (n, k)), torch.randn(1, 16), 4, dtype),
+        CodebookWeight.from_indices(torch.randint(0, 8, (n, k)), torch.randn(n, 8), 3, dtype),
+    ]
+    csr_mask = torch.rand(n, k) < 0.1
+    for kind in ("float32", "int8", "codebook-channel"):
+        out.append(sparse_weight(Sparse24Weight, kind, mask24(n, k), dtype))
+        out.append(sparse_weight(CsrWeight, kind, csr_mask, dtype))
+    return out
+
+
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 4, 8)], ids=["M1", "M3", "M64"])
+def test_packed_linear_kernel_path_matches_torch_path(seed, lead, monkeypatch):
+    """``PackedWeight.linear`` with the kernels forced on equals its torch path (leading batch dims
+    included), through every dispatch branch: GEMV at M=1, fused kernels at M=3, and at M=64
+    dequantize + F.linear (thresholds lowered to 64 so the test stays small)."""
+    monkeypatch.setattr(dispatch, "DENSE_MIN_M", {name: 64 for name in dispatch.DENSE_MIN_M})
+    dtype = torch.float32
+    n, k = pick_n(), pick_k(16)
+    x = torch.randn(*lead, k, dtype=dtype)
+    for w in packed_weights(n, k, dtype):
+        bias = torch.randn(n, dtype=dtype)
+        torch_out = w.linear(x, bias)
+        with dispatch.force_kernels():
+            kernel_out = w.linear(x, bias)
+        assert kernel_out.shape == (*lead, n)
+        check(kernel_out, torch_out.double(), dtype, seed, f"{w.format_name} {w.extra_repr()} x={tuple(x.shape)}")
+
+
+def test_big_weights_run_in_row_chunks(seed, monkeypatch):
+    """Weights past int32 offsets run as row chunks (limit lowered here to force several chunks)."""
+    dtype = torch.float32
+    n, k = pick_n(), pick_k(16)
+    monkeypatch.setattr(dispatch, "MAX_KERNEL_ELEMENTS", 7 * k)  # chunks of 7 rows, the last one ragged
+    monkeypatch.setattr(dispatch, "DENSE_MIN_M", {name: 8 for name in dispatch.DENSE_MIN_M})
+    for m in (1, 8):  # fused kernels, then dequantize + F.linear
+        x = torch.randn(m, k, dtype=dtype)
+        for w in packed_weights(n, k, dtype):
+            bias = torch.randn(n, dtype=dtype)
+            with dispatch.force_kernels():
+                out = w.linear(x, bias)
+            check(out, w.linear(x, bias).double(), dtype, seed, f"{w.format_name} {w.extra_repr()} M={m} in chunks")
+
+
+def test_dispatch_paths(monkeypatch):
+    """The op picks GEMV / fused / dequantize + F.linear by M."""
+    calls = []
+    for name in ("int8_gemv", "int8_gemm"):
+        real = getattr(int8_matmul, name)
+        monkeypatch.setattr(int8_matmul, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
+    real_dq = dequantize.dequantize_int8
+    monkeypatch.setattr(dequantize, "dequantize_int8", lambda *a: calls.append("dequant") or real_dq(*a))
+    w = Int8Weight.from_float(torch.randn(5, 24))
+    for m in (1, 2, dispatch.DENSE_MIN_M["int8"]):
+        dispatch.int8_linear(torch.randn(m, 24), w.qweight, w.scales, None, 0)
+    assert calls == ["int8_gemv", "int8_gemm", "dequant"]
+
+
+def test_use_kernels_switch(monkeypatch):
+    x = torch.randn(2, 3, device="cpu")
+    assert not dispatch.use_kernels(x)  # CPU tensor, nothing forced
+    with dispatch.force_kernels():
+        assert dispatch.use_kernels(x) == dispatch._INTERPRET  # CPU tensors need the interpreter
+        assert not dispatch.use_kernels(x.double())  # no fp64 kernels
+        assert not dispatch.use_kernels(x.clone().requires_grad_())  # no backward: the torch path
+        with torch.no_grad():
+            assert dispatch.use_kernels(x.clone().requires_grad_()) == dispatch._INTERPRET
+        with dispatch.force_kernels(False):
+            assert not dispatch.use_kernels(x)
+    assert not dispatch.use_kernels(x)
+    if torch.cuda.is_available():
+        assert dispatch.use_kernels(x.cuda())
+        with dispatch.force_kernels(False):
+            assert not dispatch.use_kernels(x.cuda())
+    monkeypatch.setenv("TORCHZIP_KERNELS", "1")
+    assert dispatch._env_setting() is True
+    monkeypatch.setenv("TORCHZIP_KERNELS", "off")
+    assert dispatch._env_setting() is False
+    monkeypatch.setenv("TORCHZIP_KERNELS", "")
+    assert dispatch._env_setting() is None
+
+
+def test_shape_errors():
+    w = Int8Weight.from_float(torch.randn(4, 32))
+    with pytest.raises(ValueError, match="input features"):
+        int8_matmul.int8_gemv(torch.randn(1, 31), w.qweight, w.scales, None, 0)
+    with pytest.raises(ValueError, match="scales"):
+        int8_matmul.int8_gemm(torch.randn(2, 32), w.qweight, w.scales, None, 16)
+    with pytest.raises(ValueError, match="2:4"):
+        sparse_matmul.sparse24_gemv(torch.randn(1, 30), torch.randn(4, 15), torch.zeros(4, 1, dtype=torch.int32),
+                                    None, None, None, 0, 30)
+
+
+def test_torch_compile_sees_one_op(seed):
+    """``torch.compile(fullgraph=True, backend="aot_eager")`` runs a PackedLinear on the kernel path
+    (no graph break), its graph holds the torchzip custom op, and it matches eager."""
+    n, k = pick_n(), pick_k(4)
+    layers = [
+        PackedLinear(Int8Weight.from_float(torch.randn(n, k), 0), torch.randn(n)),
+        PackedLinear(sparse_weight(CsrWeight, "int8", torch.rand(n, k) < 0.1, torch.float32), None),
+    ]
+    x = torch.randn(2, 3, k)
+    for layer in layers:
+        graphs = []
+
+        def record(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        with dispatch.force_kernels():
+            eager = layer(x)
+            torch._dynamo.reset()
+            compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+            torch._dynamo.reset()
+            torch.compile(layer, fullgraph=True, backend=record)(x)
+        targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+        assert len(graphs) == 1 and any("torchzip" in t for t in targets), targets
+        check(compiled, eager.double(), torch.float32, seed, f"compiled {layer.packed.format_name}")
+    torch._dynamo.reset()
+
+
+def test_benchmark_script_needs_cuda():
+    """benchmarks/kernels.py imports without a GPU and exits with a clear message (if CUDA is absent)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("torchzip_bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # as an import would (dataclasses look the module up)
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules[spec.name]
+    if torch.cuda.is_available():
+        return
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--quick"])
+    assert "CUDA" in str(exc.value.code)
