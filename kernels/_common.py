@@ -106,6 +106,18 @@ def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, MN, N, SPLIT_K: tl.constexpr, 
 
 
 @triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of this program in grouped order: neighbouring programs share weight
+    columns, so those stay in L2."""
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (pid % width) % rows, (pid % width) // rows
+
+
+@triton.jit
 def store_tile(acc, rm, rn, M, N, out_ptr, b_ptr, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     """Write an fp32 ``[BLOCK_M, BLOCK_N]`` tile of a contiguous ``[M, N]`` output.
 

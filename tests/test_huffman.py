@@ -1,0 +1,498 @@
+"""Tests for the canonical, length-limited Huffman codec in torchzip.export.huffman."""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from torchzip.errors import FormatError
+from torchzip.export.huffman import (
+    MAX_CODE_LEN,
+    HuffmanStream,
+    canonical_codes,
+    check_stream,
+    code_lengths,
+    decode,
+    encode,
+    entropy_bits,
+)
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture
+def rng(fresh_seed: int) -> np.random.Generator:
+    """numpy generator on the test's fresh seed (conftest prints it; TORCHZIP_TEST_SEED replays)."""
+    return np.random.default_rng(fresh_seed)
+
+
+def heap_huffman_cost(counts: np.ndarray) -> tuple[int, int]:
+    """(total bits, longest code) of a plain Huffman code built with a heap (independent reference)."""
+    heap = [(int(c), i, 0) for i, c in enumerate(counts) if c > 0]
+    if len(heap) <= 1:
+        return (int(heap[0][0]) if heap else 0), min(len(heap), 1)
+    heapq.heapify(heap)
+    cost, tie, depth = 0, len(counts), 0
+    while len(heap) > 1:
+        a, _, da = heapq.heappop(heap)
+        b, _, db = heapq.heappop(heap)
+        cost += a + b  # every merge adds one bit to every symbol below it
+        depth = max(da, db) + 1
+        heapq.heappush(heap, (a + b, tie, depth))
+        tie += 1
+    return cost, heap[0][2]
+
+
+def kraft(lengths: np.ndarray) -> Fraction:
+    return sum((Fraction(1, 2 ** int(x)) for x in lengths if x > 0), Fraction(0))
+
+
+def coded_bits(stream: HuffmanStream, symbols: np.ndarray) -> int:
+    return int(stream.lengths.astype(np.int64)[symbols].sum())
+
+
+def zipf(rng: np.random.Generator, n: int, alphabet: int, a: float) -> np.ndarray:
+    p = 1.0 / np.arange(1, alphabet + 1) ** a
+    return rng.choice(alphabet, n, p=p / p.sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trips
+
+
+@pytest.mark.parametrize("alphabet", [2, 16, 256, 1000])
+def test_round_trip_geometric(rng, alphabet):
+    symbols = np.minimum(rng.geometric(0.15, 20_000) - 1, alphabet - 1)
+    stream = encode(symbols, alphabet, chunk_size=int(rng.integers(1, 700)))
+    out = decode(stream)
+    assert out.dtype == (np.uint8 if alphabet <= 256 else np.uint16)
+    np.testing.assert_array_equal(out, symbols)
+
+
+@pytest.mark.parametrize("a", [0.6, 1.1, 2.0])
+def test_round_trip_zipf(rng, a):
+    symbols = zipf(rng, 30_000, 300, a)
+    stream = encode(symbols, 300)
+    np.testing.assert_array_equal(decode(stream), symbols)
+
+
+def test_round_trip_flat(rng):
+    symbols = rng.integers(0, 256, 50_000)
+    stream = encode(symbols, 256)
+    assert set(np.unique(stream.lengths)) == {8}
+    assert len(stream.payload) == symbols.size
+    np.testing.assert_array_equal(decode(stream), symbols)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 7, 8, 9, 63, 64, 1000, 1023, 4096, 10**9])
+def test_chunk_sizes(rng, chunk_size):
+    symbols = zipf(rng, 5000, 40, 1.0)
+    stream = encode(symbols, 40, chunk_size=chunk_size)
+    assert stream.chunk_bits.size == -(-symbols.size // chunk_size)
+    np.testing.assert_array_equal(decode(stream), symbols)
+
+
+def test_chunks_start_mid_byte_and_mid_word(rng):
+    # Chunk offsets are in bits: with odd code lengths most chunks start inside a byte.
+    symbols = zipf(rng, 4001, 7, 1.3)
+    stream = encode(symbols, 7, chunk_size=3)
+    assert np.any(stream.chunk_bits % 8 != 0)
+    assert np.any(stream.chunk_bits % 32 > 24)  # a chunk's first code straddles a 32-bit word
+    ends = np.cumsum(stream.lengths.astype(np.int64)[symbols])
+    np.testing.assert_array_equal(stream.chunk_bits[1:], ends[2:-1:3])
+    np.testing.assert_array_equal(decode(stream), symbols)
+
+
+@pytest.mark.parametrize("alphabet, n_used", [(4, 4), (16, 16), (300, 12), (40_000, 5)])
+@pytest.mark.parametrize("chunk_size", [1, 3, 1001, 4096])
+@pytest.mark.parametrize("n", [300_000, 1 << 19])
+def test_long_streams_multi_symbol_steps(rng, alphabet, n_used, chunk_size, n):
+    # Long streams decode several symbols per table lookup when codes are short (up to 4, also
+    # for uint16 symbols; from 2**19 symbols on with bigger tables); chunk sizes that are not
+    # multiples of that step count exercise the end-of-chunk bookkeeping.
+    used = rng.choice(alphabet, n_used, replace=False)
+    symbols = used[zipf(rng, n, used.size, 1.2)]
+    stream = encode(symbols, alphabet, chunk_size=chunk_size)
+    np.testing.assert_array_equal(decode(stream), symbols)
+
+
+def test_empty_stream():
+    for stream in (encode(np.zeros(0, np.int64)), encode(np.zeros(0, np.int64), 10)):
+        assert stream.payload == b"" and stream.n_symbols == 0 and stream.chunk_bits.size == 0
+        out = decode(stream)
+        assert out.size == 0
+    assert encode(np.zeros(0, np.int64), 10).lengths.tolist() == [0] * 10
+
+
+def test_one_symbol_alphabet():
+    symbols = np.zeros(1001, np.int64)
+    stream = encode(symbols, 1, chunk_size=100)
+    assert stream.lengths.tolist() == [1]
+    assert stream.payload == bytes(126)  # 1001 zero bits
+    np.testing.assert_array_equal(decode(stream), symbols)
+
+
+def test_single_used_symbol_in_big_alphabet():
+    symbols = np.full(77, 40_000)
+    stream = encode(symbols, 65_536)
+    assert np.count_nonzero(stream.lengths) == 1 and stream.lengths[40_000] == 1
+    out = decode(stream)
+    assert out.dtype == np.uint16
+    np.testing.assert_array_equal(out, symbols)
+
+
+def test_sparse_use_of_65536_symbol_alphabet(rng):
+    used = rng.choice(65_536, 3000, replace=False)
+    symbols = used[zipf(rng, 40_000, used.size, 0.9)]
+    stream = encode(symbols, 65_536)
+    assert stream.lengths.size == 65_536
+    assert np.count_nonzero(stream.lengths) == np.unique(symbols).size
+    np.testing.assert_array_equal(decode(stream), symbols)
+
+
+def test_full_65536_alphabet():
+    symbols = np.arange(65_536)
+    stream = encode(symbols, max_len=16)
+    assert set(stream.lengths.tolist()) == {16}
+    np.testing.assert_array_equal(decode(stream), symbols)
+    with pytest.raises(ValueError, match="cannot all get codes"):
+        code_lengths(np.ones(65_536, np.int64), max_len=15)
+
+
+def test_payload_may_be_a_numpy_array(rng):
+    symbols = zipf(rng, 999, 20, 1.0)
+    stream = encode(symbols)
+    stream = dataclasses.replace(stream, payload=np.frombuffer(stream.payload, np.uint8))
+    np.testing.assert_array_equal(decode(stream), symbols)
+
+
+def test_bit_layout_is_msb_first():
+    # counts give lengths 1, 2, 2: canonical codes 0, 10, 11.
+    symbols = np.array([1, 0, 2, 2, 0, 0])
+    stream = encode(symbols, 3, chunk_size=2)
+    assert stream.lengths.tolist() == [1, 2, 2]
+    assert canonical_codes(stream.lengths).tolist() == [0b0, 0b10, 0b11]
+    # bits: 10 0 11 11 0 0 -> 1001 1110 0(0000000 padding)
+    assert stream.payload == bytes([0b10011110, 0b00000000])
+    assert stream.chunk_bits.tolist() == [0, 3, 7]
+    np.testing.assert_array_equal(decode(stream), symbols)
+
+
+def test_canonical_codes_order():
+    lengths = np.array([3, 0, 2, 3, 2, 2])
+    codes = canonical_codes(lengths)
+    # sorted by (length, symbol): 2->00, 4->01, 5->10, 0->110, 3->111
+    assert codes.tolist() == [0b110, 0, 0b00, 0b111, 0b01, 0b10]
+
+
+# ---------------------------------------------------------------------------------------------
+# Code lengths: limits, Kraft, optimality
+
+
+def fibonacci(n: int) -> np.ndarray:
+    f = [1, 1]
+    while len(f) < n:
+        f.append(f[-1] + f[-2])
+    return np.array(f[:n], np.int64)
+
+
+@pytest.mark.parametrize("max_len", [5, 8, 12, 16, 20])
+def test_fibonacci_counts_respect_max_len(max_len):
+    counts = fibonacci(30)  # plain Huffman would need a 29-bit code
+    assert heap_huffman_cost(counts)[1] == 29
+    lengths = code_lengths(counts, max_len)
+    assert lengths.max() == max_len
+    assert kraft(lengths) == 1
+    symbols = np.repeat(np.arange(12), counts[:12])  # a stream using the rarest symbols
+    stream = encode(symbols, max_len=max_len)
+    assert stream.lengths.max() <= max_len
+    np.testing.assert_array_equal(decode(stream), symbols)
+
+
+def test_length_limit_is_optimal_against_brute_force(rng):
+    for _ in range(40):
+        n = int(rng.integers(2, 7))
+        max_len = int(rng.integers(max(1, math.ceil(math.log2(n))), 5))
+        counts = rng.integers(1, 1000, n) ** int(rng.integers(1, 4))
+        best = min(
+            sum(int(c) * l for c, l in zip(counts, ls))
+            for ls in itertools.product(range(1, max_len + 1), repeat=n)
+            if sum(Fraction(1, 2**l) for l in ls) == 1
+        )
+        lengths = code_lengths(counts, max_len)
+        assert lengths.max() <= max_len and kraft(lengths) == 1
+        assert int((counts * lengths).sum()) == best
+
+
+@SETTINGS
+@given(
+    counts=st.lists(st.integers(0, 10**6), min_size=1, max_size=300),
+    max_len=st.integers(9, MAX_CODE_LEN),
+)
+def test_code_lengths_match_heap_huffman(counts, max_len):
+    counts = np.array(counts, np.int64)
+    lengths = code_lengths(counts, max_len)
+    used = counts > 0
+    assert np.all((lengths > 0) == used)
+    assert lengths.max(initial=0) <= max_len
+    if used.sum() >= 2:
+        assert kraft(lengths) == 1
+    elif used.sum() == 1:
+        assert lengths[used].tolist() == [1]
+    cost, depth = heap_huffman_cost(counts)
+    ours = int((counts * lengths).sum())
+    if depth <= max_len:
+        assert ours == cost  # optimal when the limit does not bind
+    else:
+        assert ours >= cost
+
+
+def test_code_lengths_edge_cases():
+    assert code_lengths(np.zeros(5, np.int64)).tolist() == [0] * 5
+    assert code_lengths(np.zeros(0, np.int64)).size == 0
+    assert code_lengths(np.array([0, 9, 0])).tolist() == [0, 1, 0]
+    assert code_lengths(np.array([3, 3])).tolist() == [1, 1]
+    with pytest.raises(ValueError, match="max_len"):
+        code_lengths(np.array([1, 2]), max_len=21)
+    with pytest.raises(ValueError, match="max_len"):
+        code_lengths(np.array([1, 2]), max_len=0)
+    with pytest.raises(ValueError, match="non-negative"):
+        code_lengths(np.array([1, -2]))
+    with pytest.raises(ValueError, match="cannot all get codes"):
+        code_lengths(np.ones(5, np.int64), max_len=2)
+
+
+@pytest.mark.parametrize("kind", ["geometric", "zipf", "flat", "two"])
+def test_coded_size_near_entropy(rng, kind):
+    n = 100_000
+    symbols = {
+        "geometric": lambda: np.minimum(rng.geometric(0.1, n) - 1, 255),
+        "zipf": lambda: zipf(rng, n, 256, 1.1),
+        "flat": lambda: rng.integers(0, 256, n),
+        "two": lambda: (rng.random(n) < 0.3).astype(np.int64),
+    }[kind]()
+    stream = encode(symbols)
+    counts = np.bincount(symbols)
+    bits = coded_bits(stream, symbols)
+    assert bits == int((counts * stream.lengths[: counts.size].astype(np.int64)).sum())
+    assert len(stream.payload) == (bits + 7) // 8
+    h = entropy_bits(symbols)
+    assert h <= bits <= h + n  # Huffman is within 1 bit/symbol of entropy
+    cost, depth = heap_huffman_cost(counts)
+    if depth <= 16:
+        assert bits == cost
+
+
+def test_entropy_bits():
+    assert entropy_bits(np.zeros(0, np.int64)) == 0.0
+    assert entropy_bits(np.zeros(10, np.int64)) == 0.0
+    assert entropy_bits(np.array([0, 1, 2, 3] * 5)) == pytest.approx(40.0)
+    with pytest.raises(ValueError):
+        entropy_bits(np.array([-1, 2]))
+
+
+@SETTINGS
+@given(
+    weights=st.lists(st.integers(0, 50), min_size=1, max_size=70),
+    n=st.integers(0, 3000),
+    chunk_size=st.integers(1, 600),
+    max_len=st.integers(7, 16),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_round_trip_property(weights, n, chunk_size, max_len, seed):
+    weights = np.array(weights, np.float64) ** 3
+    if weights.sum() == 0:
+        weights[0] = 1.0
+    symbols = np.random.default_rng(seed).choice(weights.size, n, p=weights / weights.sum())
+    stream = encode(symbols, weights.size, chunk_size=chunk_size, max_len=max_len)
+    assert stream.lengths.max() <= max_len
+    out = decode(stream)
+    np.testing.assert_array_equal(out, symbols)
+
+
+def test_encode_rejects_bad_input():
+    with pytest.raises(ValueError, match="lie in"):
+        encode(np.array([0, 5]), 5)
+    with pytest.raises(ValueError, match="lie in"):
+        encode(np.array([-1, 2]))
+    with pytest.raises(ValueError, match="alphabet_size"):
+        encode(np.array([1]), 70_000)
+    with pytest.raises(ValueError, match="1-D"):
+        encode(np.zeros((2, 2), np.int64))
+    with pytest.raises(ValueError, match="integers"):
+        encode(np.array([0.5]))
+    with pytest.raises(ValueError, match="chunk_size"):
+        encode(np.array([1]), chunk_size=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Malformed and corrupted streams
+
+
+def test_lengths_validation():
+    with pytest.raises(FormatError, match="not a prefix code"):
+        canonical_codes(np.array([1, 1, 1]))
+    with pytest.raises(FormatError, match="incomplete"):
+        canonical_codes(np.array([1, 2, 0]))
+    with pytest.raises(FormatError, match="0..20"):
+        canonical_codes(np.array([21, 1]))
+    with pytest.raises(FormatError, match="0..4"):
+        canonical_codes(np.array([5, 5, 1, 2, 3, 4]), max_len=4)
+    with pytest.raises(FormatError, match="lone used"):
+        canonical_codes(np.array([0, 3]))
+    with pytest.raises(FormatError, match="integers"):
+        canonical_codes(np.array([1.0, 1.0]))
+    with pytest.raises(FormatError, match="1-D"):
+        canonical_codes(np.ones((2, 2), np.uint8))
+    assert canonical_codes(np.array([0, 1])).tolist() == [0, 0]
+    assert canonical_codes(np.zeros(3, np.uint8)).tolist() == [0, 0, 0]
+
+
+@pytest.fixture
+def sample(rng) -> tuple[HuffmanStream, np.ndarray]:
+    symbols = zipf(rng, 5000, 50, 1.0)
+    return encode(symbols, 50, chunk_size=97), symbols
+
+
+def replace(stream: HuffmanStream, **changes) -> HuffmanStream:
+    return dataclasses.replace(stream, **changes)
+
+
+def test_corrupt_lengths_table(sample):
+    stream, _ = sample
+    lengths = stream.lengths.copy()
+    lengths[np.argmax(lengths)] -= 1  # now over-full: Kraft sum above 1
+    with pytest.raises(FormatError, match="not a prefix code"):
+        decode(replace(stream, lengths=lengths))
+    lengths = stream.lengths.copy()
+    lengths[np.argmax(lengths)] += 1  # now under-full
+    with pytest.raises(FormatError, match="incomplete"):
+        decode(replace(stream, lengths=lengths))
+    with pytest.raises(FormatError, match="codes none"):
+        decode(replace(stream, lengths=np.zeros(50, np.uint8)))
+    # A different but valid code parses the bits differently.
+    flat = code_lengths((stream.lengths > 0).astype(np.int64))
+    with pytest.raises(FormatError):
+        decode(replace(stream, lengths=flat))
+
+
+def test_flipped_bit_breaks_chunk_alignment():
+    # Fixed seed: Huffman codes often resynchronise, so many single flips go unnoticed.
+    symbols = zipf(np.random.default_rng(7), 5000, 50, 1.0)
+    stream = encode(symbols, 50, chunk_size=97)
+    payload = bytearray(stream.payload)
+    payload[200] ^= 0x80
+    with pytest.raises(FormatError, match="chunk 3 decodes to end at bit 1786, but chunk 4 starts"):
+        decode(replace(stream, payload=bytes(payload)))
+
+
+def test_truncated_or_extended_payload(sample):
+    stream, _ = sample
+    with pytest.raises(FormatError):
+        decode(replace(stream, payload=stream.payload[:-1]))
+    with pytest.raises(FormatError, match="too short"):
+        decode(replace(stream, payload=stream.payload[:10]))
+    with pytest.raises(FormatError):
+        decode(replace(stream, payload=stream.payload + b"\0"))
+    with pytest.raises(FormatError, match="too long"):
+        decode(replace(stream, payload=stream.payload + bytes(10_000)))
+    with pytest.raises(FormatError, match="uint8"):
+        decode(replace(stream, payload=np.zeros(5, np.int32)))
+    with pytest.raises(FormatError, match="bytes"):
+        decode(replace(stream, payload="abc"))
+
+
+def test_bad_chunk_offsets(sample):
+    stream, _ = sample
+    bits = stream.chunk_bits
+    for bad in (
+        bits[:-1],  # too few entries
+        np.append(bits, bits[-1] + 5),  # too many
+        bits + 1,  # first chunk not at 0
+        np.concatenate(([0], bits[2:2], bits[1:][::-1])),  # non-monotonic
+        np.where(np.arange(bits.size) == 3, bits + 1, bits),  # one offset off by a bit
+        np.where(np.arange(bits.size) == bits.size - 1, 8 * len(stream.payload) + 64, bits),
+        np.where(np.arange(bits.size) == 2, -5, bits),
+        bits.astype(np.float64),
+        bits.reshape(1, -1),
+    ):
+        with pytest.raises(FormatError):
+            decode(replace(stream, chunk_bits=bad))
+
+
+def test_huge_chunk_size_means_one_chunk(rng):
+    symbols = zipf(rng, 3000, 30, 1.0)
+    stream = replace(encode(symbols, 30, chunk_size=5000), chunk_size=2**70)
+    np.testing.assert_array_equal(decode(stream), symbols)
+
+
+def test_counts_that_do_not_add_up(sample):
+    stream, _ = sample
+    with pytest.raises(FormatError, match="chunk table"):
+        decode(replace(stream, n_symbols=stream.n_symbols * 2))
+    with pytest.raises(FormatError):
+        decode(replace(stream, chunk_size=stream.chunk_size + 1))
+    with pytest.raises(FormatError):
+        decode(replace(stream, n_symbols=-1))
+    with pytest.raises(FormatError):
+        decode(replace(stream, chunk_size=0))
+    with pytest.raises(FormatError, match="too short"):
+        decode(replace(stream, n_symbols=10**15, chunk_size=10**15, chunk_bits=np.zeros(1, np.int64)))
+    with pytest.raises(FormatError, match="empty"):
+        decode(replace(stream, n_symbols=0, chunk_bits=np.zeros(0, np.int64)))
+
+
+def test_lone_symbol_stream_with_set_bits():
+    stream = encode(np.zeros(30, np.int64), 1)
+    with pytest.raises(FormatError, match="non-zero"):
+        decode(replace(stream, payload=b"\0\0\0\x01"))
+
+
+def test_nonzero_padding_is_rejected():
+    stream = encode(np.array([1, 0, 2, 2, 0, 0]), 3, chunk_size=2)
+    with pytest.raises(FormatError, match="padding"):
+        decode(replace(stream, payload=bytes([0b10011110, 0b00000001])))
+
+
+@SETTINGS
+@given(data=st.data(), seed=st.integers(0, 2**32 - 1))
+def test_random_corruption_never_crashes(data, seed):
+    rng = np.random.default_rng(seed)
+    alphabet = data.draw(st.integers(1, 300))
+    symbols = zipf(rng, data.draw(st.integers(1, 2000)), alphabet, 1.0)
+    stream = encode(symbols, alphabet, chunk_size=data.draw(st.integers(1, 300)))
+    payload = bytearray(stream.payload)
+    lengths = stream.lengths.copy()
+    chunk_bits = stream.chunk_bits.copy()
+    n, cs = stream.n_symbols, stream.chunk_size
+    for _ in range(data.draw(st.integers(1, 3))):
+        what = data.draw(st.sampled_from(["byte", "length", "offset", "n", "cs", "cut"]))
+        if what == "byte" and payload:
+            payload[data.draw(st.integers(0, len(payload) - 1))] ^= data.draw(st.integers(1, 255))
+        elif what == "length":
+            lengths[data.draw(st.integers(0, lengths.size - 1))] = data.draw(st.integers(0, 25))
+        elif what == "offset":
+            chunk_bits[data.draw(st.integers(0, chunk_bits.size - 1))] += data.draw(
+                st.integers(-100, 100)
+            )
+        elif what == "n":
+            n = max(0, n + data.draw(st.integers(-50, 50)))
+        elif what == "cs":
+            cs = max(1, cs + data.draw(st.integers(-5, 5)))
+        elif payload:
+            del payload[data.draw(st.integers(0, len(payload) - 1)) :]
+    bad = HuffmanStream(lengths, bytes(payload), chunk_bits, n, cs)
+    try:
+        out = decode(bad)
+    except FormatError:
+        return
+    assert out.size == n  # corruption may go unnoticed, but the result is well-formed
+    check_stream(bad)
