@@ -261,3 +261,16 @@ def test_dead_input_columns_code_column_major(tmp_path):
     assert_same_state(model, loaded)
     x = torch.randn(3, 8)
     assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("recipe", ["int8", "codebook", "24_int8", "csr_codebook"])
+def test_triton_decode_matches_cpu_decode(recipe, tmp_path):
+    # Under TRITON_INTERPRET=1 (conftest) the GPU decoder runs on the CPU, bit for bit the same.
+    model = compressed(recipe)
+    tz.export(model, tmp_path / "m.tzip", progress=False)
+    by_cpu = tz.load(tmp_path / "m.tzip", net(), decode="cpu", progress=False)
+    by_triton = tz.load(tmp_path / "m.tzip", net(), decode="triton", progress=False)
+    assert_same_state(by_cpu, by_triton)
+    assert_same_state(model, by_triton)
+    with pytest.raises(ValueError, match="decode must be"):
+        tz.load(tmp_path / "m.tzip", net(), decode="gpu", progress=False)

@@ -219,7 +219,9 @@ def _read_raw(section: memoryview, spec: Any, where: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
-def _read_huffman(section: memoryview, spec: Any, where: str, alphabet: int | None = None) -> np.ndarray:
+def _read_huffman(section: memoryview, spec: Any, where: str, alphabet: int | None = None,
+                  on: torch.device | None = None) -> torch.Tensor:
+    """Decode a Huffman stream to int32 symbols: on the CPU, or with the Triton decoder on ``on``."""
     _need(isinstance(spec, dict) and spec.get("codec") == "huffman", where, "expected a Huffman stream entry")
     n, a, chunk = spec.get("n"), spec.get("alphabet"), spec.get("chunk_size")
     _need(all(type(v) is int for v in (n, a, chunk)) and n >= 0 and 1 <= a <= huffman.MAX_ALPHABET and chunk >= 1,
@@ -238,21 +240,24 @@ def _read_huffman(section: memoryview, spec: Any, where: str, alphabet: int | No
     full[: lengths.size] = lengths
     stream = huffman.HuffmanStream(full, np.frombuffer(payload, np.uint8), chunks, n, chunk)
     try:
-        return huffman.decode(stream)
+        if on is not None:
+            from torchzip.kernels.huffman_decode import decode_triton
+
+            return decode_triton(stream, on)
+        return torch.from_numpy(huffman.decode(stream).astype(np.int32))
     except FormatError as err:
         raise FormatError(f"{where}: {err}") from None
 
 
-def _values_of(section, t, kind, count, where, codebook):
+def _values_of(section, t, kind, count, where, codebook, on):
     if kind == "float":
         values = _read_raw(section, t.get("values"), where + " values")
         _need(values.dtype.is_floating_point and values.numel() == count, where, "float values do not match the positions")
         return values.reshape(-1)
     if kind == "int8":
-        values = _read_int8(section, t.get("values"), count, where + " values")
+        values = _read_int8(section, t.get("values"), count, where + " values", on)
     else:
-        sym = _read_huffman(section, t.get("values"), where + " values", codebook.shape[1])
-        values = torch.from_numpy(sym.astype(np.uint8))
+        values = _read_huffman(section, t.get("values"), where + " values", codebook.shape[1], on).to(torch.uint8)
     _need(values.numel() == count, where, f"{values.numel()} values for {count} positions")
     return values
 
@@ -269,14 +274,14 @@ def _side(section, t, kind, g, n, k, where):
     return scales, codebook
 
 
-def _read_int8(section: memoryview, spec: Any, count: int, where: str) -> torch.Tensor:
+def _read_int8(section: memoryview, spec: Any, count: int, where: str, on: torch.device | None = None) -> torch.Tensor:
     """``count`` int8 values, Huffman-coded or raw."""
     if isinstance(spec, dict) and spec.get("codec") == "raw":
         q = _read_raw(section, spec, where)
         _need(q.dtype == torch.int8, where, f"int8 values stored as {q.dtype}")
         q = q.reshape(-1)
     else:
-        q = torch.from_numpy(_read_huffman(section, spec, where, 256).astype(np.uint8).view(np.int8).copy())
+        q = _read_huffman(section, spec, where, 256, on).to(torch.uint8).view(torch.int8)
     _need(q.numel() == count, where, f"{q.numel()} int8 values where {count} are needed")
     return q
 
@@ -289,7 +294,7 @@ def _read_bias(section: memoryview, spec: Any, n: int, where: str) -> torch.Tens
     return _read_int8(section, spec, n, where).float() * torch.tensor(scale, dtype=torch.float32)
 
 
-def _decode_layer(entry: dict, section: memoryview) -> tuple[Any, torch.Tensor | None]:
+def _decode_layer(entry: dict, section: memoryview, on: torch.device | None) -> tuple[Any, torch.Tensor | None]:
     where = f"layer '{entry.get('name')}'"
     shape = _shape(entry, where)
     _need(len(shape) == 2, where, "weight shape must be [out, in]")
@@ -307,38 +312,38 @@ def _decode_layer(entry: dict, section: memoryview) -> tuple[Any, torch.Tensor |
     _need(type(g) is int and g >= 0 and (g == 0 or k % g == 0), where, f"bad group_size {g!r}")
     scales, codebook = _side(section, t, kind, g, n, k, where)
     if fmt == "int8":
-        qweight = _read_int8(section, t.get("qweight"), n * k, where + " qweight").reshape(n, k)
+        qweight = _read_int8(section, t.get("qweight"), n * k, where + " qweight", on).reshape(n, k)
         packed = Int8Weight(qweight, scales, g, dtype)
     elif fmt == "codebook":
         bits = entry.get("bits")
         _need(type(bits) is int and 1 <= bits <= 8, where, f"bad bits {bits!r}")
         _need(codebook.shape[1] == 2**bits, where, f"codebook has {codebook.shape[1]} entries, bits={bits} needs {2**bits}")
-        idx = _read_huffman(section, t.get("indices"), where + " indices", 2**bits)
-        _need(idx.size == n * k, where, f"{idx.size} indices for a {n}x{k} weight")
-        packed = CodebookWeight(pack_bits(torch.from_numpy(idx.reshape(n, k).astype(np.int64)), bits), codebook, bits, (n, k), dtype)
+        idx = _read_huffman(section, t.get("indices"), where + " indices", 2**bits, on)
+        _need(idx.numel() == n * k, where, f"{idx.numel()} indices for a {n}x{k} weight")
+        packed = CodebookWeight(pack_bits(idx.reshape(n, k), bits), codebook, bits, (n, k), dtype)
     elif fmt == "sparse24":
         _need(k % 4 == 0, where, f"2:4 weight needs in_features divisible by 4, got {k}")
-        sym = _read_huffman(section, t.get("positions"), where + " positions", 6)
+        sym = _read_huffman(section, t.get("positions"), where + " positions", 6).numpy()
         _need(sym.size == n * k // 4, where, f"{sym.size} position pairs for a {n}x{k} weight")
         pos = torch.from_numpy(pairs24_decode(sym).reshape(n, k // 2))
-        values = _values_of(section, t, kind, n * k // 2, where, codebook).reshape(n, k // 2)
+        values = _values_of(section, t, kind, n * k // 2, where, codebook, on).reshape(n, k // 2)
         packed = Sparse24Weight(values, pack_bits(pos, 2), (n, k), dtype, scales, codebook, g)
     elif fmt == "csr":
         spec = t.get("positions")
         _need(isinstance(spec, dict) and type(spec.get("escape")) is int and spec["escape"] >= 1, where, "bad escape")
         _need(spec.get("order", "row") in ("row", "col"), where, f"position order must be 'row' or 'col', got {spec.get('order')!r}")
-        sym = _read_huffman(section, spec, where + " positions", spec["escape"] + 1)
+        sym = _read_huffman(section, spec, where + " positions", spec["escape"] + 1).numpy()
         flat = torch.from_numpy(gaps_decode(sym, spec["escape"], n * k))
         _need(spec.get("count") == flat.numel(), where, "position count does not match")
-        values = _values_of(section, t, kind, flat.numel(), where, codebook)
+        values = _values_of(section, t, kind, flat.numel(), where, codebook, on)
         if spec.get("order") == "col":  # back to row-major, values alongside
             flat = (flat % n) * k + flat // n
             flat, perm = torch.sort(flat)
-            values = values[perm]
+            values = values[perm.to(values.device)]
         rows, cols = flat // k, flat % k
         row_ptr = torch.zeros(n + 1, dtype=torch.int64)
         row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
-        packed = CsrWeight(row_ptr, cols.to(CsrWeight.index_dtype(k)), values, (n, k), dtype, scales, codebook, g)
+        packed = CsrWeight(row_ptr, cols.to(CsrWeight.index_dtype(k)), values.cpu(), (n, k), dtype, scales, codebook, g)
     bias = _read_bias(section, t["bias"], n, where + " bias") if "bias" in t else None
     _need(bias is None or tuple(bias.shape) == (n,), where, "bias shape does not match")
     return packed, bias
@@ -359,13 +364,21 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict, list[memoryview]]:
 
 @torch.no_grad()
 def load(path: str | os.PathLike, model_skeleton: nn.Module, *, device: str | torch.device | None = None,
-         progress: bool = True) -> nn.Module:
+         decode: str = "auto", progress: bool = True) -> nn.Module:
     """Load a ``.tzip`` file into ``model_skeleton`` (a freshly built, uncompressed model).
 
     Compressed layers are replaced by packed layers restored bit for bit; every other tensor is
-    loaded into the skeleton. Raises :class:`torchzip.FormatError` for a damaged file or a
-    skeleton whose layer names, types or shapes do not match. Returns the model (on ``device``).
+    loaded into the skeleton. Returns the model (on ``device``). ``decode``: where Huffman
+    streams of values and indices are decoded — ``"auto"`` (the Triton decoder on ``device``
+    when it is CUDA, so only the compressed bytes cross to the GPU; else the CPU), ``"cpu"``, or
+    ``"triton"`` (on ``device``, or the CPU under ``TRITON_INTERPRET=1``). The result is
+    bit-identical either way. Raises :class:`torchzip.FormatError` for a damaged file or a
+    skeleton whose layer names, types or shapes do not match.
     """
+    if decode not in ("auto", "cpu", "triton"):
+        raise ValueError(f"decode must be 'auto', 'cpu' or 'triton', got {decode!r}")
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    on = target if decode == "triton" or (decode == "auto" and target.type == "cuda") else None
     manifest, sections = read_manifest(path)
     modules = dict(model_skeleton.named_modules())
     model = model_skeleton
@@ -380,7 +393,7 @@ def load(path: str | os.PathLike, model_skeleton: nn.Module, *, device: str | to
         weight = module.weight
         rows = [weight.shape[0], weight[0].numel()] if weight.dim() else []
         _need(rows == entry.get("shape"), str(path), f"layer '{name}' has shape {entry.get('shape')} in the file, {rows} in the skeleton")
-        packed, bias = _decode_layer(entry, sections[entry["section"]])
+        packed, bias = _decode_layer(entry, sections[entry["section"]], on)
         _need((bias is None) == (getattr(module, "bias", None) is None), str(path), f"layer '{name}': bias presence differs")
         layer = wrap(module, packed, bias)
         if name:
