@@ -9,9 +9,8 @@ lengths table + chunk table) and its ratio to the entropy, encode/decode speed, 
 speeds of zlib -9, lzma -9 and zstd -19 on the same symbols as bytes. Results go to
 ``benchmarks/results/huffman.json``.
 
-Sizes count the lengths table and chunk table as docs/FORMAT.md stores them: one byte per symbol
-up to the last used one, and one 32-bit bit offset per chunk. A second total replaces the offsets by
-bit-packed chunk spans, to show what a tighter chunk table would give.
+Sizes count the code-length table and chunk table exactly as docs/FORMAT.md stores them
+(``huffman.stored_bytes``): nibble-packed lengths, bit-packed chunk spans.
 
 Run: ``python benchmarks/huffman.py [--quick] [--chunk-size N] [--cpu-time]``
 """
@@ -19,11 +18,7 @@ Run: ``python benchmarks/huffman.py [--quick] [--chunk-size N] [--cpu-time]``
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import lzma
-import platform
-import subprocess
 import time
 import zlib
 from pathlib import Path
@@ -32,10 +27,14 @@ import numpy as np
 import torch
 import zstandard
 
-from torchzip.export.huffman import HuffmanStream, decode, encode, entropy_bits
-from torchzip.export.streams import gaps_encode
+import sys
 
-RESULTS = Path(__file__).resolve().parent / "results" / "huffman.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_json  # noqa: E402
+from torchzip.export.artifact import MAX_CODE_LEN  # noqa: E402
+from torchzip.export.huffman import HuffmanStream, decode, encode, entropy_bits, pack_chunks, pack_lengths  # noqa: E402
+from torchzip.export.streams import gaps_encode  # noqa: E402
+
 CODECS = {  # name: (compress, decompress), at their strongest settings
     "zlib": (lambda b: zlib.compress(b, 9), zlib.decompress),
     "lzma": (lambda b: lzma.compress(b, preset=9), lzma.decompress),
@@ -90,18 +89,11 @@ def best_time(fn, reps: int) -> float:
 
 
 def coded_bytes(stream: HuffmanStream) -> dict[str, int]:
-    """Sizes of the parts of a coded stream; ``total`` stores chunk offsets as uint32."""
-    # As docs/FORMAT.md stores them: lengths up to the last used symbol, one u4 offset per chunk.
+    """Sizes of the parts of a coded stream as a .tzip file stores them."""
     payload = len(stream.payload)
-    lengths = int(np.flatnonzero(stream.lengths)[-1]) + 1 if stream.lengths.any() else 0
-    chunks = 4 * int(stream.chunk_bits.size)
-    # Alternative: chunk spans (bits per chunk) minus the smallest, bit-packed at a fixed width,
-    # after an 8-byte header (smallest span, width).
-    spans = np.diff(stream.chunk_bits)
-    width = int(spans.max() - spans.min()).bit_length() if spans.size else 0
-    packed = 8 + -(-spans.size * width // 8) if spans.size else 0
-    return {"payload": payload, "lengths": lengths, "chunks": chunks, "total": payload + lengths + chunks,
-            "chunks_packed": packed, "total_packed_spans": payload + lengths + packed}
+    lengths = len(pack_lengths(stream.lengths))
+    chunks = len(pack_chunks(stream.chunk_bits)[0])
+    return {"payload": payload, "lengths": lengths, "chunks": chunks, "total": payload + lengths + chunks}
 
 
 def bench_stream(name: str, symbols: np.ndarray, alphabet: int, args: argparse.Namespace) -> dict:
@@ -111,14 +103,14 @@ def bench_stream(name: str, symbols: np.ndarray, alphabet: int, args: argparse.N
     row: dict = {"stream": name, "symbols": n, "alphabet": alphabet}
     row["entropy_bytes"] = entropy_bits(symbols) / 8
 
-    stream = encode(symbols, alphabet, chunk_size=args.chunk_size)
+    stream = encode(symbols, alphabet, chunk_size=args.chunk_size, max_len=MAX_CODE_LEN)
     assert np.array_equal(decode(stream), symbols)
     sizes = coded_bytes(stream)
     row.update(chunk_size=stream.chunk_size, n_chunks=int(stream.chunk_bits.size))
     row.update({f"huffman_{k}": v for k, v in sizes.items()})
-    for part in ("payload", "total", "total_packed_spans"):
+    for part in ("payload", "total"):
         row[f"{part}_over_entropy"] = sizes[part] / row["entropy_bytes"] - 1
-    enc = best_time(lambda: encode(symbols, alphabet, chunk_size=args.chunk_size), args.reps)
+    enc = best_time(lambda: encode(symbols, alphabet, chunk_size=args.chunk_size, max_len=MAX_CODE_LEN), args.reps)
 
     blobs = {lib: pack(raw) for lib, (pack, _) in CODECS.items()}
     # Interleave our decode with zlib's so both see the same machine load.
@@ -149,21 +141,12 @@ def bench_stream(name: str, symbols: np.ndarray, alphabet: int, args: argparse.N
     return row
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def sweep(symbols: np.ndarray, reps: int) -> list[dict]:
     """Decode speed and total size against chunk size on one stream."""
     raw_zlib = zlib.compress(symbols.tobytes(), 9)
     rows = []
     for cs in (128, 256, 512, 1024, 2048, 4096):
-        stream = encode(symbols, 256, chunk_size=cs)
+        stream = encode(symbols, 256, chunk_size=cs, max_len=MAX_CODE_LEN)
         dec = zdec = float("inf")
         for _ in range(2 * reps):
             dec = min(dec, best_time(lambda: decode(stream), 1))
@@ -180,7 +163,6 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=None, help="symbols per chunk (default: auto)")
     parser.add_argument("--reps", type=int, default=None, help="timing repeats (best is kept)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--cpu-time", action="store_true",
                         help="time with process CPU time instead of wall clock (for shared machines)")
     args = parser.parse_args()
@@ -200,19 +182,19 @@ def main() -> None:
     }
     rows = [bench_stream(name, s, a, args) for name, (s, a) in streams.items()]
 
-    head = (f"{'stream':10} {'entropy':>8} {'huffman':>8} {'+%':>5} {'+%pk':>5} {'zlib':>8} {'lzma':>8} "
+    head = (f"{'stream':10} {'entropy':>8} {'huffman':>8} {'+%':>5} {'zlib':>8} {'lzma':>8} "
             f"{'zstd':>8} {'enc MB/s':>8} {'dec MB/s':>8} {'zlib dec':>8} {'lzma dec':>8} {'zstd dec':>8}")
     print(head)
     for r in rows:
         print(f"{r['stream']:10} {r['entropy_bytes']:8.0f} {r['huffman_total']:8d} "
-              f"{100 * r['total_over_entropy']:5.2f} {100 * r['total_packed_spans_over_entropy']:5.2f} "
+              f"{100 * r['total_over_entropy']:5.2f} "
               f"{r['zlib_bytes']:8d} {r['lzma_bytes']:8d} {r['zstd_bytes']:8d} {r['encode_MBps']:8.1f} "
               f"{r['decode_MBps']:8.1f} {r['zlib_decompress_MBps']:8.1f} {r['lzma_decompress_MBps']:8.1f} "
               f"{r['zstd_decompress_MBps']:8.1f}")
         if "triton_decode_MBps" in r:
             print(f"{'':10} triton decode {r['triton_decode_MBps']:.1f} MB/s")
-    print("sizes in bytes; huffman = payload + lengths + uint32 chunk offsets; +% over entropy; "
-          "+%pk with bit-packed chunk spans instead; speeds in MB/s of 1-byte symbols")
+    print("sizes in bytes; huffman = payload + code-length table + chunk table as stored; +% over entropy; "
+          "speeds in MB/s of 1-byte symbols")
 
     checks = []
     for r in rows:
@@ -220,9 +202,7 @@ def main() -> None:
             "stream": r["stream"],
             "payload_within_2pct_of_entropy": r["payload_over_entropy"] <= 0.02,
             "total_within_2pct_of_entropy": r["total_over_entropy"] <= 0.02,
-            "total_packed_spans_within_2pct": r["total_packed_spans_over_entropy"] <= 0.02,
             "smaller_than_zlib_lzma_zstd": all(r["huffman_total"] < r[f"{k}_bytes"] for k in CODECS),
-            "packed_smaller_than_all": all(r["huffman_total_packed_spans"] < r[f"{k}_bytes"] for k in CODECS),
             "decode_at_least_zlib_speed": r["decode_MBps"] >= r["zlib_decompress_MBps"],
         })
     print("\ntargets:")
@@ -240,31 +220,17 @@ def main() -> None:
                   f"total {100 * s['total_over_entropy']:5.2f}% over entropy")
 
     result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        },
+        "numpy": np.__version__,
         "quick": args.quick,
         "clock": "process CPU time" if args.cpu_time else "wall clock",
         "torch_threads": 1,
         "symbols_per_stream": n,
-        "size_convention": (
-            "total = payload + 1 byte per symbol up to the last used one + 4 bytes per chunk; "
-            "total_packed_spans: chunk spans minus the smallest, bit-packed, + 8-byte header"
-        ),
+        "size_convention": "total = payload + nibble-packed code lengths + bit-packed chunk spans (docs/FORMAT.md)",
         "streams": rows,
         "targets": checks,
         "chunk_size_sweep_int8": sweep_rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {write_json('huffman-quick' if args.quick else 'huffman', result)}")
 
 
 if __name__ == "__main__":

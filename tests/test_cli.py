@@ -2,7 +2,6 @@ import json
 import subprocess
 import sys
 
-import torch
 from torch import nn
 
 import torchzip as tz

@@ -5,7 +5,6 @@ import struct
 import warnings
 import zlib
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

@@ -5,7 +5,7 @@ advances their schedules while fine-tuning; ``freeze`` packs the weights; ``summ
 what is stored.
 """
 
-from torchzip import distill
+from torchzip import distill  # noqa: F401  (tz.distill.callbacks, tz.distill.detach)
 from torchzip.api import compress, plan_recipe, step
 from torchzip.distill import Callback, DistillationCallback, finetune, kd_loss
 from torchzip.export import export, load, read_manifest

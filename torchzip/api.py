@@ -12,8 +12,8 @@ from torch.nn.utils import parametrize
 from torchzip.errors import RecipeError, UnsupportedLayerError
 from torchzip.passes.base import LayerPass
 from torchzip.passes.codebook import Codebook, codebook_of, step_codebooks
-from torchzip.passes.prune import Mask, Prune, masks_of, step_masks
-from torchzip.passes.quantize import Int8FakeQuant, Quantize, QuantizeBias
+from torchzip.passes.prune import Prune, masks_of, step_masks
+from torchzip.passes.quantize import Int8FakeQuant, QuantizeBias
 from torchzip.recipe import Recipe, as_recipe
 
 Plan = list[tuple[str, nn.Module, dict]]

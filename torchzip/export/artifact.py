@@ -55,32 +55,18 @@ def _raw(w: container.SectionWriter, t: torch.Tensor) -> dict:
 MAX_CODE_LEN = 15  # so a code length fits a 4-bit nibble in the stored table
 
 
-def _nibbles(lengths: np.ndarray) -> bytes:
-    # Two code lengths per byte, the first in the low nibble; trailing unused symbols are dropped.
-    used = int(np.flatnonzero(lengths)[-1]) + 1 if lengths.any() else 0
-    padded = np.zeros(used + used % 2, np.uint8)
-    padded[:used] = lengths[:used]
-    return (padded[0::2] | (padded[1::2] << 4)).astype(np.uint8).tobytes()
-
-
-def _huffman_parts(symbols: np.ndarray, alphabet: int) -> tuple[huffman.HuffmanStream, bytes, bytes]:
+def _huffman(w: container.SectionWriter, symbols: np.ndarray, alphabet: int, **extra: Any) -> dict:
     s = huffman.encode(np.asarray(symbols, dtype=np.int64).reshape(-1), alphabet, max_len=MAX_CODE_LEN)
-    wide = s.chunk_bits.size and int(s.chunk_bits[-1]) >= 2**32
-    return s, _nibbles(s.lengths), s.chunk_bits.astype("<u8" if wide else "<u4").tobytes()
+    chunks, base, width = huffman.pack_chunks(s.chunk_bits)
+    return {
+        "codec": "huffman", "n": s.n_symbols, "alphabet": alphabet, "chunk_size": s.chunk_size,
+        "chunk_base": base, "chunk_width": width, "lengths": w.add(huffman.pack_lengths(s.lengths)),
+        "chunks": w.add(chunks), "payload": w.add(bytes(s.payload)), **extra,
+    }
 
 
 def _coded_bytes(symbols: np.ndarray, alphabet: int) -> int:
-    s, table, chunks = _huffman_parts(symbols, alphabet)
-    return len(s.payload) + len(table) + len(chunks)
-
-
-def _huffman(w: container.SectionWriter, symbols: np.ndarray, alphabet: int, **extra: Any) -> dict:
-    s, table, chunks = _huffman_parts(symbols, alphabet)
-    return {
-        "codec": "huffman", "n": s.n_symbols, "alphabet": alphabet, "chunk_size": s.chunk_size,
-        "chunk_dtype": "u4" if len(chunks) == 4 * s.chunk_bits.size else "u8",
-        "lengths": w.add(table), "chunks": w.add(chunks), "payload": w.add(bytes(s.payload)), **extra,
-    }
+    return huffman.stored_bytes(huffman.encode(np.asarray(symbols, np.int64).reshape(-1), alphabet, max_len=MAX_CODE_LEN))
 
 
 def _int8(w: container.SectionWriter, q: torch.Tensor, **extra: Any) -> dict:
@@ -227,17 +213,15 @@ def _read_huffman(section: memoryview, spec: Any, where: str, alphabet: int | No
     _need(all(type(v) is int for v in (n, a, chunk)) and n >= 0 and 1 <= a <= huffman.MAX_ALPHABET and chunk >= 1,
           where, "stream header (n, alphabet, chunk_size) is invalid")
     _need(alphabet is None or a == alphabet, where, f"alphabet {a} does not match the layer (expected {alphabet})")
-    packed = np.frombuffer(_piece(section, spec.get("lengths"), where), dtype=np.uint8)
-    lengths = np.stack([packed & 15, packed >> 4], axis=1).reshape(-1)
-    _need(lengths.size <= a + 1 and not lengths[a:].any(), where, "code length table is longer than the alphabet")
-    lengths = lengths[:a]
     payload = _piece(section, spec.get("payload"), where)
     _need(n <= 8 * len(payload), where, f"{n} symbols cannot fit in {len(payload)} payload bytes")
-    dt = _lookup({"u4": "<u4", "u8": "<u8"}, spec.get("chunk_dtype"))
-    _need(dt is not None, where, "chunk offset dtype must be 'u4' or 'u8'")
-    chunks = np.frombuffer(_piece(section, spec.get("chunks"), where), dtype=dt).astype(np.int64)
-    full = np.zeros(a, np.uint8)
-    full[: lengths.size] = lengths
+    base, width = spec.get("chunk_base"), spec.get("chunk_width")
+    _need(type(base) is int and type(width) is int, where, "chunk table header (chunk_base, chunk_width) is invalid")
+    try:
+        full = huffman.unpack_lengths(_piece(section, spec.get("lengths"), where), a)
+        chunks = huffman.unpack_chunks(_piece(section, spec.get("chunks"), where), -(-n // chunk), base, width)
+    except FormatError as err:
+        raise FormatError(f"{where}: {err}") from None
     stream = huffman.HuffmanStream(full, np.frombuffer(payload, np.uint8), chunks, n, chunk)
     try:
         if on is not None:

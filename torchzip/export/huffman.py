@@ -37,9 +37,10 @@ MAX_ALPHABET = 65536
 # Symbols encoded per slab, to bound the encoder's temporary memory on long streams.
 _ENCODE_SLAB = 1 << 18
 # Default chunking (see `encode`): numpy decoding runs one step per symbol of a chunk over all
-# chunks at once, so short chunks are fast, but each chunk costs an offset in the artifact.
-_CHUNK_BITS = 3200
-_MIN_CHUNK = 256
+# chunks at once, so short chunks are fast, but each chunk costs its span in the chunk table
+# (a few bits once bit-packed by `pack_chunks`: about 1% at 1024 coded bits per chunk).
+_CHUNK_BITS = 1024
+_MIN_CHUNK = 128
 _MAX_CHUNK = 4096
 
 
@@ -202,8 +203,8 @@ def encode(
     counts and limited to ``max_len`` bits. Chunks of ``chunk_size`` symbols get their starting bit
     offsets recorded so decoders can work on all chunks at once. Smaller chunks decode faster
     (more chunks in flight) but need more offsets; by default (``None``) chunks hold the fewest
-    symbols (a power of two, 256..4096) that make up at least 3200 coded bits on average, so a
-    32-bit offset per chunk costs at most about 1% of the payload.
+    symbols (a power of two, 128..4096) that make up at least 1024 coded bits on average, so a
+    chunk's bit-packed span (:func:`pack_chunks`) costs about 1% of the payload.
     """
     symbols = np.asarray(symbols)
     if symbols.ndim != 1:
@@ -509,3 +510,60 @@ def _decode_lanes(
     if steps * k != cs:
         flat = flat[:, :cs]
     return flat.reshape(-1)[:n]
+
+
+# ---- how a stream's tables are stored (docs/FORMAT.md) -------------------------------------
+
+
+def pack_lengths(lengths: np.ndarray) -> bytes:
+    """Code lengths (each at most 15) two per byte, the first in the low nibble; trailing unused
+    symbols are dropped."""
+    lengths = np.asarray(lengths, np.uint8)
+    if lengths.size and int(lengths.max()) > 15:
+        raise ValueError("nibble-packed tables need code lengths of at most 15 (encode with max_len=15)")
+    used = int(np.flatnonzero(lengths)[-1]) + 1 if lengths.any() else 0
+    padded = np.zeros(used + used % 2, np.uint8)
+    padded[:used] = lengths[:used]
+    return (padded[0::2] | (padded[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def unpack_lengths(data: bytes, alphabet: int) -> np.ndarray:
+    """Inverse of :func:`pack_lengths` for an alphabet of ``alphabet`` symbols."""
+    packed = np.frombuffer(data, np.uint8)
+    lengths = np.stack([packed & 15, packed >> 4], axis=1).reshape(-1)
+    if lengths.size > alphabet + 1 or lengths[alphabet:].any():
+        raise FormatError(f"code length table has {lengths.size} entries for an alphabet of {alphabet}")
+    out = np.zeros(alphabet, np.uint8)
+    out[: min(lengths.size, alphabet)] = lengths[:alphabet]
+    return out
+
+
+def pack_chunks(chunk_bits: np.ndarray) -> tuple[bytes, int, int]:
+    """The chunk table as ``(data, base, width)``: each chunk's span in bits (but the last's) minus
+    ``base`` (the smallest span), in ``width`` bits, least significant bit first."""
+    spans = np.diff(np.asarray(chunk_bits, np.int64))
+    if not spans.size:
+        return b"", 0, 0
+    base = int(spans.min())
+    width = int(spans.max() - base).bit_length()
+    bits = ((spans - base)[:, None] >> np.arange(width, dtype=np.int64)) & 1
+    return np.packbits(bits.astype(np.uint8).reshape(-1), bitorder="little").tobytes(), base, width
+
+
+def unpack_chunks(data: bytes, count: int, base: int, width: int) -> np.ndarray:
+    """Inverse of :func:`pack_chunks`: the starting bit of each of ``count`` chunks."""
+    if count < 0 or base < 0 or not 0 <= width <= 40:
+        raise FormatError(f"chunk table header is invalid (count {count}, base {base}, width {width})")
+    need = (max(count - 1, 0) * width + 7) // 8
+    if len(data) != need:
+        raise FormatError(f"chunk table holds {len(data)} bytes, {count} chunks of {width}-bit spans need {need}")
+    if count == 0:
+        return np.zeros(0, np.int64)
+    bits = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")[: (count - 1) * width]
+    spans = bits.reshape(count - 1, width).astype(np.int64) @ (np.int64(1) << np.arange(width, dtype=np.int64)) + base
+    return np.concatenate(([0], np.cumsum(spans))).astype(np.int64)
+
+
+def stored_bytes(stream: HuffmanStream) -> int:
+    """Bytes of payload, code length table and chunk table, as a .tzip file stores them."""
+    return len(bytes(stream.payload)) + len(pack_lengths(stream.lengths)) + len(pack_chunks(stream.chunk_bits)[0])

@@ -7,7 +7,6 @@ layer keeps its type and its float master weight, and the weight every forward s
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
