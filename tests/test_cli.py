@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from torch import nn
 
 import torchzip as tz
@@ -43,3 +45,33 @@ def test_inspect_bad_file_exits_2_with_a_message(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torchzip.cli", "inspect", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "too short" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_compress_command_matches_the_python_api(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_models.py").write_text(
+        "from torch import nn\n"
+        "def mlp():\n"
+        "    return nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 20), nn.LayerNorm(20), nn.Linear(20, 10))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    dense = model()
+    torch.save(dense.state_dict(), tmp_path / "in.pt")
+    recipe = tz.Recipe([tz.Prune(sparsity=0.8, end_step=20, frequency=5), tz.Codebook(bits=3, start_step=20)])
+    recipe.save(tmp_path / "r.yaml")
+    assert main(["compress", "--recipe", str(tmp_path / "r.yaml"), "--model", "my_models:mlp",
+                 str(tmp_path / "in.pt"), str(tmp_path / "out.tzip")]) == 0
+    assert "csr/codebook" in capsys.readouterr().out
+    loaded = tz.load(tmp_path / "out.tzip", model(), progress=False)
+    expected = tz.compress(dense, recipe, progress=False)
+    for _ in range(20):
+        tz.step(expected)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected(x))
+    assert abs(float((loaded[0].weight == 0).float().mean()) - 0.8) < 1e-3
+    for bad, match in ((["--model", "my_models:nope"], "cannot import"), (["--model", "nomodule"], "must look like")):
+        assert main(["compress", "--recipe", str(tmp_path / "r.yaml"), *bad, str(tmp_path / "in.pt"), str(tmp_path / "x.tzip")]) == 2
+        assert match in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert main(["compress", "--recipe", str(tmp_path / "r.yaml"), "--model", "my_models:mlp", str(tmp_path / "junk.pt"),
+                 str(tmp_path / "x.tzip")]) == 2
+    assert "cannot read" in capsys.readouterr().err

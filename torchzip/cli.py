@@ -1,28 +1,85 @@
-"""The ``torchzip`` command: ``torchzip inspect model.tzip [--json]``."""
+"""The ``torchzip`` command.
+
+    torchzip inspect model.tzip [--json]
+    torchzip compress --recipe R.yaml --model package.module:factory weights.pt out.tzip
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
+from pathlib import Path
 
-from torchzip.errors import FormatError
+from torchzip.errors import TorchzipError
+
+
+def _factory(spec: str):
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise TorchzipError(f"--model must look like 'package.module:factory', got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise TorchzipError(f"cannot import the model factory {spec!r}: {err}") from None
+
+
+def _last_step(recipe) -> int:
+    # Without training data the CLI runs schedules to their end: masks then reach their final
+    # sparsity and delayed codebooks get clustered.
+    steps = [getattr(p, "end_step", None) or 0 for p in recipe.passes]
+    steps += [getattr(p, "start_step", 0) for p in recipe.passes if p.key == "codebook"]
+    return max(steps, default=0)
+
+
+def compress_checkpoint(recipe_path: str, model_spec: str, weights: str, out: str, progress: bool = True) -> int:
+    """Build the model, load ``weights`` (a state_dict file), compress, export; returns file size."""
+    import torch
+
+    import torchzip as tz
+
+    recipe = tz.Recipe.from_yaml(Path(recipe_path))
+    model = _factory(model_spec)()
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is the same user error
+        raise TorchzipError(f"cannot read {weights} as a state_dict: {err}") from None
+    if not isinstance(state, dict):
+        raise TorchzipError(f"{weights} holds a {type(state).__name__}, not a state_dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise TorchzipError(f"{weights} does not fit the model from {model_spec}: {err}") from None
+    model.eval()
+    small = tz.compress(model, recipe, teacher=model, progress=progress)
+    for _ in range(_last_step(recipe)):
+        tz.step(small)
+    return tz.export(small, out, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
-    parser = argparse.ArgumentParser(prog="torchzip", description="Inspect torchzip .tzip artifacts.")
+    parser = argparse.ArgumentParser(prog="torchzip", description="Compress PyTorch models; inspect .tzip artifacts.")
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="per-layer table of a .tzip file")
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    comp = sub.add_parser("compress", help="compress a checkpoint with a recipe (no fine-tuning) and export it")
+    comp.add_argument("--recipe", required=True, help="recipe YAML file")
+    comp.add_argument("--model", required=True, help="'package.module:factory' returning the uncompressed model")
+    comp.add_argument("weights", help="state_dict saved with torch.save")
+    comp.add_argument("out", help="the .tzip file to write")
     args = parser.parse_args(argv)
 
     from torchzip.inspect import format_report, inspect_file
 
     try:
+        if args.command == "compress":
+            compress_checkpoint(args.recipe, args.model, args.weights, args.out)
+            args.path, args.json = args.out, False
         report = inspect_file(args.path)
-    except FormatError as err:
+    except TorchzipError as err:
         print(f"torchzip: {err}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2) if args.json else format_report(report))
