@@ -118,6 +118,14 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
+def k_range(K, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``[k_lo, k_hi)``: this program's share of the reduction when it is split ``SPLIT_K`` ways."""
+    span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_lo = tl.program_id(1) * span
+    return k_lo, tl.minimum(k_lo + span, K)
+
+
+@triton.jit
 def store_tile(acc, rm, rn, M, N, out_ptr, b_ptr, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     """Write an fp32 ``[BLOCK_M, BLOCK_N]`` tile of a contiguous ``[M, N]`` output.
 

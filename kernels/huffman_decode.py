@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from torchzip.errors import FormatError
-from torchzip.export.huffman import HuffmanStream, check_stream, decode_table
+from torchzip.export.huffman import HuffmanStream, check_chunk_ends, check_stream, decode_table
 
 # Table entries pack the symbol above a 5-bit code length (lengths are at most 20).
 _LEN_BITS = 5
@@ -102,19 +102,5 @@ def decode_triton(
         WIDTH=width, BLOCK=block, num_warps=max(1, min(block // 32, 4)),
     )
 
-    end = ends_d.cpu().numpy()
-    bad = np.flatnonzero(end[:-1] != chunk_bits[1:])
-    if bad.size:
-        i = int(bad[0])
-        raise FormatError(
-            f"Huffman chunk {i} decodes to end at bit {end[i]}, but chunk {i + 1} starts at bit "
-            f"{chunk_bits[i + 1]}: corrupted payload, lengths or chunk table"
-        )
-    total = 8 * payload.size
-    pad = total - int(end[-1])
-    if not 0 <= pad < 8 or (pad and int(payload[-1]) & ((1 << pad) - 1)):
-        raise FormatError(
-            f"Huffman stream decodes to end at bit {end[-1]}, but its payload holds {total} bits "
-            "(expected under 8 zero padding bits): corrupted payload, lengths or chunk table"
-        )
+    check_chunk_ends(ends_d.cpu().numpy(), chunk_bits, payload)
     return out.T.reshape(-1)[:n]

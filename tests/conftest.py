@@ -18,3 +18,12 @@ def fresh_seed():
     torch.manual_seed(seed)
     print(f"TORCHZIP_TEST_SEED={seed}")
     return seed
+
+
+@pytest.fixture
+def one_thread():
+    """Run on one intra-op thread: tiny models only pay for the synchronisation of more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,14 +14,7 @@ from torchzip.passes.distill import Distill
 from torchzip.passes.prune import Prune, masks_of
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Models here are tiny: a second intra-op thread only adds synchronisation, which costs a lot
-    # on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(seed=0, hidden=32):

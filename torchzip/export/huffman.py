@@ -360,6 +360,25 @@ def check_stream(stream: HuffmanStream) -> np.ndarray:
     return payload
 
 
+def check_chunk_ends(end: np.ndarray, chunk_bits: np.ndarray, payload: np.ndarray) -> None:
+    """Raise :class:`FormatError` unless every chunk ended where the next begins and the last
+    ended in the payload's final byte, followed by zero padding (shared by the GPU decoder)."""
+    bad = np.flatnonzero(end[:-1] != chunk_bits[1:])
+    if bad.size:
+        i = int(bad[0])
+        raise FormatError(
+            f"Huffman chunk {i} decodes to end at bit {end[i]}, but chunk {i + 1} starts at bit "
+            f"{chunk_bits[i + 1]}: corrupted payload, lengths or chunk table"
+        )
+    total = 8 * payload.size
+    pad = total - int(end[-1])
+    if not 0 <= pad < 8 or (pad and int(payload[-1]) & ((1 << pad) - 1)):
+        raise FormatError(
+            f"Huffman stream decodes to end at bit {end[-1]}, but its payload holds {total} bits "
+            "(expected under 8 zero padding bits): corrupted payload, lengths or chunk table"
+        )
+
+
 def decode(stream: HuffmanStream) -> np.ndarray:
     """Decode a :class:`HuffmanStream` back to its symbols.
 
@@ -487,20 +506,7 @@ def _decode_lanes(
         at = end[more]
         idx = (win[at >> 5] << (at & 31).astype(np.uint64)) >> np.uint64(64 - width)
         end[more] = at + sizes[idx.astype(np.int64)]
-    total = 8 * payload.size
-    bad = np.flatnonzero(end[:-1] != chunk_bits[1:])
-    if bad.size:
-        i = int(bad[0])
-        raise FormatError(
-            f"Huffman chunk {i} decodes to end at bit {end[i]}, but chunk {i + 1} starts at bit "
-            f"{chunk_bits[i + 1]}: corrupted payload, lengths or chunk table"
-        )
-    pad = total - int(end[-1])
-    if not 0 <= pad < 8 or (pad and int(payload[-1]) & ((1 << pad) - 1)):
-        raise FormatError(
-            f"Huffman stream decodes to end at bit {end[-1]}, but its payload holds {total} bits "
-            "(expected under 8 zero padding bits): corrupted payload, lengths or chunk table"
-        )
+    check_chunk_ends(end, chunk_bits, payload)
 
     # Lane-major order: each lane's steps in turn, each step's k symbols in order. torch's
     # transpose copy is several times faster than numpy's for narrow dtypes (signed view: torch
