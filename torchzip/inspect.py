@@ -18,12 +18,18 @@ def _piece_bytes(spec: dict) -> int:
     return sum(spec[key][1] for key in ("lengths", "chunks", "payload"))
 
 
+def _section_share(specs) -> int:
+    # Layers may share a section: count the bytes of their own pieces.
+    return sum(_piece_bytes(s) for s in specs)
+
+
 def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
     """Rows (one per compressed layer, one for the dense rest) and totals for the file at ``path``.
 
-    Bytes are those stored in the file; ``fp32_bytes`` is what the same tensors take as float32.
+    Bytes are those of each layer's own pieces in the file (headers, manifest and alignment
+    are in the file total only); ``fp32_bytes`` is what the same tensors take as float32.
     """
-    manifest, sections = read_manifest(path)
+    manifest, _ = read_manifest(path)
     rows = []
     for entry in manifest["layers"]:
         n, k = entry["shape"]
@@ -36,14 +42,14 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
             "name": entry["name"], "kind": entry["kind"], "shape": [n, k], "codec": codec,
             "params": n * k + bias_n, "sparsity": entry["zeros"] / (n * k) if n * k else 0.0,
             "bits_per_weight": weight_bytes * 8 / (n * k) if n * k else 0.0,
-            "bytes": len(sections[entry["section"]]), "fp32_bytes": 4 * (n * k + bias_n),
+            "bytes": _section_share(tensors.values()), "fp32_bytes": 4 * (n * k + bias_n),
         })
     dense = manifest["dense"]["tensors"]
     dense_fp32 = sum(math.prod(s["shape"]) * (4 if s["dtype"].startswith(("float", "bfloat")) else _ITEM[s["dtype"]])
                      for s in dense.values())
     rows.append({"name": "(dense tensors)", "kind": "", "shape": [], "codec": "raw", "params": sum(
         math.prod(s["shape"]) for s in dense.values() if s["dtype"].startswith(("float", "bfloat"))),
-        "sparsity": 0.0, "bits_per_weight": 0.0, "bytes": len(sections[manifest["dense"]["section"]]), "fp32_bytes": dense_fp32})
+        "sparsity": 0.0, "bits_per_weight": 0.0, "bytes": _section_share(dense.values()), "fp32_bytes": dense_fp32})
     for r in rows:
         r["ratio"] = r["fp32_bytes"] / r["bytes"] if r["bytes"] else float("inf")
     size = manifest["file_size"]

@@ -38,6 +38,9 @@ DTYPES = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 KINDS = {"Linear": (nn.Linear,), "Conv": (nn.Conv1d, nn.Conv2d), "Embedding": (nn.Embedding,)}
 MAX_ELEMENTS = 1 << 40
+# Small layers share a section until it holds about this much: one alignment gap and one CRC per
+# section instead of per layer (it matters for tiny models); a big layer fills a section alone.
+SECTION_BYTES = 1 << 20
 
 if sys.byteorder != "little":  # pragma: no cover - raw sections are written in host byte order
     raise ImportError("torchzip.export needs a little-endian machine")
@@ -95,8 +98,7 @@ def _values(w: container.SectionWriter, packed) -> dict:
     return _raw(w, packed.values)
 
 
-def _encode_layer(name: str, layer: nn.Module) -> tuple[dict, bytes]:
-    w = container.SectionWriter()
+def _encode_layer(name: str, layer: nn.Module, w: container.SectionWriter) -> dict:
     p = layer.packed
     n, k = p.shape
     kind = {PackedLinear: "Linear", PackedConv: "Conv", PackedEmbedding: "Embedding"}[type(layer)]
@@ -138,7 +140,7 @@ def _encode_layer(name: str, layer: nn.Module) -> tuple[dict, bytes]:
     if getattr(layer, "bias", None) is not None:
         t["bias"] = _bias(w, layer.bias.detach().cpu())
     entry["tensors"] = t
-    return entry, w.getvalue()
+    return entry
 
 
 def export(model: nn.Module, path: str | os.PathLike, *, progress: bool = True) -> int:
@@ -150,14 +152,16 @@ def export(model: nn.Module, path: str | os.PathLike, *, progress: bool = True) 
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         model = torchzip.freeze(copy.deepcopy(model))
     layers, sections, skip = [], [], []
+    w = container.SectionWriter()
     named = [(n, m) for n, m in model.named_modules() if isinstance(m, PACKED_LAYERS)]
     for name, layer in tqdm(named, desc="export", disable=not progress, leave=False):
-        entry, data = _encode_layer(name, layer)
+        if w.size >= SECTION_BYTES:
+            sections.append(w.getvalue())
+            w = container.SectionWriter()
+        entry = _encode_layer(name, layer, w)
         entry["section"] = len(sections)
         layers.append(entry)
-        sections.append(data)
         skip.append(name + "." if name else "")
-    w = container.SectionWriter()
     dense = {key: _raw(w, t) for key, t in model.state_dict().items() if not any(key.startswith(s) for s in skip)}
     sections.append(w.getvalue())
     manifest = {"format": "torchzip", "torchzip_version": torchzip.__version__, "layers": layers,
