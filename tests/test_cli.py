@@ -52,7 +52,8 @@ def test_compress_command_matches_the_python_api(tmp_path, monkeypatch, capsys):
         "from torch import nn\n"
         "def mlp():\n"
         "    return nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 20), nn.LayerNorm(20), nn.Linear(20, 10))\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # `torchzip compress` imports factories from the current directory
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     dense = model()
     torch.save(dense.state_dict(), tmp_path / "in.pt")
     recipe = tz.Recipe([tz.Prune(sparsity=0.8, end_step=20, frequency=5), tz.Codebook(bits=3, start_step=20)])
@@ -71,6 +72,15 @@ def test_compress_command_matches_the_python_api(tmp_path, monkeypatch, capsys):
     for bad, match in ((["--model", "my_models:nope"], "cannot import"), (["--model", "nomodule"], "must look like")):
         assert main(["compress", "--recipe", str(tmp_path / "r.yaml"), *bad, str(tmp_path / "in.pt"), str(tmp_path / "x.tzip")]) == 2
         assert match in capsys.readouterr().err
+    assert main(["compress", "--recipe", str(tmp_path / "r.yaml"), "--model", "my_models:mlp", str(tmp_path / "in.pt"),
+                 str(tmp_path / "no_dir" / "x.tzip")]) == 2
+    assert "No such file or directory" in capsys.readouterr().err
+    (tmp_path / "my_models.py").write_text(
+        (tmp_path / "my_models.py").read_text() + "def broken():\n    raise RuntimeError('no weights here')\n")
+    sys.modules.pop("my_models", None)
+    assert main(["compress", "--recipe", str(tmp_path / "r.yaml"), "--model", "my_models:broken", str(tmp_path / "in.pt"),
+                 str(tmp_path / "x.tzip")]) == 2
+    assert "raised RuntimeError: no weights here" in capsys.readouterr().err
     (tmp_path / "junk.pt").write_bytes(b"junk")
     assert main(["compress", "--recipe", str(tmp_path / "r.yaml"), "--model", "my_models:mlp", str(tmp_path / "junk.pt"),
                  str(tmp_path / "x.tzip")]) == 2

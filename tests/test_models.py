@@ -79,3 +79,28 @@ def test_summary_and_freeze_of_a_copy_leave_the_trainable_model_working():
     tz.freeze(copy.deepcopy(model))
     assert torch.equal(model(x), before)
     assert hasattr(model[0], "parametrizations")
+
+
+@pytest.mark.parametrize("conv", [
+    lambda: nn.Conv1d(6, 12, 5, padding="same", groups=3, padding_mode="reflect"),
+    lambda: nn.Conv2d(6, 12, 3, padding="same", dilation=2, padding_mode="circular"),
+    lambda: nn.Conv2d(4, 8, (3, 2), stride=2, padding=(1, 2), padding_mode="replicate"),
+    lambda: nn.Conv1d(4, 8, 3, padding="valid", padding_mode="reflect"),
+])
+def test_conv_variants_freeze_export_and_load(conv, tmp_path):
+    layer = conv()
+    x = torch.randn(2, layer.in_channels, *([9] * (layer.weight.dim() - 2)))
+    model = tz.compress(nn.Sequential(layer), [tz.Codebook(bits=3)], progress=False)
+    with torch.no_grad():
+        expected = model(x)
+    frozen = tz.freeze(model)
+    assert torch.equal(frozen(x), expected)
+    tz.export(frozen, tmp_path / "c.tzip", progress=False)
+    skeleton = nn.Sequential(conv())
+    assert torch.equal(tz.load(tmp_path / "c.tzip", skeleton, progress=False)(x), expected)
+
+
+def test_freezing_before_a_delayed_codebook_clusters_warns():
+    model = tz.compress(nn.Sequential(nn.Linear(8, 8)), [tz.Codebook(start_step=5)], progress=False)
+    with pytest.warns(UserWarning, match="before its start_step"):
+        tz.freeze(model)

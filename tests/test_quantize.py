@@ -22,7 +22,8 @@ def test_int8_error_at_most_half_a_scale(group_size):
     ref_scale = w.view(29, -1, g).abs().amax(-1).repeat_interleave(g, dim=1) / 127
     assert torch.allclose(scale, ref_scale, rtol=1e-6)
     err = (packed.dequantize().double() - w).abs()
-    assert bool((err <= scale / 2 * (1 + 1e-6)).all())
+    # Half a step, plus the float32 rounding of q * scale itself (relative to |w|).
+    assert bool((err <= scale / 2 * (1 + 1e-6) + 2**-23 * w.abs()).all())
     assert packed.qweight.abs().max() <= 127
     assert packed.nbytes() == 29 * 48 + 4 * 29 * (48 // g)
 

@@ -160,3 +160,81 @@ def test_distill_without_teacher_fails_before_any_pass_runs():
     with pytest.raises(RecipeError, match="needs a teacher"):
         tz.compress(model, [tz.Prune(sparsity=0.5), tz.Distill()], inplace=True, progress=False)
     assert _unchanged(model, snapshot)
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(64, 16)
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 64, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.head(torch.relu(self.body(self.emb(idx))))
+
+
+def test_tied_weights_are_refused_unless_one_side_is_excluded(tmp_path):
+    model = TiedLM()
+    with pytest.raises(RecipeError, match="'emb' and 'head' share one weight"):
+        tz.compress(model, [tz.Codebook()], progress=False)
+    small = tz.compress(model, [tz.Codebook(exclude=["head"])], progress=False)
+    rows = {r.name: r for r in tz.summary(small, print_table=False).rows}
+    assert rows["emb"].format == "codebook" and rows["head"].format == "dense"  # head keeps the float weight
+    dense = tz.summary(model, print_table=False)
+    assert dense.params == sum(p.numel() for p in model.parameters()) and dense.bytes == 4 * dense.params
+    tz.export(model, tmp_path / "tied.tzip", progress=False)
+    manifest, _ = tz.read_manifest(tmp_path / "tied.tzip")
+    specs = manifest["dense"]["tensors"]
+    assert specs["emb.weight"]["at"] == specs["head.weight"]["at"]  # one copy on disk
+    loaded = tz.load(tmp_path / "tied.tzip", TiedLM(), progress=False)
+    idx = torch.randint(0, 64, (5,))
+    assert torch.equal(loaded(idx), model(idx)) and loaded.head.weight is loaded.emb.weight
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: tz.Prune(targets=None), "targets of pass 'prune' must be a list"),
+    (lambda: tz.Prune(targets=5), "targets of pass 'prune' must be a list"),
+    (lambda: tz.Prune(exclude=None), "exclude of pass 'prune' must be a list"),
+    (lambda: tz.Codebook(bits=True), "bits must be an integer"),
+    (lambda: tz.Quantize(group_size=True), "group_size must be 0"),
+    (lambda: tz.Quantize(bits=8.0), "bits=8 only"),
+    (lambda: tz.Prune(start_step=-5), "start_step must be a non-negative integer"),
+])
+def test_argument_types_are_checked(make, match):
+    with pytest.raises(RecipeError, match=match):
+        make()
+
+
+def test_misused_entry_points_raise_named_errors(tmp_path):
+    for call, match in (
+        (lambda: tz.compress("model", [tz.Prune()]), "needs an nn.Module"),
+        (lambda: tz.freeze("x"), "needs an nn.Module"),
+        (lambda: tz.summary(5), "needs an nn.Module"),
+        (lambda: tz.export(5, tmp_path / "x.tzip"), "needs an nn.Module"),
+        (lambda: tz.export(net(), tmp_path), "is a directory"),
+        (lambda: tz.step(None), "needs the compressed nn.Module"),
+        (lambda: tz.compress(net(), [tz.Prune()], teachr=net()), r"unknown keyword argument\(s\) \['teachr'\]"),
+        (lambda: tz.compress(net(), [tz.Prune(overrides={"lyaer.*": {"sparsity": 0.1}})]), "matches no layer"),
+        (lambda: tz.compress(nn.Linear(3, 3), [tz.Prune(pattern="2:4")]), "no targeted layer can take the recipe: 2:4 needs"),
+        (lambda: tz.compress(net(), [tz.Prune(), "quantize"]), "not both: item #2"),
+    ):
+        with pytest.raises(tz.TorchzipError, match=match):
+            call()
+
+
+def test_distill_problems_fail_before_an_inplace_compress_touches_the_model():
+    teacher = net()
+    for recipe, kwargs, match in (
+        ([tz.Prune(), tz.Distill(features={"nothere": "2"})], {"teacher": teacher}, "no layer named 'nothere'"),
+        ([tz.Prune(), tz.Distill()], {}, "needs a teacher"),
+    ):
+        model = net()
+        snapshot = copy.deepcopy(model.state_dict())
+        with pytest.raises(tz.TorchzipError, match=match):
+            tz.compress(model, recipe, inplace=True, progress=False, **kwargs)
+        assert _unchanged(model, snapshot)
+    model = net()
+    with pytest.raises(tz.DistillationError, match="shares parameters"):
+        tz.compress(model, [tz.Prune(), tz.Distill()], inplace=True, teacher=model, progress=False)
+    assert not hasattr(model[2], "parametrizations")

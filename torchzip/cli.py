@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,8 @@ def _factory(spec: str):
     module, _, name = spec.partition(":")
     if not module or not name:
         raise TorchzipError(f"--model must look like 'package.module:factory', got {spec!r}")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current directory import
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
@@ -40,7 +43,11 @@ def compress_checkpoint(recipe_path: str, model_spec: str, weights: str, out: st
     import torchzip as tz
 
     recipe = tz.Recipe.from_yaml(Path(recipe_path))
-    model = _factory(model_spec)()
+    factory = _factory(model_spec)
+    try:
+        model = factory()
+    except Exception as err:  # noqa: BLE001 - whatever the user's factory raises, say where it came from
+        raise TorchzipError(f"the model factory {model_spec} raised {type(err).__name__}: {err}") from err
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is the same user error
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             compress_checkpoint(args.recipe, args.model, args.weights, args.out)
             args.path, args.json = args.out, False
         report = inspect_file(args.path)
-    except TorchzipError as err:
+    except (TorchzipError, OSError) as err:
         print(f"torchzip: {err}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2) if args.json else format_report(report))

@@ -7,8 +7,12 @@ Pruned codebook weights are always stored sparse: pruned zeros take no centroid.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
+
+from torchzip.errors import TorchzipError
 from torch.nn.utils import parametrize
 
 from torchzip.packed import CodebookWeight, CsrWeight, Int8Weight, PackedWeight, Sparse24Weight
@@ -34,6 +38,9 @@ def pack_weight(module: nn.Module) -> PackedWeight | None:
     n, k = w2.shape
     keep = None if mask is None else mask.mask.reshape(n, k)
 
+    if isinstance(quant, CodebookQuant) and not bool(quant.clustered):
+        warnings.warn(f"freezing a codebook layer before its start_step ({quant.start_step}, now at step "
+                      f"{int(quant.step)}): it is stored as float, not clustered", stacklevel=3)
     if isinstance(quant, CodebookQuant) and bool(quant.clustered):
         idx = quant.assign.long()
         keep = idx >= 0 if keep is None else keep & (idx >= 0)
@@ -84,8 +91,11 @@ def freeze(model: nn.Module) -> nn.Module:
 
     Outputs are unchanged: each packed weight decodes to exactly the weight the trainable layer
     computed. Layers that stay dense (e.g. pruned too little for a sparse form to pay) keep their
-    type with the final weight baked in. Returns ``model``.
+    type with the final weight baked in. Returns ``model`` — or, when ``model`` is itself a single
+    compressed layer, the packed layer that replaces it (use the return value).
     """
+    if not isinstance(model, nn.Module):
+        raise TorchzipError(f"freeze needs an nn.Module, got {type(model).__name__}")
     from torchzip import distill
 
     distill.detach(model)  # training is over: drop attached callbacks (and the teacher they hold)

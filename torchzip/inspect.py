@@ -6,6 +6,7 @@ import math
 import os
 from typing import Any
 
+from torchzip.errors import FormatError
 from torchzip.export import read_manifest
 
 _ITEM = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1, "int16": 2, "int32": 4,
@@ -24,6 +25,17 @@ def _section_share(specs) -> int:
 
 
 def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
+    """See :func:`_inspect`; a manifest that passes its checksum but is malformed raises
+    :class:`FormatError` (``load`` checks it fully; a report only needs it readable)."""
+    try:
+        return _inspect(path)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        if isinstance(err, FormatError):
+            raise
+        raise FormatError(f"{path}: malformed manifest ({type(err).__name__}: {err})") from None
+
+
+def _inspect(path: str | os.PathLike) -> dict[str, Any]:
     """Rows (one per compressed layer, one for the dense rest) and totals for the file at ``path``.
 
     Bytes are those of each layer's own pieces in the file (headers, manifest and alignment

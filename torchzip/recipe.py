@@ -109,5 +109,9 @@ def as_recipe(recipe: "Recipe | str | os.PathLike | dict | Iterable[Pass]") -> R
         items = list(recipe)
         if all(isinstance(p, Pass) for p in items):
             return Recipe(items)
+        if any(isinstance(p, Pass) for p in items):
+            odd = next(i for i, p in enumerate(items) if not isinstance(p, Pass))
+            raise RecipeError(f"a recipe list holds either pass objects or recipe entries such as {{'prune': {{}}}}, "
+                              f"not both: item #{odd + 1} is {items[odd]!r}")
         return Recipe.from_dict(items)
     raise RecipeError(f"cannot use a {type(recipe).__name__} as a recipe")

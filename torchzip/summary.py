@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from torchzip.errors import TorchzipError
 from torchzip.packed.layers import PackedConv, PackedEmbedding, PackedLinear
 
 PACKED_LAYERS = (PackedLinear, PackedConv, PackedEmbedding)
@@ -77,6 +78,10 @@ class Summary:
         return "\n".join(lines)
 
 
+def _identity(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else (id(t),)
+
+
 def _fp32_bytes(t: torch.Tensor) -> int:
     return t.numel() * (4 if t.is_floating_point() else t.element_size())
 
@@ -99,16 +104,23 @@ def _packed_row(name: str, layer: nn.Module) -> LayerRow:
     )
 
 
-def _dense_row(name: str, module: nn.Module, tensors: dict[str, torch.Tensor], targeted: tuple) -> LayerRow:
+def _dense_row(name: str, module: nn.Module, tensors: dict[str, torch.Tensor], targeted: tuple,
+               seen: dict[tuple, str]) -> LayerRow:
+    tied = {}
+    for key, t in list(tensors.items()):  # a tensor shared with an earlier module is counted there
+        owner = seen.setdefault(_identity(t), f"{name}.{key}" if name else key)
+        if owner != (f"{name}.{key}" if name else key):
+            tied[key] = owner
+            del tensors[key]
     weight = tensors.get("weight")
     params = sum(t.numel() for t in tensors.values() if t.is_floating_point())
     sparsity = float((weight == 0).sum()) / weight.numel() if weight is not None else 0.0
     bits = weight.element_size() * 8 if weight is not None else 0.0
-    note = ""
+    note = "; ".join(f"{k} is tied to {v} (counted there)" for k, v in tied.items())
     if parametrize.type_before_parametrizations(module) not in targeted:
         odd = [k for k, v in tensors.items() if v.dim() >= 2]
         if odd:
-            note = f"{', '.join(odd)} of {type(module).__name__} (not a plain weight of a targeted layer)"
+            note = "; ".join(filter(None, [note, f"{', '.join(odd)} of {type(module).__name__} (not a plain weight of a targeted layer)"]))
     return LayerRow(
         name or "(model)", type(module).__name__, "dense", params, sparsity, bits,
         sum(t.numel() * t.element_size() for t in tensors.values()), sum(_fp32_bytes(t) for t in tensors.values()), note,
@@ -126,11 +138,14 @@ def summary(model: nn.Module, *, print_table: bool = True) -> Summary:
     from torchzip.freeze import freeze
     from torchzip.passes.base import LAYER_TYPES
 
+    if not isinstance(model, nn.Module):
+        raise TorchzipError(f"summary needs an nn.Module, got {type(model).__name__}")
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         model = freeze(copy.deepcopy(model))
     targeted = tuple(LAYER_TYPES.values())
     result = Summary()
     skip: set[str] = set()
+    seen: dict[tuple, str] = {}
     for name, module in model.named_modules():
         if any(not s or name.startswith(s + ".") for s in skip):
             continue
@@ -140,7 +155,7 @@ def summary(model: nn.Module, *, print_table: bool = True) -> Summary:
             continue
         tensors = _own_tensors(module)
         if tensors:
-            result.rows.append(_dense_row(name, module, tensors, targeted))
+            result.rows.append(_dense_row(name, module, tensors, targeted, seen))
     if print_table:
         print(result)
     return result

@@ -12,6 +12,7 @@ import copy
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 import torchzip
-from torchzip.errors import FormatError
+from torchzip.errors import FormatError, TorchzipError
 from torchzip.export import container, huffman
 from torchzip.export.streams import gaps_decode, gaps_encode, pairs24_decode, pairs24_encode
 from torchzip.packed import CodebookWeight, CsrWeight, Int8Weight, Sparse24Weight
@@ -36,7 +37,7 @@ DTYPES = {
     "bool": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-KINDS = {"Linear": (nn.Linear,), "Conv": (nn.Conv1d, nn.Conv2d), "Embedding": (nn.Embedding,)}
+KINDS = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
 MAX_ELEMENTS = 1 << 40
 # Small layers share a section until it holds about this much: one alignment gap and one CRC per
 # section instead of per layer (it matters for tiny models); a big layer fills a section alone.
@@ -101,7 +102,7 @@ def _values(w: container.SectionWriter, packed) -> dict:
 def _encode_layer(name: str, layer: nn.Module, w: container.SectionWriter) -> dict:
     p = layer.packed
     n, k = p.shape
-    kind = {PackedLinear: "Linear", PackedConv: "Conv", PackedEmbedding: "Embedding"}[type(layer)]
+    kind = {PackedLinear: "Linear", PackedEmbedding: "Embedding"}.get(type(layer)) or f"Conv{getattr(layer, 'dims', 2)}d"
     entry: dict[str, Any] = {"name": name, "kind": kind, "format": p.format_name, "shape": [n, k],
                              "dtype": DTYPE_NAMES[p.dtype], "zeros": int((p.dequantize() == 0).sum())}
     t: dict[str, Any] = {}
@@ -149,6 +150,10 @@ def export(model: nn.Module, path: str | os.PathLike, *, progress: bool = True) 
     A trainable compressed model is frozen on a copy first. The write is atomic: a crash never
     leaves a partial file under ``path``.
     """
+    if not isinstance(model, nn.Module):
+        raise TorchzipError(f"export needs an nn.Module, got {type(model).__name__}")
+    if Path(path).is_dir():
+        raise TorchzipError(f"{path} is a directory; give a file path such as {Path(path) / 'model.tzip'}")
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         model = torchzip.freeze(copy.deepcopy(model))
     layers, sections, skip = [], [], []
@@ -162,7 +167,14 @@ def export(model: nn.Module, path: str | os.PathLike, *, progress: bool = True) 
         entry["section"] = len(sections)
         layers.append(entry)
         skip.append(name + "." if name else "")
-    dense = {key: _raw(w, t) for key, t in model.state_dict().items() if not any(key.startswith(s) for s in skip)}
+    dense, stored = {}, {}
+    for key, t in model.state_dict().items():
+        if any(key.startswith(s) for s in skip):
+            continue
+        same = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
+        dense[key] = dict(stored[same]) if same in stored else _raw(w, t)  # tied tensors: one copy
+        if same is not None:
+            stored.setdefault(same, dense[key])
     sections.append(w.getvalue())
     manifest = {"format": "torchzip", "torchzip_version": torchzip.__version__, "layers": layers,
                 "dense": {"section": len(sections) - 1, "tensors": dense}}
@@ -363,9 +375,14 @@ def load(path: str | os.PathLike, model_skeleton: nn.Module, *, device: str | to
     bit-identical either way. Raises :class:`torchzip.FormatError` for a damaged file or a
     skeleton whose layer names, types or shapes do not match.
     """
+    if not isinstance(model_skeleton, nn.Module):
+        raise TorchzipError(f"load needs a model skeleton (an nn.Module), got {type(model_skeleton).__name__}")
     if decode not in ("auto", "cpu", "triton"):
-        raise ValueError(f"decode must be 'auto', 'cpu' or 'triton', got {decode!r}")
-    target = torch.device(device) if device is not None else torch.device("cpu")
+        raise TorchzipError(f"decode must be 'auto', 'cpu' or 'triton', got {decode!r}")
+    try:
+        target = torch.device(device) if device is not None else torch.device("cpu")
+    except (RuntimeError, TypeError) as err:
+        raise TorchzipError(f"bad device {device!r}: {err}") from None
     on = target if decode == "triton" or (decode == "auto" and target.type == "cuda") else None
     manifest, sections = read_manifest(path)
     modules = dict(model_skeleton.named_modules())
@@ -381,6 +398,8 @@ def load(path: str | os.PathLike, model_skeleton: nn.Module, *, device: str | to
         weight = module.weight
         rows = [weight.shape[0], weight[0].numel()] if weight.dim() else []
         _need(rows == entry.get("shape"), str(path), f"layer '{name}' has shape {entry.get('shape')} in the file, {rows} in the skeleton")
+        _need(DTYPE_NAMES.get(weight.dtype) == entry.get("dtype"), str(path),
+              f"layer '{name}' is {entry.get('dtype')} in the file but {weight.dtype} in the skeleton; build the skeleton in the same dtype")
         packed, bias = _decode_layer(entry, sections[entry["section"]], on)
         _need((bias is None) == (getattr(module, "bias", None) is None), str(path), f"layer '{name}': bias presence differs")
         layer = wrap(module, packed, bias)

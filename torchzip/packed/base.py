@@ -36,7 +36,7 @@ class PackedWeight(nn.Module):
 
         if dispatch.use_kernels(x):
             return self.kernel_linear(x, bias)
-        return F.linear(x, self.dequantize().to(x.dtype), bias)
+        return F.linear(x, self.dequantize().to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def nbytes(self) -> int:
         """Bytes of the tensors that make up the compressed form."""

@@ -36,6 +36,8 @@ class PackedConv(nn.Module):
         self.weight_shape = tuple(conv.weight.shape)
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         self.groups, self.padding_mode = conv.groups, conv.padding_mode
+        # What nn.ConvNd pads explicitly for non-zero modes (also right for padding="same").
+        self.explicit_pad = tuple(conv._reversed_padding_repeated_twice)
         self.dims = len(self.weight_shape) - 2
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
@@ -48,8 +50,8 @@ class PackedConv(nn.Module):
         conv = F.conv1d if self.dims == 1 else F.conv2d
         w = self.weight.to(x.dtype)
         if self.padding_mode != "zeros":
-            pad = [p for p in reversed(self.padding) for _ in range(2)]
-            return conv(F.pad(x, pad, mode=self.padding_mode), w, self.bias, self.stride, 0, self.dilation, self.groups)
+            x = F.pad(x, self.explicit_pad, mode=self.padding_mode)
+            return conv(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
         return conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 

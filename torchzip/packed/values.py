@@ -55,12 +55,3 @@ def int8_quantize(w: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, t
     scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
     q = torch.round(grouped / scales.unsqueeze(-1)).clamp_(-127, 127)
     return q.reshape(n, k).to(torch.int8), scales
-
-
-def int8_fake_quantize(w: torch.Tensor, group_size: int = 0) -> torch.Tensor:
-    """``w`` rounded to what :func:`int8_quantize` stores, with a straight-through gradient."""
-    q, scales = int8_quantize(w, group_size)
-    n, k = w.shape
-    g = group_size or k
-    deq = (q.float().reshape(n, k // g, g) * scales.unsqueeze(-1)).reshape(n, k).to(w.dtype)
-    return w + (deq - w).detach()

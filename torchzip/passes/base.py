@@ -32,6 +32,7 @@ class Pass:
     """
 
     key: ClassVar[str] = ""
+    context_keys: ClassVar[tuple[str, ...]] = ()  # objects this pass takes from compress(..., **context)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -41,8 +42,9 @@ class Pass:
     def __call__(self, model: nn.Module, **context: Any) -> nn.Module:
         raise NotImplementedError
 
-    def check_context(self, context: dict[str, Any]) -> None:
-        """Raise :class:`RecipeError` if ``compress`` was not given an object this pass needs."""
+    def check(self, model: nn.Module, context: dict[str, Any]) -> None:
+        """Raise before anything is modified if this pass cannot run on ``model`` with ``context``
+        (``inplace`` included). Per-layer passes are checked by :func:`torchzip.plan_recipe`."""
 
     def to_dict(self) -> dict[str, Any]:
         """Arguments that differ from their defaults (what a recipe file needs to say)."""
@@ -68,7 +70,7 @@ class Pass:
 def _check_names(where: str, patterns: Any) -> tuple[str, ...]:
     if isinstance(patterns, str):
         patterns = (patterns,)
-    if not all(isinstance(p, str) for p in patterns):
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
         raise RecipeError(f"{where} must be a list of strings, got {patterns!r}")
     return tuple(patterns)
 
@@ -88,7 +90,13 @@ class LayerPass(Pass):
     overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.targets = tuple(t if isinstance(t, str) else t.__name__ for t in _as_tuple(self.targets))
+        targets = self.targets
+        if isinstance(targets, (str, type)):
+            targets = (targets,)
+        if not isinstance(targets, (list, tuple)) or not all(isinstance(t, (str, type)) for t in targets):
+            raise RecipeError(f"targets of pass '{self.key}' must be a list of layer types, got {self.targets!r}; "
+                              f"allowed: {sorted(LAYER_TYPES)}")
+        self.targets = tuple(t if isinstance(t, str) else t.__name__ for t in targets)
         for t in self.targets:
             if t not in LAYER_TYPES:
                 raise RecipeError(f"unknown target layer type '{t}' in pass '{self.key}'; allowed: {sorted(LAYER_TYPES)}")
@@ -138,7 +146,4 @@ def weight_before(module: nn.Module, parametrization: nn.Module) -> torch.Tensor
     return w
 
 
-def _as_tuple(x: Any) -> tuple:
-    if isinstance(x, (str, type)):
-        return (x,)
-    return tuple(x)
+

@@ -165,14 +165,14 @@ class Codebook(LayerPass):
     @staticmethod
     def validate(args: dict, where: str) -> None:
         """Raise :class:`RecipeError` for argument values that cannot work."""
-        if not isinstance(args["bits"], int) or not 1 <= args["bits"] <= 8:
+        if type(args["bits"]) is not int or not 1 <= args["bits"] <= 8:
             raise RecipeError(f"codebook bits must be an integer in 1..8, got {args['bits']!r} in {where}")
         if args["granularity"] not in GRANULARITIES:
             raise RecipeError(f"granularity must be one of {list(GRANULARITIES)}, got {args['granularity']!r} in {where}")
         if args["init"] not in INITS:
             raise RecipeError(f"init must be one of {list(INITS)}, got {args['init']!r} in {where}")
         for key in ("iterations", "start_step", "seed"):
-            if not isinstance(args[key], int) or args[key] < 0:
+            if type(args[key]) is not int or args[key] < 0:
                 raise RecipeError(f"{key} must be a non-negative integer, got {args[key]!r} in {where}")
 
     def unfit(self, name: str, module: nn.Module, args: dict) -> str | None:

@@ -20,8 +20,9 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from torchzip.distill import DistillationCallback, attach, callbacks, check_settings, detach, normalize_features
-from torchzip.errors import RecipeError
+from torchzip.distill import (DistillationCallback, _find_module, attach, callbacks, check_settings, detach,
+                              normalize_features)
+from torchzip.errors import DistillationError, RecipeError
 from torchzip.passes.base import Pass
 
 
@@ -47,10 +48,22 @@ class Distill(Pass):
         check_settings(self.temperature, self.alpha, self.feature_weight, self.logits)
         self.features = normalize_features(self.features)
 
-    def check_context(self, context: dict[str, Any]) -> None:
-        """A teacher must come with ``compress`` (checked before any pass runs)."""
-        if context.get("teacher") is None:
+    context_keys: ClassVar[tuple[str, ...]] = ("teacher",)
+
+    def check(self, model: nn.Module, context: dict[str, Any]) -> None:
+        """Before any pass runs: a teacher was given, feature names exist in both models, and an
+        in-place student does not share parameters with its teacher."""
+        teacher = context.get("teacher")
+        if teacher is None:
             raise RecipeError("the 'distill' pass needs a teacher: call compress(model, recipe, teacher=teacher_model)")
+        for student_name, teacher_name in self.features.items():
+            _find_module(model, student_name, "student")
+            _find_module(teacher, teacher_name, "teacher")
+        if context.get("inplace") and (teacher is model or {id(p) for p in model.parameters()} & {id(p) for p in teacher.parameters()}):
+            raise DistillationError(
+                "the teacher shares parameters with the student, which inplace=True would compress; "
+                "use inplace=False (the original model then stays the teacher)"
+            )
 
     def __call__(self, model: nn.Module, teacher: nn.Module | None = None, **context: Any) -> nn.Module:
         """Attach a :class:`DistillationCallback` for ``teacher`` to ``model`` (returned unchanged)."""

@@ -166,7 +166,7 @@ class Prune(LayerPass):
         if nm and not 0 < nm[0] < nm[1]:
             raise RecipeError(f"N:M pattern {pattern!r} in {where} needs 0 < N < M")
         for key in ("sparsity", "initial_sparsity"):
-            if not isinstance(args[key], (int, float)) or not 0.0 <= args[key] < 1.0:
+            if type(args[key]) not in (int, float) or not 0.0 <= args[key] < 1.0:
                 raise RecipeError(f"{key} must be in [0, 1), got {args[key]!r} in {where}")
         if args["scope"] not in ("layer", "global"):
             raise RecipeError(f"scope must be 'layer' or 'global', got {args['scope']!r} in {where}")
@@ -174,13 +174,17 @@ class Prune(LayerPass):
             raise RecipeError(f"scope 'global' needs pattern 'unstructured', got {pattern!r} in {where}")
         if args["norm"] not in NORMS:
             raise RecipeError(f"norm must be one of {list(NORMS)}, got {args['norm']!r} in {where}")
-        if not isinstance(args["frequency"], int) or args["frequency"] < 1:
+        if args["initial_sparsity"] > args["sparsity"]:
+            raise RecipeError(f"initial_sparsity {args['initial_sparsity']} exceeds sparsity {args['sparsity']} in {where}: masks only grow")
+        if type(args["frequency"]) is not int or args["frequency"] < 1:
             raise RecipeError(f"frequency must be a positive integer, got {args['frequency']!r} in {where}")
         end, start = args["end_step"], args["start_step"]
+        if type(start) is not int or start < 0:
+            raise RecipeError(f"start_step must be a non-negative integer, got {start!r} in {where}")
         if end is not None:
             if nm:
                 raise RecipeError(f"N:M pruning is applied at once; remove end_step from {where}")
-            if not isinstance(end, int) or not isinstance(start, int) or not 0 <= start < end:
+            if type(end) is not int or not start < end:
                 raise RecipeError(f"need 0 <= start_step < end_step, got {start!r}, {end!r} in {where}")
 
     def unfit(self, name: str, module: nn.Module, args: dict) -> str | None:

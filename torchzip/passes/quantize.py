@@ -51,9 +51,9 @@ class Quantize(LayerPass):
     @staticmethod
     def validate(args: dict, where: str) -> None:
         """Raise :class:`RecipeError` for argument values that cannot work."""
-        if args["bits"] != 8:
+        if type(args["bits"]) is not int or args["bits"] != 8:
             raise RecipeError(f"quantize supports bits=8 only, got {args['bits']!r} in {where}; use 'codebook' for 1..8-bit weight sharing")
-        if not isinstance(args["group_size"], int) or args["group_size"] < 0:
+        if type(args["group_size"]) is not int or args["group_size"] < 0:
             raise RecipeError(f"group_size must be 0 (per channel) or a positive integer, got {args['group_size']!r} in {where}")
 
     def unfit(self, name: str, module: nn.Module, args: dict) -> str | None:
