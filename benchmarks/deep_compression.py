@@ -1,12 +1,13 @@
 """Deep Compression end to end on real data: LeNet-300-100 on scikit-learn's digits.
 
     python benchmarks/deep_compression.py [--quick] [--recipe recipes/deep_compression.yaml]
+    python benchmarks/deep_compression.py --recipe recipes/deep_compression_50x.yaml
 
 For each of 5 stratified folds (every one of the 1797 images is a test image once): train the
 dense MLP 64-300-100-10, compress it with the recipe through ``torchzip.compress``, fine-tune
 with distillation from the dense model, ``export`` to ``.tzip``, ``load`` the file into a fresh
 skeleton and evaluate *the loaded model*. Prints a table and writes
-benchmarks/results/deep_compression.json.
+benchmarks/results/<recipe name>.json.
 """
 
 from __future__ import annotations
@@ -138,8 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
     drop = (result["dense_accuracy"] - result["compressed_accuracy"]) * 100
     print(f"all {images} images: dense {result['dense_accuracy']:.2%}, compressed {result['compressed_accuracy']:.2%} "
           f"(drop {drop:+.2f} pp), ratio {result['ratio']:.1f}x (worst fold), {result['mean_ratio']:.1f}x (mean)")
-    if not args.quick and not args.no_write:
-        print(f"wrote {write_json('deep_compression', result)}")
+    if not args.quick and not args.no_write:  # results named after the recipe file
+        print(f"wrote {write_json(Path(args.recipe).stem, result)}")
     return result
 
 
