@@ -90,13 +90,13 @@ def _bias(w: container.SectionWriter, bias: torch.Tensor) -> dict:
     return _raw(w, bias)
 
 
-def _values(w: container.SectionWriter, packed) -> dict:
-    kind = packed.kind
-    if kind == "int8":
-        return _int8(w, packed.values)
-    if kind == "codebook":
-        return _huffman(w, packed.values.cpu().numpy(), packed.codebook.shape[1])
-    return _raw(w, packed.values)
+def _values(w: container.SectionWriter, packed, values: torch.Tensor) -> dict:
+    """``values`` (the packed weight's, maybe reordered) coded as its value kind asks."""
+    if packed.kind == "int8":
+        return _int8(w, values)
+    if packed.kind == "codebook":
+        return _huffman(w, values.cpu().numpy(), packed.codebook.shape[1])
+    return _raw(w, values)
 
 
 def _encode_layer(name: str, layer: nn.Module, w: container.SectionWriter) -> dict:
@@ -117,6 +117,7 @@ def _encode_layer(name: str, layer: nn.Module, w: container.SectionWriter) -> di
     else:
         entry["values"] = p.kind
         entry["group_size"] = p.group_size
+        values = p.values
         if isinstance(p, Sparse24Weight):
             cols = p.columns().cpu().numpy()
             t["positions"] = _huffman(w, pairs24_encode(cols % 4), 6)
@@ -130,11 +131,9 @@ def _encode_layer(name: str, layer: nn.Module, w: container.SectionWriter) -> di
             best = min(coded, key=lambda o: _coded_bytes(coded[o][0], coded[o][1] + 1))
             symbols, escape = coded[best]
             t["positions"] = _huffman(w, symbols, escape + 1, escape=escape, count=int(rows.size), order=best)
-            perm = options[best][1]
-            if perm is not None:
-                p = CsrWeight(p.row_ptr, p.col_idx[torch.from_numpy(perm)], p.values[torch.from_numpy(perm)], p.shape, p.dtype,
-                              p.scales, p.codebook, p.group_size)
-        t["values"] = _values(w, p)
+            if best == "col":  # values follow the positions' order
+                values = values[torch.from_numpy(order)]
+        t["values"] = _values(w, p, values)
         for side in ("scales", "codebook"):
             if getattr(p, side) is not None:
                 t[side] = _raw(w, getattr(p, side))
