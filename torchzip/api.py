@@ -23,7 +23,7 @@ Plan = list[tuple[str, nn.Module, dict]]
 
 
 def _existing_state(module: nn.Module) -> dict[str, Any]:
-    state: dict[str, Any] = {"prune": masks_of(module), "quant": None, "passes": []}
+    state: dict[str, Any] = {"prune": masks_of(module), "quant": None}
     if codebook_of(module) is not None:
         state["quant"] = "codebook"
     elif parametrize.is_parametrized(module, "weight") and any(isinstance(p, Int8FakeQuant) for p in module.parametrizations.weight):

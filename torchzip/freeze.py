@@ -41,7 +41,8 @@ def pack_weight(module: nn.Module) -> PackedWeight | None:
     if isinstance(quant, CodebookQuant) and not bool(quant.clustered):
         warnings.warn(f"freezing a codebook layer before its start_step ({quant.start_step}, now at step "
                       f"{int(quant.step)}): it is stored as float, not clustered", stacklevel=3)
-    if isinstance(quant, CodebookQuant) and bool(quant.clustered):
+        quant = None  # the weight is still float: packed like an unquantized one
+    if isinstance(quant, CodebookQuant):
         idx = quant.assign.long()
         keep = idx >= 0 if keep is None else keep & (idx >= 0)
         book = quant.centroids.detach()

@@ -59,8 +59,13 @@ def _raw(w: container.SectionWriter, t: torch.Tensor) -> dict:
 MAX_CODE_LEN = 15  # so a code length fits a 4-bit nibble in the stored table
 
 
-def _huffman(w: container.SectionWriter, symbols: np.ndarray, alphabet: int, **extra: Any) -> dict:
-    s = huffman.encode(np.asarray(symbols, dtype=np.int64).reshape(-1), alphabet, max_len=MAX_CODE_LEN)
+def _encode(symbols: np.ndarray, alphabet: int) -> huffman.HuffmanStream:
+    return huffman.encode(np.asarray(symbols, dtype=np.int64).reshape(-1), alphabet, max_len=MAX_CODE_LEN)
+
+
+def _huffman(w: container.SectionWriter, symbols: np.ndarray | huffman.HuffmanStream, alphabet: int, **extra: Any) -> dict:
+    """Write a stream (given as symbols, or already encoded) and return its manifest entry."""
+    s = symbols if isinstance(symbols, huffman.HuffmanStream) else _encode(symbols, alphabet)
     chunks, base, width = huffman.pack_chunks(s.chunk_bits)
     return {
         "codec": "huffman", "n": s.n_symbols, "alphabet": alphabet, "chunk_size": s.chunk_size,
@@ -69,16 +74,13 @@ def _huffman(w: container.SectionWriter, symbols: np.ndarray, alphabet: int, **e
     }
 
 
-def _coded_bytes(symbols: np.ndarray, alphabet: int) -> int:
-    return huffman.stored_bytes(huffman.encode(np.asarray(symbols, np.int64).reshape(-1), alphabet, max_len=MAX_CODE_LEN))
-
-
 def _int8(w: container.SectionWriter, q: torch.Tensor, **extra: Any) -> dict:
     """An int8 stream: Huffman-coded bytes, or the raw bytes when those are smaller (short streams)."""
     data = q.detach().cpu().numpy().astype(np.int8).reshape(-1)
-    if _coded_bytes(data.view(np.uint8), 256) >= data.size:
+    stream = _encode(data.view(np.uint8), 256)
+    if huffman.stored_bytes(stream) >= data.size:
         return {**_raw(w, torch.from_numpy(data.copy())), **extra}
-    return _huffman(w, data.view(np.uint8), 256, **extra)
+    return _huffman(w, stream, 256, **extra)
 
 
 def _bias(w: container.SectionWriter, bias: torch.Tensor) -> dict:
@@ -127,10 +129,13 @@ def _encode_layer(name: str, layer: nn.Module, w: container.SectionWriter) -> di
             # feature prunes a whole column: one long gap column-major, many row-major).
             order = np.argsort(cols * n + rows, kind="stable")
             options = {"row": (rows * k + cols, None), "col": ((cols * n + rows)[order], order)}
-            coded = {name: gaps_encode(flat) for name, (flat, _) in options.items()}
-            best = min(coded, key=lambda o: _coded_bytes(coded[o][0], coded[o][1] + 1))
-            symbols, escape = coded[best]
-            t["positions"] = _huffman(w, symbols, escape + 1, escape=escape, count=int(rows.size), order=best)
+            coded = {}
+            for name, (flat, _) in options.items():
+                symbols, escape = gaps_encode(flat)
+                coded[name] = (_encode(symbols, escape + 1), escape)
+            best = min(coded, key=lambda o: huffman.stored_bytes(coded[o][0]))
+            stream, escape = coded[best]
+            t["positions"] = _huffman(w, stream, escape + 1, escape=escape, count=int(rows.size), order=best)
             if best == "col":  # values follow the positions' order
                 values = values[torch.from_numpy(order)]
         t["values"] = _values(w, p, values)
