@@ -23,6 +23,7 @@ from torchzip.export.huffman import (
     decode,
     encode,
     entropy_bits,
+    stored_bytes,
 )
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -101,23 +102,88 @@ def test_chunk_sizes(rng, chunk_size):
 
 
 def test_chunks_start_mid_byte_and_mid_word(rng):
-    # Chunk offsets are in bits: with odd code lengths most chunks start inside a byte.
+    # Lane offsets are in bits: with odd code lengths most lanes start inside a byte.
     symbols = zipf(rng, 4001, 7, 1.3)
-    stream = encode(symbols, 7, chunk_size=3)
+    stream = encode(symbols, 7, chunk_size=3, group=1)
     assert np.any(stream.chunk_bits % 8 != 0)
-    assert np.any(stream.chunk_bits % 32 > 24)  # a chunk's first code straddles a 32-bit word
-    ends = np.cumsum(stream.lengths.astype(np.int64)[symbols])
-    np.testing.assert_array_equal(stream.chunk_bits[1:], ends[2:-1:3])
+    assert np.any(stream.chunk_bits % 32 > 24)  # a lane's first code straddles a 32-bit word
+    lanes = -(-symbols.size // 3)
+    spans = [int(stream.lengths.astype(np.int64)[symbols[j::lanes]].sum()) for j in range(lanes)]
+    np.testing.assert_array_equal(stream.chunk_bits, np.cumsum([0] + spans[:-1]))
     np.testing.assert_array_equal(decode(stream), symbols)
+
+
+def reference_payload(symbols: np.ndarray, alphabet: int, group: int, lengths: np.ndarray, chunk_size: int):
+    """Payload bytes and lane offsets built bit by bit with Python strings (independent of encode)."""
+    padded = list(symbols) + [0] * (-len(symbols) % group)
+    values = [sum(int(padded[i + k]) * alphabet**k for k in range(group)) for i in range(0, len(padded), group)]
+    codes = canonical_codes(lengths)
+    lanes = -(-len(values) // chunk_size)
+    bits, starts = "", []
+    for lane in range(lanes):
+        starts.append(len(bits))
+        for v in values[lane::lanes]:
+            bits += format(int(codes[v]), f"0{int(lengths[v])}b")
+    bits += "0" * (-len(bits) % 8)
+    return bytes(int(bits[i : i + 8], 2) for i in range(0, len(bits), 8)), starts
+
+
+@pytest.mark.parametrize("alphabet, group", [(2, 8), (3, 4), (4, 4), (5, 2), (16, 2), (9, 1), (300, 1)])
+def test_lane_layout_matches_bit_by_bit_reference(rng, alphabet, group):
+    n = int(rng.integers(1, 900))  # rarely a multiple of the group
+    symbols = zipf(rng, n, alphabet, 1.1)
+    chunk_size = int(rng.integers(1, 40))
+    stream = encode(symbols, alphabet, chunk_size=chunk_size, group=group)
+    payload, starts = reference_payload(symbols, alphabet, group, stream.lengths, chunk_size)
+    assert stream.group == group and stream.lengths.size == alphabet**group
+    assert bytes(stream.payload) == payload
+    assert stream.chunk_bits.tolist() == starts
+    np.testing.assert_array_equal(decode(stream), symbols)
+
+
+@pytest.mark.parametrize("alphabet", [2, 3, 6, 16])
+def test_grouping_gets_small_alphabets_near_entropy(rng, alphabet):
+    # One code per symbol costs at least a bit: a skewed small alphabet is far above its entropy
+    # then. Codes for pairs or quads (picked automatically) close most of that gap.
+    p = np.full(alphabet, 0.12 / (alphabet - 1))
+    p[0] = 0.88
+    symbols = rng.choice(alphabet, 200_003, p=p)
+    best = encode(symbols, alphabet, max_len=15)
+    single = encode(symbols, alphabet, group=1, max_len=15)
+    assert best.group > 1
+    np.testing.assert_array_equal(decode(best), symbols)
+    entropy = entropy_bits(symbols) / 8
+    assert len(single.payload) > 1.2 * entropy
+    assert len(best.payload) - entropy < 0.3 * (len(single.payload) - entropy)
+    for group in (2, 4, 8):
+        if alphabet**group <= 256:
+            other = encode(symbols, alphabet, group=group, max_len=15)
+            np.testing.assert_array_equal(decode(other), symbols)
+            assert stored_bytes(best) <= stored_bytes(other) + 64  # auto is (near) the smallest
+
+
+def test_group_arguments_are_checked():
+    with pytest.raises(ValueError, match="group"):
+        encode(np.arange(5), 5, group=3)
+    with pytest.raises(ValueError, match="group"):
+        encode(np.arange(5), 256, group=2)
+    stream = encode(np.arange(16).repeat(3), 16, group=2)
+    with pytest.raises(FormatError, match="group"):
+        decode(dataclasses.replace(stream, group=4))
+    with pytest.raises(FormatError, match="alphabet"):
+        decode(dataclasses.replace(stream, alphabet=15))
+    with pytest.raises(FormatError, match="group"):
+        decode(dataclasses.replace(stream, group=0))
+    with pytest.raises(FormatError, match="alphabet"):
+        decode(dataclasses.replace(encode(np.arange(300), 300), alphabet=256))
 
 
 @pytest.mark.parametrize("alphabet, n_used", [(4, 4), (16, 16), (300, 12), (40_000, 5)])
 @pytest.mark.parametrize("chunk_size", [1, 3, 1001, 4096])
 @pytest.mark.parametrize("n", [300_000, 1 << 19])
-def test_long_streams_multi_symbol_steps(rng, alphabet, n_used, chunk_size, n):
-    # Long streams decode several symbols per table lookup when codes are short (up to 4, also
-    # for uint16 symbols; from 2**19 symbols on with bigger tables); chunk sizes that are not
-    # multiples of that step count exercise the end-of-chunk bookkeeping.
+def test_long_streams(rng, alphabet, n_used, chunk_size, n):
+    # Lane counts that do not divide the code count leave a partial last step; small alphabets
+    # are grouped (codes for 2 or 4 symbols), uint16 symbols are not.
     used = rng.choice(alphabet, n_used, replace=False)
     symbols = used[zipf(rng, n, used.size, 1.2)]
     stream = encode(symbols, alphabet, chunk_size=chunk_size)
@@ -134,10 +200,13 @@ def test_empty_stream():
 
 def test_one_symbol_alphabet():
     symbols = np.zeros(1001, np.int64)
-    stream = encode(symbols, 1, chunk_size=100)
+    stream = encode(symbols, 1, chunk_size=100, group=1)
     assert stream.lengths.tolist() == [1]
     assert stream.payload == bytes(126)  # 1001 zero bits
     np.testing.assert_array_equal(decode(stream), symbols)
+    grouped = encode(symbols, 1)  # 8 symbols per code, one bit each
+    assert grouped.group == 8 and grouped.payload == bytes(16)
+    np.testing.assert_array_equal(decode(grouped), symbols)
 
 
 def test_single_used_symbol_in_big_alphabet():
@@ -177,12 +246,13 @@ def test_payload_may_be_a_numpy_array(rng):
 def test_bit_layout_is_msb_first():
     # counts give lengths 1, 2, 2: canonical codes 0, 10, 11.
     symbols = np.array([1, 0, 2, 2, 0, 0])
-    stream = encode(symbols, 3, chunk_size=2)
+    stream = encode(symbols, 3, chunk_size=2, group=1)
     assert stream.lengths.tolist() == [1, 2, 2]
     assert canonical_codes(stream.lengths).tolist() == [0b0, 0b10, 0b11]
-    # bits: 10 0 11 11 0 0 -> 1001 1110 0(0000000 padding)
-    assert stream.payload == bytes([0b10011110, 0b00000000])
-    assert stream.chunk_bits.tolist() == [0, 3, 7]
+    # 3 lanes of 2: lane 0 holds symbols 0 and 3 (1, 2), lane 1 symbols 1 and 4 (0, 0), lane 2
+    # symbols 2 and 5 (2, 0). Bits: 10 11 | 0 0 | 11 0 -> 1011 0011 0(0000000 padding)
+    assert stream.payload == bytes([0b10110011, 0b00000000])
+    assert stream.chunk_bits.tolist() == [0, 4, 6]
     np.testing.assert_array_equal(decode(stream), symbols)
 
 
@@ -279,7 +349,7 @@ def test_coded_size_near_entropy(rng, kind):
         "flat": lambda: rng.integers(0, 256, n),
         "two": lambda: (rng.random(n) < 0.3).astype(np.int64),
     }[kind]()
-    stream = encode(symbols)
+    stream = encode(symbols, group=1)  # one code per symbol: the plain Huffman code
     counts = np.bincount(symbols)
     bits = coded_bits(stream, symbols)
     assert bits == int((counts * stream.lengths[: counts.size].astype(np.int64)).sum())
@@ -390,7 +460,7 @@ def test_flipped_bit_breaks_chunk_alignment():
     stream = encode(symbols, 50, chunk_size=97)
     payload = bytearray(stream.payload)
     payload[200] ^= 0x80
-    with pytest.raises(FormatError, match="chunk 3 decodes to end at bit 1786, but chunk 4 starts"):
+    with pytest.raises(FormatError, match=r"chunk \d+ decodes to end at bit \d+, but chunk \d+ starts"):
         decode(replace(stream, payload=bytes(payload)))
 
 
@@ -439,7 +509,7 @@ def test_counts_that_do_not_add_up(sample):
     with pytest.raises(FormatError, match="chunk table"):
         decode(replace(stream, n_symbols=stream.n_symbols * 2))
     with pytest.raises(FormatError):
-        decode(replace(stream, chunk_size=stream.chunk_size + 1))
+        decode(replace(stream, chunk_size=stream.chunk_size // 2))  # twice the lanes
     with pytest.raises(FormatError):
         decode(replace(stream, n_symbols=-1))
     with pytest.raises(FormatError):
@@ -451,15 +521,15 @@ def test_counts_that_do_not_add_up(sample):
 
 
 def test_lone_symbol_stream_with_set_bits():
-    stream = encode(np.zeros(30, np.int64), 1)
+    stream = encode(np.zeros(30, np.int64), 1, group=1)
     with pytest.raises(FormatError, match="non-zero"):
         decode(replace(stream, payload=b"\0\0\0\x01"))
 
 
 def test_nonzero_padding_is_rejected():
-    stream = encode(np.array([1, 0, 2, 2, 0, 0]), 3, chunk_size=2)
+    stream = encode(np.array([1, 0, 2, 2, 0, 0]), 3, chunk_size=2, group=1)
     with pytest.raises(FormatError, match="padding"):
-        decode(replace(stream, payload=bytes([0b10011110, 0b00000001])))
+        decode(replace(stream, payload=bytes([0b10110011, 0b00000001])))
 
 
 @SETTINGS
@@ -472,9 +542,9 @@ def test_random_corruption_never_crashes(data, seed):
     payload = bytearray(stream.payload)
     lengths = stream.lengths.copy()
     chunk_bits = stream.chunk_bits.copy()
-    n, cs = stream.n_symbols, stream.chunk_size
+    n, cs, group = stream.n_symbols, stream.chunk_size, stream.group
     for _ in range(data.draw(st.integers(1, 3))):
-        what = data.draw(st.sampled_from(["byte", "length", "offset", "n", "cs", "cut"]))
+        what = data.draw(st.sampled_from(["byte", "length", "offset", "n", "cs", "group", "cut"]))
         if what == "byte" and payload:
             payload[data.draw(st.integers(0, len(payload) - 1))] ^= data.draw(st.integers(1, 255))
         elif what == "length":
@@ -487,9 +557,11 @@ def test_random_corruption_never_crashes(data, seed):
             n = max(0, n + data.draw(st.integers(-50, 50)))
         elif what == "cs":
             cs = max(1, cs + data.draw(st.integers(-5, 5)))
+        elif what == "group":
+            group = data.draw(st.sampled_from([0, 1, 2, 3, 4, 8]))
         elif payload:
             del payload[data.draw(st.integers(0, len(payload) - 1)) :]
-    bad = HuffmanStream(lengths, bytes(payload), chunk_bits, n, cs)
+    bad = HuffmanStream(lengths, bytes(payload), chunk_bits, n, cs, group, alphabet)
     try:
         out = decode(bad)
     except FormatError:

@@ -68,7 +68,7 @@ def _huffman(w: container.SectionWriter, symbols: np.ndarray | huffman.HuffmanSt
     s = symbols if isinstance(symbols, huffman.HuffmanStream) else _encode(symbols, alphabet)
     chunks, base, width = huffman.pack_chunks(s.chunk_bits)
     return {
-        "codec": "huffman", "n": s.n_symbols, "alphabet": alphabet, "chunk_size": s.chunk_size,
+        "codec": "huffman", "n": s.n_symbols, "alphabet": alphabet, "group": s.group, "chunk_size": s.chunk_size,
         "chunk_base": base, "chunk_width": width, "lengths": w.add(huffman.pack_lengths(s.lengths)),
         "chunks": w.add(chunks), "payload": w.add(bytes(s.payload)), **extra,
     }
@@ -229,20 +229,23 @@ def _read_huffman(section: memoryview, spec: Any, where: str, alphabet: int | No
                   on: torch.device | None = None) -> torch.Tensor:
     """Decode a Huffman stream to int32 symbols: on the CPU, or with the Triton decoder on ``on``."""
     _need(isinstance(spec, dict) and spec.get("codec") == "huffman", where, "expected a Huffman stream entry")
-    n, a, chunk = spec.get("n"), spec.get("alphabet"), spec.get("chunk_size")
-    _need(all(type(v) is int for v in (n, a, chunk)) and n >= 0 and 1 <= a <= huffman.MAX_ALPHABET and chunk >= 1,
-          where, "stream header (n, alphabet, chunk_size) is invalid")
+    n, a, g, chunk = spec.get("n"), spec.get("alphabet"), spec.get("group"), spec.get("chunk_size")
+    _need(all(type(v) is int for v in (n, a, g, chunk)) and n >= 0 and 1 <= a <= huffman.MAX_ALPHABET and chunk >= 1,
+          where, "stream header (n, alphabet, group, chunk_size) is invalid")
+    _need(g == 1 or (g in huffman.GROUPS and a**g <= 256), where,
+          f"group {g} is not allowed: 1, or {huffman.GROUPS[1:]} with alphabet**group <= 256")
     _need(alphabet is None or a == alphabet, where, f"alphabet {a} does not match the layer (expected {alphabet})")
     payload = _piece(section, spec.get("payload"), where)
-    _need(n <= 8 * len(payload), where, f"{n} symbols cannot fit in {len(payload)} payload bytes")
+    _need(n <= 8 * g * len(payload), where, f"{n} symbols cannot fit in {len(payload)} payload bytes")
     base, width = spec.get("chunk_base"), spec.get("chunk_width")
     _need(type(base) is int and type(width) is int, where, "chunk table header (chunk_base, chunk_width) is invalid")
     try:
-        full = huffman.unpack_lengths(_piece(section, spec.get("lengths"), where), a)
-        chunks = huffman.unpack_chunks(_piece(section, spec.get("chunks"), where), -(-n // chunk), base, width)
+        full = huffman.unpack_lengths(_piece(section, spec.get("lengths"), where), a**g)
+        lanes = -(-(-(-n // g)) // chunk)
+        chunks = huffman.unpack_chunks(_piece(section, spec.get("chunks"), where), lanes, base, width)
     except FormatError as err:
         raise FormatError(f"{where}: {err}") from None
-    stream = huffman.HuffmanStream(full, np.frombuffer(payload, np.uint8), chunks, n, chunk)
+    stream = huffman.HuffmanStream(full, np.frombuffer(payload, np.uint8), chunks, n, chunk, g, a)
     try:
         if on is not None:
             from torchzip.kernels.huffman_decode import decode_triton

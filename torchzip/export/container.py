@@ -3,7 +3,7 @@
 Layout (little-endian; see docs/FORMAT.md):
 
     0   magic     8 bytes  b"TZIP\\r\\n\\x1a\\n"
-    8   version   uint32   1
+    8   version   uint32   2
     12  crc32     uint32   of the (compressed) manifest bytes
     16  length    uint64   compressed manifest length in bytes
     24  manifest  UTF-8 JSON, zlib-compressed (at most 64 MiB once inflated)
@@ -25,7 +25,7 @@ from pathlib import Path
 from torchzip.errors import FormatError
 
 MAGIC = b"TZIP\r\n\x1a\n"
-VERSION = 1
+VERSION = 2  # 2: Huffman streams deal codes round-robin to lanes and may group symbols
 HEADER = struct.Struct("<8sIIQ")
 ALIGN = 64
 MAX_MANIFEST = 64 << 20

@@ -1,24 +1,30 @@
 """Canonical, length-limited Huffman coding of integer streams, vectorised with numpy.
 
 Used inside ``.tzip`` artifacts for codebook indices, int8 values (as 0..255) and sparse-position
-gaps. Only the per-symbol code lengths are stored; codes are rebuilt canonically from them.
+gaps. Only the per-code lengths are stored; codes are rebuilt canonically from them.
 
-Format of a coded stream (what :class:`HuffmanStream` holds):
+Format of a coded stream (what :class:`HuffmanStream` holds; docs/FORMAT.md says the same):
 
-* ``lengths``: one uint8 per alphabet symbol, ``0`` for symbols that never occur. Codes are
-  canonical: used symbols sorted by (length, symbol value) get consecutive code values, the
+* ``group`` ``G`` symbols share one code: code ``i`` stands for symbols ``i*G .. i*G + G - 1``
+  (symbols past the end count as 0) and its value is ``sum(s[i*G + k] * A**k)`` for an alphabet of
+  ``A`` symbols. Coding pairs or quads of a small alphabet (``A**G <= 256``) gets much closer to the
+  entropy than one code per symbol (a code is at least one bit, and lengths are whole bits), and
+  decodes ``G`` symbols per table lookup. ``G`` is 1 for larger alphabets.
+* ``lengths``: one uint8 per code value (``A**G`` of them), ``0`` for values that never occur.
+  Codes are canonical: used values sorted by (length, value) get consecutive code values, the
   first one all zeros, shifting left whenever the length grows (as in DEFLATE). With two or more
-  used symbols the code must be complete (Kraft sum exactly 1); a lone used symbol has length 1
-  and code ``0``.
-* ``payload``: the codes of all symbols concatenated, each code written most significant bit
+  used values the code must be complete (Kraft sum exactly 1); a lone used value has length 1 and
+  code ``0``.
+* Lanes: the ``M = ceil(n / G)`` codes are dealt round-robin to ``L = ceil(M / chunk_size)``
+  lanes: lane ``j`` holds codes ``j, j + L, j + 2L, ...``. Decoders step all lanes at once and
+  step ``t`` yields codes ``t*L .. t*L + L - 1``, already in stream order (nothing to transpose,
+  and neighbouring GPU threads store to neighbouring addresses).
+* ``payload``: lane 0's codes, then lane 1's, and so on, each code written most significant bit
   first, the stream filling every byte from its most significant bit (bit ``i`` of the stream is
   bit ``7 - i % 8`` of byte ``i // 8``). The last byte is padded with zero bits; no other bytes
   follow.
-* ``chunk_bits``: int64 bit offset (into the stream above) of the first code of each chunk.
-  Chunk ``k`` holds symbols ``k * chunk_size`` up to ``(k + 1) * chunk_size`` (the last chunk may
-  be shorter), so ``chunk_bits[0] == 0`` and there are ``ceil(n_symbols / chunk_size)`` entries.
-  Chunks let decoders work on many chunks at once (numpy lanes here, GPU programs in
-  ``torchzip.kernels.huffman_decode``). Each chunk must end exactly where the next one starts.
+* ``chunk_bits``: int64 bit offset of the first code of each lane (a "chunk" of the stream), so
+  ``chunk_bits[0] == 0``. Each lane must end exactly where the next one starts.
 """
 
 from __future__ import annotations
@@ -26,35 +32,39 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from torchzip.errors import FormatError
 
 # Longest code the format allows. Decode tables have 2**max(lengths) entries, so this bounds them.
 MAX_CODE_LEN = 20
-# Largest alphabet: symbols must fit in uint16.
+# Largest code alphabet: code values must fit in uint16.
 MAX_ALPHABET = 65536
+# Symbols per code that a stream may use; more than one only while A**G <= 256.
+GROUPS = (1, 2, 4, 8)
 # Symbols encoded per slab, to bound the encoder's temporary memory on long streams.
 _ENCODE_SLAB = 1 << 18
-# Default chunking (see `encode`): numpy decoding runs one step per symbol of a chunk over all
-# chunks at once, so short chunks are fast, but each chunk costs its span in the chunk table
-# (a few bits once bit-packed by `pack_chunks`: about 1% at 1024 coded bits per chunk).
-_CHUNK_BITS = 1024
-_MIN_CHUNK = 128
-_MAX_CHUNK = 4096
+# Default lane length (see `encode`): numpy decoding runs one step per code of a lane over all
+# lanes at once, so short lanes decode faster, but each lane costs its bit-packed span in the
+# chunk table (`pack_chunks`: 8-10 bits, about 0.25% of a 3500-bit lane).
+_LANE_BITS = 3500
+_MIN_LANE = 64
 
 
 @dataclass
 class HuffmanStream:
     """A Huffman-coded stream of integers (see the module docstring for the exact layout)."""
 
-    lengths: np.ndarray  # uint8 per alphabet symbol, 0 = unused; the only table stored
-    payload: bytes | np.ndarray  # MSB-first concatenated codes, zero-padded to a whole byte
-    chunk_bits: np.ndarray  # int64 starting bit offset of each chunk
+    lengths: np.ndarray  # uint8 per code value, 0 = unused; the only table stored
+    payload: bytes | np.ndarray  # MSB-first concatenated codes, lane after lane, zero-padded
+    chunk_bits: np.ndarray  # int64 starting bit offset of each lane
     n_symbols: int
-    chunk_size: int  # symbols per chunk, except the last
+    chunk_size: int  # codes per lane (nominal: lanes = ceil(codes / chunk_size))
+    group: int = 1  # symbols per code
+    alphabet: int | None = None  # symbols' alphabet A; None means len(lengths) (needs group 1)
 
-
+    @property
+    def symbol_alphabet(self) -> int:
+        return int(self.alphabet) if self.alphabet is not None else int(np.asarray(self.lengths).size)
 def entropy_bits(symbols: np.ndarray) -> float:
     """Order-0 Shannon entropy of ``symbols`` times their count, in bits (0 for empty input)."""
     symbols = np.asarray(symbols).reshape(-1)
@@ -190,21 +200,58 @@ def _check_lengths(lengths: np.ndarray, max_len: int = MAX_CODE_LEN) -> np.ndarr
     return lengths
 
 
+def group_codes(symbols: np.ndarray, alphabet: int, group: int) -> np.ndarray:
+    """Code values of ``symbols`` taken ``group`` at a time (see the module docstring)."""
+    if group == 1:
+        return symbols
+    m = -(-symbols.size // group)
+    padded = np.zeros(m * group, np.int64)
+    padded[: symbols.size] = symbols
+    return padded.reshape(m, group) @ (np.int64(alphabet) ** np.arange(group, dtype=np.int64))
+
+
+def _choose_group(symbols: np.ndarray, alphabet: int, max_len: int) -> int:
+    """The group size whose payload plus stored lengths table is smallest (1 unless A <= 16)."""
+    best, best_bytes = 1, None
+    for g in GROUPS:
+        if g > 1 and alphabet**g > 256:
+            break
+        codes = group_codes(symbols, alphabet, g)
+        counts = np.bincount(codes, minlength=alphabet**g)
+        size = int((counts * code_lengths(counts, max_len)).sum()) / 8 + alphabet**g / 2
+        if best_bytes is None or size < best_bytes:
+            best, best_bytes = g, size
+    return best
+
+
+def lane_order(m: int, lanes: int) -> np.ndarray:
+    """Indices of ``m`` codes in payload order: lane 0's (0, L, 2L, ...), then lane 1's, ..."""
+    grid = np.arange(-(-m // lanes) * lanes, dtype=np.int64).reshape(-1, lanes).T.reshape(-1)
+    return grid[grid < m]
+
+
+def lane_counts(m: int, lanes: int) -> np.ndarray:
+    """Codes per lane when ``m`` codes are dealt round-robin to ``lanes`` lanes."""
+    q, r = divmod(m, lanes)
+    return np.where(np.arange(lanes) < r, q + 1, q).astype(np.int64)
+
+
 def encode(
     symbols: np.ndarray,
     alphabet_size: int | None = None,
     *,
     chunk_size: int | None = None,
     max_len: int = 16,
+    group: int | None = None,
 ) -> HuffmanStream:
     """Huffman-code a 1-D stream of integers in ``0 .. alphabet_size - 1``.
 
-    ``alphabet_size`` defaults to ``max(symbols) + 1``. Code lengths are fitted to the stream's own
-    counts and limited to ``max_len`` bits. Chunks of ``chunk_size`` symbols get their starting bit
-    offsets recorded so decoders can work on all chunks at once. Smaller chunks decode faster
-    (more chunks in flight) but need more offsets; by default (``None``) chunks hold the fewest
-    symbols (a power of two, 128..4096) that make up at least 1024 coded bits on average, so a
-    chunk's bit-packed span (:func:`pack_chunks`) costs about 1% of the payload.
+    ``alphabet_size`` defaults to ``max(symbols) + 1``. ``group`` symbols share one code (see the
+    module docstring); by default (``None``) the encoder picks the group that codes smallest.
+    Code lengths are fitted to the stream's own counts and limited to ``max_len`` bits. Codes are
+    dealt to lanes of about ``chunk_size`` codes each, whose starting bit offsets are recorded so
+    decoders can work on all lanes at once. Shorter lanes decode faster (fewer steps) but need
+    more offsets; by default lanes hold about 3500 coded bits, so an offset costs about 0.25%.
     """
     symbols = np.asarray(symbols)
     if symbols.ndim != 1:
@@ -222,56 +269,62 @@ def encode(
         raise ValueError(f"alphabet_size must be in 0..{MAX_ALPHABET}, got {alphabet_size}")
     if lo < 0 or hi >= alphabet_size:
         raise ValueError(f"symbols must lie in 0..{alphabet_size - 1}, got {lo}..{hi}")
+    if group is None:
+        group = _choose_group(symbols, alphabet_size, max_len) if symbols.size else 1
+    if group not in GROUPS or (group > 1 and alphabet_size**group > 256):
+        raise ValueError(f"group must be one of {GROUPS} with alphabet_size**group <= 256 when above 1, "
+                         f"got {group} for an alphabet of {alphabet_size}")
 
-    lengths = code_lengths(np.bincount(symbols, minlength=alphabet_size), max_len)
-    codes = canonical_codes(lengths, max_len)
-    n = symbols.size
-    if n == 0:
-        return HuffmanStream(lengths, b"", np.zeros(0, np.int64), 0, chunk_size or _MIN_CHUNK)
+    codes = group_codes(symbols, alphabet_size, group)
+    values = max(alphabet_size**group, 1) if group > 1 else alphabet_size
+    lengths = code_lengths(np.bincount(codes, minlength=values), max_len)
+    m = codes.size
+    if m == 0:
+        return HuffmanStream(lengths, b"", np.zeros(0, np.int64), 0, chunk_size or _MIN_LANE, group, alphabet_size)
 
     sym_len = lengths.astype(np.int64)
-    ends = np.cumsum(sym_len[symbols])
-    total_bits = int(ends[-1])
     if chunk_size is None:
-        chunk_size = _auto_chunk_size(n, total_bits)
-    chunk_bits = np.concatenate(([0], ends[chunk_size - 1 : -1 : chunk_size])).astype(np.int64)
+        mean_bits = float((np.bincount(codes, minlength=values) * sym_len).sum()) / m
+        chunk_size = max(_MIN_LANE, round(_LANE_BITS / mean_bits))
+    lanes = -(-m // min(chunk_size, m))
+    codes = codes[lane_order(m, lanes)]
+    ends = np.cumsum(sym_len[codes])
+    total_bits = int(ends[-1])
+    firsts = np.cumsum(lane_counts(m, lanes))[:-1]  # payload index of each lane's first code but lane 0's
+    chunk_bits = np.concatenate(([0], ends[firsts - 1])).astype(np.int64)
+    return HuffmanStream(lengths, _pack_codes(codes, ends, sym_len, canonical_codes(lengths, max_len), total_bits),
+                         chunk_bits, symbols.size, chunk_size, group, alphabet_size)
+
+
+def _pack_codes(codes: np.ndarray, ends: np.ndarray, sym_len: np.ndarray, table: np.ndarray, total_bits: int) -> bytes:
+    """The MSB-first bit string of ``codes`` (``ends``: cumulative code lengths)."""
     # Build the stream as big-endian 64-bit words. Codes are at most 20 bits, so every word holds
     # the start of at least one code, and a code spills into at most the next word.
     words = np.zeros(total_bits // 64 + 2, np.uint64)
-    sym_code = codes.astype(np.uint64)
-    for first_sym in range(0, n, _ENCODE_SLAB):
-        part = symbols[first_sym : first_sym + _ENCODE_SLAB]
+    sym_code = table.astype(np.uint64)
+    for first in range(0, codes.size, _ENCODE_SLAB):
+        part = codes[first : first + _ENCODE_SLAB]
         lens = sym_len[part]
-        starts = ends[first_sym : first_sym + part.size] - lens
+        starts = ends[first : first + part.size] - lens
         word = starts >> 6
         room = 64 - (starts & 63) - lens  # bits left in the word after the code; < 0 spills
         code = sym_code[part]
         head = (code << np.maximum(room, 0).astype(np.uint64)) >> np.maximum(-room, 0).astype(np.uint64)
         # Codes never share bits, so summing a word's pieces is the same as OR-ing them.
-        first = np.flatnonzero(np.diff(word)) + 1
+        first_in_word = np.flatnonzero(np.diff(word)) + 1
         base = int(word[0])
-        words[base : base + first.size + 1] += np.add.reduceat(head, np.concatenate(([0], first)))
+        words[base : base + first_in_word.size + 1] += np.add.reduceat(head, np.concatenate(([0], first_in_word)))
         spill = np.flatnonzero(room < 0)
         words[word[spill] + 1] += code[spill] << (64 + room[spill]).astype(np.uint64)
-    payload = words.astype(">u8").tobytes()[: (total_bits + 7) // 8]
-    return HuffmanStream(lengths, payload, chunk_bits, n, chunk_size)
-
-
-def _auto_chunk_size(n: int, total_bits: int) -> int:
-    """Fewest symbols per chunk (a power of two) that average _CHUNK_BITS coded bits."""
-    want = _CHUNK_BITS * n / max(total_bits, 1)
-    size = _MIN_CHUNK
-    while size < want and size < _MAX_CHUNK:
-        size *= 2
-    return size
+    return words.astype(">u8").tobytes()[: (total_bits + 7) // 8]
 
 
 def decode_table(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """One-level decode table for a lengths table: ``(symbol, length, width)``.
+    """One-level decode table for a lengths table: ``(value, length, width)``.
 
     ``width`` is the longest code length. Entry ``w`` of the two arrays (``2**width`` of each)
-    gives the symbol whose code is a prefix of the ``width``-bit window ``w`` and that code's
-    length. Entries no code reaches (only possible with a lone symbol) have length 0. Raises
+    gives the code value whose code is a prefix of the ``width``-bit window ``w`` and that code's
+    length. Entries no code reaches (only possible with a lone value) have length 0. Raises
     :class:`FormatError` if the lengths are not a valid code; an unused table gives width 0.
     """
     lengths = _check_lengths(lengths)
@@ -293,21 +346,38 @@ def decode_table(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return syms, sizes, width
 
 
+def expand_table(alphabet: int, group: int) -> np.ndarray:
+    """Per code value, its ``group`` symbols packed little-endian, one byte each (``uint{8G}``)."""
+    values = np.arange(alphabet**group, dtype=np.uint64)
+    packed = np.zeros(values.size, np.uint64)
+    for k in range(group):
+        packed |= ((values // np.uint64(alphabet**k)) % np.uint64(alphabet)) << np.uint64(8 * k)
+    return packed.astype(f"<u{group}")
+
+
 def check_stream(stream: HuffmanStream) -> np.ndarray:
     """Validate a stream's structure and return its payload as a uint8 array.
 
-    Checks the lengths table, that the symbol count, chunk size, chunk table and payload size are
-    consistent, and that every chunk's bit span is possible for its symbol count. The symbol count
-    is bounded by the payload size here, so decoders can size buffers from it safely. Raises
-    :class:`FormatError` on the first problem found.
+    Checks the group and alphabet, the lengths table, that the symbol count, lane size, chunk
+    table and payload size are consistent, and that every lane's bit span is possible for its
+    code count. The symbol count is bounded by the payload size here, so decoders can size
+    buffers from it safely. Raises :class:`FormatError` on the first problem found.
     """
     lengths = _check_lengths(stream.lengths)
-    n, cs = stream.n_symbols, stream.chunk_size
+    n, cs, g = stream.n_symbols, stream.chunk_size, stream.group
     if not isinstance(n, (int, np.integer)) or n < 0:
         raise FormatError(f"Huffman n_symbols must be a non-negative integer, got {n!r}")
     if not isinstance(cs, (int, np.integer)) or cs < 1:
         raise FormatError(f"Huffman chunk_size must be a positive integer, got {cs!r}")
-    n, cs = int(n), int(cs)
+    if not isinstance(g, (int, np.integer)) or int(g) not in GROUPS:
+        raise FormatError(f"Huffman group must be one of {GROUPS}, got {g!r}")
+    a = stream.alphabet
+    if g > 1 and (not isinstance(a, (int, np.integer)) or not 1 <= a or a**g > 256 or lengths.size != a**g):
+        raise FormatError(f"Huffman stream with group {g} (codes for {g} symbols) needs an alphabet A with "
+                          f"A**{g} <= 256 and A**{g} code lengths, got alphabet {a!r} and {lengths.size} lengths")
+    if g == 1 and a is not None and a != lengths.size:
+        raise FormatError(f"Huffman stream of alphabet {a!r} has {lengths.size} code lengths")
+    n, cs, g = int(n), int(cs), int(g)
     payload = stream.payload
     if isinstance(payload, np.ndarray):
         if payload.dtype != np.uint8 or payload.ndim != 1:
@@ -320,11 +390,12 @@ def check_stream(stream: HuffmanStream) -> np.ndarray:
     chunk_bits = np.asarray(stream.chunk_bits)
     if chunk_bits.ndim != 1 or (chunk_bits.size and chunk_bits.dtype.kind not in "ui"):
         raise FormatError("Huffman chunk table must be a 1-D integer array")
-    n_chunks = -(-n // cs)
-    if chunk_bits.size != n_chunks:
+    m = -(-n // g)
+    lanes = -(-m // cs)
+    if chunk_bits.size != lanes:
         raise FormatError(
-            f"Huffman chunk table has {chunk_bits.size} entries, but {n} symbols in chunks of {cs} "
-            f"need {n_chunks}"
+            f"Huffman chunk table has {chunk_bits.size} entries, but {m} codes in lanes of {cs} "
+            f"need {lanes}"
         )
     total = 8 * payload.size
     if n == 0:
@@ -335,25 +406,26 @@ def check_stream(stream: HuffmanStream) -> np.ndarray:
     if used.size == 0:
         raise FormatError(f"Huffman stream has {n} symbols but its lengths table codes none")
     min_len, max_len = int(used.min()), int(used.max())
-    if n * min_len > total:
+    if m * min_len > total:
         raise FormatError(
-            f"Huffman payload too short: {n} symbols need at least {n * min_len} bits, got {total}"
+            f"Huffman payload too short: {m} codes need at least {m * min_len} bits, got {total}"
         )
-    if total - 8 >= n * max_len:
+    if total - 8 >= m * max_len:
         raise FormatError(
-            f"Huffman payload too long: {n} symbols take at most {n * max_len} bits, got {total}"
+            f"Huffman payload too long: {m} codes take at most {m * max_len} bits, got {total}"
         )
     chunk_bits = chunk_bits.astype(np.int64)
     if chunk_bits[0] != 0:
         raise FormatError(f"first Huffman chunk must start at bit 0, got {chunk_bits[0]}")
+    counts = lane_counts(m, lanes)
     spans = np.diff(chunk_bits)
-    if spans.size and (spans.min() < cs * min_len or spans.max() > cs * max_len):
+    if spans.size and ((spans < counts[:-1] * min_len).any() or (spans > counts[:-1] * max_len).any()):
         raise FormatError(
             f"Huffman chunk offsets are inconsistent: chunk spans {spans.min()}..{spans.max()} bits, "
-            f"{cs} symbols take {cs * min_len}..{cs * max_len}"
+            f"lanes of {counts.min()}..{counts.max()} codes take {counts.min() * min_len}.."
+            f"{counts.max() * max_len}"
         )
-    last = n - (n_chunks - 1) * cs
-    if chunk_bits[-1] + last * min_len > total:
+    if chunk_bits[-1] + counts[-1] * min_len > total:
         raise FormatError(
             f"last Huffman chunk starts at bit {chunk_bits[-1]}, beyond what {total} payload bits allow"
         )
@@ -361,7 +433,7 @@ def check_stream(stream: HuffmanStream) -> np.ndarray:
 
 
 def check_chunk_ends(end: np.ndarray, chunk_bits: np.ndarray, payload: np.ndarray) -> None:
-    """Raise :class:`FormatError` unless every chunk ended where the next begins and the last
+    """Raise :class:`FormatError` unless every lane ended where the next begins and the last
     ended in the payload's final byte, followed by zero padding (shared by the GPU decoder)."""
     bad = np.flatnonzero(end[:-1] != chunk_bits[1:])
     if bad.size:
@@ -383,139 +455,107 @@ def decode(stream: HuffmanStream) -> np.ndarray:
     """Decode a :class:`HuffmanStream` back to its symbols.
 
     Returns uint8 symbols when the alphabet has at most 256 entries, else uint16. Works on all
-    chunks at once: each step decodes the next one or more symbols of every chunk with a table
-    lookup. Checks that every chunk ends exactly where the next begins and that the padding is
-    zero; any malformed or corrupted stream raises :class:`FormatError`.
+    lanes at once: each step decodes the next code of every lane with a table lookup. Checks that
+    every lane ends exactly where the next begins and that the padding is zero; any malformed or
+    corrupted stream raises :class:`FormatError`.
     """
     payload = check_stream(stream)
     lengths = np.asarray(stream.lengths).astype(np.uint8)
-    out_dtype = np.uint8 if lengths.size <= 256 else np.uint16
-    # A chunk size beyond the stream means one chunk; clamp it so arrays never see a huge value.
-    n, cs = int(stream.n_symbols), min(int(stream.chunk_size), int(stream.n_symbols))
+    g = int(stream.group)
+    alphabet = stream.symbol_alphabet
+    out_dtype = np.uint8 if alphabet <= 256 else np.uint16
+    n = int(stream.n_symbols)
     if n == 0:
         return np.zeros(0, out_dtype)
+    m = -(-n // g)
     syms, sizes, width = decode_table(lengths)
-    if sizes[-1] == 0:  # lone symbol: every code is the single bit 0
+    # What a code writes: its symbol, or its G symbols packed into one little-endian word.
+    packed = expand_table(alphabet, g)[syms] if g > 1 else syms.astype(out_dtype)
+    out = np.empty(m * g, out_dtype)
+    if sizes[-1] == 0:  # lone code value: every code is the single bit 0
         if payload.any():
             raise FormatError("Huffman stream of a lone symbol has non-zero bits")
-        return np.full(n, syms[0], out_dtype)
-    return _decode_lanes(payload, np.asarray(stream.chunk_bits).astype(np.int64), n, cs,
-                         syms, sizes, width, out_dtype)
-
-
-def _steps_table(
-    syms: np.ndarray, sizes: np.ndarray, width: int, k: int, sym_bits: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Table over ``k * width``-bit windows: the next ``k`` symbols packed little-endian, and
-    the bits they take. ``k`` codes of at most ``width`` bits always fit in the window."""
-    if k == 1:
-        return syms.astype(f"<u{sym_bits // 8}"), sizes
-    bits = k * width
-    window = np.arange(1 << bits, dtype=np.int32)
-    mask = (1 << width) - 1
-    syms = syms.astype(np.uint64)
-    sizes32 = sizes.astype(np.int32)
-    used = np.zeros(window.size, np.int32)
-    packed = np.zeros(window.size, np.uint64)
-    for j in range(k):
-        idx = (window >> (bits - width - used)) & mask
-        packed |= syms[idx] << np.uint64(j * sym_bits)
-        used += sizes32[idx]
-    return packed.astype(f"<u{k * sym_bits // 8}"), used.astype(np.int64)
-
-
-def _symbols_per_step(width: int, n: int, sym_bits: int) -> int:
-    """How many symbols one table lookup decodes: more per step means fewer numpy calls, but the
-    table has 2**(k * width) entries and costs time to build, so only big streams get big tables."""
-    cap = 16 if n >= 1 << 19 else 12  # a 16-bit table takes ~1.5 ms to build
-    for k in (4, 2):
-        if k * width <= cap and k * sym_bits <= 64:
-            return k
-    return 1
+        out.view(packed.dtype)[:] = packed[0]
+        return out[:n]
+    chunk_bits = np.asarray(stream.chunk_bits).astype(np.int64)
+    _decode_lanes(payload, chunk_bits, m, packed, sizes, width, out.view(packed.dtype))
+    return out[:n]
 
 
 def _decode_lanes(
     payload: np.ndarray,
     chunk_bits: np.ndarray,
-    n: int,
-    cs: int,
-    syms: np.ndarray,
+    m: int,
+    packed: np.ndarray,
     sizes: np.ndarray,
     width: int,
-    out_dtype: type,
-) -> np.ndarray:
-    """Decode every chunk at once, one lane per chunk (see :func:`decode`)."""
+    out: np.ndarray,
+) -> None:
+    """Decode all ``m`` codes into ``out`` (``packed[value]`` each), stepping every lane at once."""
     lanes = chunk_bits.size
-    sym_bits = 8 * np.dtype(out_dtype).itemsize
-    k = _symbols_per_step(width, n, sym_bits)
-    bits = k * width
-    packed, step_bits = _steps_table(syms, sizes, width, k, sym_bits)
-    steps = -(-cs // k)
-
-    # 64-bit big-endian windows starting at every 4-byte boundary. Lanes keep stepping after their
-    # chunk ends (the last one past the payload), so pad with zeros as far as any lane can reach.
-    reach = int(chunk_bits[-1]) + steps * bits + 64
+    q, r = divmod(m, lanes)
+    steps = q + (r > 0)
+    # 64-bit big-endian windows starting at every 4-byte boundary. Lanes past their own codes
+    # (in the last, partial step) read on into the next lane or past the payload: pad with zeros
+    # as far as any lane can reach.
+    reach = int(chunk_bits[-1]) + steps * width + 64
     n_words = max(payload.size, reach // 8) // 4 + 2
     buf = np.zeros(4 * n_words, np.uint8)
     buf[: payload.size] = payload
     words = np.frombuffer(buf, ">u4").astype(np.uint64)
     win = (words[:-1] << np.uint64(32)) | words[1:]
 
-    target = np.full(lanes, cs, np.int64)  # symbols of each lane's own chunk
-    target[-1] = n - (lanes - 1) * cs
-    full, full_last = cs // k, int(target[-1]) // k
+    rows = out[: q * lanes].reshape(q, lanes)
+    last = np.empty(lanes, out.dtype)  # the partial last step, for lanes < r
     c = chunk_bits.copy()  # bit cursor of every lane
-    end = c.copy()  # each lane's cursor after its last whole step of own symbols
-    end_last = 0
-    out = np.empty((steps, lanes), packed.dtype)
+    end = c
     word = np.empty(lanes, np.int64)
-    offset = np.empty(lanes, np.int64)
+    offset = np.empty(lanes, np.uint64)
     w = np.empty(lanes, np.uint64)
     x = np.empty(lanes, np.uint64)
     adv = np.empty(lanes, np.int64)
-    shift = np.uint64(64 - bits)
-    xi = x.view(np.int64)
-    offset_u = offset.view(np.uint64)
-    # A window loaded at bit offset <= 31 has >= 33 bits after it: room for two lookups when a
-    # lookup takes at most 16 bits, which saves reloading it (numpy calls dominate the cost).
-    per_load = 2 if 2 * bits <= 33 else 1
-    for t0 in range(0, steps, per_load):
-        np.right_shift(c, 5, out=word)
-        win.take(word, out=w)
-        np.bitwise_and(c, 31, out=offset)
-        for t in range(t0, min(t0 + per_load, steps)):
-            if t == full:
-                end[:] = c
-            if t == full_last:
-                end_last = int(c[-1])
-            np.left_shift(w, offset_u, out=x)
-            np.right_shift(x, shift, out=x)
-            packed.take(xi, out=out[t])
-            step_bits.take(xi, out=adv)
-            np.add(c, adv, out=c)
-            if t + 1 < t0 + per_load:
-                np.add(offset, adv, out=offset)
-    if full == steps:
-        end[:] = c
-    end[-1] = end_last if full_last < steps else c[-1]
-
-    # Finish each lane's chunk one symbol at a time, then check it ends where the next begins.
-    rest = target % k
-    for r in range(1, k):
-        more = rest >= r
-        at = end[more]
-        idx = (win[at >> 5] << (at & 31).astype(np.uint64)) >> np.uint64(64 - width)
-        end[more] = at + sizes[idx.astype(np.int64)]
+    # Array operands throughout: numpy's per-call cost is lower than with scalars, and the loop
+    # is bound by calls (one step per code of a lane).
+    five = np.full(lanes, 5, np.int64)
+    low5 = np.full(lanes, 31, np.uint64)
+    shift = np.full(lanes, 64 - width, np.uint64)
+    xi, c_u, adv_u = x.view(np.int64), c.view(np.uint64), adv.view(np.uint64)
+    rshift, lshift, add, band = np.right_shift, np.left_shift, np.add, np.bitwise_and
+    win_take, code_take, size_take = win.take, packed.take, sizes.take
+    # A window loaded at bit offset <= 31 has >= 33 bits after it: room for two lookups when codes
+    # are at most 16 bits (always, in .tzip files), which saves reloading it. The loop is bound by
+    # numpy calls, so the two-lookup body is written out; "clip" skips the buffered bounds check
+    # (every index is in range by construction).
+    pairs = q // 2 if 2 * width <= 33 else 0
+    for t in range(0, 2 * pairs, 2):
+        rshift(c, five, word)
+        win_take(word, None, w, "clip")
+        band(c_u, low5, offset)
+        lshift(w, offset, w)
+        rshift(w, shift, x)
+        code_take(xi, None, rows[t], "clip")
+        size_take(xi, None, adv, "clip")
+        add(c, adv, c)
+        lshift(w, adv_u, w)
+        rshift(w, shift, x)
+        code_take(xi, None, rows[t + 1], "clip")
+        size_take(xi, None, adv, "clip")
+        add(c, adv, c)
+    for t in range(2 * pairs, steps):
+        if t == q:  # lanes >= r hold only q codes: they end here
+            end = c.copy()
+        rshift(c, five, word)
+        win_take(word, None, w, "clip")
+        band(c_u, low5, offset)
+        lshift(w, offset, w)
+        rshift(w, shift, x)
+        code_take(xi, None, rows[t] if t < q else last, "clip")
+        size_take(xi, None, adv, "clip")
+        add(c, adv, c)
+    if r:
+        end[:r] = c[:r]
+        out[q * lanes :] = last[:r]
     check_chunk_ends(end, chunk_bits, payload)
-
-    # Lane-major order: each lane's steps in turn, each step's k symbols in order. torch's
-    # transpose copy is several times faster than numpy's for narrow dtypes (signed view: torch
-    # lacks some unsigned copies).
-    signed = out.view(f"i{out.itemsize}")
-    flat = torch.from_numpy(signed).T.contiguous().numpy().view(out_dtype).reshape(lanes, steps * k)
-    if steps * k != cs:
-        flat = flat[:, :cs]
-    return flat.reshape(-1)[:n]
 
 
 # ---- how a stream's tables are stored (docs/FORMAT.md) -------------------------------------
