@@ -53,6 +53,13 @@ def test_skewed_streams(rng, alphabet, n, chunk_size):
     check_same(encode(skewed(rng, n, alphabet), alphabet, chunk_size=chunk_size))
 
 
+@pytest.mark.parametrize("alphabet, group", [(2, 8), (3, 4), (6, 2), (16, 2)])
+def test_grouped_codes(rng, alphabet, group):
+    # Codes for several symbols are expanded after the kernel; n is not a multiple of the group.
+    n = int(rng.integers(300, 900)) * group + int(rng.integers(1, group))
+    check_same(encode(skewed(rng, n, alphabet), alphabet, chunk_size=int(rng.integers(5, 60)), group=group))
+
+
 def test_flat_stream(rng):
     stream = encode(rng.permutation(np.tile(np.arange(256), 10)), 256, chunk_size=150)
     assert set(stream.lengths.tolist()) == {8}
@@ -79,7 +86,8 @@ def test_huge_chunk_size_means_one_chunk(rng):
 
 
 def test_lone_symbol_and_empty():
-    check_same(encode(np.full(500, 3), 4, chunk_size=64))
+    check_same(encode(np.full(500, 3), 4, chunk_size=64, group=1))
+    check_same(encode(np.full(501, 3), 4, chunk_size=64, group=4))
     check_same(encode(np.zeros(1, np.int64), 1))
     got = decode_triton(encode(np.zeros(0, np.int64), 5), DEVICE)
     assert got.shape == (0,)
