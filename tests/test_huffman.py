@@ -23,7 +23,9 @@ from torchzip.export.huffman import (
     decode,
     encode,
     entropy_bits,
+    pack_chunks,
     stored_bytes,
+    unpack_chunks,
 )
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -568,3 +570,37 @@ def test_random_corruption_never_crashes(data, seed):
         return
     assert out.size == n  # corruption may go unnoticed, but the result is well-formed
     check_stream(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunk tables (lane offsets)
+
+
+@pytest.mark.parametrize("case", ["normal", "equal", "spread", "one", "two", "huge"])
+def test_chunk_table_round_trip(rng, case):
+    count = {"one": 1, "two": 2}.get(case, int(rng.integers(3, 3000)))
+    spans = {
+        "normal": lambda: np.maximum(np.round(rng.normal(3500, 30, count - 1)), 0),
+        "equal": lambda: np.full(count - 1, 777),
+        "spread": lambda: rng.integers(0, 100_000, count - 1),
+        "huge": lambda: rng.integers(0, 2**40, count - 1),
+    }.get(case, lambda: rng.integers(0, 50, count - 1))()
+    starts = np.concatenate(([0], np.cumsum(spans))).astype(np.int64)
+    data, median, k = pack_chunks(starts)
+    np.testing.assert_array_equal(unpack_chunks(data, count, median, k), starts)
+    if case == "normal":  # near-normal spans: well under the 8+ bits fixed-width fields would take
+        assert 8 * len(data) < 7.2 * (count - 1) + 8
+    if case == "equal":
+        assert k == 0 and len(data) == -(-(count - 1) // 8)  # a single 0 bit per lane
+
+
+def test_corrupt_chunk_table_raises(rng):
+    starts = np.concatenate(([0], np.cumsum(rng.integers(90, 110, 500)))).astype(np.int64)
+    data, median, k = pack_chunks(starts)
+    for bad, count in ((data[:-1], 501), (data + b"\0", 501), (data, 502), (b"\xff" * len(data), 501),
+                       (data, 1), (b"", 501)):
+        with pytest.raises(FormatError, match="chunk table"):
+            unpack_chunks(bad, count, median, k)
+    for header in ((-1, median, k), (501, -5, k), (501, median, 41)):
+        with pytest.raises(FormatError, match="chunk table header"):
+            unpack_chunks(data, *header)

@@ -66,10 +66,10 @@ def _encode(symbols: np.ndarray, alphabet: int) -> huffman.HuffmanStream:
 def _huffman(w: container.SectionWriter, symbols: np.ndarray | huffman.HuffmanStream, alphabet: int, **extra: Any) -> dict:
     """Write a stream (given as symbols, or already encoded) and return its manifest entry."""
     s = symbols if isinstance(symbols, huffman.HuffmanStream) else _encode(symbols, alphabet)
-    chunks, base, width = huffman.pack_chunks(s.chunk_bits)
+    chunks, median, rice = huffman.pack_chunks(s.chunk_bits)
     return {
         "codec": "huffman", "n": s.n_symbols, "alphabet": alphabet, "group": s.group, "chunk_size": s.chunk_size,
-        "chunk_base": base, "chunk_width": width, "lengths": w.add(huffman.pack_lengths(s.lengths)),
+        "chunk_median": median, "chunk_rice": rice, "lengths": w.add(huffman.pack_lengths(s.lengths)),
         "chunks": w.add(chunks), "payload": w.add(bytes(s.payload)), **extra,
     }
 
@@ -237,12 +237,12 @@ def _read_huffman(section: memoryview, spec: Any, where: str, alphabet: int | No
     _need(alphabet is None or a == alphabet, where, f"alphabet {a} does not match the layer (expected {alphabet})")
     payload = _piece(section, spec.get("payload"), where)
     _need(n <= 8 * g * len(payload), where, f"{n} symbols cannot fit in {len(payload)} payload bytes")
-    base, width = spec.get("chunk_base"), spec.get("chunk_width")
-    _need(type(base) is int and type(width) is int, where, "chunk table header (chunk_base, chunk_width) is invalid")
+    median, rice = spec.get("chunk_median"), spec.get("chunk_rice")
+    _need(type(median) is int and type(rice) is int, where, "chunk table header (chunk_median, chunk_rice) is invalid")
     try:
         full = huffman.unpack_lengths(_piece(section, spec.get("lengths"), where), a**g)
         lanes = -(-(-(-n // g)) // chunk)
-        chunks = huffman.unpack_chunks(_piece(section, spec.get("chunks"), where), lanes, base, width)
+        chunks = huffman.unpack_chunks(_piece(section, spec.get("chunks"), where), lanes, median, rice)
     except FormatError as err:
         raise FormatError(f"{where}: {err}") from None
     stream = huffman.HuffmanStream(full, np.frombuffer(payload, np.uint8), chunks, n, chunk, g, a)
