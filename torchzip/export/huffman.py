@@ -595,7 +595,7 @@ def pack_chunks(chunk_bits: np.ndarray) -> tuple[bytes, int, int]:
     many 1 bits and a 0), and the low ``k`` bits. All unary parts come first, then all low parts in
     ``k`` bits each, least significant bit first, the bit string packed from each byte's least
     significant bit. Spans are sums of hundreds of code lengths, near-normal around their median,
-    so this costs about 2 bits per lane less than fixed-width fields wide enough for the extremes.
+    so this costs about a bit per lane less than fixed-width fields wide enough for the extremes.
     ``k`` is the one that makes the table smallest.
     """
     spans = np.diff(np.asarray(chunk_bits, np.int64))
