@@ -120,7 +120,7 @@ def bench_stream(name: str, symbols: np.ndarray, alphabet: int, args: argparse.N
         dec = min(dec, best_time(lambda: decode(stream), 1))
         zdec = min(zdec, best_time(lambda: zlib.decompress(blobs["zlib"]), 1))
     row.update(encode_s=enc, decode_s=dec, encode_MBps=mib / enc, decode_MBps=mib / dec,
-               decode_Msym_per_s=n / dec / 1e6)
+               encode_Msym_per_s=n / enc / 1e6, decode_Msym_per_s=n / dec / 1e6)
     for lib, (pack, unpack) in CODECS.items():
         blob = blobs[lib]
         row[f"{lib}_bytes"] = len(blob)
@@ -194,6 +194,8 @@ def main() -> None:
               f"{r['zstd_decompress_MBps']:8.1f}")
         if "triton_decode_MBps" in r:
             print(f"{'':10} triton decode {r['triton_decode_MBps']:.1f} MB/s")
+    print("symbols/s (millions), encode / decode: "
+          + ", ".join(f"{r['stream']} {r['encode_Msym_per_s']:.0f} / {r['decode_Msym_per_s']:.0f}" for r in rows))
     print("sizes in bytes; huffman = payload + code-length table + chunk table as stored; +% over entropy; "
           "G = symbols per code, lane = codes per lane; speeds in MB/s of 1-byte symbols")
 

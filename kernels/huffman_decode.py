@@ -67,8 +67,8 @@ def decode_triton(
 ) -> torch.Tensor:
     """Decode ``stream`` with the Triton kernel; returns int32 symbols on ``device``.
 
-    Output equals :func:`torchzip.export.huffman.decode`, and malformed or corrupted streams raise
-    the same :class:`~torchzip.errors.FormatError`. ``block`` (a power of two) is the number of
+    Its values equal :func:`torchzip.export.huffman.decode`'s (as int32), and malformed or
+    corrupted streams raise the same :class:`~torchzip.errors.FormatError`. ``block`` (a power of two) is the number of
     lanes per program; small blocks spread a stream's few hundred or thousand lanes over more
     GPU cores. ``device`` may be ``"cpu"`` under ``TRITON_INTERPRET=1``.
     """
@@ -89,7 +89,10 @@ def decode_triton(
             raise FormatError("Huffman stream of a lone symbol has non-zero bits")
         if expand is None:
             return torch.full((n,), int(syms[0]), dtype=torch.int32, device=device)
-        return expand[int(syms[0])].repeat(m)[:n].to(device)
+        symbols = expand[int(syms[0])].repeat(m)
+        if bool(symbols[n:].any()):
+            raise FormatError(f"Huffman stream's last code adds non-zero symbols past its {n} symbols")
+        return symbols[:n].to(device)
 
     chunk_bits = np.asarray(stream.chunk_bits).astype(np.int64)
     lanes = chunk_bits.size
@@ -112,4 +115,7 @@ def decode_triton(
     check_chunk_ends(ends_d.cpu().numpy(), chunk_bits, payload)
     if expand is None:
         return codes
-    return expand.to(device)[codes.long()].reshape(-1)[:n]
+    symbols = expand.to(device)[codes.long()].reshape(-1)
+    if bool(symbols[n:].any()):
+        raise FormatError(f"Huffman stream's last code adds non-zero symbols past its {n} symbols")
+    return symbols[:n]

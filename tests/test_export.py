@@ -168,7 +168,8 @@ def _semantic_mutation(rng: random.Random, manifest: dict, sections: list) -> No
     elif choice == 3 and layer:  # symbol counts that the payload cannot hold
         for spec in layer["tensors"].values():
             if spec.get("codec") == "huffman":
-                spec[rng.choice(["n", "chunk_size", "alphabet", "group"])] = rng.choice([spec["n"] + 1, spec["n"] * 1000 + 7, -1, 2**62, 1])
+                key = rng.choice(["n", "chunk_size", "alphabet", "group", "chunk_median", "chunk_rice"])
+                spec[key] = rng.choice([spec["n"] + 1, spec["n"] * 1000 + 7, -1, 2**62, 2**63, 1, 65537])
     elif choice == 4 and layer:
         layer["format"] = rng.choice(["int4", None, 3, "csr", "sparse24", "int8", "codebook"])
     elif choice == 5 and layer:

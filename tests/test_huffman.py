@@ -95,7 +95,7 @@ def test_round_trip_flat(rng):
     np.testing.assert_array_equal(decode(stream), symbols)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 7, 8, 9, 63, 64, 1000, 1023, 4096, 10**9])
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 7, 8, 9, 63, 64, 1000, 1023, 4096, 65536])
 def test_chunk_sizes(rng, chunk_size):
     symbols = zipf(rng, 5000, 40, 1.0)
     stream = encode(symbols, 40, chunk_size=chunk_size)
@@ -178,6 +178,15 @@ def test_group_arguments_are_checked():
         decode(dataclasses.replace(stream, group=0))
     with pytest.raises(FormatError, match="alphabet"):
         decode(dataclasses.replace(encode(np.arange(300), 300), alphabet=256))
+    with pytest.raises(FormatError, match="group"):  # a**g in Python ints, no numpy overflow
+        decode(dataclasses.replace(stream, alphabet=np.int64(2**61 + 1), group=8))
+    numpy_alphabet = dataclasses.replace(encode(np.arange(4).repeat(9), 4, group=4), alphabet=np.uint8(4))
+    np.testing.assert_array_equal(decode(numpy_alphabet), np.arange(4).repeat(9))
+    with pytest.raises(ValueError, match="group"):
+        encode(np.zeros(0, np.int64), 0, group=2)
+    # Groups whose used values cannot all get codes under max_len are skipped, not an error.
+    bits = np.random.default_rng(0).integers(0, 2, 1000)
+    np.testing.assert_array_equal(decode(encode(bits, 2, max_len=4)), bits)
 
 
 @pytest.mark.parametrize("alphabet, n_used", [(4, 4), (16, 16), (300, 12), (40_000, 5)])
@@ -500,10 +509,26 @@ def test_bad_chunk_offsets(sample):
             decode(replace(stream, chunk_bits=bad))
 
 
-def test_huge_chunk_size_means_one_chunk(rng):
+def test_lane_length_is_bounded(rng):
+    # One step per code of a lane: a file may not declare one endless lane (decoding would take
+    # time out of proportion to its size).
     symbols = zipf(rng, 3000, 30, 1.0)
-    stream = replace(encode(symbols, 30, chunk_size=5000), chunk_size=2**70)
-    np.testing.assert_array_equal(decode(stream), symbols)
+    one_lane = encode(symbols, 30, chunk_size=5000)
+    np.testing.assert_array_equal(decode(one_lane), symbols)
+    for cs in (65537, 2**70):
+        with pytest.raises(FormatError, match="chunk_size"):
+            decode(replace(one_lane, chunk_size=cs))
+    with pytest.raises(ValueError, match="chunk_size"):
+        encode(symbols, 30, chunk_size=65537)
+
+
+def test_nonzero_symbols_past_the_end_are_rejected():
+    # Lone code value 0b1111 of quads over {0, 1}: 6 symbols leave digits 1, 1 of the second code
+    # past the end, which a reader must reject (a writer pads with zeros).
+    stream = encode(np.array([1, 1, 0, 0, 1, 1]), 2, group=4)
+    np.testing.assert_array_equal(decode(stream), [1, 1, 0, 0, 1, 1])
+    with pytest.raises(FormatError, match="past its 6 symbols"):
+        decode(replace(stream, lengths=np.eye(16, dtype=np.uint8)[0b1111], payload=b"\0"))
 
 
 def test_counts_that_do_not_add_up(sample):
@@ -516,8 +541,8 @@ def test_counts_that_do_not_add_up(sample):
         decode(replace(stream, n_symbols=-1))
     with pytest.raises(FormatError):
         decode(replace(stream, chunk_size=0))
-    with pytest.raises(FormatError, match="too short"):
-        decode(replace(stream, n_symbols=10**15, chunk_size=10**15, chunk_bits=np.zeros(1, np.int64)))
+    with pytest.raises(FormatError, match="too short"):  # a huge count allocates nothing
+        decode(replace(stream, n_symbols=10**9, chunk_size=65536, chunk_bits=np.zeros(15259, np.int64)))
     with pytest.raises(FormatError, match="empty"):
         decode(replace(stream, n_symbols=0, chunk_bits=np.zeros(0, np.int64)))
 
@@ -602,6 +627,6 @@ def test_corrupt_chunk_table_raises(rng):
     for bad, count in ((data[:-1], 501), (data + b"\0", 501), (b"\xff" * len(data), 501), (data, 1), (b"", 501)):
         with pytest.raises(FormatError, match="chunk table"):
             unpack_chunks(bad, count, median, k)
-    for header in ((-1, median, k), (501, -5, k), (501, median, 41)):
+    for header in ((-1, median, k), (501, -5, k), (501, median, 41), (501, 2**63, k)):
         with pytest.raises(FormatError, match="chunk table header"):
             unpack_chunks(data, *header)

@@ -80,9 +80,19 @@ def test_chunk_size_extremes(rng, chunk_size):
     check_same(encode(skewed(rng, 300, 20), 20, chunk_size=chunk_size))
 
 
-def test_huge_chunk_size_means_one_chunk(rng):
-    stream = encode(skewed(rng, 200, 10), 10, chunk_size=1000)
-    check_same(dataclasses.replace(stream, chunk_size=2**70))
+def test_one_lane(rng):
+    check_same(encode(skewed(rng, 200, 10), 10, chunk_size=1000))
+
+
+def test_nonzero_symbols_past_the_end_raise(rng):
+    # Lone code value 0b1111 of quads over {0, 1}: 6 symbols leave digits 1, 1 of the second code
+    # past the end, which a reader must reject.
+    stream = encode(np.array([1, 1, 0, 0, 1, 1]), 2, group=4)
+    bad = dataclasses.replace(stream, lengths=np.eye(16, dtype=np.uint8)[0b1111], payload=b"\0")
+    with pytest.raises(FormatError, match="past its 6 symbols"):
+        decode(bad)
+    with pytest.raises(FormatError, match="past its 6 symbols"):
+        decode_triton(bad, DEVICE)
 
 
 def test_lone_symbol_and_empty():

@@ -247,7 +247,7 @@ def _read_huffman(section: memoryview, spec: Any, where: str, alphabet: int | No
         raise FormatError(f"{where}: {err}") from None
     stream = huffman.HuffmanStream(full, np.frombuffer(payload, np.uint8), chunks, n, chunk, g, a)
     try:
-        if on is not None:
+        if on is not None and -(-n // g) < 1 << 31:  # the kernel indexes codes with int32
             from torchzip.kernels.huffman_decode import decode_triton
 
             return decode_triton(stream, on)

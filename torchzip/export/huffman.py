@@ -50,6 +50,11 @@ _ENCODE_SLAB = 1 << 18
 _LANE_BITS = 3000
 _MIN_LANE = 64
 _MAX_LANE = 640
+# Most codes a lane may hold (`chunk_size`): decoders take one step per code of a lane, so this
+# bounds their time by the payload size, whatever a file declares.
+MAX_LANE_CODES = 1 << 16
+# Largest chunk-table median a reader accepts (spans never exceed the payload anyway).
+_MAX_MEDIAN = 1 << 62
 
 
 @dataclass
@@ -67,6 +72,8 @@ class HuffmanStream:
     @property
     def symbol_alphabet(self) -> int:
         return int(self.alphabet) if self.alphabet is not None else int(np.asarray(self.lengths).size)
+
+
 def entropy_bits(symbols: np.ndarray) -> float:
     """Order-0 Shannon entropy of ``symbols`` times their count, in bits (0 for empty input)."""
     symbols = np.asarray(symbols).reshape(-1)
@@ -220,6 +227,8 @@ def _choose_group(symbols: np.ndarray, alphabet: int, max_len: int) -> int:
             break
         codes = group_codes(symbols, alphabet, g)
         counts = np.bincount(codes, minlength=alphabet**g)
+        if np.count_nonzero(counts) > 1 << max_len:  # more used values than codes that short
+            continue
         size = int((counts * code_lengths(counts, max_len)).sum()) / 8 + alphabet**g / 2
         if best_bytes is None or size < best_bytes:
             best, best_bytes = g, size
@@ -261,8 +270,8 @@ def encode(
         raise ValueError(f"symbols must be 1-D, got shape {symbols.shape}")
     if symbols.size and symbols.dtype.kind not in "ui":
         raise ValueError(f"symbols must be integers, got dtype {symbols.dtype}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if chunk_size is not None and not 1 <= chunk_size <= MAX_LANE_CODES:
+        raise ValueError(f"chunk_size must be in 1..{MAX_LANE_CODES}, got {chunk_size}")
     symbols = symbols.astype(np.int64, copy=False)
     lo = int(symbols.min()) if symbols.size else 0
     hi = int(symbols.max()) if symbols.size else -1
@@ -274,7 +283,7 @@ def encode(
         raise ValueError(f"symbols must lie in 0..{alphabet_size - 1}, got {lo}..{hi}")
     if group is None:
         group = _choose_group(symbols, alphabet_size, max_len) if symbols.size else 1
-    if group not in GROUPS or (group > 1 and alphabet_size**group > 256):
+    if group not in GROUPS or (group > 1 and not 1 <= alphabet_size**group <= 256):
         raise ValueError(f"group must be one of {GROUPS} with alphabet_size**group <= 256 when above 1, "
                          f"got {group} for an alphabet of {alphabet_size}")
 
@@ -370,12 +379,16 @@ def check_stream(stream: HuffmanStream) -> np.ndarray:
     n, cs, g = stream.n_symbols, stream.chunk_size, stream.group
     if not isinstance(n, (int, np.integer)) or n < 0:
         raise FormatError(f"Huffman n_symbols must be a non-negative integer, got {n!r}")
-    if not isinstance(cs, (int, np.integer)) or cs < 1:
-        raise FormatError(f"Huffman chunk_size must be a positive integer, got {cs!r}")
+    if not isinstance(cs, (int, np.integer)) or not 1 <= cs <= MAX_LANE_CODES:
+        raise FormatError(f"Huffman chunk_size must be an integer in 1..{MAX_LANE_CODES}, got {cs!r}")
     if not isinstance(g, (int, np.integer)) or int(g) not in GROUPS:
         raise FormatError(f"Huffman group must be one of {GROUPS}, got {g!r}")
     a = stream.alphabet
-    if g > 1 and (not isinstance(a, (int, np.integer)) or not 1 <= a or a**g > 256 or lengths.size != a**g):
+    if a is not None and not isinstance(a, (int, np.integer)):
+        raise FormatError(f"Huffman alphabet must be an integer, got {a!r}")
+    a = None if a is None else int(a)  # Python ints: numpy's would overflow in a**g
+    g = int(g)
+    if g > 1 and (a is None or not 1 <= a or a**g > 256 or lengths.size != a**g):
         raise FormatError(f"Huffman stream with group {g} (codes for {g} symbols) needs an alphabet A with "
                           f"A**{g} <= 256 and A**{g} code lengths, got alphabet {a!r} and {lengths.size} lengths")
     if g == 1 and a is not None and a != lengths.size:
@@ -479,10 +492,18 @@ def decode(stream: HuffmanStream) -> np.ndarray:
         if payload.any():
             raise FormatError("Huffman stream of a lone symbol has non-zero bits")
         out.view(packed.dtype)[:] = packed[0]
+        check_group_padding(out, n)
         return out[:n]
     chunk_bits = np.asarray(stream.chunk_bits).astype(np.int64)
     _decode_lanes(payload, chunk_bits, m, packed, sizes, width, out.view(packed.dtype))
+    check_group_padding(out, n)
     return out[:n]
+
+
+def check_group_padding(symbols: np.ndarray, n: int) -> None:
+    """Raise :class:`FormatError` unless the symbols a last, partial code adds past ``n`` are 0."""
+    if np.any(symbols[n:]):
+        raise FormatError(f"Huffman stream's last code adds non-zero symbols past its {n} symbols")
 
 
 def _decode_lanes(
@@ -604,7 +625,7 @@ def pack_chunks(chunk_bits: np.ndarray) -> tuple[bytes, int, int]:
     median = int(np.median(spans))
     d = spans - median
     u = np.where(d >= 0, 2 * d, -2 * d - 1)
-    top = int(u.max()).bit_length()
+    top = min(int(u.max()).bit_length(), 40)
     k = min(range(top + 1), key=lambda k: int((u >> k).sum()) + k * u.size)
     q = u >> k
     unary = np.ones(int(q.sum()) + u.size, np.uint8)
@@ -615,7 +636,7 @@ def pack_chunks(chunk_bits: np.ndarray) -> tuple[bytes, int, int]:
 
 def unpack_chunks(data: bytes, count: int, median: int, k: int) -> np.ndarray:
     """Inverse of :func:`pack_chunks`: the starting bit of each of ``count`` lanes."""
-    if count < 0 or median < 0 or not 0 <= k <= 40:
+    if count < 0 or not 0 <= median <= _MAX_MEDIAN or not 0 <= k <= 40:
         raise FormatError(f"chunk table header is invalid (count {count}, median {median}, k {k})")
     if count <= 1:
         if len(data):
