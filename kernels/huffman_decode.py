@@ -21,7 +21,14 @@ import triton
 import triton.language as tl
 
 from torchzip.errors import FormatError
-from torchzip.export.huffman import HuffmanStream, check_chunk_ends, check_stream, decode_table, expand_table
+from torchzip.export.huffman import (
+    HuffmanStream,
+    check_chunk_ends,
+    check_group_padding,
+    check_stream,
+    decode_table,
+    expand_table,
+)
 
 # Table entries pack the symbol above a 5-bit code length (lengths are at most 20).
 _LEN_BITS = 5
@@ -68,9 +75,9 @@ def decode_triton(
     """Decode ``stream`` with the Triton kernel; returns int32 symbols on ``device``.
 
     Its values equal :func:`torchzip.export.huffman.decode`'s (as int32), and malformed or
-    corrupted streams raise the same :class:`~torchzip.errors.FormatError`. ``block`` (a power of two) is the number of
-    lanes per program; small blocks spread a stream's few hundred or thousand lanes over more
-    GPU cores. ``device`` may be ``"cpu"`` under ``TRITON_INTERPRET=1``.
+    corrupted streams raise the same :class:`~torchzip.errors.FormatError`. ``block`` (a power
+    of two) is the number of lanes per program; small blocks spread a stream's few hundred or
+    thousand lanes over more GPU cores. ``device`` may be ``"cpu"`` under ``TRITON_INTERPRET=1``.
     """
     payload = check_stream(stream)
     n, g = int(stream.n_symbols), int(stream.group)
@@ -90,8 +97,7 @@ def decode_triton(
         if expand is None:
             return torch.full((n,), int(syms[0]), dtype=torch.int32, device=device)
         symbols = expand[int(syms[0])].repeat(m)
-        if bool(symbols[n:].any()):
-            raise FormatError(f"Huffman stream's last code adds non-zero symbols past its {n} symbols")
+        check_group_padding(symbols[n:].numpy(), n)
         return symbols[:n].to(device)
 
     chunk_bits = np.asarray(stream.chunk_bits).astype(np.int64)
@@ -116,6 +122,5 @@ def decode_triton(
     if expand is None:
         return codes
     symbols = expand.to(device)[codes.long()].reshape(-1)
-    if bool(symbols[n:].any()):
-        raise FormatError(f"Huffman stream's last code adds non-zero symbols past its {n} symbols")
+    check_group_padding(symbols[n:].cpu().numpy(), n)
     return symbols[:n]

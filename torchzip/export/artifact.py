@@ -241,8 +241,8 @@ def _read_huffman(section: memoryview, spec: Any, where: str, alphabet: int | No
     _need(type(median) is int and type(rice) is int, where, "chunk table header (chunk_median, chunk_rice) is invalid")
     try:
         full = huffman.unpack_lengths(_piece(section, spec.get("lengths"), where), a**g)
-        lanes = -(-(-(-n // g)) // chunk)
-        chunks = huffman.unpack_chunks(_piece(section, spec.get("chunks"), where), lanes, median, rice)
+        chunks = huffman.unpack_chunks(_piece(section, spec.get("chunks"), where), huffman.lane_count(n, g, chunk),
+                                       median, rice)
     except FormatError as err:
         raise FormatError(f"{where}: {err}") from None
     stream = huffman.HuffmanStream(full, np.frombuffer(payload, np.uint8), chunks, n, chunk, g, a)

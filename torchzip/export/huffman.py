@@ -219,9 +219,10 @@ def group_codes(symbols: np.ndarray, alphabet: int, group: int) -> np.ndarray:
     return padded.reshape(m, group) @ (np.int64(alphabet) ** np.arange(group, dtype=np.int64))
 
 
-def _choose_group(symbols: np.ndarray, alphabet: int, max_len: int) -> int:
-    """The group size whose payload plus stored lengths table is smallest (1 unless A <= 16)."""
-    best, best_bytes = 1, None
+def _choose_group(symbols: np.ndarray, alphabet: int, max_len: int) -> tuple[int, np.ndarray]:
+    """The group size whose payload plus stored lengths table is smallest (1 unless A <= 16),
+    with the stream's code values for it."""
+    best, best_bytes = (1, symbols), None
     for g in GROUPS:
         if g > 1 and alphabet**g > 256:
             break
@@ -231,8 +232,13 @@ def _choose_group(symbols: np.ndarray, alphabet: int, max_len: int) -> int:
             continue
         size = int((counts * code_lengths(counts, max_len)).sum()) / 8 + alphabet**g / 2
         if best_bytes is None or size < best_bytes:
-            best, best_bytes = g, size
+            best, best_bytes = (g, codes), size
     return best
+
+
+def lane_count(n: int, group: int, chunk_size: int) -> int:
+    """Lanes of a stream of ``n`` symbols, ``group`` per code, about ``chunk_size`` codes a lane."""
+    return -(-(-(-n // group)) // chunk_size)
 
 
 def lane_order(m: int, lanes: int) -> np.ndarray:
@@ -281,22 +287,25 @@ def encode(
         raise ValueError(f"alphabet_size must be in 0..{MAX_ALPHABET}, got {alphabet_size}")
     if lo < 0 or hi >= alphabet_size:
         raise ValueError(f"symbols must lie in 0..{alphabet_size - 1}, got {lo}..{hi}")
+    codes = None
     if group is None:
-        group = _choose_group(symbols, alphabet_size, max_len) if symbols.size else 1
+        group, codes = _choose_group(symbols, alphabet_size, max_len) if symbols.size else (1, symbols)
     if group not in GROUPS or (group > 1 and not 1 <= alphabet_size**group <= 256):
         raise ValueError(f"group must be one of {GROUPS} with alphabet_size**group <= 256 when above 1, "
                          f"got {group} for an alphabet of {alphabet_size}")
 
-    codes = group_codes(symbols, alphabet_size, group)
+    if codes is None:
+        codes = group_codes(symbols, alphabet_size, group)
     values = max(alphabet_size**group, 1) if group > 1 else alphabet_size
-    lengths = code_lengths(np.bincount(codes, minlength=values), max_len)
+    counts = np.bincount(codes, minlength=values)
+    lengths = code_lengths(counts, max_len)
     m = codes.size
     if m == 0:
         return HuffmanStream(lengths, b"", np.zeros(0, np.int64), 0, chunk_size or _MIN_LANE, group, alphabet_size)
 
     sym_len = lengths.astype(np.int64)
     if chunk_size is None:
-        mean_bits = float((np.bincount(codes, minlength=values) * sym_len).sum()) / m
+        mean_bits = float((counts * sym_len).sum()) / m
         chunk_size = min(max(_MIN_LANE, round(_LANE_BITS / mean_bits)), _MAX_LANE)
     lanes = -(-m // min(chunk_size, m))
     codes = codes[lane_order(m, lanes)]
@@ -407,7 +416,7 @@ def check_stream(stream: HuffmanStream) -> np.ndarray:
     if chunk_bits.ndim != 1 or (chunk_bits.size and chunk_bits.dtype.kind not in "ui"):
         raise FormatError("Huffman chunk table must be a 1-D integer array")
     m = -(-n // g)
-    lanes = -(-m // cs)
+    lanes = lane_count(n, g, cs)
     if chunk_bits.size != lanes:
         raise FormatError(
             f"Huffman chunk table has {chunk_bits.size} entries, but {m} codes in lanes of {cs} "
@@ -492,17 +501,18 @@ def decode(stream: HuffmanStream) -> np.ndarray:
         if payload.any():
             raise FormatError("Huffman stream of a lone symbol has non-zero bits")
         out.view(packed.dtype)[:] = packed[0]
-        check_group_padding(out, n)
+        check_group_padding(out[n:], n)
         return out[:n]
     chunk_bits = np.asarray(stream.chunk_bits).astype(np.int64)
     _decode_lanes(payload, chunk_bits, m, packed, sizes, width, out.view(packed.dtype))
-    check_group_padding(out, n)
+    check_group_padding(out[n:], n)
     return out[:n]
 
 
-def check_group_padding(symbols: np.ndarray, n: int) -> None:
-    """Raise :class:`FormatError` unless the symbols a last, partial code adds past ``n`` are 0."""
-    if np.any(symbols[n:]):
+def check_group_padding(past_end: np.ndarray, n: int) -> None:
+    """Raise :class:`FormatError` unless the symbols a last, partial code adds past the stream's
+    ``n`` symbols (``past_end``, fewer than a group) are 0 (shared by the GPU decoder)."""
+    if np.any(past_end):
         raise FormatError(f"Huffman stream's last code adds non-zero symbols past its {n} symbols")
 
 
