@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/vision.py
 import torchzip as tz  # noqa: E402
 from common import write_json  # noqa: E402
-from torchzip._compat import import_torchvision  # noqa: E402
+from vision import import_torchvision  # noqa: E402
 
 RECIPES = {
     "int8": [tz.Quantize()],

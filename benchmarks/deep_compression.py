@@ -79,9 +79,9 @@ def run_fold(x, y, train, test, *, recipe, dense_epochs: int, finetune_epochs: i
     dense = lenet_300_100()
     tz.finetune(dense, loader(x[train], y[train], seed), epochs=dense_epochs, lr=1e-3, progress=False)
     dense.eval()
-    student = tz.compress(dense, recipe, teacher=dense, progress=False)
+    student = tz.compress(dense, recipe, progress=False)
     tz.finetune(student, loader(x[train], y[train], seed + 1), epochs=finetune_epochs, lr=1e-3, lr_schedule="cosine",
-                progress=False)
+                callbacks=recipe.callbacks(student, teacher=dense), progress=False)
     finetuned = predict(student, x[test])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "lenet.tzip"

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torchzip as tz  # noqa: E402
 from common import write_json  # noqa: E402
 from torchzip.export import huffman  # noqa: E402
-from torchzip.export.artifact import MAX_CODE_LEN  # noqa: E402
+from torchzip.export.huffman import TZIP_MAX_LEN  # noqa: E402
 
 
 def cuda_seconds(fn, reps: int = 5) -> float:
@@ -53,7 +53,7 @@ def bench_streams(n: int, device: torch.device) -> list[dict]:
 
     rows = []
     for name, (symbols, alphabet) in streams(n, np.random.default_rng(0)).items():
-        stream = huffman.encode(symbols, alphabet, max_len=MAX_CODE_LEN)
+        stream = huffman.encode(symbols, alphabet, max_len=TZIP_MAX_LEN)
         out = decode_triton(stream, device)
         assert torch.equal(out.cpu().long(), torch.from_numpy(symbols)), "GPU decode differs from the input"
         gpu = cuda_seconds(lambda: decode_triton(stream, device))

@@ -32,7 +32,7 @@ import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
-from torchzip.export.artifact import MAX_CODE_LEN  # noqa: E402
+from torchzip.export.huffman import TZIP_MAX_LEN  # noqa: E402
 from torchzip.export.huffman import HuffmanStream, decode, encode, entropy_bits, pack_chunks, pack_lengths  # noqa: E402
 from torchzip.export.streams import gaps_encode  # noqa: E402
 
@@ -104,14 +104,14 @@ def bench_stream(name: str, symbols: np.ndarray, alphabet: int, args: argparse.N
     row: dict = {"stream": name, "symbols": n, "alphabet": alphabet}
     row["entropy_bytes"] = entropy_bits(symbols) / 8
 
-    stream = encode(symbols, alphabet, chunk_size=args.chunk_size, max_len=MAX_CODE_LEN)
+    stream = encode(symbols, alphabet, chunk_size=args.chunk_size, max_len=TZIP_MAX_LEN)
     assert np.array_equal(decode(stream), symbols)
     sizes = coded_bytes(stream)
     row.update(group=stream.group, chunk_size=stream.chunk_size, n_chunks=int(stream.chunk_bits.size))
     row.update({f"huffman_{k}": v for k, v in sizes.items()})
     for part in ("payload", "total"):
         row[f"{part}_over_entropy"] = sizes[part] / row["entropy_bytes"] - 1
-    enc = best_time(lambda: encode(symbols, alphabet, chunk_size=args.chunk_size, max_len=MAX_CODE_LEN), args.reps)
+    enc = best_time(lambda: encode(symbols, alphabet, chunk_size=args.chunk_size, max_len=TZIP_MAX_LEN), args.reps)
 
     blobs = {lib: pack(raw) for lib, (pack, _) in CODECS.items()}
     # Interleave our decode with zlib's so both see the same machine load.
@@ -147,7 +147,7 @@ def sweep(symbols: np.ndarray, reps: int) -> list[dict]:
     raw_zlib = zlib.compress(symbols.tobytes(), 9)
     rows = []
     for cs in (128, 256, 384, 512, 640, 768, 1024, 2048):
-        stream = encode(symbols, 256, chunk_size=cs, max_len=MAX_CODE_LEN)
+        stream = encode(symbols, 256, chunk_size=cs, max_len=TZIP_MAX_LEN)
         dec = zdec = float("inf")
         for _ in range(2 * reps):
             dec = min(dec, best_time(lambda: decode(stream), 1))

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-from torchzip.kernels import _common, codebook_matmul, dispatch, int8_matmul, sparse_matmul
+from torchzip.kernels import _common, codebook, csr, dispatch, int8, sparse24
 from torchzip.packed import CodebookWeight, CsrWeight, Int8Weight, PackedWeight, Sparse24Weight
 from torchzip.packed.values import int8_quantize
 
@@ -93,15 +93,15 @@ def fused(pw: PackedWeight, x: torch.Tensor) -> torch.Tensor:
     k = pw.shape[1]
     gemv = x.shape[0] <= dispatch.GEMV_MAX_M
     if isinstance(pw, Int8Weight):
-        fn = int8_matmul.int8_gemv if gemv else int8_matmul.int8_gemm
+        fn = int8.int8_gemv if gemv else int8.int8_gemm
         return fn(x, pw.qweight, pw.scales, None, pw.group_size)
     if isinstance(pw, CodebookWeight):
-        fn = codebook_matmul.codebook_gemv if gemv else codebook_matmul.codebook_gemm
+        fn = codebook.codebook_gemv if gemv else codebook.codebook_gemm
         return fn(x, pw.packed, pw.codebook, None, pw.bits, k)
     if isinstance(pw, Sparse24Weight):
-        fn = sparse_matmul.sparse24_gemv if gemv else sparse_matmul.sparse24_gemm
+        fn = sparse24.sparse24_gemv if gemv else sparse24.sparse24_gemm
         return fn(x, pw.values, pw.positions, pw.scales, pw.codebook, None, pw.group_size, k)
-    return sparse_matmul.csr_matmul(x, pw.row_ptr, pw.col_idx, pw.values, pw.scales, pw.codebook, None,
+    return csr.csr_matmul(x, pw.row_ptr, pw.col_idx, pw.values, pw.scales, pw.codebook, None,
                                     pw.group_size, k)
 
 
@@ -109,12 +109,12 @@ def dequantized(pw: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     """Dense weight from the format's Triton dequantize kernel."""
     k = pw.shape[1]
     if isinstance(pw, Int8Weight):
-        return dispatch.dequantize_int8(pw.qweight, pw.scales, pw.group_size, dtype)
+        return int8.dequantize_int8(pw.qweight, pw.scales, pw.group_size, dtype)
     if isinstance(pw, CodebookWeight):
-        return dispatch.dequantize_codebook(pw.packed, pw.codebook, pw.bits, k, dtype)
+        return codebook.dequantize_codebook(pw.packed, pw.codebook, pw.bits, k, dtype)
     if isinstance(pw, Sparse24Weight):
-        return dispatch.dequantize_sparse24(pw.values, pw.positions, pw.scales, pw.codebook, pw.group_size, k, dtype)
-    return dispatch.dequantize_csr(pw.row_ptr, pw.col_idx, pw.values, pw.scales, pw.codebook, pw.group_size, k, dtype)
+        return sparse24.dequantize_sparse24(pw.values, pw.positions, pw.scales, pw.codebook, pw.group_size, k, dtype)
+    return csr.dequantize_csr(pw.row_ptr, pw.col_idx, pw.values, pw.scales, pw.codebook, pw.group_size, k, dtype)
 
 
 # ---- timing ------------------------------------------------------------------------------------

@@ -186,3 +186,63 @@ def launch(kernel, autotuned, grid, args: tuple, config: triton.Config | None, d
         return autotuned[grid](*args, **constexprs)
     cfg = config or default
     return kernel[grid(cfg.kwargs)](*args, **constexprs, **config_kwargs(cfg))
+
+
+# ---- launch configurations every tl.dot kernel shares ------------------------------------------
+
+# GEMM: small tiles along M for skinny activations, large square tiles for prefill-sized M.
+GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4),
+        (32, 64, 128, 4, 4), (32, 128, 128, 4, 3),
+        (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3),
+        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+    ]
+]
+# The interpreter runs programs one after another in Python: few, mid-sized blocks are fastest
+# there, and they still leave ragged edges in the test shapes.
+INTERP_GEMM = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4})
+
+
+def prune_gemm(configs, named_args, **kwargs):
+    """Keep tiles whose BLOCK_M fits the M bucket, so tuning only tries sensible shapes."""
+    bucket = named_args["M_BUCKET"]
+    if bucket <= 64:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] == max(16, bucket)]
+    else:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
+    return keep or configs[:1]
+
+def value_args(scales: torch.Tensor | None, codebook: torch.Tensor | None, n: int):
+    """Kernel arguments for the value side tensors: (kind, scales, stride, codebook, stride)."""
+    kind = value_kind(scales, codebook)
+    if scales is not None:
+        if scales.dtype != torch.float32 or scales.dim() != 2 or scales.shape[0] != n:
+            raise ValueError(f"scales must be float32 [{n}, G], got {scales.dtype} {tuple(scales.shape)}")
+        scales = scales.contiguous()
+    if codebook is not None:
+        if codebook.dtype != torch.float32 or codebook.shape[0] not in (1, n):
+            raise ValueError(f"codebook must be float32 [1 or {n}, E], got {codebook.dtype} {tuple(codebook.shape)}")
+        codebook = codebook.contiguous()
+    stride_s = scales.stride(0) if scales is not None else 0
+    stride_b = codebook.stride(0) if codebook is not None and codebook.shape[0] > 1 else 0
+    return kind, scales, stride_s, codebook, stride_b
+
+
+# Dequantize kernels write streaming [DQ_BLOCK_N, DQ_BLOCK_K] tiles: 8K outputs a program (16 KiB
+# of bf16) keeps thousands of programs in flight.
+DQ_BLOCK_N, DQ_BLOCK_K, DQ_WARPS = 32, 256, 4
+
+
+def dq_grid(n: int, k: int) -> tuple[int, int]:
+    """Grid of a dequantize kernel over an ``[n, k]`` output."""
+    return triton.cdiv(n, DQ_BLOCK_N), triton.cdiv(k, DQ_BLOCK_K)
+
+
+def decode_values64(values, rows, cols, scales, codebook, group_size):
+    """Stored values as float64 weights (the references' ``torchzip.packed.values.decode_values``)."""
+    from torchzip.packed.values import decode_values
+
+    return decode_values(values, rows, cols, None if scales is None else scales.double(),
+                         None if codebook is None else codebook.double(), group_size).double()

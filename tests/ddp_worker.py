@@ -16,7 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import torchzip
-from torchzip.distill import Callback, callbacks, finetune
+from torchzip.recipe import Recipe
+from torchzip.train import Callback, finetune
 from torchzip.passes.codebook import Codebook
 from torchzip.passes.distill import Distill
 from torchzip.passes.prune import Prune
@@ -28,9 +29,13 @@ EPOCHS = 2  # 2 epochs x 6 steps = 12 optimizer steps
 class Snapshot(Callback):
     """Keeps the distillation projection as it was before the first update."""
 
+    def __init__(self, distill) -> None:
+        super().__init__()
+        self.distill = distill
+
     def on_step_begin(self, model: nn.Module) -> None:
         if not hasattr(self, "initial"):
-            self.initial = {k: v.clone() for k, v in callbacks(model)[0].state_dict().items()}
+            self.initial = {k: v.clone() for k, v in self.distill.state_dict().items()}
 
 
 def main(out: Path) -> None:
@@ -45,21 +50,21 @@ def main(out: Path) -> None:
 
     torch.manual_seed(100 + rank)  # a different student on every rank: DDP must make them one
     student = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
-    recipe = [
+    recipe = Recipe([
         Prune(sparsity=0.75, end_step=END_STEP, frequency=2),
         Codebook(bits=3, start_step=END_STEP),
         Distill(alpha=0.5, temperature=2.0, features={"0": "0"}),  # width 32 vs 48: a projection
-    ]
-    student = torchzip.compress(student, recipe, teacher=teacher, progress=False)
+    ])
+    student = torchzip.compress(student, recipe, progress=False)
+    (cb,) = recipe.callbacks(student, teacher=teacher)
     before = {k: v.clone() for k, v in student.state_dict().items()}
 
     model = DistributedDataParallel(student)
     data = TensorDataset(x, y)
     loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, shuffle=True, seed=0))
-    snapshot = Snapshot()
-    history = finetune(model, loader, epochs=EPOCHS, lr=1e-2, callbacks=[snapshot], progress=False)
+    snapshot = Snapshot(cb)
+    history = finetune(model, loader, epochs=EPOCHS, lr=1e-2, callbacks=[snapshot, cb], progress=False)
 
-    cb = callbacks(student)[0]
     torch.save(
         {
             "state": student.state_dict(),

@@ -1,7 +1,9 @@
 """Knowledge distillation: the KD loss, output containers, feature hooks, the recipe pass, bad input,
 and a real task (scikit-learn's digits) where distillation lifts a heavily pruned student."""
 
+import copy
 import math
+import pickle
 from collections import OrderedDict
 
 import pytest
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchzip
-from torchzip.distill import Callback, DistillationCallback, callbacks, detach, extract_logits, finetune, kd_loss
+from torchzip.train import Callback, DistillationCallback, extract_logits, finetune, kd_loss
 from torchzip.errors import DistillationError, RecipeError
 from torchzip.passes.distill import Distill
 from torchzip.passes.prune import Prune, masks_of
@@ -248,20 +250,20 @@ def test_teacher_sharing_parameters_with_student_is_refused():
     with pytest.raises(DistillationError, match="shares parameters"):
         DistillationCallback(model, student=model)
     with pytest.raises(DistillationError, match="shares parameters"):
-        torchzip.compress(model, [Distill()], teacher=model, inplace=True, progress=False)
+        Recipe([Distill()]).callbacks(torchzip.compress(model, [Prune()], inplace=True, progress=False), teacher=model)
 
 
 # ---------------------------------------------------------------------------------------------
 # The recipe pass
 
 
-def test_distill_pass_attaches_a_callback_that_finetune_uses():
+def test_distill_pass_yields_a_callback_that_finetune_uses():
     teacher, student = mlp([8, 32, 4], 1), mlp([8, 32, 4], 2)
     recipe = Recipe.from_dict({"passes": [{"prune": {"sparsity": 0.5}}, {"distill": {"temperature": 2.0, "alpha": 0.9, "features": {"0": "0"}}}]})
     assert recipe.to_dict()["passes"][1] == {"distill": {"temperature": 2.0, "alpha": 0.9, "features": {"0": "0"}}}
     assert Recipe.from_yaml(recipe.to_yaml()).to_dict() == recipe.to_dict()
-    model = torchzip.compress(student, recipe, teacher=teacher, progress=False)
-    (cb,) = callbacks(model)
+    model = torchzip.compress(student, recipe, progress=False)
+    (cb,) = recipe.callbacks(model, teacher=teacher)
     assert isinstance(cb, DistillationCallback) and cb.student is model and cb.teacher is teacher
     assert (cb.temperature, cb.alpha, cb.features) == (2.0, 0.9, {"0": "0"})
     assert model.state_dict().keys() == torchzip.compress(student, [Prune(sparsity=0.5)], progress=False).state_dict().keys()
@@ -273,19 +275,33 @@ def test_distill_pass_attaches_a_callback_that_finetune_uses():
             seen.append(loss.item())
             return loss
 
-    # The attached callback runs after those given; the spy sees the task loss only.
-    history = finetune(model, batches(), callbacks=[Spy()], progress=False)
+    # Callbacks run in the order given; the spy, first, sees the task loss only.
+    history = finetune(model, batches(), callbacks=[Spy(), cb], progress=False)
     assert len(seen) == 5  # dry run + 4 steps
     assert history[0]["loss"] != pytest.approx(sum(seen[1:]) / 4)  # the distillation loss was added
 
-    detach(model)
-    assert callbacks(model) == [] and not cb._hooks
+
+def test_the_student_holds_no_teacher():
+    """Distillation state lives in the callback: copies, pickles, freeze and export of the student
+    never touch the teacher."""
+    teacher, student = mlp([8, 32, 4], 1), mlp([8, 32, 4], 2)
+    recipe = Recipe([Prune(sparsity=0.5), Distill(features={"0": "0"})])
+    model = torchzip.compress(student, recipe, progress=False)
+    (cb,) = recipe.callbacks(model, teacher=teacher)
+    finetune(model, batches(), callbacks=[cb], progress=False)
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    assert not any(id(v) in teacher_ids or v is teacher for v in vars(model).values())
+    copied = copy.deepcopy(model)
+    assert not {id(p) for p in copied.parameters()} & teacher_ids
+    blob = pickle.dumps(torchzip.freeze(copy.deepcopy(model)))  # the packed student pickles without the teacher
+    assert teacher[0].weight.detach().numpy().tobytes()[:64] not in blob
 
 
 def test_own_loop_with_recipe_callback_in_two_lines():
     teacher, student = mlp([8, 32, 4], 1), mlp([8, 32, 4], 2)
-    model = torchzip.compress(student, [Prune(sparsity=0.8, end_step=4), Distill(alpha=0.5)], teacher=teacher, progress=False)
-    cb = callbacks(model)[0]
+    recipe = Recipe([Prune(sparsity=0.8, end_step=4), Distill(alpha=0.5)])
+    model = torchzip.compress(student, recipe, progress=False)
+    (cb,) = recipe.callbacks(model, teacher=teacher)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     for x, y in batches(4):
         loss = cb.loss(model(x), y, x)  # line 1
@@ -298,8 +314,10 @@ def test_own_loop_with_recipe_callback_in_two_lines():
 
 
 def test_distill_pass_without_teacher_is_a_recipe_error():
-    with pytest.raises(RecipeError, match="teacher"):
-        torchzip.compress(mlp([8, 16, 4]), [Distill()], progress=False)
+    recipe = Recipe([Distill()])
+    model = torchzip.compress(mlp([8, 16, 4]), [Prune()], progress=False)
+    with pytest.raises(RecipeError, match="needs a teacher"):
+        recipe.callbacks(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +351,7 @@ def test_missing_feature_names_list_close_and_valid_names():
         finetune(student, batches(), callbacks=[cb], progress=False)
     assert same(before, snapshot(student))
     with pytest.raises(DistillationError, match="no layer named"):
-        torchzip.compress(student, [Distill(features={"x": "2"})], teacher=teacher, progress=False)
+        torchzip.compress(student, [Prune(), Distill(features={"x": "2"})], progress=False)
 
 
 def model_with_bn(out):
@@ -409,21 +427,13 @@ def test_distillation_lifts_pruned_student_on_digits():
     results = {}
     for name, recipe in [("plain", [Prune(sparsity=0.95)]), ("distilled", [Prune(sparsity=0.95), Distill(alpha=0.9, temperature=4.0)])]:
         torch.manual_seed(0)
-        student = torchzip.compress(teacher, recipe, teacher=teacher, progress=False)
+        student = torchzip.compress(teacher, recipe, progress=False)
         pruned_acc = accuracy(student)
         loader = torch.utils.data.DataLoader(data, batch_size=10, shuffle=True, generator=torch.Generator().manual_seed(2))
-        finetune(student, loader, epochs=40, lr=1e-2, progress=False)
+        finetune(student, loader, epochs=40, lr=1e-2, callbacks=Recipe(recipe).callbacks(student, teacher=teacher),
+                 progress=False)
         assert masks_of(student[0]).mask.float().mean().item() == pytest.approx(0.05, abs=1e-3)
         results[name] = accuracy(student)
     assert pruned_acc < 0.5  # the pruning really hurt
     assert results["distilled"] >= results["plain"] + 0.02, results
     assert same(teacher_state, snapshot(teacher))
-
-
-def test_second_distill_pass_replaces_the_first():
-    teacher, other = mlp([8, 32, 4], 1), mlp([8, 64, 4], 3)
-    model = torchzip.compress(mlp([8, 16, 4], 2), [Distill(features={"0": "0"})], teacher=teacher, progress=False)
-    (first,) = callbacks(model)
-    torchzip.compress(model, [Distill(alpha=1.0)], teacher=other, inplace=True, progress=False)
-    (second,) = callbacks(model)
-    assert second is not first and second.teacher is other and not first._hooks

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchzip
-from torchzip.distill import Callback, DistillationCallback, finetune
+from torchzip.train import Callback, DistillationCallback, finetune
 from torchzip.errors import TorchzipError
 from torchzip.passes.codebook import codebook_of
 from torchzip.passes.distill import Distill
@@ -120,8 +120,9 @@ def test_gradual_schedule_in_own_loop_with_plain_callback():
 
 def test_schedules_step_once_per_optimizer_step_with_many_callbacks():
     teacher = mlp(1)
-    model = torchzip.compress(mlp(), [Prune(sparsity=0.5, end_step=100), Distill()], teacher=teacher, progress=False)
-    cbs = [Recorder(), Callback(), DistillationCallback(teacher, alpha=0.2)]
+    recipe = torchzip.Recipe([Prune(sparsity=0.5, end_step=100), Distill()])
+    model = torchzip.compress(mlp(), recipe, progress=False)
+    cbs = [Recorder(), Callback(), DistillationCallback(teacher, alpha=0.2)] + recipe.callbacks(model, teacher=teacher)
     finetune(model, batches(5), callbacks=cbs, epochs=2, progress=False)
     assert int(masks_of(model[0]).step) == 10 and int(masks_of(model[2]).step) == 10
 

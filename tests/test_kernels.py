@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchzip.kernels import codebook_matmul, dequantize, dispatch, int8_matmul, sparse_matmul
+from torchzip.kernels import codebook, csr, dispatch, int8, sparse24
 from torchzip.packed import CodebookWeight, CsrWeight, Int8Weight, PackedLinear, Sparse24Weight
 from torchzip.packed.values import int8_quantize
 
@@ -103,11 +103,11 @@ def test_int8_kernels(seed, group_size, dtype, m, with_bias):
     w = Int8Weight.from_float(torch.randn(n, k), group_size)
     bias = torch.randn(n).to(dtype) if with_bias else None
     x = torch.randn(m, k).to(dtype)
-    ref = int8_matmul.reference(x, w.qweight, w.scales, bias, group_size)
+    ref = int8.reference(x, w.qweight, w.scales, bias, group_size)
     what = f"int8 g={group_size} {dtype} M={m} N={n} K={k} bias={with_bias}"
-    check(int8_matmul.int8_gemm(x, w.qweight, w.scales, bias, group_size), ref, dtype, seed, "gemm " + what)
+    check(int8.int8_gemm(x, w.qweight, w.scales, bias, group_size), ref, dtype, seed, "gemm " + what)
     if m <= 3:
-        check(int8_matmul.int8_gemv(x, w.qweight, w.scales, bias, group_size), ref, dtype, seed, "gemv " + what)
+        check(int8.int8_gemv(x, w.qweight, w.scales, bias, group_size), ref, dtype, seed, "gemv " + what)
 
 
 # ---- codebook ----------------------------------------------------------------------------------
@@ -119,11 +119,11 @@ def test_codebook_kernels(seed, bits, books, dtype, m, with_bias):
     w = CodebookWeight.from_indices(torch.randint(0, 2**bits, (n, k)), book, bits, dtype)
     bias = torch.randn(n).to(dtype) if with_bias else None
     x = torch.randn(m, k).to(dtype)
-    ref = codebook_matmul.reference(x, w.packed, w.codebook, bias, bits, k)
+    ref = codebook.reference(x, w.packed, w.codebook, bias, bits, k)
     what = f"codebook {bits}-bit per {books} {dtype} M={m} N={n} K={k} bias={with_bias}"
-    check(codebook_matmul.codebook_gemm(x, w.packed, w.codebook, bias, bits, k), ref, dtype, seed, "gemm " + what)
+    check(codebook.codebook_gemm(x, w.packed, w.codebook, bias, bits, k), ref, dtype, seed, "gemm " + what)
     if m <= 3:
-        check(codebook_matmul.codebook_gemv(x, w.packed, w.codebook, bias, bits, k), ref, dtype, seed, "gemv " + what)
+        check(codebook.codebook_gemv(x, w.packed, w.codebook, bias, bits, k), ref, dtype, seed, "gemv " + what)
 
 
 @pytest.mark.parametrize("bits", (*range(1, 9), 12, 16))
@@ -134,12 +134,12 @@ def test_codebook_every_width(seed, bits):
     book = torch.randn(n if bits <= 8 else 1, 2**bits)
     w = CodebookWeight.from_indices(torch.randint(0, 2**bits, (n, k)), book, bits, torch.float32)
     x = torch.randn(2, k)
-    ref = codebook_matmul.reference(x, w.packed, w.codebook, None, bits, k)
-    check(codebook_matmul.codebook_gemv(x[:1], w.packed, w.codebook, None, bits, k), ref[:1], torch.float32, seed,
+    ref = codebook.reference(x, w.packed, w.codebook, None, bits, k)
+    check(codebook.codebook_gemv(x[:1], w.packed, w.codebook, None, bits, k), ref[:1], torch.float32, seed,
           f"gemv {bits}-bit")
-    check(codebook_matmul.codebook_gemm(x, w.packed, w.codebook, None, bits, k), ref, torch.float32, seed,
+    check(codebook.codebook_gemm(x, w.packed, w.codebook, None, bits, k), ref, torch.float32, seed,
           f"gemm {bits}-bit")
-    assert torch.equal(dequantize.dequantize_codebook(w.packed, w.codebook, bits, k, torch.float32), w.dequantize())
+    assert torch.equal(codebook.dequantize_codebook(w.packed, w.codebook, bits, k, torch.float32), w.dequantize())
 
 
 # ---- sparse: 2:4 and CSR -----------------------------------------------------------------------
@@ -186,12 +186,12 @@ def test_sparse24_kernels(seed, kind, dtype, m, with_bias):
     bias = torch.randn(n).to(dtype) if with_bias else None
     x = torch.randn(m, k).to(dtype)
     args = (*sparse24_args(w), bias, w.group_size, k)
-    ref = sparse_matmul.sparse24_reference(x, *args)
+    ref = sparse24.sparse24_reference(x, *args)
     assert_reference_is_dequantize(x, w, bias, ref, seed)
     what = f"2:4 {kind} {dtype} M={m} N={n} K={k} bias={with_bias}"
-    check(sparse_matmul.sparse24_gemm(x, *args), ref, dtype, seed, "gemm " + what)
+    check(sparse24.sparse24_gemm(x, *args), ref, dtype, seed, "gemm " + what)
     if m <= 3:
-        check(sparse_matmul.sparse24_gemv(x, *args), ref, dtype, seed, "gemv " + what)
+        check(sparse24.sparse24_gemv(x, *args), ref, dtype, seed, "gemv " + what)
 
 
 @pytest.mark.parametrize("kind,dtype,m,with_bias", cases(VALUE_KINDS, DTYPES))
@@ -205,10 +205,10 @@ def test_csr_kernel(seed, kind, dtype, m, with_bias):
     bias = torch.randn(n).to(dtype) if with_bias else None
     x = torch.randn(m, k).to(dtype)
     args = (*csr_args(w), bias, w.group_size, k)
-    ref = sparse_matmul.csr_reference(x, *args)
+    ref = csr.csr_reference(x, *args)
     assert_reference_is_dequantize(x, w, bias, ref, seed)
     what = f"CSR {kind} {dtype} M={m} N={n} K={k} density={density:.2f} bias={with_bias}"
-    check(sparse_matmul.csr_matmul(x, *args), ref, dtype, seed, what)
+    check(csr.csr_matmul(x, *args), ref, dtype, seed, what)
 
 
 # ---- split-K -----------------------------------------------------------------------------------
@@ -222,17 +222,17 @@ def test_split_k(seed, split):
     x1, x5 = torch.randn(1, k).to(dtype), torch.randn(5, k).to(dtype)
     for group in (0, 16):
         w = Int8Weight.from_float(torch.randn(n, k), group)
-        for x, fn in ((x1, int8_matmul.int8_gemv), (x5, int8_matmul.int8_gemm)):
-            ref = int8_matmul.reference(x, w.qweight, w.scales, bias, group)
+        for x, fn in ((x1, int8.int8_gemv), (x5, int8.int8_gemm)):
+            ref = int8.reference(x, w.qweight, w.scales, bias, group)
             check(fn(x, w.qweight, w.scales, bias, group, split_k=split), ref, dtype, seed, f"{fn.__name__} g={group}")
     cw = CodebookWeight.from_indices(torch.randint(0, 8, (n, k)), torch.randn(n, 8), 3, dtype)
-    for x, fn in ((x1, codebook_matmul.codebook_gemv), (x5, codebook_matmul.codebook_gemm)):
-        ref = codebook_matmul.reference(x, cw.packed, cw.codebook, bias, 3, k)
+    for x, fn in ((x1, codebook.codebook_gemv), (x5, codebook.codebook_gemm)):
+        ref = codebook.reference(x, cw.packed, cw.codebook, bias, 3, k)
         check(fn(x, cw.packed, cw.codebook, bias, 3, k, split_k=split), ref, dtype, seed, fn.__name__)
     sw = sparse_weight(Sparse24Weight, "int8-group", mask24(n, k), dtype)
     args = (*sparse24_args(sw), bias, sw.group_size, k)
-    for x, fn in ((x1, sparse_matmul.sparse24_gemv), (x5, sparse_matmul.sparse24_gemm)):
-        check(fn(x, *args, split_k=split), sparse_matmul.sparse24_reference(x, *args), dtype, seed, fn.__name__)
+    for x, fn in ((x1, sparse24.sparse24_gemv), (x5, sparse24.sparse24_gemm)):
+        check(fn(x, *args, split_k=split), sparse24.sparse24_reference(x, *args), dtype, seed, fn.__name__)
 
 
 # ---- dequantize --------------------------------------------------------------------------------
@@ -253,19 +253,19 @@ def test_dequantize_kernels(seed, dtype):
     n, k = pick_n(), pick_k(16)
     for group in (0, 16):
         w = Int8Weight.from_float(torch.randn(n, k), group)
-        got = dequantize.dequantize_int8(w.qweight, w.scales, group, dtype)
+        got = int8.dequantize_int8(w.qweight, w.scales, group, dtype)
         assert same_weights(got, w.dequantize().to(dtype)), f"int8 g={group} (seed={seed})"
     for bits, rows in ((3, 1), (4, n)):
         w = CodebookWeight.from_indices(torch.randint(0, 2**bits, (n, k)), torch.randn(rows, 2**bits), bits, dtype)
-        got = dequantize.dequantize_codebook(w.packed, w.codebook, bits, k, dtype)
+        got = codebook.dequantize_codebook(w.packed, w.codebook, bits, k, dtype)
         assert same_weights(got, w.dequantize()), f"codebook {bits}-bit (seed={seed})"
     csr_mask = torch.rand(n, k) < 0.1
     for kind in VALUE_KINDS:
         w = sparse_weight(Sparse24Weight, kind, mask24(n, k), torch.float32)
-        got = dequantize.dequantize_sparse24(*sparse24_args(w), w.group_size, k, dtype)
+        got = sparse24.dequantize_sparse24(*sparse24_args(w), w.group_size, k, dtype)
         assert same_weights(got, w.dequantize().to(dtype)), f"2:4 {kind} (seed={seed})"
         w = sparse_weight(CsrWeight, kind, csr_mask, torch.float32)
-        got = dequantize.dequantize_csr(*csr_args(w), w.group_size, k, dtype)
+        got = csr.dequantize_csr(*csr_args(w), w.group_size, k, dtype)
         assert same_weights(got, w.dequantize().to(dtype)), f"CSR {kind} (seed={seed})"
 
 
@@ -323,13 +323,13 @@ def test_dispatch_paths(monkeypatch):
     """The op picks GEMV / fused / dequantize + F.linear by M."""
     calls = []
     for name in ("int8_gemv", "int8_gemm"):
-        real = getattr(int8_matmul, name)
-        monkeypatch.setattr(int8_matmul, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
-    real_dq = dequantize.dequantize_int8
-    monkeypatch.setattr(dequantize, "dequantize_int8", lambda *a: calls.append("dequant") or real_dq(*a))
+        real = getattr(int8, name)
+        monkeypatch.setattr(int8, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
+    real_dq = int8.dequantize_int8
+    monkeypatch.setattr(int8, "dequantize_int8", lambda *a: calls.append("dequant") or real_dq(*a))
     w = Int8Weight.from_float(torch.randn(5, 24))
     for m in (1, 2, dispatch.DENSE_MIN_M["int8"]):
-        dispatch.int8_linear(torch.randn(m, 24), w.qweight, w.scales, None, 0)
+        int8.int8_linear(torch.randn(m, 24), w.qweight, w.scales, None, 0)
     assert calls == ["int8_gemv", "int8_gemm", "dequant"]
 
 
@@ -360,11 +360,11 @@ def test_use_kernels_switch(monkeypatch):
 def test_shape_errors():
     w = Int8Weight.from_float(torch.randn(4, 32))
     with pytest.raises(ValueError, match="input features"):
-        int8_matmul.int8_gemv(torch.randn(1, 31), w.qweight, w.scales, None, 0)
+        int8.int8_gemv(torch.randn(1, 31), w.qweight, w.scales, None, 0)
     with pytest.raises(ValueError, match="scales"):
-        int8_matmul.int8_gemm(torch.randn(2, 32), w.qweight, w.scales, None, 16)
+        int8.int8_gemm(torch.randn(2, 32), w.qweight, w.scales, None, 16)
     with pytest.raises(ValueError, match="2:4"):
-        sparse_matmul.sparse24_gemv(torch.randn(1, 30), torch.randn(4, 15), torch.zeros(4, 1, dtype=torch.int32),
+        sparse24.sparse24_gemv(torch.randn(1, 30), torch.randn(4, 15), torch.zeros(4, 1, dtype=torch.int32),
                                     None, None, None, 0, 30)
 
 

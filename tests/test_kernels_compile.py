@@ -21,13 +21,13 @@ def variants():
     import triton.language as tl
 
     from torchzip.kernels import _common as C
-    from torchzip.kernels import codebook_matmul as CB
-    from torchzip.kernels import dequantize as DQ
-    from torchzip.kernels import int8_matmul as I8
-    from torchzip.kernels import sparse_matmul as SP
+    from torchzip.kernels import codebook as CB
+    from torchzip.kernels import csr as CSR
+    from torchzip.kernels import int8 as I8
+    from torchzip.kernels import sparse24 as S24
 
     bf16, out = "*bf16", {"b_ptr": "*bf16", "out_ptr": "*bf16"}
-    small, large = I8.GEMM_CONFIGS[1], I8.GEMM_CONFIGS[9]  # tl.dot via mma and via wgmma
+    small, large = C.GEMM_CONFIGS[1], C.GEMM_CONFIGS[9]  # tl.dot via mma and via wgmma
     dot = {"DOT_DTYPE": tl.bfloat16, "PRECISION": "tf32", "SPLIT_K": 1, "HAS_BIAS": True}
     gemv = I8.GEMV_CONFIGS[1]
     int8 = {"x_ptr": bf16, "q_ptr": "*i8", "s_ptr": "*fp32", **out}
@@ -53,23 +53,23 @@ def variants():
     for kind, values in ((0, bf16), (1, "*i8"), (2, "*u8")):
         s24 = {"x_ptr": bf16, "v_ptr": values, "p_ptr": "*i32", **side, "b_ptr": bf16, "out_ptr": bf16}
         group = 64 if kind == 1 else 0
-        out.append((SP._sparse24_gemv_kernel, s24, {"KIND": kind, "GROUP": group, "HAS_BIAS": True, "SPLIT_K": 1,
-                                                    **SP.S24_GEMV_CONFIGS[0].kwargs}, 4, 2))
-        out.append((SP._sparse24_gemm_kernel, s24, {"KIND": kind, "GROUP": 0, **dot, **small.kwargs}, 4, 4))
+        out.append((S24._sparse24_gemv_kernel, s24, {"KIND": kind, "GROUP": group, "HAS_BIAS": True, "SPLIT_K": 1,
+                                                    **S24.S24_GEMV_CONFIGS[0].kwargs}, 4, 2))
+        out.append((S24._sparse24_gemm_kernel, s24, {"KIND": kind, "GROUP": 0, **dot, **small.kwargs}, 4, 4))
         csr = {"x_ptr": bf16, "rp_ptr": "*i32", "col_ptr": "*i16", "v_ptr": values, **side, "b_ptr": bf16,
                "out_ptr": bf16}
-        for c in (SP.CSR_CONFIGS[2], SP.CSR_CONFIGS[-3]):
-            out.append((SP._csr_kernel, csr, {"KIND": kind, "GROUP": group, "HAS_BIAS": True, **c.kwargs},
+        for c in (CSR.CSR_CONFIGS[2], CSR.CSR_CONFIGS[-3]):
+            out.append((CSR._csr_kernel, csr, {"KIND": kind, "GROUP": group, "HAS_BIAS": True, **c.kwargs},
                         c.num_warps, 2))
-    tile = {"BLOCK_N": DQ.BLOCK_N, "BLOCK_K": DQ.BLOCK_K}
+    tile = {"BLOCK_N": C.DQ_BLOCK_N, "BLOCK_K": C.DQ_BLOCK_K}
     out += [
-        (DQ._int8_dequant_kernel, {"q_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": bf16}, {"GROUP": 128, **tile}, 4, 1),
-        (DQ._codebook_dequant_kernel, {"p_ptr": "*i32", "book_ptr": "*fp32", "out_ptr": bf16},
+        (I8._int8_dequant_kernel, {"q_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": bf16}, {"GROUP": 128, **tile}, 4, 1),
+        (CB._codebook_dequant_kernel, {"p_ptr": "*i32", "book_ptr": "*fp32", "out_ptr": bf16},
          {"BITS": 3, "PER": 10, **tile}, 4, 1),
-        (DQ._sparse24_dequant_kernel, {"v_ptr": "*u8", "p_ptr": "*i32", **side, "out_ptr": bf16},
+        (S24._sparse24_dequant_kernel, {"v_ptr": "*u8", "p_ptr": "*i32", **side, "out_ptr": bf16},
          {"KIND": 2, "GROUP": 0, **tile}, 4, 1),
-        (DQ._csr_dequant_kernel, {"rp_ptr": "*i32", "col_ptr": "*i16", "v_ptr": "*i8", **side, "out_ptr": bf16},
-         {"KIND": 1, "GROUP": 0, "BLOCK_R": DQ.CSR_BLOCK_R, "BLOCK_NZ": DQ.CSR_BLOCK_NZ}, 4, 1),
+        (CSR._csr_dequant_kernel, {"rp_ptr": "*i32", "col_ptr": "*i16", "v_ptr": "*i8", **side, "out_ptr": bf16},
+         {"KIND": 1, "GROUP": 0, "BLOCK_R": CSR.DQ_BLOCK_R, "BLOCK_NZ": CSR.DQ_BLOCK_NZ}, 4, 1),
     ]
     return out
 

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import torchzip as tz
-from torchzip._compat import import_torchvision
+from vision import import_torchvision
 from torchzip.packed import PackedConv, PackedLinear
 
 

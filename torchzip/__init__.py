@@ -2,26 +2,35 @@
 
 ``compress(model, recipe)`` applies passes (pruning, int8, codebooks, distillation); ``step``
 advances their schedules while fine-tuning; ``freeze`` packs the weights; ``summary`` reports
-what is stored.
+what is stored; ``export``/``load`` write and read ``.tzip`` files.
+
+Extension points: :func:`register_pass` (a new pass, nameable in YAML), :func:`register_format`
+(a new packed format) and :func:`register_layer_kind` (a new layer type to target).
 """
 
-from torchzip import distill  # noqa: F401  (tz.distill.callbacks, tz.distill.detach)
-from torchzip.api import compress, plan_recipe, step
-from torchzip.distill import Callback, DistillationCallback, finetune, kd_loss
-from torchzip.export import export, load, read_manifest
+from torchzip import export, schedule  # noqa: F401  (tz.export is the package, callable as the function)
+from torchzip.api import compress, plan_recipe
 from torchzip.errors import DistillationError, FormatError, RecipeError, TorchzipError, UnsupportedLayerError
+from torchzip.export import load, read_manifest
 from torchzip.freeze import freeze
+from torchzip.packed import LayerKind, PackedWeight, WeightState, register_format, register_layer_kind
+from torchzip.passes.base import Pass, register_pass
 from torchzip.passes.codebook import Codebook
 from torchzip.passes.distill import Distill
+from torchzip.passes.layer import LayerPass
 from torchzip.passes.prune import Prune
 from torchzip.passes.quantize import Quantize, QuantizeBias
 from torchzip.recipe import Recipe
+from torchzip.schedule import step
 from torchzip.summary import Summary, summary
+from torchzip.train import Callback, DistillationCallback, finetune, kd_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "compress", "step", "freeze", "summary", "export", "load", "read_manifest", "plan_recipe", "Recipe", "Summary",
     "Prune", "Quantize", "QuantizeBias", "Codebook", "Distill", "finetune", "Callback", "DistillationCallback", "kd_loss",
+    "Pass", "LayerPass", "register_pass", "PackedWeight", "WeightState", "register_format", "LayerKind",
+    "register_layer_kind",
     "TorchzipError", "RecipeError", "UnsupportedLayerError", "FormatError", "DistillationError",
 ]

@@ -28,14 +28,6 @@ def _factory(spec: str):
         raise TorchzipError(f"cannot import the model factory {spec!r}: {err}") from None
 
 
-def _last_step(recipe) -> int:
-    # Without training data the CLI runs schedules to their end: masks then reach their final
-    # sparsity and delayed codebooks get clustered.
-    steps = [getattr(p, "end_step", None) or 0 for p in recipe.passes]
-    steps += [getattr(p, "start_step", 0) for p in recipe.passes if p.key == "codebook"]
-    return max(steps, default=0)
-
-
 def compress_checkpoint(recipe_path: str, model_spec: str, weights: str, out: str, progress: bool = True) -> int:
     """Build the model, load ``weights`` (a state_dict file), compress, export; returns file size."""
     import torch
@@ -59,9 +51,10 @@ def compress_checkpoint(recipe_path: str, model_spec: str, weights: str, out: st
     except RuntimeError as err:
         raise TorchzipError(f"{weights} does not fit the model from {model_spec}: {err}") from None
     model.eval()
-    small = tz.compress(model, recipe, teacher=model, progress=progress)
-    for _ in range(_last_step(recipe)):
-        tz.step(small)
+    small = tz.compress(model, recipe, progress=progress)
+    # Without training data, schedules run to their end: masks reach their final sparsity and
+    # delayed codebooks get clustered (training-only passes such as distill change nothing).
+    tz.schedule.finish(small)
     return tz.export(small, out, progress=progress)
 
 

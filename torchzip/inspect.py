@@ -7,10 +7,8 @@ import os
 from typing import Any
 
 from torchzip.errors import FormatError
-from torchzip.export import read_manifest
-
-_ITEM = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1, "int16": 2, "int32": 4,
-         "int64": 8, "bool": 1}
+from torchzip.export.artifact import read_manifest
+from torchzip.export.codec import ITEM_BYTES
 
 
 def _piece_bytes(spec: dict) -> int:
@@ -57,7 +55,7 @@ def _inspect(path: str | os.PathLike) -> dict[str, Any]:
             "bytes": _section_share(tensors.values()), "fp32_bytes": 4 * (n * k + bias_n),
         })
     dense = manifest["dense"]["tensors"]
-    dense_fp32 = sum(math.prod(s["shape"]) * (4 if s["dtype"].startswith(("float", "bfloat")) else _ITEM[s["dtype"]])
+    dense_fp32 = sum(math.prod(s["shape"]) * (4 if s["dtype"].startswith(("float", "bfloat")) else ITEM_BYTES[s["dtype"]])
                      for s in dense.values())
     rows.append({"name": "(dense tensors)", "kind": "", "shape": [], "codec": "raw", "params": sum(
         math.prod(s["shape"]) for s in dense.values() if s["dtype"].startswith(("float", "bfloat"))),

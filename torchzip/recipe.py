@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
+from torch import nn
 
 from torchzip.errors import RecipeError
-from torchzip.passes.base import PASSES, Pass
+from torchzip.passes.base import PASSES, Pass, pass_names
 
 TOP_LEVEL_KEYS = ("passes",)
 
@@ -31,7 +32,7 @@ class Recipe:
     def __post_init__(self) -> None:
         for p in self.passes:
             if not isinstance(p, Pass):
-                raise RecipeError(f"a recipe holds pass objects ({', '.join(_pass_names())}), got {type(p).__name__}")
+                raise RecipeError(f"a recipe holds pass objects ({', '.join(pass_names())}), got {type(p).__name__}")
 
     @classmethod
     def from_dict(cls, data: dict | list) -> "Recipe":
@@ -49,8 +50,23 @@ class Recipe:
         return cls([_parse_entry(i, e) for i, e in enumerate(entries)])
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data; arguments equal to their defaults are left out."""
+        """Plain data; arguments equal to their defaults are left out. Every pass must be
+        registered (:func:`torchzip.register_pass`) under its key, or it could not be read back."""
+        for p in self.passes:
+            if PASSES.get(p.key) is not type(p):
+                raise RecipeError(f"{type(p).__qualname__} is not the pass registered as '{p.key}' "
+                                  f"({'nothing' if p.key not in PASSES else PASSES[p.key].__qualname__} is); "
+                                  "give it a key of its own and register it with torchzip.register_pass to write it in a recipe")
         return {"passes": [{p.key: p.to_dict()} for p in self.passes]}
+
+    def callbacks(self, model: nn.Module, **context: Any) -> list:
+        """The training callbacks this recipe's passes need while ``model`` (the compressed
+        student) fine-tunes, e.g. ``recipe.callbacks(student, teacher=model)`` for ``distill``;
+        give them to :func:`torchzip.finetune` or call them in a loop of your own."""
+        out = []
+        for p in self.passes:
+            out += p.callbacks(model, **context)
+        return out
 
     @classmethod
     def from_yaml(cls, source: str | os.PathLike) -> "Recipe":
@@ -75,10 +91,6 @@ class Recipe:
         Path(path).write_text(self.to_yaml())
 
 
-def _pass_names() -> list[str]:
-    return sorted(PASSES)
-
-
 def _parse_entry(index: int, entry: Any) -> Pass:
     if isinstance(entry, str):
         entry = {entry: {}}
@@ -86,7 +98,7 @@ def _parse_entry(index: int, entry: Any) -> Pass:
         raise RecipeError(f"pass #{index + 1} must be a single-key mapping like {{'prune': {{...}}}}, got {entry!r}")
     (name, args), = entry.items()
     if name not in PASSES:
-        raise RecipeError(f"unknown pass '{name}' (pass #{index + 1}); allowed: {_pass_names()}")
+        raise RecipeError(f"unknown pass '{name}' (pass #{index + 1}); allowed: {pass_names()}")
     if args is not None and not isinstance(args, dict):
         raise RecipeError(f"arguments of pass '{name}' must be a mapping, got {args!r}")
     return PASSES[name].from_dict(args)

@@ -10,9 +10,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from torchzip.errors import TorchzipError
-from torchzip.packed.layers import PackedConv, PackedEmbedding, PackedLinear
-
-PACKED_LAYERS = (PackedLinear, PackedConv, PackedEmbedding)
+from torchzip.freeze import freeze
+from torchzip.packed.layers import LAYER_KINDS, PackedLayer
 
 
 @dataclass
@@ -96,9 +95,8 @@ def _packed_row(name: str, layer: nn.Module) -> LayerRow:
     n, k = packed.shape
     bias = layer.bias if getattr(layer, "bias", None) is not None else None
     bias_bytes = 0 if bias is None else bias.numel() * bias.element_size()
-    fmt = packed.format_name + (f"/{packed.kind}" if hasattr(packed, "kind") else "")
     return LayerRow(
-        name, type(layer).__name__.replace("Packed", ""), fmt, n * k + (0 if bias is None else bias.numel()),
+        name, layer.kind, packed.label, n * k + (0 if bias is None else bias.numel()),
         packed.sparsity, packed.nbytes() * 8 / (n * k), packed.nbytes() + bias_bytes,
         4 * n * k + (0 if bias is None else _fp32_bytes(bias)),
     )
@@ -135,21 +133,18 @@ def summary(model: nn.Module, *, print_table: bool = True) -> Summary:
     the packed tensors. Modules holding tensors torchzip left alone are listed too, with a note
     when a matrix in them was not a plain weight of a targeted layer (e.g. ``in_proj_weight``).
     """
-    from torchzip.freeze import freeze
-    from torchzip.passes.base import LAYER_TYPES
-
     if not isinstance(model, nn.Module):
         raise TorchzipError(f"summary needs an nn.Module, got {type(model).__name__}")
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         model = freeze(copy.deepcopy(model))
-    targeted = tuple(LAYER_TYPES.values())
+    targeted = tuple(k.module_type for k in LAYER_KINDS.values())
     result = Summary()
     skip: set[str] = set()
     seen: dict[tuple, str] = {}
     for name, module in model.named_modules():
         if any(not s or name.startswith(s + ".") for s in skip):
             continue
-        if isinstance(module, PACKED_LAYERS):
+        if isinstance(module, PackedLayer):
             result.rows.append(_packed_row(name, module))
             skip.add(name)
             continue

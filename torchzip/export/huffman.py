@@ -594,13 +594,16 @@ def _decode_lanes(
 
 # ---- how a stream's tables are stored (docs/FORMAT.md) -------------------------------------
 
+# Longest code in a .tzip stream: its code lengths are stored one 4-bit nibble each.
+TZIP_MAX_LEN = 15
+
 
 def pack_lengths(lengths: np.ndarray) -> bytes:
     """Code lengths (each at most 15) two per byte, the first in the low nibble; trailing unused
     symbols are dropped."""
     lengths = np.asarray(lengths, np.uint8)
     if lengths.size and int(lengths.max()) > 15:
-        raise ValueError("nibble-packed tables need code lengths of at most 15 (encode with max_len=15)")
+        raise ValueError("nibble-packed tables need code lengths of at most 15 (encode with max_len=TZIP_MAX_LEN)")
     used = int(np.flatnonzero(lengths)[-1]) + 1 if lengths.any() else 0
     padded = np.zeros(used + used % 2, np.uint8)
     padded[:used] = lengths[:used]

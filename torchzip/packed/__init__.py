@@ -1,15 +1,16 @@
-"""Packed weight formats (one module each) and the inference layers that hold them."""
+"""Packed weight formats (one module each), the table of formats, and the packed inference layers."""
 
-from torchzip.packed.base import PackedWeight
+from torchzip.packed.base import FORMATS, PackedWeight, WeightState, formats_in_order, register_format
 from torchzip.packed.codebook import CodebookWeight
 from torchzip.packed.csr import CsrWeight
 from torchzip.packed.int8 import Int8Weight
-from torchzip.packed.layers import PackedConv, PackedEmbedding, PackedLinear
+from torchzip.packed.layers import (LAYER_KINDS, LayerKind, PackedConv, PackedEmbedding, PackedLayer, PackedLinear,
+                                    register_layer_kind)
 from torchzip.packed.sparse24 import Sparse24Weight
-
-FORMATS = {cls.format_name: cls for cls in (Int8Weight, CodebookWeight, Sparse24Weight, CsrWeight)}
+from torchzip.packed.values import CodebookValues, Int8Values
 
 __all__ = [
-    "PackedWeight", "Int8Weight", "CodebookWeight", "Sparse24Weight", "CsrWeight",
-    "PackedLinear", "PackedConv", "PackedEmbedding", "FORMATS",
+    "PackedWeight", "WeightState", "FORMATS", "register_format", "formats_in_order",
+    "Int8Weight", "CodebookWeight", "Sparse24Weight", "CsrWeight", "Int8Values", "CodebookValues",
+    "PackedLayer", "PackedLinear", "PackedConv", "PackedEmbedding", "LayerKind", "LAYER_KINDS", "register_layer_kind",
 ]

@@ -1,10 +1,68 @@
-"""What every packed weight format has in common."""
+"""What every packed weight format has in common, and the one table of formats.
+
+A format is a :class:`PackedWeight` subclass registered with :func:`register_format`. It carries
+everything the rest of torchzip needs from it:
+
+- ``pack(state)`` (classmethod): its selection rule. ``freeze`` describes each compressed weight
+  as a :class:`WeightState` and asks the formats in ``priority`` order; the first that returns a
+  packed weight wins (none: the layer stays dense);
+- ``dequantize()`` and ``linear(x, bias)``: inference (``kernel_linear`` runs its Triton kernel);
+- ``encode(out)`` / ``decode(entry, src, shape, dtype)`` (classmethod): its ``.tzip`` streams,
+  written and read through the small stream API of ``torchzip.export.codec``.
+
+``freeze``, ``export``, ``load``, ``inspect`` and ``summary`` read :data:`FORMATS` only.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+FORMATS: dict[str, type["PackedWeight"]] = {}
+
+
+def register_format(cls: type["PackedWeight"]) -> type["PackedWeight"]:
+    """Add ``cls`` to :data:`FORMATS` under its ``format_name`` (usable as a class decorator)."""
+    name = cls.__dict__.get("format_name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{cls.__qualname__} needs a format_name of its own to be registered")
+    other = FORMATS.get(name)
+    if other is not None and other is not cls:
+        raise ValueError(f"packed format '{name}' is already registered by {other.__module__}.{other.__qualname__}")
+    FORMATS[name] = cls
+    return cls
+
+
+def formats_in_order() -> list[type["PackedWeight"]]:
+    """Registered formats by ``priority`` (lowest first), then by registration order."""
+    return sorted(FORMATS.values(), key=lambda cls: cls.priority)
+
+
+@dataclass
+class WeightState:
+    """What the passes left on one weight, seen as a ``[N, K]`` matrix (rows: output channels).
+
+    ``weight``: the float weight ``forward`` sees. ``mask``: keep-mask (None: nothing pruned).
+    ``pattern``: the pruning pattern (``"2:4"``, ``"unstructured"``, ``"channel"``...).
+    ``values``: how the weight's values are quantized (None: float; else an object such as
+    :class:`~torchzip.packed.values.Int8Values` or :class:`~torchzip.packed.values.CodebookValues`).
+    Parametrizations fill it in through a ``describe(state, w)`` method, ``w`` being the weight
+    as the parametrizations before them make it.
+    """
+
+    weight: torch.Tensor
+    dtype: torch.dtype
+    mask: torch.Tensor | None = None
+    pattern: str | None = None
+    values: Any = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)  # type: ignore[return-value]
 
 
 class PackedWeight(nn.Module):
@@ -15,32 +73,56 @@ class PackedWeight(nn.Module):
     kernel when the input is on CUDA and a torch reference everywhere else.
     """
 
-    format_name = "base"
+    format_name: ClassVar[str] = ""
+    priority: ClassVar[int] = 100  # freeze asks formats with lower numbers first
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype) -> None:
         super().__init__()
         self.shape = (int(shape[0]), int(shape[1]))
         self.dtype = dtype
 
+    @classmethod
+    def pack(cls, state: WeightState) -> "PackedWeight | None":
+        """This format's packed form of ``state``, or None when the format does not apply."""
+        return None
+
     def dequantize(self) -> torch.Tensor:
         """The dense weight, in the original dtype."""
         raise NotImplementedError
 
-    def kernel_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``x @ W.T + bias`` through the format's Triton kernel."""
-        raise NotImplementedError
+    def kernel_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """``x @ W.T + bias`` through the format's Triton kernel (None: the format has none)."""
+        return None
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W.T + bias``: the Triton kernel on CUDA, dequantize + ``F.linear`` elsewhere."""
         from torchzip.kernels import dispatch
 
         if dispatch.use_kernels(x):
-            return self.kernel_linear(x, bias)
+            out = self.kernel_linear(x, bias)
+            if out is not None:
+                return out
         return F.linear(x, self.dequantize().to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    def encode(self, out: Any) -> dict[str, Any]:
+        """Manifest keys of this weight (``"tensors"``: name -> stream entry), written to ``out``
+        (a :class:`torchzip.export.codec.StreamWriter`)."""
+        raise NotImplementedError(f"format '{self.format_name}' cannot be exported")
+
+    @classmethod
+    def decode(cls, entry: dict, src: Any, shape: tuple[int, int], dtype: torch.dtype) -> "PackedWeight":
+        """Rebuild from a manifest ``entry`` and its streams in ``src`` (a
+        :class:`torchzip.export.codec.StreamReader`, which raises ``FormatError`` on bad data)."""
+        raise NotImplementedError(f"format '{cls.format_name}' cannot be loaded")
 
     def nbytes(self) -> int:
         """Bytes of the tensors that make up the compressed form."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    @property
+    def label(self) -> str:
+        """Format name as reports show it (sparse formats add their value kind)."""
+        return self.format_name
 
     @property
     def sparsity(self) -> float:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from torchzip.packed.base import PackedWeight
+from torchzip.packed.base import PackedWeight, WeightState, register_format
 from torchzip.packed.bits import pack_bits, unpack_bits
+from torchzip.packed.values import CodebookValues
 
 
+@register_format
 class CodebookWeight(PackedWeight):
     """``W[n, k] = codebook[n or 0, index[n, k]]``, indices packed ``bits`` wide in int32 words."""
 
     format_name = "codebook"
+    priority = 30
 
     def __init__(self, packed: torch.Tensor, codebook: torch.Tensor, bits: int, shape, dtype: torch.dtype) -> None:
         super().__init__(shape, dtype)
@@ -24,6 +27,14 @@ class CodebookWeight(PackedWeight):
         """Pack ``[N, K]`` integer indices into a codebook weight."""
         return cls(pack_bits(indices, bits), codebook, bits, tuple(indices.shape), dtype)
 
+    @classmethod
+    def pack(cls, state: WeightState) -> "CodebookWeight | None":
+        """Codebook values where every weight has a centroid (pruned ones go to a sparse format)."""
+        v = state.values
+        if not isinstance(v, CodebookValues) or not bool((v.indices >= 0).all()):
+            return None
+        return cls.from_indices(v.indices, v.codebook, v.bits, state.dtype)
+
     def indices(self) -> torch.Tensor:
         """The ``[N, K]`` centroid indices (int64)."""
         return unpack_bits(self.packed, self.bits, self.shape[1])
@@ -34,9 +45,26 @@ class CodebookWeight(PackedWeight):
         return torch.gather(book, 1, idx).to(self.dtype)
 
     def kernel_linear(self, x, bias):
-        from torchzip.kernels import dispatch
+        from torchzip.kernels import codebook
 
-        return dispatch.codebook_linear(x, self.packed, self.codebook, bias, self.bits, self.shape[1])
+        return codebook.codebook_linear(x, self.packed, self.codebook, bias, self.bits, self.shape[1])
+
+    def encode(self, out):
+        return {"bits": self.bits,
+                "tensors": {"indices": out.symbols(self.indices(), 2**self.bits), "codebook": out.raw(self.codebook)}}
+
+    @classmethod
+    def decode(cls, entry, src, shape, dtype):
+        n, k = shape
+        bits = entry.get("bits")
+        src.need(type(bits) is int and 1 <= bits <= 8, f"bad bits {bits!r}")
+        t = entry["tensors"]
+        codebook = src.float_raw(t.get("codebook"), "codebook").float()
+        src.need(codebook.dim() == 2 and codebook.shape[0] in (1, n) and codebook.shape[1] == 2**bits,
+                 f"codebook shape {tuple(codebook.shape)} does not fit {n} rows of {2**bits} entries")
+        idx = src.symbols(t.get("indices"), "indices", 2**bits, on_device=True)
+        src.need(idx.numel() == n * k, f"{idx.numel()} indices for a {n}x{k} weight")
+        return cls(pack_bits(idx.reshape(n, k), bits), codebook, bits, (n, k), dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, codebooks={self.codebook.shape[0]}"

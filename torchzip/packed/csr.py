@@ -3,35 +3,33 @@
 Row ``n`` keeps ``values[row_ptr[n]:row_ptr[n+1]]`` at columns ``col_idx[same range]`` (ascending).
 Column indices are int16 when ``in_features <= 32768``, else int32. Values are floats, int8 with
 scales, or uint8 codebook indices (see :mod:`torchzip.packed.values`). One row per GPU program
-suits batch-1 GEMV at 80-95% sparsity.
+suits batch-1 GEMV at 80-95% sparsity. In a file, positions are gaps between flat indices, in
+row- or column-major order, whichever codes smaller (:mod:`torchzip.export.streams`).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from torchzip.packed.base import PackedWeight
-from torchzip.packed.values import decode_values, value_kind
+from torchzip.export.streams import gaps_decode, gaps_encode
+from torchzip.packed.base import PackedWeight, WeightState, register_format
+from torchzip.packed.values import (CodebookValues, Int8Values, SparseValues, check_value_args, decode_side,
+                                    decode_values_stream, encode_values, stored_values)
 
 
-class CsrWeight(PackedWeight):
+@register_format
+class CsrWeight(SparseValues, PackedWeight):
     """CSR sparse weight with float, int8 or codebook values."""
 
     format_name = "csr"
+    priority = 20
 
     def __init__(self, row_ptr, col_idx, values, shape, dtype, scales=None, codebook=None, group_size: int = 0) -> None:
-        super().__init__(shape, dtype)
-        self.group_size = int(group_size)
+        PackedWeight.__init__(self, shape, dtype)
+        self._init_values(values, scales, codebook, group_size)
         self.register_buffer("row_ptr", row_ptr.to(torch.int32))
         self.register_buffer("col_idx", col_idx)
-        self.register_buffer("values", values)
-        self.register_buffer("scales", None if scales is None else scales.float())
-        self.register_buffer("codebook", None if codebook is None else codebook.float())
-
-    @property
-    def kind(self) -> str:
-        """Value kind: ``float``, ``int8`` or ``codebook``."""
-        return value_kind(self.scales, self.codebook)
 
     @staticmethod
     def index_dtype(k: int) -> torch.dtype:
@@ -39,20 +37,41 @@ class CsrWeight(PackedWeight):
         return torch.int16 if k <= 2**15 else torch.int32
 
     @classmethod
+    def from_coo(cls, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape, dtype, scales=None,
+                 codebook=None, group_size: int = 0) -> "CsrWeight":
+        """From row-major ``(rows, cols, values)`` of the kept weights."""
+        n, k = shape
+        row_ptr = torch.zeros(n + 1, dtype=torch.int64, device=rows.device)
+        row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
+        return cls(row_ptr, cols.to(cls.index_dtype(k)), values, (n, k), dtype, scales, codebook, group_size)
+
+    @classmethod
     def build(cls, values, mask, dtype, scales=None, codebook=None, group_size: int = 0) -> "CsrWeight":
         """From a full ``[N, K]`` tensor of stored values (floats, int8 or indices) and a keep-mask."""
-        n, k = mask.shape
         rows, cols = mask.nonzero(as_tuple=True)  # row-major, so columns ascend within a row
-        counts = torch.bincount(rows, minlength=n)
-        row_ptr = torch.zeros(n + 1, dtype=torch.int64, device=mask.device)
-        row_ptr[1:] = torch.cumsum(counts, 0)
-        return cls(row_ptr, cols.to(cls.index_dtype(k)), values[rows, cols], (n, k), dtype, scales, codebook, group_size)
+        return cls.from_coo(rows, cols, values[rows, cols], tuple(mask.shape), dtype, scales, codebook, group_size)
 
     @staticmethod
     def bytes_for(n: int, k: int, nnz: int, value_bytes: float) -> float:
         """Bytes a CSR weight of this size would take (to choose it over a dense form)."""
         index_bytes = 2 if k <= 2**15 else 4
         return 4 * (n + 1) + nnz * (index_bytes + value_bytes)
+
+    @classmethod
+    def pack(cls, state: WeightState) -> "CsrWeight | None":
+        """Pruned codebook weights always (pruned zeros take no centroid); int8 and float values
+        when CSR is smaller than their dense form."""
+        stored = stored_values(state.values, state.weight)
+        if state.mask is None or stored is None or bool(state.mask.all()):
+            return None
+        n, k = state.shape
+        nnz = int(state.mask.sum())
+        if not isinstance(state.values, CodebookValues):
+            value_bytes = 1 if isinstance(state.values, Int8Values) else state.weight.element_size()
+            if cls.bytes_for(n, k, nnz, value_bytes) >= n * k * value_bytes:
+                return None
+        values, side = stored
+        return cls.build(values, state.mask, state.dtype, **side)
 
     def rows(self) -> torch.Tensor:
         """Row of every stored value (int64)."""
@@ -61,17 +80,50 @@ class CsrWeight(PackedWeight):
 
     def dequantize(self) -> torch.Tensor:
         rows, cols = self.rows(), self.col_idx.long()
-        vals = decode_values(self.values, rows, cols, self.scales, self.codebook, self.group_size)
-        w = torch.zeros(self.shape, dtype=torch.float32, device=vals.device)
-        w[rows, cols] = vals
+        w = torch.zeros(self.shape, dtype=torch.float32, device=self.values.device)
+        w[rows, cols] = self._decode(self.values, rows, cols)
         return w.to(self.dtype)
 
     def kernel_linear(self, x, bias):
-        from torchzip.kernels import dispatch
+        from torchzip.kernels import csr
 
-        return dispatch.csr_linear(
+        return csr.csr_linear(
             x, self.row_ptr, self.col_idx, self.values, self.scales, self.codebook, bias, self.group_size, self.shape[1]
         )
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, nnz={self.values.numel()}, values={self.kind}"
+    def encode(self, out):
+        n, k = self.shape
+        rows, cols = self.rows().cpu().numpy(), self.col_idx.long().cpu().numpy()
+        # Gaps in row-major or column-major order, whichever codes smaller (e.g. a dead input
+        # feature prunes a whole column: one long gap column-major, many row-major).
+        order = np.argsort(cols * n + rows, kind="stable")
+        coded = {}
+        for name, flat in (("row", rows * k + cols), ("col", (cols * n + rows)[order])):
+            symbols, escape = gaps_encode(flat)
+            coded[name] = (out.code(symbols, escape + 1), escape)
+        best = min(coded, key=lambda o: out.coded_bytes(coded[o][0]))
+        stream, escape = coded[best]
+        values = self.values[torch.from_numpy(order).to(self.values.device)] if best == "col" else self.values
+        t = {"positions": out.symbols(stream, escape + 1, escape=escape, count=int(rows.size), order=best)}
+        t.update(encode_values(out, self.kind, values, self.scales, self.codebook))
+        return {"values": self.kind, "group_size": self.group_size, "tensors": t}
+
+    @classmethod
+    def decode(cls, entry, src, shape, dtype):
+        n, k = shape
+        kind, g = check_value_args(src, entry, k)
+        t = entry["tensors"]
+        scales, codebook = decode_side(src, t, kind, g, n, k)
+        spec = t.get("positions")
+        src.need(isinstance(spec, dict) and type(spec.get("escape")) is int and spec["escape"] >= 1, "bad escape")
+        src.need(spec.get("order", "row") in ("row", "col"),
+                 f"position order must be 'row' or 'col', got {spec.get('order')!r}")
+        sym = src.symbols(spec, "positions", spec["escape"] + 1).numpy()
+        flat = torch.from_numpy(gaps_decode(sym, spec["escape"], n * k))
+        src.need(spec.get("count") == flat.numel(), "position count does not match")
+        values = decode_values_stream(src, t, kind, flat.numel(), codebook)
+        if spec.get("order") == "col":  # back to row-major, values alongside
+            flat = (flat % n) * k + flat // n
+            flat, perm = torch.sort(flat)
+            values = values[perm.to(values.device)]
+        return cls.from_coo(flat // k, flat % k, values.cpu(), (n, k), dtype, scales, codebook, g)

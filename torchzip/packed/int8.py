@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from torchzip.packed.base import PackedWeight
-from torchzip.packed.values import int8_quantize
+from torchzip.packed.base import PackedWeight, WeightState, register_format
+from torchzip.packed.values import Int8Values, check_group_size, int8_quantize
 
 
+@register_format
 class Int8Weight(PackedWeight):
     """``W[n, k] = qweight[n, k] * scales[n, k // group_size]`` (``group_size`` 0: per channel)."""
 
     format_name = "int8"
+    priority = 40
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype) -> None:
         super().__init__(tuple(qweight.shape), dtype)
@@ -25,6 +27,12 @@ class Int8Weight(PackedWeight):
         q, scales = int8_quantize(w, group_size)
         return cls(q, scales, group_size, w.dtype)
 
+    @classmethod
+    def pack(cls, state: WeightState) -> "Int8Weight | None":
+        """int8 values that no sparse format took."""
+        v = state.values
+        return cls(v.q, v.scales, v.group_size, state.dtype) if isinstance(v, Int8Values) else None
+
     def dequantize(self) -> torch.Tensor:
         n, k = self.shape
         g = self.group_size or k
@@ -32,9 +40,23 @@ class Int8Weight(PackedWeight):
         return w.view(n, k).to(self.dtype)
 
     def kernel_linear(self, x, bias):
-        from torchzip.kernels import dispatch
+        from torchzip.kernels import int8
 
-        return dispatch.int8_linear(x, self.qweight, self.scales, bias, self.group_size)
+        return int8.int8_linear(x, self.qweight, self.scales, bias, self.group_size)
+
+    def encode(self, out):
+        return {"group_size": self.group_size,
+                "tensors": {"qweight": out.int8(self.qweight), "scales": out.raw(self.scales)}}
+
+    @classmethod
+    def decode(cls, entry, src, shape, dtype):
+        n, k = shape
+        g = check_group_size(src, entry, k)
+        t = entry["tensors"]
+        scales = src.float_raw(t.get("scales"), "scales").float()
+        src.need(tuple(scales.shape) == (n, k // g if g else 1), f"scales shape {tuple(scales.shape)} does not fit")
+        qweight = src.int8(t.get("qweight"), n * k, "qweight", on_device=True).reshape(n, k)
+        return cls(qweight, scales, g, dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"

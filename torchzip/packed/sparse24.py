@@ -3,35 +3,32 @@
 ``values[n, j]`` is the ``j``-th kept value of row ``n``; it sits at column
 ``4 * (j // 2) + position[n, j]``, where the 2-bit positions (ascending within each group) are
 packed 16 to an int32 word by :func:`torchzip.packed.bits.pack_bits`. Values are floats, int8 with
-scales, or codebook indices (see :mod:`torchzip.packed.values`).
+scales, or codebook indices (see :mod:`torchzip.packed.values`). In a file, each group's pair of
+positions is one of 6 symbols (:mod:`torchzip.export.streams`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from torchzip.packed.base import PackedWeight
+from torchzip.export.streams import pairs24_decode, pairs24_encode
+from torchzip.packed.base import PackedWeight, WeightState, register_format
 from torchzip.packed.bits import pack_bits, unpack_bits
-from torchzip.packed.values import decode_values, value_kind
+from torchzip.packed.values import (SparseValues, check_value_args, decode_side, decode_values_stream, encode_values,
+                                    stored_values)
 
 
-class Sparse24Weight(PackedWeight):
+@register_format
+class Sparse24Weight(SparseValues, PackedWeight):
     """2:4 sparse weight with float, int8 or codebook values."""
 
     format_name = "sparse24"
+    priority = 10
 
     def __init__(self, values, positions, shape, dtype, scales=None, codebook=None, group_size: int = 0) -> None:
-        super().__init__(shape, dtype)
-        self.group_size = int(group_size)
-        self.register_buffer("values", values)
+        PackedWeight.__init__(self, shape, dtype)
+        self._init_values(values, scales, codebook, group_size)
         self.register_buffer("positions", positions.to(torch.int32))
-        self.register_buffer("scales", None if scales is None else scales.float())
-        self.register_buffer("codebook", None if codebook is None else codebook.float())
-
-    @property
-    def kind(self) -> str:
-        """Value kind: ``float``, ``int8`` or ``codebook``."""
-        return value_kind(self.scales, self.codebook)
 
     @staticmethod
     def select(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,6 +49,15 @@ class Sparse24Weight(PackedWeight):
         kept = torch.gather(values, 1, cols)
         return cls(kept, pack_bits(pos, 2), tuple(mask.shape), dtype, scales, codebook, group_size)
 
+    @classmethod
+    def pack(cls, state: WeightState) -> "Sparse24Weight | None":
+        """A 2:4 pruning mask, whatever the values."""
+        stored = stored_values(state.values, state.weight)
+        if state.pattern != "2:4" or state.mask is None or stored is None:
+            return None
+        values, side = stored
+        return cls.build(values, state.mask, state.dtype, **side)
+
     def columns(self) -> torch.Tensor:
         """Column of every stored value, ``[N, K/2]`` int64."""
         n, k = self.shape
@@ -62,16 +68,31 @@ class Sparse24Weight(PackedWeight):
         n, k = self.shape
         cols = self.columns()
         rows = torch.arange(n, device=cols.device).unsqueeze(1).expand_as(cols)
-        vals = decode_values(self.values, rows, cols, self.scales, self.codebook, self.group_size)
         w = torch.zeros(n, k, dtype=torch.float32, device=cols.device)
-        return w.scatter_(1, cols, vals).to(self.dtype)
+        return w.scatter_(1, cols, self._decode(self.values, rows, cols)).to(self.dtype)
 
     def kernel_linear(self, x, bias):
-        from torchzip.kernels import dispatch
+        from torchzip.kernels import sparse24
 
-        return dispatch.sparse24_linear(
+        return sparse24.sparse24_linear(
             x, self.values, self.positions, self.scales, self.codebook, bias, self.group_size, self.shape[1]
         )
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, values={self.kind}"
+    def encode(self, out):
+        cols = self.columns().cpu().numpy()
+        t = {"positions": out.symbols(pairs24_encode(cols % 4), 6)}
+        t.update(encode_values(out, self.kind, self.values, self.scales, self.codebook))
+        return {"values": self.kind, "group_size": self.group_size, "tensors": t}
+
+    @classmethod
+    def decode(cls, entry, src, shape, dtype):
+        n, k = shape
+        kind, g = check_value_args(src, entry, k)
+        src.need(k % 4 == 0, f"2:4 weight needs in_features divisible by 4, got {k}")
+        t = entry["tensors"]
+        scales, codebook = decode_side(src, t, kind, g, n, k)
+        sym = src.symbols(t.get("positions"), "positions", 6).numpy()
+        src.need(sym.size == n * k // 4, f"{sym.size} position pairs for a {n}x{k} weight")
+        pos = torch.from_numpy(pairs24_decode(sym).reshape(n, k // 2))
+        values = decode_values_stream(src, t, kind, n * k // 2, codebook).reshape(n, k // 2)
+        return cls(values, pack_bits(pos, 2), (n, k), dtype, scales, codebook, g)

@@ -4,13 +4,42 @@ Three kinds, shared by every packed format:
 - ``float``: values are the weights themselves (any float dtype);
 - ``int8``: ``value * scales[row, col // group_size]`` (one column of scales when per channel);
 - ``codebook``: ``codebook[row or 0, value]`` (one codebook row when per layer).
+
+:class:`Int8Values` and :class:`CodebookValues` are how quantizing passes describe a whole
+``[N, K]`` weight to ``freeze`` (``WeightState.values``); the sparse formats keep the values at
+their kept positions only, with the same side tensors.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 VALUE_KINDS = ("float", "int8", "codebook")
+
+
+@dataclass
+class Int8Values:
+    """``W = q * scales[:, col // group_size]``: int8 ``q [N, K]``, float32 ``scales [N, G]``."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    group_size: int
+
+    kind = "int8"
+
+
+@dataclass
+class CodebookValues:
+    """``W = codebook[row or 0, indices]``; ``indices [N, K]`` is -1 where a weight takes no centroid."""
+
+    indices: torch.Tensor
+    codebook: torch.Tensor
+    bits: int
+
+    kind = "codebook"
 
 
 def value_kind(scales: torch.Tensor | None, codebook: torch.Tensor | None) -> str:
@@ -18,6 +47,43 @@ def value_kind(scales: torch.Tensor | None, codebook: torch.Tensor | None) -> st
     if codebook is not None:
         return "codebook"
     return "int8" if scales is not None else "float"
+
+
+def stored_values(state_values: Any, weight: torch.Tensor) -> tuple[torch.Tensor, dict] | None:
+    """``(full [N, K] tensor of stored values, side tensors)`` for a sparse format, or None when
+    the values are of a kind the sparse formats do not hold."""
+    if state_values is None:
+        return weight, {}
+    if isinstance(state_values, Int8Values):
+        return state_values.q, {"scales": state_values.scales, "group_size": state_values.group_size}
+    if isinstance(state_values, CodebookValues):
+        return state_values.indices.clamp(min=0).to(torch.uint8), {"codebook": state_values.codebook}
+    return None
+
+
+class SparseValues:
+    """What the two sparse formats share: values of a value kind, with their side tensors."""
+
+    def _init_values(self, values, scales, codebook, group_size: int) -> None:
+        self.group_size = int(group_size)
+        self.register_buffer("values", values)
+        self.register_buffer("scales", None if scales is None else scales.float())
+        self.register_buffer("codebook", None if codebook is None else codebook.float())
+
+    @property
+    def kind(self) -> str:
+        """Value kind: ``float``, ``int8`` or ``codebook``."""
+        return value_kind(self.scales, self.codebook)
+
+    @property
+    def label(self) -> str:
+        return f"{self.format_name}/{self.kind}"
+
+    def _decode(self, values, rows, cols) -> torch.Tensor:
+        return decode_values(values, rows, cols, self.scales, self.codebook, self.group_size)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, values={self.kind}"
 
 
 def group_of(cols: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -55,3 +121,64 @@ def int8_quantize(w: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, t
     scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
     q = torch.round(grouped / scales.unsqueeze(-1)).clamp_(-127, 127)
     return q.reshape(n, k).to(torch.int8), scales
+
+
+# ---- value streams in a .tzip file (the sparse formats share them) --------------------------
+
+
+def encode_values(out: Any, kind: str, values: torch.Tensor, scales: torch.Tensor | None,
+                  codebook: torch.Tensor | None) -> dict:
+    """Stream entries of ``values`` (in file order) and their side tensors."""
+    t: dict[str, Any] = {}
+    if kind == "int8":
+        t["values"] = out.int8(values)
+    elif kind == "codebook":
+        t["values"] = out.symbols(values, codebook.shape[1])
+    else:
+        t["values"] = out.raw(values)
+    if scales is not None:
+        t["scales"] = out.raw(scales)
+    if codebook is not None:
+        t["codebook"] = out.raw(codebook)
+    return t
+
+
+def decode_side(src: Any, tensors: dict, kind: str, group_size: int, n: int, k: int):
+    """``(scales, codebook)`` of a value kind, checked against an ``[n, k]`` weight."""
+    scales = codebook = None
+    if kind == "int8":
+        scales = src.float_raw(tensors.get("scales"), "scales").float()
+        src.need(tuple(scales.shape) == (n, k // group_size if group_size else 1),
+                 f"scales shape {tuple(scales.shape)} does not fit")
+    if kind == "codebook":
+        codebook = src.float_raw(tensors.get("codebook"), "codebook").float()
+        src.need(codebook.dim() == 2 and codebook.shape[0] in (1, n) and 1 <= codebook.shape[1] <= 256,
+                 f"codebook shape {tuple(codebook.shape)} does not fit {n} rows")
+    return scales, codebook
+
+
+def decode_values_stream(src: Any, tensors: dict, kind: str, count: int, codebook: torch.Tensor | None) -> torch.Tensor:
+    """``count`` stored values of ``kind`` (decoded on the target device where possible)."""
+    if kind == "float":
+        values = src.float_raw(tensors.get("values"), "values").reshape(-1)
+    elif kind == "int8":
+        values = src.int8(tensors.get("values"), count, "values", on_device=True)
+    else:
+        values = src.symbols(tensors.get("values"), "values", codebook.shape[1], on_device=True).to(torch.uint8)
+    src.need(values.numel() == count, f"{values.numel()} values for {count} positions")
+    return values
+
+
+def check_value_args(src: Any, entry: dict, k: int) -> tuple[str, int]:
+    """``(value kind, group_size)`` of a sparse layer's manifest entry, checked."""
+    kind = entry.get("values")
+    src.need(kind in VALUE_KINDS, f"unknown value kind {kind!r}; allowed: {', '.join(VALUE_KINDS)}")
+    g = check_group_size(src, entry, k)
+    return kind, g
+
+
+def check_group_size(src: Any, entry: dict, k: int) -> int:
+    """The entry's ``group_size`` (0: per channel), which must divide ``k``."""
+    g = entry.get("group_size", 0)
+    src.need(type(g) is int and g >= 0 and (g == 0 or k % g == 0), f"bad group_size {g!r}")
+    return g

@@ -1,50 +1,81 @@
-"""What every pass shares: a registry of recipe names, and layer selection by type and glob."""
+"""What every pass shares: the registry of recipe names, argument checks, and the ``Pass`` protocol.
+
+A pass is a small dataclass. Its fields are its recipe arguments; ``__post_init__`` validates them,
+so a pass object that exists is a valid one (overrides build new instances with
+``dataclasses.replace`` and are validated the same way). A pass is named in YAML only once it is
+registered::
+
+    @tz.register_pass
+    @dataclass
+    class MyPass(tz.LayerPass):
+        key = "my_pass"
+        ...
+
+Subclassing a registered pass does not register the subclass: ``class MyPrune(tz.Prune)`` leaves
+the YAML name ``prune`` to ``Prune``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from torchzip.errors import RecipeError
 
 PASSES: dict[str, type["Pass"]] = {}
 
-LAYER_TYPES: dict[str, type[nn.Module]] = {
-    "Linear": nn.Linear,
-    "Conv1d": nn.Conv1d,
-    "Conv2d": nn.Conv2d,
-    "Embedding": nn.Embedding,
-}
-DEFAULT_TARGETS = ("Linear", "Conv1d", "Conv2d", "Embedding")
+
+def register_pass(cls: type["Pass"]) -> type["Pass"]:
+    """Make ``cls`` the pass that its ``key`` names in recipes (usable as a class decorator).
+
+    Raises :class:`RecipeError` when ``cls`` has no key of its own (a subclass inherits its parent's)
+    or when another class already holds that key.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Pass) and dataclasses.is_dataclass(cls)):
+        raise RecipeError(f"register_pass takes a dataclass subclass of torchzip Pass, got {cls!r}")
+    key = cls.__dict__.get("key")
+    if not isinstance(key, str) or not key:
+        inherited = getattr(cls, "key", "")
+        raise RecipeError(f"{cls.__qualname__} needs a 'key' of its own to be registered"
+                          + (f" (it inherits '{inherited}' from a parent)" if inherited else ""))
+    other = PASSES.get(key)
+    if other is not None and other is not cls:
+        raise RecipeError(f"pass name '{key}' is already registered by {other.__module__}.{other.__qualname__}")
+    PASSES[key] = cls
+    return cls
+
+
+def pass_names() -> list[str]:
+    """Registered recipe names, sorted."""
+    return sorted(PASSES)
 
 
 class Pass:
-    """A recipe step: ``pass_(model, **context) -> model``. Subclasses are dataclasses.
+    """A recipe step. Subclasses are dataclasses; ``key`` is the name a recipe uses for them.
 
-    ``key`` is the pass's name in a recipe (``prune``, ``quantize``...). ``context`` carries objects
-    that cannot live in a YAML file, such as the distillation teacher.
+    ``context_keys`` name objects the pass takes from its caller rather than from a recipe file
+    (a teacher, calibration data). Hooks, all optional:
+
+    - ``check(model, context)``: raise before anything is modified if the pass cannot run;
+    - ``__call__(model, **context)``: apply the pass to ``model`` in place and return it;
+    - ``callbacks(model, **context)``: training callbacks this pass needs while fine-tuning.
     """
 
     key: ClassVar[str] = ""
-    context_keys: ClassVar[tuple[str, ...]] = ()  # objects this pass takes from compress(..., **context)
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.key:
-            PASSES[cls.key] = cls
+    context_keys: ClassVar[tuple[str, ...]] = ()
 
     def __call__(self, model: nn.Module, **context: Any) -> nn.Module:
-        raise NotImplementedError
+        return model
 
     def check(self, model: nn.Module, context: dict[str, Any]) -> None:
-        """Raise before anything is modified if this pass cannot run on ``model`` with ``context``
-        (``inplace`` included). Per-layer passes are checked by :func:`torchzip.plan_recipe`."""
+        """Raise before anything is modified if this pass cannot run on ``model``."""
+
+    def callbacks(self, model: nn.Module, **context: Any) -> list:
+        """Callbacks (``torchzip.Callback``) that fine-tuning ``model`` needs for this pass."""
+        return []
 
     def to_dict(self) -> dict[str, Any]:
         """Arguments that differ from their defaults (what a recipe file needs to say)."""
@@ -67,83 +98,25 @@ class Pass:
         return cls(**args)
 
 
-def _check_names(where: str, patterns: Any) -> tuple[str, ...]:
-    if isinstance(patterns, str):
-        patterns = (patterns,)
-    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
-        raise RecipeError(f"{where} must be a list of strings, got {patterns!r}")
-    return tuple(patterns)
+def check_int(where: str, name: str, value: Any, low: int = 0) -> None:
+    """Raise :class:`RecipeError` unless ``value`` is an int (not a bool) of at least ``low``."""
+    if type(value) is not int or value < low:
+        kind = "a non-negative integer" if low == 0 else f"an integer >= {low}"
+        raise RecipeError(f"{name} must be {kind}, got {value!r} in {where}")
 
 
-@dataclass
-class LayerPass(Pass):
-    """A pass applied to the weight of each targeted layer.
-
-    ``targets``: layer type names (``Linear``, ``Conv1d``, ``Conv2d``, ``Embedding``) or classes;
-    types match exactly, so subclasses such as ``MultiheadAttention.out_proj`` are not taken by
-    accident. ``exclude``: glob patterns on qualified module names. ``overrides``: glob pattern ->
-    arguments for the layers it matches; a layer named there must be able to take them.
-    """
-
-    targets: tuple = DEFAULT_TARGETS
-    exclude: tuple = ()
-    overrides: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        targets = self.targets
-        if isinstance(targets, (str, type)):
-            targets = (targets,)
-        if not isinstance(targets, (list, tuple)) or not all(isinstance(t, (str, type)) for t in targets):
-            raise RecipeError(f"targets of pass '{self.key}' must be a list of layer types, got {self.targets!r}; "
-                              f"allowed: {sorted(LAYER_TYPES)}")
-        self.targets = tuple(t if isinstance(t, str) else t.__name__ for t in targets)
-        for t in self.targets:
-            if t not in LAYER_TYPES:
-                raise RecipeError(f"unknown target layer type '{t}' in pass '{self.key}'; allowed: {sorted(LAYER_TYPES)}")
-        self.exclude = _check_names(f"exclude of pass '{self.key}'", self.exclude)
-        if not isinstance(self.overrides, dict):
-            raise RecipeError(f"overrides of pass '{self.key}' must map name patterns to arguments")
-        own = {f.name for f in dataclasses.fields(self)} - {"targets", "exclude", "overrides"}
-        for pattern, args in self.overrides.items():
-            if not isinstance(args, dict):
-                raise RecipeError(f"override '{pattern}' of pass '{self.key}' must be a mapping of arguments")
-            bad = sorted(set(args) - own)
-            if bad:
-                raise RecipeError(f"unknown argument(s) {bad} in override '{pattern}' of pass '{self.key}'; allowed: {sorted(own)}")
-
-    def __call__(self, model: nn.Module, **context: Any) -> nn.Module:
-        """Apply this pass alone to ``model`` in place (same checks as :func:`torchzip.compress`)."""
-        from torchzip.api import compress
-
-        return compress(model, [self], inplace=True, **context)
-
-    def layers(self, model: nn.Module) -> list[tuple[str, nn.Module, dict, bool]]:
-        """``(name, module, arguments, named_by_override)`` for every layer this pass takes."""
-        classes = tuple(LAYER_TYPES[t] for t in self.targets)
-        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("targets", "exclude", "overrides")}
-        out = []
-        for name, module in model.named_modules():
-            if parametrize.type_before_parametrizations(module) not in classes or any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
-                continue
-            args, named = dict(base), False
-            for pattern, extra in self.overrides.items():
-                if fnmatch.fnmatchcase(name, pattern):
-                    args.update(extra)
-                    named = True
-            out.append((name, module, args, named))
-        return out
+def check_choice(where: str, name: str, value: Any, allowed: tuple) -> None:
+    """Raise :class:`RecipeError` unless ``value`` is one of ``allowed``."""
+    if not isinstance(value, str) or value not in allowed:
+        raise RecipeError(f"{name} must be one of {list(allowed)}, got {value!r} in {where}")
 
 
-def weight_before(module: nn.Module, parametrization: nn.Module) -> torch.Tensor:
-    """``module.weight`` as the parametrizations ahead of ``parametrization`` in its chain make it."""
-    chain = module.parametrizations.weight
+def weight_before(module: nn.Module, parametrization: nn.Module, name: str = "weight") -> torch.Tensor:
+    """``module.<name>`` as the parametrizations ahead of ``parametrization`` in its chain make it."""
+    chain = module.parametrizations[name]
     w = chain.original
     for p in chain:
         if p is parametrization:
             break
         w = p(w)
     return w
-
-
-

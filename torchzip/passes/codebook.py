@@ -8,14 +8,18 @@ pruned before clustering take no centroid and stay zero.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
 
 from torchzip.errors import RecipeError
-from torchzip.passes.base import LayerPass, weight_before
+from torchzip.packed.values import CodebookValues
+from torchzip.passes.base import check_choice, check_int, register_pass, weight_before
+from torchzip.passes.layer import LayerPass
 from torchzip.passes.prune import masks_of
 
 INITS = ("linear", "kmeans++")
@@ -94,6 +98,8 @@ class CodebookQuant(nn.Module):
     Until it is clustered (at ``start_step``) it passes the weight through unchanged.
     """
 
+    role, key, schedule_key = "quantized", "codebook", "codebook"
+
     def __init__(self, weight: torch.Tensor, *, bits: int, granularity: str, init: str, iterations: int,
                  start_step: int, seed: int) -> None:
         super().__init__()
@@ -105,6 +111,9 @@ class CodebookQuant(nn.Module):
         self.register_buffer("assign", torch.full((rows, weight[0].numel()), -1, dtype=torch.int32, device=weight.device))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("clustered", torch.zeros((), dtype=torch.bool))
+
+    def fixes_at(self) -> int:
+        return self.start_step
 
     @torch.no_grad()
     def cluster(self, w: torch.Tensor, keep: torch.Tensor | None) -> None:
@@ -130,6 +139,29 @@ class CodebookQuant(nn.Module):
         # + an exact zero that keeps the master weight in the graph, so DDP sees every parameter used.
         return values + (w - w.detach())
 
+    def describe(self, state, w: torch.Tensor) -> None:
+        """For ``freeze``: the indices and codebook; weights without a centroid join the mask."""
+        if not bool(self.clustered):
+            warnings.warn(f"freezing a codebook layer before its start_step ({self.start_step}, now at step "
+                          f"{int(self.step)}): it is stored as float, not clustered", stacklevel=4)
+            return
+        idx = self.assign.long()
+        if not bool((idx >= 0).all()):
+            state.mask = idx >= 0 if state.mask is None else state.mask & (idx >= 0)
+        state.values = CodebookValues(idx, self.centroids.detach(), self.bits)
+
+    @classmethod
+    @torch.no_grad()
+    def advance(cls, members: list[tuple[nn.Module, "CodebookQuant"]], to_end: bool = False) -> None:
+        """One optimizer step (or, ``to_end``, to ``start_step``); cluster those whose time has come."""
+        for module, quant in members:
+            if to_end:
+                quant.step.fill_(max(int(quant.step), quant.start_step))
+            else:
+                quant.step.add_(1)
+            if not bool(quant.clustered) and int(quant.step) >= quant.start_step:
+                quant.cluster(weight_before(module, quant), _keep_mask(module))
+
 
 def codebook_of(module: nn.Module) -> CodebookQuant | None:
     """The :class:`CodebookQuant` parametrization on ``module.weight``, if any."""
@@ -143,6 +175,7 @@ def _keep_mask(module: nn.Module) -> torch.Tensor | None:
     return None if mask is None else mask.mask
 
 
+@register_pass
 @dataclass
 class Codebook(LayerPass):
     """k-means weight sharing with ``2**bits`` centroids (``bits`` 1..8), one codebook per output
@@ -151,6 +184,7 @@ class Codebook(LayerPass):
     gradual prune has finished), the weight staying float until then."""
 
     key = "codebook"
+    role = "quantized"
     bits: int = 4
     granularity: str = "channel"
     init: str = "linear"
@@ -158,47 +192,23 @@ class Codebook(LayerPass):
     start_step: int = 0
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.validate(self.__dict__, f"pass '{self.key}'")
-
-    @staticmethod
-    def validate(args: dict, where: str) -> None:
+    def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` for argument values that cannot work."""
-        if type(args["bits"]) is not int or not 1 <= args["bits"] <= 8:
-            raise RecipeError(f"codebook bits must be an integer in 1..8, got {args['bits']!r} in {where}")
-        if args["granularity"] not in GRANULARITIES:
-            raise RecipeError(f"granularity must be one of {list(GRANULARITIES)}, got {args['granularity']!r} in {where}")
-        if args["init"] not in INITS:
-            raise RecipeError(f"init must be one of {list(INITS)}, got {args['init']!r} in {where}")
+        if type(self.bits) is not int or not 1 <= self.bits <= 8:
+            raise RecipeError(f"codebook bits must be an integer in 1..8, got {self.bits!r} in {where}")
+        check_choice(where, "granularity", self.granularity, GRANULARITIES)
+        check_choice(where, "init", self.init, INITS)
         for key in ("iterations", "start_step", "seed"):
-            if type(args[key]) is not int or args[key] < 0:
-                raise RecipeError(f"{key} must be a non-negative integer, got {args[key]!r} in {where}")
+            check_int(where, key, getattr(self, key))
 
-    def unfit(self, name: str, module: nn.Module, args: dict) -> str | None:
-        """Every weight can take a codebook; only the arguments are checked."""
-        self.validate(args, f"override for layer '{name}'")
-        return None
+    def fixes_at(self) -> int:
+        return self.start_step
 
-    def apply(self, model: nn.Module, plan: list[tuple[str, nn.Module, dict]], group: str, progress: bool = False) -> None:
+    def apply(self, model: nn.Module, plan: list, group: str, progress: bool = False) -> None:
         """Attach codebooks to the planned layers, clustering now unless ``start_step`` > 0."""
-        from tqdm.auto import tqdm
-
-        for _, module, args in tqdm(plan, desc="k-means", disable=not progress, leave=False):
-            opts = {k: args[k] for k in ("bits", "granularity", "init", "iterations", "start_step", "seed")}
+        for _, module, own in tqdm(plan, desc="k-means", disable=not progress, leave=False):
+            opts = {k: getattr(own, k) for k in ("bits", "granularity", "init", "iterations", "start_step", "seed")}
             quant = CodebookQuant(module.weight, **opts)
-            if args["start_step"] == 0:
+            if own.start_step == 0:
                 quant.cluster(module.weight, _keep_mask(module))
             parametrize.register_parametrization(module, "weight", quant)
-
-
-@torch.no_grad()
-def step_codebooks(model: nn.Module) -> None:
-    """Advance codebook schedules by one step; cluster those whose ``start_step`` has come."""
-    for module in model.modules():
-        quant = codebook_of(module)
-        if quant is None:
-            continue
-        quant.step += 1
-        if not bool(quant.clustered) and int(quant.step) >= quant.start_step:
-            quant.cluster(weight_before(module, quant), _keep_mask(module))

@@ -15,7 +15,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from torchzip.errors import RecipeError
-from torchzip.passes.base import LayerPass
+from torchzip.passes.base import check_choice, check_int, register_pass
+from torchzip.passes.layer import LayerPass
 
 PATTERNS = ("unstructured", "channel", "N:M (e.g. 2:4)")
 NORMS = ("l1", "l2")
@@ -91,6 +92,8 @@ class Mask(nn.Module):
     is saved with the model and kept equal across DDP ranks.
     """
 
+    role, key = "pruned", "prune"
+
     def __init__(self, mask: torch.Tensor, *, pattern: str, sparsity: float, scope: str, norm: str,
                  initial_sparsity: float, start_step: int, end_step: int | None, frequency: int, group: str) -> None:
         super().__init__()
@@ -102,6 +105,15 @@ class Mask(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w * self.mask
+
+    def last_step(self) -> int:
+        return self.end_step or 0
+
+    def describe(self, state, w: torch.Tensor) -> None:
+        """For ``freeze``: the keep-mask and its pattern (``"N:M"`` normalised)."""
+        nm = parse_nm(self.pattern)
+        state.mask = self.mask.reshape(state.shape)
+        state.pattern = f"{nm[0]}:{nm[1]}" if nm else self.pattern
 
     def target(self, step: int) -> float:
         """Sparsity the schedule asks for at ``step``."""
@@ -120,6 +132,37 @@ class Mask(nn.Module):
         else:
             self.mask.copy_(unstructured_mask(w, sparsity, self.mask))
 
+    # -- schedule protocol (torchzip.schedule): masks of one prune pass advance together --------
+
+    @property
+    def schedule_key(self) -> str:
+        return self.group
+
+    @classmethod
+    @torch.no_grad()
+    def advance(cls, members: list[tuple[nn.Module, "Mask"]], to_end: bool = False) -> None:
+        """One optimizer step for the masks of one group (or, ``to_end``, straight to the end of
+        their schedule: masks only grow, so one recomputation at the final sparsity gives what
+        stepping there would, the weights being unchanged)."""
+        first = members[0][1]
+        for _, m in members:
+            m.step.fill_(max(int(m.step), m.end_step or 0)) if to_end else m.step.add_(1)
+        step = int(first.step)
+        if first.scope == "global":
+            if not (first.due(step) or (to_end and first.end_step is not None)):
+                return
+            weights = [mod.parametrizations.weight.original for mod, _ in members]
+            for (_, m), keep in zip(members, global_masks(weights, first.target(step), [m.mask for _, m in members])):
+                m.mask.copy_(keep)
+            due = members
+        else:
+            due = [(mod, m) for mod, m in members if m.due(step) or (to_end and m.end_step is not None)]
+            for mod, m in due:
+                m.recompute(mod.parametrizations.weight.original, m.target(step))
+        for mod, m in due:
+            # Zero the master too, so a checkpoint of the original weights agrees with the mask.
+            mod.parametrizations.weight.original.mul_(m.mask)
+
 
 def masks_of(module: nn.Module) -> Mask | None:
     """The :class:`Mask` parametrization on ``module.weight``, if any."""
@@ -128,6 +171,7 @@ def masks_of(module: nn.Module) -> Mask | None:
     return next((p for p in module.parametrizations.weight if isinstance(p, Mask)), None)
 
 
+@register_pass
 @dataclass
 class Prune(LayerPass):
     """Magnitude pruning.
@@ -141,6 +185,8 @@ class Prune(LayerPass):
     """
 
     key = "prune"
+    role = "pruned"
+    must_precede = {"quantized": "prune before quantizing"}
     sparsity: float = 0.5
     pattern: str = "unstructured"
     scope: str = "layer"
@@ -150,97 +196,65 @@ class Prune(LayerPass):
     end_step: int | None = None
     frequency: int = 1
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.validate(self.__dict__, f"pass '{self.key}'")
-        if self.scope == "global" and self.overrides:
-            raise RecipeError("global pruning uses one threshold for all layers: overrides are not allowed with scope 'global'")
-
-    @staticmethod
-    def validate(args: dict, where: str) -> None:
+    def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` for argument values that cannot work."""
-        pattern = args["pattern"]
+        pattern = self.pattern
         if pattern not in ("unstructured", "channel") and parse_nm(pattern) is None:
             raise RecipeError(f"unknown pruning pattern {pattern!r} in {where}; allowed: {list(PATTERNS)}")
         nm = parse_nm(pattern)
         if nm and not 0 < nm[0] < nm[1]:
             raise RecipeError(f"N:M pattern {pattern!r} in {where} needs 0 < N < M")
         for key in ("sparsity", "initial_sparsity"):
-            if type(args[key]) not in (int, float) or not 0.0 <= args[key] < 1.0:
-                raise RecipeError(f"{key} must be in [0, 1), got {args[key]!r} in {where}")
-        if args["scope"] not in ("layer", "global"):
-            raise RecipeError(f"scope must be 'layer' or 'global', got {args['scope']!r} in {where}")
-        if args["scope"] == "global" and pattern != "unstructured":
+            value = getattr(self, key)
+            if type(value) not in (int, float) or not 0.0 <= value < 1.0:
+                raise RecipeError(f"{key} must be in [0, 1), got {value!r} in {where}")
+        if self.scope not in ("layer", "global"):
+            raise RecipeError(f"scope must be 'layer' or 'global', got {self.scope!r} in {where}")
+        if self.scope == "global" and pattern != "unstructured":
             raise RecipeError(f"scope 'global' needs pattern 'unstructured', got {pattern!r} in {where}")
-        if args["norm"] not in NORMS:
-            raise RecipeError(f"norm must be one of {list(NORMS)}, got {args['norm']!r} in {where}")
-        if args["initial_sparsity"] > args["sparsity"]:
-            raise RecipeError(f"initial_sparsity {args['initial_sparsity']} exceeds sparsity {args['sparsity']} in {where}: masks only grow")
-        if type(args["frequency"]) is not int or args["frequency"] < 1:
-            raise RecipeError(f"frequency must be a positive integer, got {args['frequency']!r} in {where}")
-        end, start = args["end_step"], args["start_step"]
-        if type(start) is not int or start < 0:
-            raise RecipeError(f"start_step must be a non-negative integer, got {start!r} in {where}")
+        if self.scope == "global" and self.overrides:
+            raise RecipeError("global pruning uses one threshold for all layers: overrides are not allowed with scope 'global'")
+        check_choice(where, "norm", self.norm, NORMS)
+        if self.initial_sparsity > self.sparsity:
+            raise RecipeError(f"initial_sparsity {self.initial_sparsity} exceeds sparsity {self.sparsity} in {where}: masks only grow")
+        check_int(where, "frequency", self.frequency, low=1)
+        end, start = self.end_step, self.start_step
+        check_int(where, "start_step", start)
         if end is not None:
             if nm:
                 raise RecipeError(f"N:M pruning is applied at once; remove end_step from {where}")
             if type(end) is not int or not start < end:
                 raise RecipeError(f"need 0 <= start_step < end_step, got {start!r}, {end!r} in {where}")
 
-    def unfit(self, name: str, module: nn.Module, args: dict) -> str | None:
+    def unfit(self, name: str, module: nn.Module) -> str | None:
         """Why ``module`` cannot take this pruning, or None."""
-        self.validate(args, f"override for layer '{name}'")
-        nm = parse_nm(args["pattern"])
+        nm = parse_nm(self.pattern)
         k = module.weight[0].numel()
         if nm and k % nm[1]:
-            return f"{args['pattern']} needs in_features divisible by {nm[1]}, layer '{name}' has {k}"
+            return f"{self.pattern} needs in_features divisible by {nm[1]}, layer '{name}' has {k}"
         return None
 
-    def apply(self, model: nn.Module, plan: list[tuple[str, nn.Module, dict]], group: str) -> None:
+    def last_step(self) -> int:
+        return self.end_step or 0
+
+    def _initial(self) -> float:
+        return cubic_sparsity(0, self.sparsity, self.initial_sparsity, self.start_step, self.end_step)
+
+    def apply(self, model: nn.Module, plan: list, group: str, progress: bool = False) -> None:
         """Attach masks to the planned layers at the schedule's starting sparsity."""
         if self.scope == "global":
-            weights = [m.weight for _, m, _ in plan]
-            keeps = global_masks(weights, cubic_sparsity(0, self.sparsity, self.initial_sparsity, self.start_step, self.end_step))
-        for i, (_, module, args) in enumerate(plan):
+            keeps = global_masks([m.weight for _, m, _ in plan], self._initial())
+        for i, (_, module, own) in enumerate(plan):
             w = module.weight
-            nm = parse_nm(args["pattern"])
-            s0 = cubic_sparsity(0, args["sparsity"], args["initial_sparsity"], args["start_step"], args["end_step"])
+            nm = parse_nm(own.pattern)
             if nm:
                 keep = nm_mask(w, *nm)
-            elif self.scope == "global":
+            elif own.scope == "global":
                 keep = keeps[i]
-            elif args["pattern"] == "channel":
-                keep = channel_mask(w, s0, args["norm"])
+            elif own.pattern == "channel":
+                keep = channel_mask(w, own._initial(), own.norm)
             else:
-                keep = unstructured_mask(w, s0)
-            opts = {k: args[k] for k in ("pattern", "sparsity", "scope", "norm", "initial_sparsity", "start_step", "end_step", "frequency")}
+                keep = unstructured_mask(w, own._initial())
+            opts = {k: getattr(own, k) for k in ("pattern", "sparsity", "scope", "norm", "initial_sparsity", "start_step",
+                                                 "end_step", "frequency")}
             parametrize.register_parametrization(module, "weight", Mask(keep, group=group, **opts))
-
-
-@torch.no_grad()
-def step_masks(model: nn.Module) -> None:
-    """Advance every mask schedule in ``model`` by one step and grow the masks that are due."""
-    groups: dict[str, list[tuple[nn.Module, Mask]]] = {}
-    for module in model.modules():
-        mask = masks_of(module)
-        if mask is not None:
-            groups.setdefault(mask.group, []).append((module, mask))
-    for members in groups.values():
-        for _, m in members:
-            m.step += 1
-        first = members[0][1]
-        step = int(first.step)
-        if first.scope == "global":
-            if not first.due(step):
-                continue
-            weights = [mod.parametrizations.weight.original for mod, _ in members]
-            for (_, m), keep in zip(members, global_masks(weights, first.target(step), [m.mask for _, m in members])):
-                m.mask.copy_(keep)
-            due = members
-        else:
-            due = [(mod, m) for mod, m in members if m.due(step)]
-            for mod, m in due:
-                m.recompute(mod.parametrizations.weight.original, m.target(step))
-        for mod, m in due:
-            # Zero the master too, so a checkpoint of the original weights agrees with the mask.
-            mod.parametrizations.weight.original.mul_(m.mask)

@@ -13,17 +13,21 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from torchzip.errors import RecipeError
-from torchzip.passes.base import LayerPass
-from torchzip.packed.values import int8_quantize
+from torchzip.packed.values import Int8Values, int8_quantize
+from torchzip.passes.base import register_pass
+from torchzip.passes.layer import LayerPass
 
 
 class Int8FakeQuant(nn.Module):
     """Parametrization: the tensor rounded to int8 with dynamic scales, one per output channel
     (or per group of ``group_size`` columns), or one for the whole tensor (``per_tensor``)."""
 
+    role = "quantized"
+
     def __init__(self, group_size: int, per_tensor: bool = False) -> None:
         super().__init__()
         self.group_size, self.per_tensor = group_size, per_tensor
+        self.key = "quantize_bias" if per_tensor else "quantize"
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         w2 = w.reshape(1, -1) if self.per_tensor else w.reshape(w.shape[0], -1)
@@ -34,54 +38,59 @@ class Int8FakeQuant(nn.Module):
         # Straight-through: the value is exactly deq (adding an exact zero), the gradient is w's.
         return deq + (w - w.detach())
 
+    def describe(self, state, w: torch.Tensor) -> None:
+        """For ``freeze``: quantize what this parametrization saw (not its output), exactly as it did."""
+        q, scales = int8_quantize(w.detach().reshape(state.shape), self.group_size)
+        state.values = Int8Values(q, scales, self.group_size)
 
+
+@register_pass
 @dataclass
 class Quantize(LayerPass):
     """int8 weight-only quantization (``bits`` must be 8). ``group_size`` 0: one scale per output
     channel; otherwise one scale per ``group_size`` consecutive input weights."""
 
     key = "quantize"
+    role = "quantized"
     bits: int = 8
     group_size: int = 0
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.validate(self.__dict__, f"pass '{self.key}'")
-
-    @staticmethod
-    def validate(args: dict, where: str) -> None:
+    def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` for argument values that cannot work."""
-        if type(args["bits"]) is not int or args["bits"] != 8:
-            raise RecipeError(f"quantize supports bits=8 only, got {args['bits']!r} in {where}; use 'codebook' for 1..8-bit weight sharing")
-        if type(args["group_size"]) is not int or args["group_size"] < 0:
-            raise RecipeError(f"group_size must be 0 (per channel) or a positive integer, got {args['group_size']!r} in {where}")
+        if type(self.bits) is not int or self.bits != 8:
+            raise RecipeError(f"quantize supports bits=8 only, got {self.bits!r} in {where}; use 'codebook' for 1..8-bit weight sharing")
+        if type(self.group_size) is not int or self.group_size < 0:
+            raise RecipeError(f"group_size must be 0 (per channel) or a positive integer, got {self.group_size!r} in {where}")
 
-    def unfit(self, name: str, module: nn.Module, args: dict) -> str | None:
+    def unfit(self, name: str, module: nn.Module) -> str | None:
         """Why ``module`` cannot take this quantization, or None."""
-        self.validate(args, f"override for layer '{name}'")
         k = module.weight[0].numel()
-        if args["group_size"] and k % args["group_size"]:
-            return f"group_size {args['group_size']} does not divide in_features {k} of layer '{name}'"
+        if self.group_size and k % self.group_size:
+            return f"group_size {self.group_size} does not divide in_features {k} of layer '{name}'"
         return None
 
-    def apply(self, model: nn.Module, plan: list[tuple[str, nn.Module, dict]], group: str) -> None:
+    def apply(self, model: nn.Module, plan: list, group: str, progress: bool = False) -> None:
         """Attach fake-quantization to the planned layers."""
-        for _, module, args in plan:
-            parametrize.register_parametrization(module, "weight", Int8FakeQuant(args["group_size"]))
+        for _, module, own in plan:
+            parametrize.register_parametrization(module, "weight", Int8FakeQuant(own.group_size))
 
 
+@register_pass
 @dataclass
 class QuantizeBias(LayerPass):
     """int8 biases with one scale per layer (fake-quantized while trainable). Tiny layers' fp32
     biases can outweigh their compressed weights; ``export`` stores these biases as int8."""
 
     key = "quantize_bias"
+    role = "quantized"
+    tensor = "bias"
 
-    def unfit(self, name: str, module: nn.Module, args: dict) -> str | None:
+    def unfit(self, name: str, module: nn.Module) -> str | None:
         """Layers without a bias cannot take it."""
         return None if getattr(module, "bias", None) is not None else f"layer '{name}' has no bias"
 
-    def apply(self, model: nn.Module, plan: list[tuple[str, nn.Module, dict]], group: str) -> None:
+    def apply(self, model: nn.Module, plan: list, group: str, progress: bool = False) -> None:
         """Attach per-tensor int8 fake-quantization to the planned layers' biases."""
         for _, module, _ in plan:
             parametrize.register_parametrization(module, "bias", Int8FakeQuant(0, per_tensor=True))
+

@@ -5,7 +5,8 @@ per int32 word, LSB first; see ``torchzip.packed.bits``). The GEMV reads each pa
 and unpacks it into a ``[words, fields]`` tile (fields padded to a power of two, so 3-bit rows
 with 10 fields a word need no special case); the GEMM does the same per ``[words, fields, N]``
 tile and reshapes it into the ``[K, N]`` operand of ``tl.dot``. Codebook lookups are gathers that hit L1: per layer it is ``2**bits`` floats, per
-channel one row of them per output row.
+channel one row of them per output row. The ``torchzip::codebook_linear`` op picks the GEMV, the GEMM
+or the dequantize kernel + cuBLAS by M.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from torchzip.kernels import _common as C
-from torchzip.kernels.int8_matmul import GEMM_CONFIGS, INTERP_GEMM, prune_gemm
+from torchzip.kernels import dispatch
 
 # BLOCK_W words of one row per step: 64 words is 512 4-bit weights, 256 bytes of indices a row.
 GEMV_CONFIGS = [
@@ -26,6 +28,8 @@ GEMV_CONFIGS = [
     ]
 ]
 INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_W": 8})
+# From this M on, dequantize + cuBLAS beats the fused kernel (see kernels.dispatch).
+dispatch.DENSE_MIN_M.setdefault("codebook", 512)
 
 
 @triton.jit
@@ -110,9 +114,19 @@ def _codebook_gemm_kernel(
     C.store_tile(acc, rm, rn, M, N, out_ptr, b_ptr, pid_k, HAS_BIAS, SPLIT_K)
 
 
+@triton.jit
+def _codebook_dequant_kernel(p_ptr, book_ptr, out_ptr, N, K, stride_pn, stride_b, BITS: tl.constexpr,
+                             PER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    mask = (rn < N) & (rk < K)
+    w = codebook_tile(p_ptr, book_ptr, rn, rk, mask, stride_pn, stride_b, BITS, PER)
+    tl.store(out_ptr + rn * K + rk, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 _gemv_tuned = C.tuned(_codebook_gemv_kernel, GEMV_CONFIGS, key=["N", "K", "BITS", "SPLIT_K"])
-_gemm_tuned = C.tuned(_codebook_gemm_kernel, GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "BITS", "SPLIT_K"],
-                      prune=prune_gemm)
+_gemm_tuned = C.tuned(_codebook_gemm_kernel, C.GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "BITS", "SPLIT_K"],
+                      prune=C.prune_gemm)
 
 
 def _prepare(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bits: int, k: int):
@@ -164,12 +178,26 @@ def codebook_gemm(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor,
             _codebook_gemm_kernel, _gemm_tuned,
             lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split),
             (x2, packed, codebook, bias, ws, m, n, k, packed.shape[1], x2.stride(0), packed.stride(0), stride_b, bucket),
-            config, INTERP_GEMM, BITS=bits, PER=32 // bits, PER_P2=C.next_pow2(32 // bits), HAS_BIAS=bias is not None,
+            config, C.INTERP_GEMM, BITS=bits, PER=32 // bits, PER_P2=C.next_pow2(32 // bits), HAS_BIAS=bias is not None,
             SPLIT_K=split,
             DOT_DTYPE=C.dot_dtype(x.dtype), PRECISION=C.dot_precision(x.dtype),
         )
         C.finish_split_k(out, ws, bias, split)
     return out.view(*x.shape[:-1], n)
+
+
+def dequantize_codebook(packed: torch.Tensor, codebook: torch.Tensor, bits: int, k: int,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """Dense ``codebook[n or 0, index[n, j]]`` as ``[N, k]`` in ``dtype``."""
+    n = packed.shape[0]
+    packed, codebook = packed.contiguous(), codebook.contiguous()
+    stride_b = codebook.stride(0) if codebook.shape[0] > 1 else 0
+    out = torch.empty(n, k, dtype=dtype, device=packed.device)
+    if out.numel():
+        _codebook_dequant_kernel[C.dq_grid(n, k)](packed, codebook, out, n, k, packed.stride(0), stride_b,
+                                              BITS=bits, PER=32 // bits, BLOCK_N=C.DQ_BLOCK_N, BLOCK_K=C.DQ_BLOCK_K,
+                                              num_warps=C.DQ_WARPS)
+    return out
 
 
 def reference(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None,
@@ -181,3 +209,32 @@ def reference(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bia
     book = codebook.double().expand(packed.shape[0], -1) if codebook.shape[0] == 1 else codebook.double()
     out = x.double() @ torch.gather(book, 1, idx).T
     return out if bias is None else out + bias.double()
+
+
+# ---- the op the packed format calls ------------------------------------------------------------
+@torch.library.custom_op("torchzip::codebook_linear", mutates_args=())
+def _codebook_linear(x: Tensor, packed: Tensor, codebook: Tensor, bias: Tensor | None, bits: int, k: int) -> Tensor:
+    dispatch.require_triton()
+    return dispatch.by_rows(_codebook_impl, packed.shape[0], k, x, packed, codebook, bias, bits, k)
+
+
+def _codebook_impl(x: Tensor, packed: Tensor, codebook: Tensor, bias: Tensor | None, bits: int, k: int) -> Tensor:
+    path = dispatch.pick_path("codebook", x)
+    if path == "dense":
+        return dispatch.dense(x, dequantize_codebook(packed, codebook, bits, k, x.dtype), bias)
+    kernel = codebook_gemv if path == "gemv" else codebook_gemm
+    return kernel(x, packed, codebook, bias, bits, k)
+
+
+@_codebook_linear.register_fake
+def _(x, packed, codebook, bias, bits, k):
+    return dispatch.out_like(x, packed.shape[0])
+
+
+def codebook_linear(x: Tensor, packed: Tensor, codebook: Tensor, bias: Tensor | None, bits: int, k: int) -> Tensor:
+    """``x @ W.T + bias`` with ``W[n, j] = codebook[n or 0, index[n, j]]``.
+
+    ``packed`` int32 ``[N, ceil(k / (32 // bits))]`` holds the ``bits``-wide indices (see
+    ``torchzip.packed.bits``), ``codebook`` fp32 ``[N or 1, 2**bits]``; ``bits`` in 1..16.
+    """
+    return torch.ops.torchzip.codebook_linear(x, packed, codebook, bias, int(bits), int(k))

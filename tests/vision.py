@@ -1,4 +1,4 @@
-"""Workarounds for environments, kept in one place."""
+"""Test and benchmark helper: import torchvision's model zoo next to a CPU-only torch."""
 
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 Two kernels: a GEMV for one activation row (weight streamed once with wide int8 loads, products
 kept in a 2-D fp32 accumulator and reduced once at the end) and a tiled ``tl.dot`` GEMM for
 more rows (weight tile converted to the activation dtype in registers). Both can split K across
-programs when the grid is too small to keep every SM loading.
+programs when the grid is too small to keep every SM loading. A dequantize kernel writes the
+dense weight for large M (then cuBLAS); the ``torchzip::int8_linear`` op picks among them.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from torchzip.kernels import _common as C
+from torchzip.kernels import dispatch
 
 # GEMV (M == 1): BLOCK_N rows x BLOCK_K int8 columns per step; 512-1024 bytes a row keeps 16-byte
 # loads on every thread, a few rows per program keeps thousands of programs for big N.
@@ -23,30 +26,11 @@ GEMV_CONFIGS = [
         (8, 256, 4, 3), (8, 1024, 8, 2), (16, 256, 4, 2), (16, 512, 8, 2),
     ]
 ]
-# GEMM: small tiles along M for skinny activations, large square tiles for prefill-sized M.
-GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in [
-        (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4),
-        (32, 64, 128, 4, 4), (32, 128, 128, 4, 3),
-        (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3),
-        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-    ]
-]
 # The interpreter runs programs one after another in Python: few, mid-sized blocks are fastest
 # there, and they still leave ragged edges in the test shapes.
 INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_K": 64})
-INTERP_GEMM = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4})
-
-
-def prune_gemm(configs, named_args, **kwargs):
-    """Keep tiles whose BLOCK_M fits the M bucket, so tuning only tries sensible shapes."""
-    bucket = named_args["M_BUCKET"]
-    if bucket <= 64:
-        keep = [c for c in configs if c.kwargs["BLOCK_M"] == max(16, bucket)]
-    else:
-        keep = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
-    return keep or configs[:1]
+# From this M on, dequantize + cuBLAS beats the fused kernel (see kernels.dispatch).
+dispatch.DENSE_MIN_M.setdefault("int8", 512)
 
 
 @triton.jit
@@ -131,8 +115,22 @@ def _int8_gemm_kernel(
     C.store_tile(acc, rm, rn, M, N, out_ptr, b_ptr, pid_k, HAS_BIAS, SPLIT_K)
 
 
+@triton.jit
+def _int8_dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, stride_qn, stride_sn, GROUP: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    mask = (rn < N) & (rk < K)
+    q = tl.load(q_ptr + rn * stride_qn + rk, mask=mask, other=0)
+    if GROUP > 0:
+        s = tl.load(s_ptr + rn * stride_sn + rk // GROUP, mask=mask, other=0.0)
+    else:
+        s = tl.load(s_ptr + rn * stride_sn, mask=rn < N, other=0.0)
+    tl.store(out_ptr + rn * K + rk, (q.to(tl.float32) * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
 _gemv_tuned = C.tuned(_int8_gemv_kernel, GEMV_CONFIGS, key=["N", "K", "GROUP", "SPLIT_K"])
-_gemm_tuned = C.tuned(_int8_gemm_kernel, GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "SPLIT_K"], prune=prune_gemm)
+_gemm_tuned = C.tuned(_int8_gemm_kernel, C.GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "SPLIT_K"], prune=C.prune_gemm)
 
 
 def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> None:
@@ -182,11 +180,22 @@ def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
             _int8_gemm_kernel, _gemm_tuned,
             lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split),
             (x2, qweight, scales, bias, ws, m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0), bucket),
-            config, INTERP_GEMM, GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split,
+            config, C.INTERP_GEMM, GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split,
             DOT_DTYPE=C.dot_dtype(x.dtype), PRECISION=C.dot_precision(x.dtype),
         )
         C.finish_split_k(out, ws, bias, split)
     return out.view(*x.shape[:-1], n)
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense ``qweight * scales`` (per channel: ``group_size`` 0) as ``[N, K]`` in ``dtype``."""
+    n, k = qweight.shape
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    out = torch.empty(n, k, dtype=dtype, device=qweight.device)
+    if out.numel():
+        _int8_dequant_kernel[C.dq_grid(n, k)](qweight, scales, out, n, k, qweight.stride(0), scales.stride(0),
+                                          GROUP=group_size, BLOCK_N=C.DQ_BLOCK_N, BLOCK_K=C.DQ_BLOCK_K, num_warps=C.DQ_WARPS)
+    return out
 
 
 def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
@@ -197,3 +206,32 @@ def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
     w = (qweight.double().view(n, k // g, g) * scales.double().unsqueeze(-1)).view(n, k)
     out = x.double() @ w.T
     return out if bias is None else out + bias.double()
+
+
+# ---- the op the packed format calls ------------------------------------------------------------
+@torch.library.custom_op("torchzip::int8_linear", mutates_args=())
+def _int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int) -> Tensor:
+    dispatch.require_triton()
+    return dispatch.by_rows(_int8_impl, qweight.shape[0], qweight.shape[1], x, qweight, scales, bias, group_size)
+
+
+def _int8_impl(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int) -> Tensor:
+    path = dispatch.pick_path("int8", x)
+    if path == "dense":
+        return dispatch.dense(x, dequantize_int8(qweight, scales, group_size, x.dtype), bias)
+    kernel = int8_gemv if path == "gemv" else int8_gemm
+    return kernel(x, qweight, scales, bias, group_size)
+
+
+@_int8_linear.register_fake
+def _(x, qweight, scales, bias, group_size):
+    return dispatch.out_like(x, qweight.shape[0])
+
+
+def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int) -> Tensor:
+    """``x @ (qweight * scales).T + bias`` in ``x.dtype``.
+
+    ``x`` ``[..., K]`` fp16/bf16/fp32, ``qweight`` int8 ``[N, K]``, ``scales`` fp32 ``[N, G]``
+    (``G == 1`` and ``group_size == 0`` per channel, else ``K // group_size``), ``bias`` ``[N]``.
+    """
+    return torch.ops.torchzip.int8_linear(x, qweight, scales, bias, int(group_size))

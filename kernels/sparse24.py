@@ -1,14 +1,10 @@
-"""Sparse matmul: 2:4 semi-structured and CSR unstructured weights, with float, int8 or codebook values.
+"""2:4 sparse matmul (``torchzip.packed.sparse24``), with float, int8 or codebook values.
 
-2:4 (``torchzip.packed.sparse24``): kept value ``j`` of row ``n`` sits at column
-``4 * (j // 2) + pos``, the 2-bit ``pos`` packed 16 to an int32 word. The GEMV walks the kept
-values (half the columns) and gathers the activations they need; the GEMM rebuilds a dense
-``[K, N]`` weight tile in registers for ``tl.dot`` (each column picks the kept value of its
-group whose position matches, or 0).
-
-CSR (``torchzip.packed.csr``): each program owns a few rows and walks their nonzeros in blocks
-(up to the longest row's count), gathering ``x[:, col]`` from L1/L2. Suits 80-95% sparsity and
-small M; the dispatcher turns to dequantize + cuBLAS for large M.
+Kept value ``j`` of row ``n`` sits at column ``4 * (j // 2) + pos``, the 2-bit ``pos`` packed 16
+to an int32 word. The GEMV walks the kept values (half the columns) and gathers the activations
+they need; the GEMM rebuilds a dense ``[K, N]`` weight tile in registers for ``tl.dot`` (each
+column picks the kept value of its group whose position matches, or 0); a dequantize kernel
+writes the dense weight for cuBLAS at large M. The ``torchzip::sparse24_linear`` op picks.
 """
 
 from __future__ import annotations
@@ -16,9 +12,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from torchzip.kernels import _common as C
-from torchzip.kernels.int8_matmul import GEMM_CONFIGS, INTERP_GEMM, prune_gemm
+from torchzip.kernels import dispatch
 
 # BLOCK_W position words (16 kept values, 32 dense columns each) of BLOCK_N rows per step.
 S24_GEMV_CONFIGS = [
@@ -29,25 +26,8 @@ S24_GEMV_CONFIGS = [
     ]
 ]
 S24_INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_W": 4})
-
-# CSR: [BLOCK_M activations, BLOCK_R rows, BLOCK_NZ nonzeros] per step. One activation row wants
-# several weight rows per program (a row at 90% sparsity of K=4096 has ~400 nonzeros); more
-# activation rows share each decoded nonzero across BLOCK_M gathers instead.
-CSR_CONFIGS = [
-    triton.Config({"BLOCK_M": 1, "BLOCK_R": br, "BLOCK_NZ": bz}, num_warps=w, num_stages=2)
-    for br, bz, w in [(1, 512, 4), (2, 256, 4), (4, 128, 4), (4, 256, 8), (8, 64, 4), (8, 128, 8), (16, 64, 8)]
-] + [
-    triton.Config({"BLOCK_M": bm, "BLOCK_R": br, "BLOCK_NZ": bz}, num_warps=w, num_stages=2)
-    for bm in (2, 4, 8, 16)
-    for br, bz, w in [(1, 64, 4), (1, 128, 4), (2, 64, 4), (1, 256, 8)]
-]
-CSR_INTERP = triton.Config({"BLOCK_M": 4, "BLOCK_R": 4, "BLOCK_NZ": 32})
-
-
-def prune_csr(configs, named_args, **kwargs):
-    """Keep configs whose BLOCK_M is the M bucket (capped at 16)."""
-    bm = min(named_args["M_BUCKET"], 16)
-    return [c for c in configs if c.kwargs["BLOCK_M"] == bm] or configs[:1]
+# From this M on, dequantize + cuBLAS beats the fused kernel (see kernels.dispatch).
+dispatch.DENSE_MIN_M.setdefault("sparse24", 256)
 
 
 @triton.jit
@@ -134,53 +114,21 @@ def _sparse24_gemm_kernel(
 
 
 @triton.jit
-def _csr_kernel(
-    x_ptr, rp_ptr, col_ptr, v_ptr, s_ptr, book_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_sn, stride_b, M_BUCKET,
-    KIND: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_NZ: tl.constexpr,
-):
-    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_mask, m_mask = rr < N, rm < M
-    start = tl.load(rp_ptr + rr, mask=r_mask, other=0)
-    length = tl.load(rp_ptr + rr + 1, mask=r_mask, other=0) - start
-    acc = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_NZ), tl.float32)
-    for i in range(0, tl.max(length, 0), BLOCK_NZ):
-        ri = i + tl.arange(0, BLOCK_NZ)
-        nz_mask = ri[None, :] < length[:, None]
-        offs = start[:, None] + ri[None, :]
-        cols = tl.load(col_ptr + offs, mask=nz_mask, other=0).to(tl.int32)
-        v = tl.load(v_ptr + offs, mask=nz_mask, other=0)
-        w = C.decode(v, rr[:, None], cols, nz_mask, s_ptr, stride_sn, book_ptr, stride_b, KIND, GROUP)
-        x = tl.load(x_ptr + rm[:, None, None] * stride_xm + cols[None, :, :],
-                    mask=m_mask[:, None, None] & nz_mask[None, :, :], other=0.0)
-        acc += x.to(tl.float32) * w[None, :, :]
-    out = tl.sum(acc, 2)
+def _sparse24_dequant_kernel(v_ptr, p_ptr, s_ptr, book_ptr, out_ptr, N, K, stride_vn, stride_pn, stride_sn, stride_b,
+                             KIND: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    mask = (rn < N) & (rk < K)
+    w = sparse24_tile(v_ptr, p_ptr, s_ptr, book_ptr, rn, rk, mask, stride_vn, stride_pn, stride_sn, stride_b,
+                      KIND, GROUP)
     if KIND == 1 and GROUP == 0:
-        out *= tl.load(s_ptr + rr * stride_sn, mask=r_mask, other=0.0)[None, :]
-    C.store_tile(out, rm, rr, M, N, out_ptr, b_ptr, 0, HAS_BIAS, 1)
+        w *= tl.load(s_ptr + rn * stride_sn, mask=rn < N, other=0.0)
+    tl.store(out_ptr + rn * K + rk, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 _s24_gemv_tuned = C.tuned(_sparse24_gemv_kernel, S24_GEMV_CONFIGS, key=["N", "J", "KIND", "GROUP", "SPLIT_K"])
-_s24_gemm_tuned = C.tuned(_sparse24_gemm_kernel, GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "KIND", "GROUP", "SPLIT_K"],
-                          prune=prune_gemm)
-_csr_tuned = C.tuned(_csr_kernel, CSR_CONFIGS, key=["M_BUCKET", "N", "KIND", "GROUP"], prune=prune_csr)
-
-
-def value_args(scales: torch.Tensor | None, codebook: torch.Tensor | None, n: int):
-    """Kernel arguments for the value side tensors: (kind, scales, stride, codebook, stride)."""
-    kind = C.value_kind(scales, codebook)
-    if scales is not None:
-        if scales.dtype != torch.float32 or scales.dim() != 2 or scales.shape[0] != n:
-            raise ValueError(f"scales must be float32 [{n}, G], got {scales.dtype} {tuple(scales.shape)}")
-        scales = scales.contiguous()
-    if codebook is not None:
-        if codebook.dtype != torch.float32 or codebook.shape[0] not in (1, n):
-            raise ValueError(f"codebook must be float32 [1 or {n}, E], got {codebook.dtype} {tuple(codebook.shape)}")
-        codebook = codebook.contiguous()
-    stride_s = scales.stride(0) if scales is not None else 0
-    stride_b = codebook.stride(0) if codebook is not None and codebook.shape[0] > 1 else 0
-    return kind, scales, stride_s, codebook, stride_b
+_s24_gemm_tuned = C.tuned(_sparse24_gemm_kernel, C.GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "KIND", "GROUP", "SPLIT_K"],
+                          prune=C.prune_gemm)
 
 
 def _prepare24(x, values, positions, k):
@@ -203,7 +151,7 @@ def sparse24_gemv(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
     """
     x2, values, positions = _prepare24(x, values, positions, k)
     m, n = x2.shape[0], values.shape[0]
-    kind, scales, stride_s, codebook, stride_b = value_args(scales, codebook, n)
+    kind, scales, stride_s, codebook, stride_b = C.value_args(scales, codebook, n)
     pw = positions.shape[1]
     split = split_k or C.pick_split_k(x2, triton.cdiv(n, 8) * m, k)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
@@ -224,7 +172,7 @@ def sparse24_gemm(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
     """2:4 tiled ``tl.dot`` kernel for M > 1 (see :func:`sparse24_gemv` for arguments)."""
     x2, values, positions = _prepare24(x, values, positions, k)
     m, n = x2.shape[0], values.shape[0]
-    kind, scales, stride_s, codebook, stride_b = value_args(scales, codebook, n)
+    kind, scales, stride_s, codebook, stride_b = C.value_args(scales, codebook, n)
     bucket = min(C.next_pow2(m), 256)
     split = split_k or C.pick_split_k(x2, triton.cdiv(n, 64) * triton.cdiv(m, min(max(bucket, 16), 64)), k)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
@@ -234,43 +182,26 @@ def sparse24_gemm(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
             lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split),
             (x2, values, positions, scales, codebook, bias, ws, m, n, k,
              x2.stride(0), values.stride(0), positions.stride(0), stride_s, stride_b, bucket),
-            config, INTERP_GEMM, KIND=kind, GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split,
+            config, C.INTERP_GEMM, KIND=kind, GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split,
             DOT_DTYPE=C.dot_dtype(x.dtype), PRECISION=C.dot_precision(x.dtype),
         )
         C.finish_split_k(out, ws, bias, split)
     return out.view(*x.shape[:-1], n)
 
 
-def csr_matmul(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
-               scales: torch.Tensor | None, codebook: torch.Tensor | None, bias: torch.Tensor | None,
-               group_size: int, k: int, config: triton.Config | None = None) -> torch.Tensor:
-    """CSR kernel for any M (meant for small M).
-
-    ``row_ptr`` int32 ``[N+1]``, ``col_idx`` int16/int32 ``[nnz]``, ``values`` ``[nnz]`` (floats,
-    int8 with ``scales``, or indices into ``codebook``); returns ``[..., N]`` in ``x.dtype``.
-    """
-    if x.shape[-1] != k or col_idx.shape != values.shape or row_ptr.dtype != torch.int32:
-        raise ValueError(f"CSR needs x [..., {k}], int32 row_ptr and col_idx/values of one length; got "
-                         f"{tuple(x.shape)}, {row_ptr.dtype}, {tuple(col_idx.shape)}, {tuple(values.shape)}")
-    x2 = C.as_2d(x)
-    m, n = x2.shape[0], row_ptr.shape[0] - 1
-    kind, scales, stride_s, codebook, stride_b = value_args(scales, codebook, n)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m and n:
-        C.launch(
-            _csr_kernel, _csr_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_R"]), triton.cdiv(m, meta["BLOCK_M"])),
-            (x2, row_ptr.contiguous(), col_idx.contiguous(), values.contiguous(), scales, codebook, bias, out,
-             m, n, x2.stride(0), stride_s, stride_b, C.next_pow2(m)),
-            config, CSR_INTERP, KIND=kind, GROUP=group_size, HAS_BIAS=bias is not None,
+def dequantize_sparse24(values: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor | None,
+                        codebook: torch.Tensor | None, group_size: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense ``[N, k]`` weight (zeros included) of a 2:4 weight, in ``dtype``."""
+    n = values.shape[0]
+    values, positions = values.contiguous(), positions.contiguous()
+    kind, scales, stride_s, codebook, stride_b = C.value_args(scales, codebook, n)
+    out = torch.empty(n, k, dtype=dtype, device=values.device)
+    if out.numel():
+        _sparse24_dequant_kernel[C.dq_grid(n, k)](
+            values, positions, scales, codebook, out, n, k, values.stride(0), positions.stride(0), stride_s, stride_b,
+            KIND=kind, GROUP=group_size, BLOCK_N=C.DQ_BLOCK_N, BLOCK_K=C.DQ_BLOCK_K, num_warps=C.DQ_WARPS,
         )
-    return out.view(*x.shape[:-1], n)
-
-
-def _decode64(values, rows, cols, scales, codebook, group_size):
-    from torchzip.packed.values import decode_values
-
-    return decode_values(values, rows, cols, None if scales is None else scales.double(),
-                         None if codebook is None else codebook.double(), group_size).double()
+    return out
 
 
 def sparse24_reference(x, values, positions, scales, codebook, bias, group_size, k) -> torch.Tensor:
@@ -280,17 +211,39 @@ def sparse24_reference(x, values, positions, scales, codebook, bias, group_size,
     n = values.shape[0]
     cols = unpack_bits(positions, 2, k // 2) + 4 * (torch.arange(k // 2, device=x.device) // 2)
     rows = torch.arange(n, device=x.device).unsqueeze(1).expand_as(cols)
-    w = torch.zeros(n, k, dtype=torch.float64, device=x.device).scatter_(1, cols, _decode64(values, rows, cols, scales, codebook, group_size))
+    w = torch.zeros(n, k, dtype=torch.float64, device=x.device).scatter_(1, cols, C.decode_values64(values, rows, cols, scales, codebook, group_size))
     out = x.double() @ w.T
     return out if bias is None else out + bias.double()
 
 
-def csr_reference(x, row_ptr, col_idx, values, scales, codebook, bias, group_size, k) -> torch.Tensor:
-    """What the CSR kernel computes, in float64."""
-    n = row_ptr.shape[0] - 1
-    counts = (row_ptr[1:] - row_ptr[:-1]).long()
-    rows, cols = torch.repeat_interleave(torch.arange(n, device=x.device), counts), col_idx.long()
-    w = torch.zeros(n, k, dtype=torch.float64, device=x.device)
-    w[rows, cols] = _decode64(values, rows, cols, scales, codebook, group_size)
-    out = x.double() @ w.T
-    return out if bias is None else out + bias.double()
+# ---- the op the packed format calls ------------------------------------------------------------
+@torch.library.custom_op("torchzip::sparse24_linear", mutates_args=())
+def _sparse24_linear(x: Tensor, values: Tensor, positions: Tensor, scales: Tensor | None, codebook: Tensor | None,
+                     bias: Tensor | None, group_size: int, k: int) -> Tensor:
+    dispatch.require_triton()
+    return dispatch.by_rows(_sparse24_impl, values.shape[0], k, x, values, positions, scales, codebook, bias, group_size, k)
+
+
+def _sparse24_impl(x: Tensor, values: Tensor, positions: Tensor, scales: Tensor | None, codebook: Tensor | None,
+                   bias: Tensor | None, group_size: int, k: int) -> Tensor:
+    path = dispatch.pick_path("sparse24", x)
+    if path == "dense":
+        w = dequantize_sparse24(values, positions, scales, codebook, group_size, k, x.dtype)
+        return dispatch.dense(x, w, bias)
+    kernel = sparse24_gemv if path == "gemv" else sparse24_gemm
+    return kernel(x, values, positions, scales, codebook, bias, group_size, k)
+
+
+@_sparse24_linear.register_fake
+def _(x, values, positions, scales, codebook, bias, group_size, k):
+    return dispatch.out_like(x, values.shape[0])
+
+
+def sparse24_linear(x: Tensor, values: Tensor, positions: Tensor, scales: Tensor | None, codebook: Tensor | None,
+                    bias: Tensor | None, group_size: int, k: int) -> Tensor:
+    """``x @ W.T + bias`` for a 2:4 weight (``torchzip.packed.sparse24`` layout).
+
+    ``values`` ``[N, k/2]``: floats, int8 (with ``scales`` ``[N, G]``) or codebook indices (with
+    ``codebook`` ``[N or 1, E]``); ``positions`` int32 ``[N, ceil(k/32)]``, 2-bit packed.
+    """
+    return torch.ops.torchzip.sparse24_linear(x, values, positions, scales, codebook, bias, int(group_size), int(k))

@@ -1,0 +1,176 @@
+"""The stream API packed formats encode and decode themselves with (see docs/FORMAT.md).
+
+A format's ``encode(out)`` calls :class:`StreamWriter` methods, each of which writes one piece
+(or a few) into the current section and returns the manifest entry that describes it. Its
+``decode(entry, src, ...)`` reads those entries back through a :class:`StreamReader`, which checks
+every field of a (possibly hostile) entry and raises :class:`FormatError` naming the layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchzip.errors import FormatError
+from torchzip.export import huffman
+from torchzip.export.container import SectionWriter
+
+DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+    "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+ITEM_BYTES = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
+MAX_ELEMENTS = 1 << 40
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The manifest name of a torch dtype."""
+    return DTYPE_NAMES[dtype]
+
+
+def lookup(table: dict, key: Any) -> Any:
+    """``table[key]`` for a string key, else None (manifest values may be any JSON)."""
+    return table.get(key) if isinstance(key, str) else None
+
+
+def need(cond: bool, where: str, what: str) -> None:
+    """Raise :class:`FormatError` ``"<where>: <what>"`` unless ``cond``."""
+    if not cond:
+        raise FormatError(f"{where}: {what}")
+
+
+class StreamWriter:
+    """Writes tensors and symbol streams into one section; each method returns a manifest entry."""
+
+    def __init__(self, section: SectionWriter | None = None) -> None:
+        self.section = section or SectionWriter()
+
+    def raw(self, t: torch.Tensor, **extra: Any) -> dict:
+        """A tensor as its little-endian bytes, lossless."""
+        t = t.detach().contiguous().cpu()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        return {"codec": "raw", "dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "at": self.section.add(data), **extra}
+
+    @staticmethod
+    def code(symbols: Any, alphabet: int) -> huffman.HuffmanStream:
+        """Huffman-code symbols in ``0..alphabet-1`` (to compare options before writing one)."""
+        if isinstance(symbols, torch.Tensor):
+            symbols = symbols.detach().cpu().numpy()
+        return huffman.encode(np.asarray(symbols, dtype=np.int64).reshape(-1), alphabet, max_len=huffman.TZIP_MAX_LEN)
+
+    @staticmethod
+    def coded_bytes(stream: huffman.HuffmanStream) -> int:
+        """Bytes a coded stream takes in the file (payload and tables)."""
+        return huffman.stored_bytes(stream)
+
+    def symbols(self, symbols: Any, alphabet: int, **extra: Any) -> dict:
+        """A Huffman-coded stream of symbols (or an already coded :class:`HuffmanStream`)."""
+        s = symbols if isinstance(symbols, huffman.HuffmanStream) else self.code(symbols, alphabet)
+        chunks, median, rice = huffman.pack_chunks(s.chunk_bits)
+        add = self.section.add
+        return {
+            "codec": "huffman", "n": s.n_symbols, "alphabet": alphabet, "group": s.group, "chunk_size": s.chunk_size,
+            "chunk_median": median, "chunk_rice": rice, "lengths": add(huffman.pack_lengths(s.lengths)),
+            "chunks": add(chunks), "payload": add(bytes(s.payload)), **extra,
+        }
+
+    def int8(self, q: torch.Tensor, **extra: Any) -> dict:
+        """int8 values: Huffman-coded bytes, or raw when that is smaller (short streams)."""
+        data = q.detach().cpu().numpy().astype(np.int8).reshape(-1)
+        stream = self.code(data.view(np.uint8), 256)
+        if huffman.stored_bytes(stream) >= data.size:
+            return self.raw(torch.from_numpy(data.copy()), **extra)
+        return self.symbols(stream, 256, **extra)
+
+
+class StreamReader:
+    """Reads the pieces of one section back, checking every manifest field it is given.
+
+    ``device``: where :meth:`symbols` may decode value streams with the Triton decoder (None:
+    the numpy decoder on the CPU).
+    """
+
+    def __init__(self, section: memoryview, where: str, device: torch.device | None = None) -> None:
+        self.section, self.where, self.device = section, where, device
+
+    def need(self, cond: bool, what: str) -> None:
+        need(cond, self.where, what)
+
+    def piece(self, ref: Any, what: str) -> memoryview:
+        """The bytes ``[offset, length]`` names, which must lie inside the section."""
+        ok = isinstance(ref, list) and len(ref) == 2 and all(type(v) is int for v in ref)
+        need(ok and ref[0] >= 0 and ref[1] >= 0 and ref[0] + ref[1] <= len(self.section), f"{self.where} {what}",
+             f"byte range {ref!r} lies outside its section ({len(self.section)} bytes)")
+        return self.section[ref[0]: ref[0] + ref[1]]
+
+    def shape(self, spec: dict, what: str = "") -> list[int]:
+        """A checked ``shape`` list of non-negative ints of bounded size."""
+        shape = spec.get("shape")
+        where = f"{self.where} {what}".strip()
+        need(isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape), where, f"bad shape {shape!r}")
+        need(math.prod(shape) <= MAX_ELEMENTS, where, f"shape {shape} is absurdly large")
+        return shape
+
+    def raw(self, spec: Any, what: str) -> torch.Tensor:
+        """A raw tensor entry (see :meth:`StreamWriter.raw`)."""
+        where = f"{self.where} {what}"
+        need(isinstance(spec, dict) and spec.get("codec") == "raw", where, "expected a raw tensor entry")
+        dtype = lookup(DTYPES, spec.get("dtype"))
+        need(dtype is not None, where, f"unknown dtype {spec.get('dtype')!r}; allowed: {sorted(DTYPES)}")
+        shape = self.shape(spec, what)
+        data = self.piece(spec.get("at"), what)
+        size = math.prod(shape) * ITEM_BYTES[spec["dtype"]]
+        need(len(data) == size, where, f"holds {len(data)} bytes, shape {shape} of {spec['dtype']} needs {size}")
+        if not size:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+
+    def float_raw(self, spec: Any, what: str) -> torch.Tensor:
+        """A raw entry that must hold floats."""
+        t = self.raw(spec, what)
+        need(t.dtype.is_floating_point, f"{self.where} {what}", f"must be a float tensor, got {t.dtype}")
+        return t
+
+    def symbols(self, spec: Any, what: str, alphabet: int | None = None, on_device: bool = False) -> torch.Tensor:
+        """A Huffman stream decoded to int32 symbols (with ``on_device``, on :attr:`device`)."""
+        where = f"{self.where} {what}"
+        need(isinstance(spec, dict) and spec.get("codec") == "huffman", where, "expected a Huffman stream entry")
+        n, a, g, chunk = spec.get("n"), spec.get("alphabet"), spec.get("group"), spec.get("chunk_size")
+        need(all(type(v) is int for v in (n, a, g, chunk)) and n >= 0 and 1 <= a <= huffman.MAX_ALPHABET and chunk >= 1,
+             where, "stream header (n, alphabet, group, chunk_size) is invalid")
+        need(g == 1 or (g in huffman.GROUPS and a**g <= 256), where,
+             f"group {g} is not allowed: 1, or {huffman.GROUPS[1:]} with alphabet**group <= 256")
+        need(alphabet is None or a == alphabet, where, f"alphabet {a} does not match the layer (expected {alphabet})")
+        payload = self.piece(spec.get("payload"), what)
+        need(n <= 8 * g * len(payload), where, f"{n} symbols cannot fit in {len(payload)} payload bytes")
+        median, rice = spec.get("chunk_median"), spec.get("chunk_rice")
+        need(type(median) is int and type(rice) is int, where, "chunk table header (chunk_median, chunk_rice) is invalid")
+        try:
+            full = huffman.unpack_lengths(self.piece(spec.get("lengths"), what), a**g)
+            chunks = huffman.unpack_chunks(self.piece(spec.get("chunks"), what), huffman.lane_count(n, g, chunk),
+                                           median, rice)
+            stream = huffman.HuffmanStream(full, np.frombuffer(payload, np.uint8), chunks, n, chunk, g, a)
+            if on_device and self.device is not None and -(-n // g) < 1 << 31:  # the kernel indexes codes with int32
+                from torchzip.kernels.huffman_decode import decode_triton
+
+                return decode_triton(stream, self.device)
+            return torch.from_numpy(huffman.decode(stream).astype(np.int32))
+        except FormatError as err:
+            raise FormatError(f"{where}: {err}") from None
+
+    def int8(self, spec: Any, count: int, what: str, on_device: bool = False) -> torch.Tensor:
+        """``count`` int8 values, Huffman-coded or raw (see :meth:`StreamWriter.int8`)."""
+        where = f"{self.where} {what}"
+        if isinstance(spec, dict) and spec.get("codec") == "raw":
+            q = self.raw(spec, what)
+            need(q.dtype == torch.int8, where, f"int8 values stored as {q.dtype}")
+            q = q.reshape(-1)
+        else:
+            q = self.symbols(spec, what, 256, on_device).to(torch.uint8).view(torch.int8)
+        need(q.numel() == count, where, f"{q.numel()} int8 values where {count} are needed")
+        return q

@@ -1,0 +1,276 @@
+"""Passes that compress the weights of targeted layers, and the loop that applies a recipe.
+
+A :class:`LayerPass` selects layers by exact type (``targets``, the names of
+:data:`torchzip.packed.LAYER_KINDS`) and glob patterns (``exclude``), and may hold per-layer
+``overrides``; a layer an override names gets its own pass instance (``dataclasses.replace``),
+validated by the same ``__post_init__`` as any other. The orchestrator below never names a
+concrete pass: what it needs, each pass declares.
+
+- ``role`` (``"pruned"``, ``"quantized"``...) and ``tensor`` (``"weight"``, ``"bias"``): a
+  tensor of a layer takes one pass of each role;
+- ``must_precede``: roles that must not already be on the tensor (with the hint to show);
+- ``unfit(name, module)``: why a layer cannot take this (per-layer) pass, or None;
+- ``last_step()`` / ``fixes_at()``: until which step the pass keeps changing the tensor, and from
+  which step it fixes it (a codebook clustered at ``start_step``); a pass may not fix a tensor
+  that an earlier pass is still changing;
+- ``apply(model, plan, group, progress)``: attach its parametrizations to the planned layers.
+
+The parametrizations a pass attaches carry the same ``role``, ``key``, ``last_step()`` and
+``fixes_at()``, so a model compressed earlier is checked the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import fnmatch
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from torchzip.errors import RecipeError, UnsupportedLayerError
+from torchzip.packed.layers import DEFAULT_TARGETS, LAYER_KINDS
+from torchzip.passes.base import PASSES, Pass
+
+Plan = list[tuple[str, nn.Module, "LayerPass"]]
+_COMMON = ("targets", "exclude", "overrides")
+
+
+def _check_names(where: str, patterns: Any) -> tuple[str, ...]:
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise RecipeError(f"{where} must be a list of strings, got {patterns!r}")
+    return tuple(patterns)
+
+
+@dataclass
+class LayerPass(Pass):
+    """A pass applied to a tensor (``weight`` unless said) of each targeted layer.
+
+    ``targets``: layer kinds (``Linear``, ``Conv1d``, ``Conv2d``, ``Embedding``, or any other
+    registered kind) or classes; types match exactly, so subclasses such as
+    ``MultiheadAttention.out_proj`` are not taken by accident. ``exclude``: glob patterns on
+    qualified module names. ``overrides``: glob pattern -> arguments for the layers it matches;
+    a layer named there must be able to take them.
+    """
+
+    targets: tuple = DEFAULT_TARGETS
+    exclude: tuple = ()
+    overrides: dict = field(default_factory=dict)
+
+    tensor: ClassVar[str] = "weight"
+    role: ClassVar[str] = ""
+    must_precede: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        targets = self.targets
+        if isinstance(targets, (str, type)):
+            targets = (targets,)
+        if not isinstance(targets, (list, tuple)) or not all(isinstance(t, (str, type)) for t in targets):
+            raise RecipeError(f"targets of pass '{self.key}' must be a list of layer types, got {self.targets!r}; "
+                              f"allowed: {sorted(LAYER_KINDS)}")
+        self.targets = tuple(t if isinstance(t, str) else t.__name__ for t in targets)
+        for t in self.targets:
+            if t not in LAYER_KINDS:
+                raise RecipeError(f"unknown target layer type '{t}' in pass '{self.key}'; allowed: {sorted(LAYER_KINDS)}")
+        self.exclude = _check_names(f"exclude of pass '{self.key}'", self.exclude)
+        if not isinstance(self.overrides, dict):
+            raise RecipeError(f"overrides of pass '{self.key}' must map name patterns to arguments")
+        own = {f.name for f in dataclasses.fields(self)} - set(_COMMON)
+        for pattern, args in self.overrides.items():
+            if not isinstance(args, dict):
+                raise RecipeError(f"override '{pattern}' of pass '{self.key}' must be a mapping of arguments")
+            bad = sorted(set(args) - own)
+            if bad:
+                raise RecipeError(f"unknown argument(s) {bad} in override '{pattern}' of pass '{self.key}'; allowed: {sorted(own)}")
+        self.validate(f"pass '{self.key}'")
+
+    def validate(self, where: str) -> None:
+        """Raise :class:`RecipeError` for argument values that cannot work (subclasses check theirs)."""
+
+    def __call__(self, model: nn.Module, **context: Any) -> nn.Module:
+        """Apply this pass alone to ``model`` in place (same checks as :func:`torchzip.compress`)."""
+        return run_passes(model, [self], inplace=True, progress=False, context=context)
+
+    def for_layer(self, name: str) -> tuple["LayerPass", bool]:
+        """The pass a layer called ``name`` gets (a new instance if an override matches it), and
+        whether an override named it."""
+        extra: dict = {}
+        named = False
+        for pattern, args in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                extra.update(args)
+                named = True
+        if not extra:
+            return self, named
+        try:
+            return dataclasses.replace(self, overrides={}, **extra), True
+        except RecipeError as err:
+            raise RecipeError(f"override for layer '{name}': {err}") from None
+
+    def layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of every layer of a targeted kind not excluded."""
+        types = tuple(LAYER_KINDS[t].module_type for t in self.targets)
+        return [(name, m) for name, m in model.named_modules()
+                if parametrize.type_before_parametrizations(m) in types
+                and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)]
+
+    def unfit(self, name: str, module: nn.Module) -> str | None:
+        """Why ``module`` cannot take this pass (called on the layer's own instance), or None."""
+        return None
+
+    def last_step(self) -> int:
+        """Last optimizer step at which this pass changes the tensor (0: only when applied)."""
+        return 0
+
+    def fixes_at(self) -> int | None:
+        """Step from which this pass fixes the tensor's values for good (None: it never does)."""
+        return None
+
+    def apply(self, model: nn.Module, plan: Plan, group: str, progress: bool = False) -> None:
+        """Attach this pass's parametrizations to the planned layers. ``group`` is unique to this
+        pass in this ``compress`` call (e.g. to find the members of a global pruning group)."""
+        raise NotImplementedError
+
+
+# ---- planning: what each pass takes, checked before anything changes ------------------------
+
+
+@dataclass
+class _Entry:
+    role: str
+    key: str
+    last: int
+    fixes: int | None
+
+
+def _entry(obj: Any) -> _Entry:
+    fixes = obj.fixes_at() if hasattr(obj, "fixes_at") else None
+    return _Entry(obj.role, obj.key, obj.last_step() if hasattr(obj, "last_step") else 0, fixes)
+
+
+def _existing(module: nn.Module, tensor: str) -> list[_Entry]:
+    """What earlier compress calls left on ``module.<tensor>`` (parametrizations with a role)."""
+    if not parametrize.is_parametrized(module, tensor):
+        return []
+    return [_entry(p) for p in module.parametrizations[tensor] if getattr(p, "role", "")]
+
+
+def _check_order(entries: list[_Entry], p: LayerPass, name: str, where: str) -> None:
+    what = f"layer '{name}'" if p.tensor == "weight" else f"the {p.tensor} of layer '{name}'"
+    for e in entries:
+        if e.role == p.role:
+            raise RecipeError(f"{where}: {what} is already {e.role} by an earlier '{e.key}' pass; "
+                              f"a {p.tensor} takes one such pass")
+        if e.role in p.must_precede:
+            raise RecipeError(f"{where}: {what} is {e.role} by an earlier '{e.key}' pass; {p.must_precede[e.role]}")
+    start = p.fixes_at()
+    for e in entries:
+        if start is not None and e.last > start:
+            raise RecipeError(
+                f"{where}: {what} would be fixed by '{p.key}' at step {start} while its '{e.key}' pass changes it "
+                f"until step {e.last}; set {p.key} start_step >= {e.key} end_step"
+            )
+
+
+def _check_tied(owners: dict[int, str], name: str, module: nn.Module, tensor: str, where: str) -> None:
+    t = module.parametrizations[tensor].original if parametrize.is_parametrized(module, tensor) else getattr(module, tensor)
+    other = owners.setdefault(id(t), name)
+    if other != name:
+        raise RecipeError(
+            f"{where}: layers '{other}' and '{name}' share one {tensor} (tied); compressing both would untie "
+            "them. Exclude one of them (it keeps the shared float weight) or untie the weights first"
+        )
+
+
+def plan_passes(passes: list[Pass], model: nn.Module) -> list[tuple[Plan | None, list[str]]]:
+    """Check passes against a model without touching it.
+
+    Returns, per pass, the layers it will take as ``(name, module, pass for that layer)`` (None
+    for passes that are not per-layer) and the layers its general rule skips (with why). Raises
+    :class:`RecipeError` for anything that cannot make sense: conflicting passes on one layer, an
+    override a layer cannot honour, a model with no targeted layer.
+    """
+    states: dict[tuple[str, str], list[_Entry]] = {}
+    owners: dict[str, dict[int, str]] = {}  # tensor name -> (id of the tensor -> layer taking it)
+    plans: list[tuple[Plan | None, list[str]]] = []
+    layer_passes = 0
+    for index, p in enumerate(passes):
+        where = f"pass #{index + 1} '{p.key}'"
+        if not isinstance(p, LayerPass):
+            plans.append((None, []))
+            continue
+        layer_passes += 1
+        plan: Plan = []
+        skipped: list[str] = []
+        taken = p.layers(model)
+        names = [name for name, _ in taken]
+        for pattern in p.overrides:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                close = difflib.get_close_matches(pattern, names, n=3)
+                raise UnsupportedLayerError(f"{where}: override '{pattern}' matches no layer this pass targets"
+                                            + (f"; close names: {close}" if close else ""))
+        tied = owners.setdefault(p.tensor, {})
+        for name, module in taken:
+            own, named = p.for_layer(name)
+            reason = own.unfit(name, module)
+            if reason and named:
+                raise UnsupportedLayerError(f"{where}: {reason}; its override cannot be honoured")
+            if reason:
+                skipped.append(reason)
+                continue
+            entries = states.setdefault((name, p.tensor), _existing(module, p.tensor))
+            _check_order(entries, own, name, where)
+            _check_tied(tied, name, module, p.tensor, where)
+            entries.append(_entry(own))
+            plan.append((name, module, own))
+        plans.append((plan, skipped))
+    if layer_passes and not any(plan for plan, _ in plans if plan is not None):
+        skipped = [reason for _, reasons in plans for reason in reasons]
+        if skipped:
+            raise UnsupportedLayerError("no targeted layer can take the recipe: " + "; ".join(skipped[:5]))
+        raise RecipeError(
+            "no layer of the model is targeted by the recipe: targets are matched by exact type "
+            f"({', '.join(DEFAULT_TARGETS)} by default) and filtered by 'exclude'"
+        )
+    return plans
+
+
+def context_keys() -> list[str]:
+    """Objects registered passes take from ``compress(..., **context)``."""
+    return sorted({k for cls in PASSES.values() for k in cls.context_keys})
+
+
+def run_passes(model: nn.Module, passes: list[Pass], *, inplace: bool, progress: bool,
+               context: dict[str, Any]) -> nn.Module:
+    """Check ``passes`` against ``model``, then apply them in order (see :func:`torchzip.compress`)."""
+    if not isinstance(model, nn.Module):
+        raise RecipeError(f"compress needs an nn.Module, got {type(model).__name__}")
+    allowed = context_keys()
+    unknown = sorted(set(context) - set(allowed))
+    if unknown:
+        raise RecipeError(f"unknown keyword argument(s) {unknown} for compress; allowed: inplace, progress"
+                          + "".join(f", {k}" for k in allowed))
+    for p in passes:
+        p.check(model, dict(context, inplace=inplace))
+    plans = plan_passes(passes, model)
+    for index, (p, (_, skipped)) in enumerate(zip(passes, plans)):
+        if skipped:
+            warnings.warn(f"pass #{index + 1} '{p.key}' skipped {len(skipped)} layer(s) it cannot take: "
+                          + "; ".join(skipped), stacklevel=3)
+    if not inplace:
+        model = copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    call = uuid.uuid4().hex[:8]  # group names must not collide with an earlier compress call's
+    for index, (p, (plan, _)) in enumerate(zip(passes, plans)):
+        if plan is None:
+            p(model, **context)
+        else:
+            p.apply(model, [(name, modules[name], own) for name, _, own in plan], f"{p.key}{index}-{call}", progress)
+    return model
