@@ -187,8 +187,8 @@ def _semantic_mutation(rng: random.Random, manifest: dict, sections: list) -> No
                                                                         "shape": [rng.choice([4, 2**30])], "at": [0, 16]}
 
 
-def test_a_thousand_mutated_artifacts_raise_format_error_only(tmp_path):
-    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+def test_a_thousand_mutated_artifacts_raise_format_error_only(tmp_path, fresh_seed):
+    rng = random.Random(fresh_seed)  # printed by conftest; TORCHZIP_TEST_SEED=<seed> replays this run
     good = {}
     for name in ("csr_int8", "24_codebook", "codebook", "int8_group", "csr_float"):
         tz.export(compressed(name), tmp_path / f"{name}.tzip", progress=False)
@@ -206,7 +206,7 @@ def test_a_thousand_mutated_artifacts_raise_format_error_only(tmp_path):
                 data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
         elif kind == 2:  # header fields: magic, version, manifest length
             field = rng.choice([(0, 8), (8, 4), (12, 4), (16, 8)])
-            data[field[0]: field[0] + field[1]] = os.urandom(field[1]) if rng.random() < 0.5 else \
+            data[field[0]: field[0] + field[1]] = rng.randbytes(field[1]) if rng.random() < 0.5 else \
                 struct.pack("<Q", rng.choice([2**63, 2**32, 0, 1]))[: field[1]]
         else:  # semantic damage behind valid checksums
             data = bytearray(_rewrite(bytes(data), lambda m, s: _semantic_mutation(rng, m, s), tmp_path))
@@ -217,7 +217,8 @@ def test_a_thousand_mutated_artifacts_raise_format_error_only(tmp_path):
         except tz.FormatError:
             outcomes["format_error"] += 1
         except Exception as err:  # noqa: BLE001 - any other exception is the bug this test hunts
-            raise AssertionError(f"mutation {i} ({kind}) of {name} raised {type(err).__name__}: {err}") from err
+            raise AssertionError(f"mutation {i} ({kind}) of {name} raised {type(err).__name__}: {err} "
+                                 f"(replay: TORCHZIP_TEST_SEED={fresh_seed})") from err
     assert outcomes["format_error"] >= 900, outcomes
 
 

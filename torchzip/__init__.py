@@ -24,8 +24,7 @@ from torchzip.recipe import Recipe
 from torchzip.schedule import step
 from torchzip.summary import Summary, summary
 from torchzip.train import Callback, DistillationCallback, finetune, kd_loss
-
-__version__ = "0.1.0"
+from torchzip.version import __version__
 
 __all__ = [
     "compress", "step", "freeze", "summary", "export", "load", "read_manifest", "plan_recipe", "Recipe", "Summary",

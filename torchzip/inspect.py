@@ -9,6 +9,7 @@ from typing import Any
 from torchzip.errors import FormatError
 from torchzip.export.artifact import read_manifest
 from torchzip.export.codec import ITEM_BYTES
+from torchzip.packed.base import FORMATS
 
 
 def _piece_bytes(spec: dict) -> int:
@@ -47,7 +48,11 @@ def _inspect(path: str | os.PathLike) -> dict[str, Any]:
         bias = tensors.get("bias")
         bias_n = n if bias else 0
         weight_bytes = sum(_piece_bytes(s) for name, s in tensors.items() if name != "bias")
-        codec = entry["format"] + (f"/{entry['values']}" if "values" in entry else "")
+        fmt = FORMATS.get(entry["format"])
+        if fmt is None:
+            raise FormatError(f"{path}: layer {entry['name']!r} has unknown packed format {entry['format']!r}; "
+                              f"allowed: {', '.join(sorted(FORMATS))}")
+        codec = fmt.label_of(entry)
         rows.append({
             "name": entry["name"], "kind": entry["kind"], "shape": [n, k], "codec": codec,
             "params": n * k + bias_n, "sparsity": entry["zeros"] / (n * k) if n * k else 0.0,

@@ -20,7 +20,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-import torchzip
 from torchzip.errors import TorchzipError
 from torchzip.export import container
 from torchzip.export.codec import DTYPES, StreamReader, StreamWriter, dtype_name, lookup, need
@@ -28,6 +27,7 @@ from torchzip.freeze import freeze
 from torchzip.packed.base import FORMATS, PackedWeight
 from torchzip.packed.layers import LAYER_KINDS, PackedLayer, kind_of, replace_module, wrap
 from torchzip.packed.values import int8_quantize
+from torchzip.version import __version__
 
 # Small layers share a section until it holds about this much: one alignment gap and one CRC per
 # section instead of per layer (it matters for tiny models); a big layer fills a section alone.
@@ -92,7 +92,7 @@ def export(model: nn.Module, path: str | os.PathLike, *, progress: bool = True) 
         if same is not None:
             stored.setdefault(same, dense[key])
     sections.append(out.section.getvalue())
-    manifest = {"format": "torchzip", "torchzip_version": torchzip.__version__, "layers": layers,
+    manifest = {"format": "torchzip", "torchzip_version": __version__, "layers": layers,
                 "dense": {"section": len(sections) - 1, "tensors": dense}}
     return container.write(path, manifest, sections)
 

@@ -79,6 +79,10 @@ class SparseValues:
     def label(self) -> str:
         return f"{self.format_name}/{self.kind}"
 
+    @classmethod
+    def label_of(cls, entry: dict) -> str:
+        return f"{cls.format_name}/{entry.get('values')}"
+
     def _decode(self, values, rows, cols) -> torch.Tensor:
         return decode_values(values, rows, cols, self.scales, self.codebook, self.group_size)
 
