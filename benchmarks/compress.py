@@ -17,10 +17,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/vision.py
 import torchzip as tz  # noqa: E402
 from common import write_json  # noqa: E402
-from vision import import_torchvision  # noqa: E402
+import torchvision  # noqa: E402
 
 RECIPES = {
     "int8": [tz.Quantize()],
@@ -72,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     models = {"transformer": (small_transformer(), torch.randint(0, 8192, (2, 32)))}
     if not args.quick:
-        models["resnet18"] = (import_torchvision().models.resnet18().eval(), torch.randn(1, 3, 64, 64))
+        models["resnet18"] = (torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64))
     recipes = dict(list(RECIPES.items())[:2]) if args.quick else RECIPES
     rows = []
     print(f"{'model':<12} {'recipe':<18} {'pass times (s)':<44} {'packed MB':>10} {'fp32 MB':>8} {'ratio':>7}")

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import torchzip as tz
-from vision import import_torchvision
+import torchvision
 from torchzip.packed import PackedConv, PackedLinear
 
 
@@ -55,8 +55,7 @@ def test_mlp_and_cnn(recipe):
 
 @pytest.mark.parametrize("recipe,min_ratio", [("int8", 3.9), ("sparse24_int8", 5.0), ("prune90_codebook", 10.0)])
 def test_resnet18(recipe, min_ratio):
-    tv = import_torchvision()
-    model = tv.models.resnet18(num_classes=10).eval()
+    model = torchvision.models.resnet18(num_classes=10).eval()
     out = tz.compress(model, RECIPES[recipe], progress=False)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
