@@ -1,5 +1,6 @@
 """Test-wide set-up: Triton runs in its CPU interpreter unless a GPU is present; fresh seeds."""
 
+import contextlib
 import os
 import random
 
@@ -27,3 +28,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def plain_attention():
+    """``nn.MultiheadAttention`` without its fused fast path: the plain path a packed attention
+    module always takes, so a trainable model can be compared with it bit for bit."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)

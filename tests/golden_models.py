@@ -34,9 +34,9 @@ def recipes() -> dict[str, list]:
     three = ["2", "4", "6"]
     return {
         "int8": [tz.Quantize(targets=["Linear"], overrides={"4": {"group_size": 4}}), tz.QuantizeBias(targets=["Linear"], exclude=["6"])],
-        "codebook": [tz.Codebook(bits=3, targets=["Linear", "Embedding"], overrides={"4": {"granularity": "layer", "bits": 5}})],
+        "codebook": [tz.Codebook(bits=3, granularity="channel", targets=["Linear", "Embedding"], overrides={"4": {"granularity": "layer", "bits": 5}})],
         "sparse24": [tz.Prune(pattern="2:4", targets=["Linear"]), tz.Quantize(targets=["Linear"], exclude=["2", "6"]),
-                     tz.Codebook(bits=2, targets=["Linear"], exclude=["2", "4"])],
+                     tz.Codebook(bits=2, granularity="channel", targets=["Linear"], exclude=["2", "4"])],
         "csr": [tz.Prune(sparsity=0.9, targets=["Linear"]), tz.Quantize(targets=["Linear"], exclude=["2", "6"]),
                 tz.Codebook(bits=4, granularity="layer", targets=["Linear"], exclude=[n for n in three if n != "6"])],
     }

@@ -10,7 +10,7 @@ from torchzip.passes.codebook import codebook_of, kmeans_1d
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("granularity", ["channel", "layer"])
 def test_at_most_2_pow_bits_values_per_group(bits, granularity):
-    layer = nn.Linear(300, 13)
+    layer = nn.Linear(1500, 13)  # rows long enough that 8-bit per-channel tables still pay
     model = tz.compress(nn.Sequential(layer), [tz.Codebook(bits=bits, granularity=granularity)], progress=False)
     w = model[0].weight.detach()
     groups = w if granularity == "channel" else w.reshape(1, -1)
@@ -41,7 +41,7 @@ def test_kmeans_beats_uniform_grid_on_gaussian(init):
 
 def test_centroid_gradient_is_sum_of_shared_weight_gradients():
     layer = nn.Linear(20, 6)
-    model = tz.compress(nn.Sequential(layer), [tz.Codebook(bits=2)], progress=False)
+    model = tz.compress(nn.Sequential(layer), [tz.Codebook(bits=2, granularity="channel")], progress=False)
     quant = codebook_of(model[0])
     x = torch.randn(7, 20, dtype=torch.float64)
     model(x.float()).sum().backward()
@@ -51,7 +51,8 @@ def test_centroid_gradient_is_sum_of_shared_weight_gradients():
 
 
 def test_pruned_zeros_take_no_centroid_and_stay_zero():
-    model = tz.compress(nn.Sequential(nn.Linear(64, 32)), [tz.Prune(sparsity=0.75), tz.Codebook(bits=4)], progress=False)
+    model = tz.compress(nn.Sequential(nn.Linear(64, 32)), [tz.Prune(sparsity=0.75), tz.Codebook(bits=4, granularity="channel")],
+                        progress=False)
     pruned = model[0].weight == 0
     quant = codebook_of(model[0])
     assert bool((quant.assign[pruned] == -1).all()) and bool((quant.assign[~pruned] >= 0).all())

@@ -225,7 +225,7 @@ def test_a_thousand_mutated_artifacts_raise_format_error_only(tmp_path, fresh_se
 def test_future_version_and_wrong_magic(tmp_path):
     tz.export(compressed("int8"), tmp_path / "m.tzip", progress=False)
     data = bytearray((tmp_path / "m.tzip").read_bytes())
-    for version in (1, 3):  # an older layout, a future one
+    for version in (1, 4):  # an older layout, a future one
         other = data[:8] + struct.pack("<I", version) + data[12:]
         (tmp_path / "f.tzip").write_bytes(bytes(other))
         with pytest.raises(tz.FormatError, match=f"version {version} is not supported"):

@@ -63,7 +63,7 @@ def test_frozen_equals_trainable(recipe):
 
 
 def test_quantize_bias_is_int8_exact_and_survives_freeze_and_export(tmp_path):
-    net = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5, bias=False), nn.Linear(5, 3))
+    net = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5, bias=False), nn.Linear(5, 40))
     with pytest.warns(UserWarning, match="has no bias"):  # the general rule skips the bias-less layer
         model = tz.compress(net, [tz.Prune(sparsity=0.7), tz.Codebook(bits=3), tz.QuantizeBias()], progress=False)
     b = model[0].bias.detach().double()
@@ -86,7 +86,7 @@ def test_quantize_bias_is_int8_exact_and_survives_freeze_and_export(tmp_path):
     manifest, _ = tz.read_manifest(tmp_path / "b.tzip")
     scaled = {e["name"]: "scale" in e["tensors"].get("bias", {}) for e in manifest["layers"]}
     assert scaled == {"0": True, "2": False, "3": True}  # stored as int8 + one scale
-    loaded = tz.load(tmp_path / "b.tzip", nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5, bias=False), nn.Linear(5, 3)),
+    loaded = tz.load(tmp_path / "b.tzip", nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5, bias=False), nn.Linear(5, 40)),
                      progress=False)
     assert torch.equal(loaded[0].bias, frozen[0].bias) and torch.equal(loaded(x), expected)
     with pytest.raises(tz.UnsupportedLayerError, match="no bias"):

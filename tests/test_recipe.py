@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import torchzip as tz
+from conftest import plain_attention
 from torchzip.errors import RecipeError, UnsupportedLayerError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -119,29 +120,32 @@ def test_untargeted_layers_stay_bitwise_identical():
     assert _unchanged(model, before)  # not inplace: the input model is untouched
 
 
-def test_multihead_attention_weights_left_alone_and_reported():
+def test_attention_is_compressed_by_default_and_what_is_left_is_reported():
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
             self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
             self.fc = nn.Linear(16, 16)
+            self.table = nn.Parameter(torch.randn(5, 16))  # a matrix no layer kind owns
 
         def forward(self, x):
-            return self.fc(self.attn(x, x, x)[0])
+            return self.fc(self.attn(x, x, x)[0]) + self.table.sum()
 
     block = Block()
     out = tz.compress(block, [tz.Quantize()], progress=False)
-    assert not hasattr(out.attn.out_proj, "parametrizations")  # a Linear subclass: not matched
-    assert torch.equal(out.attn.in_proj_weight, block.attn.in_proj_weight)
+    assert hasattr(out.attn, "parametrizations") and hasattr(out.attn.out_proj, "parametrizations")
     x = torch.randn(2, 5, 16)
-    with torch.no_grad():
+    with torch.no_grad(), plain_attention():  # the path the packed module takes
         expected = out(x)
     frozen = tz.freeze(out)
-    assert torch.equal(frozen(x), expected)
+    with torch.no_grad():
+        assert torch.equal(frozen(x), expected)
     report = tz.summary(frozen, print_table=False)
-    notes = {r.name: r.note for r in report.rows}
-    assert "in_proj_weight" in notes["attn"] and "not a plain weight" in notes["attn"]
-    assert "left uncompressed" in str(report)
+    rows = {r.name: r for r in report.rows}
+    assert rows["attn"].format == "int8" and rows["attn.out_proj"].format == "int8"
+    assert "table" in rows["(model)"].note and "not a plain weight" in rows["(model)"].note
+    left = tz.summary(tz.compress(block, [tz.Quantize(exclude=["attn*"])], progress=False), print_table=False)
+    assert {r.name: r.format for r in left.rows}["attn"] == "dense"
 
 
 def test_compress_twice_composes_like_one_recipe():
@@ -164,31 +168,64 @@ def test_distill_without_teacher_fails_when_its_callback_is_asked_for():
 class TiedLM(nn.Module):
     def __init__(self):
         super().__init__()
-        self.emb = nn.Embedding(64, 16)
-        self.body = nn.Linear(16, 16)
-        self.head = nn.Linear(16, 64, bias=False)
+        self.emb = nn.Embedding(64, 48)
+        self.body = nn.Linear(48, 48)
+        self.head = nn.Linear(48, 64, bias=False)
         self.head.weight = self.emb.weight
 
     def forward(self, idx):
         return self.head(torch.relu(self.body(self.emb(idx))))
 
 
-def test_tied_weights_are_refused_unless_one_side_is_excluded(tmp_path):
+def test_tied_weights_are_compressed_once_and_stay_tied(tmp_path):
     model = TiedLM()
-    with pytest.raises(RecipeError, match="'emb' and 'head' share one weight"):
-        tz.compress(model, [tz.Codebook()], progress=False)
-    small = tz.compress(model, [tz.Codebook(exclude=["head"])], progress=False)
-    rows = {r.name: r for r in tz.summary(small, print_table=False).rows}
-    assert rows["emb"].format == "codebook" and rows["head"].format == "dense"  # head keeps the float weight
-    dense = tz.summary(model, print_table=False)
-    assert dense.params == sum(p.numel() for p in model.parameters()) and dense.bytes == 4 * dense.params
-    tz.export(model, tmp_path / "tied.tzip", progress=False)
-    manifest, _ = tz.read_manifest(tmp_path / "tied.tzip")
-    specs = manifest["dense"]["tensors"]
-    assert specs["emb.weight"]["at"] == specs["head.weight"]["at"]  # one copy on disk
-    loaded = tz.load(tmp_path / "tied.tzip", TiedLM(), progress=False)
+    small = tz.compress(model, [tz.Codebook(granularity="channel")], progress=False)
+    assert small.head.parametrizations.weight.original is small.emb.parametrizations.weight.original
+    assert small.head.parametrizations.weight[0] is small.emb.parametrizations.weight[0]  # one codebook
     idx = torch.randint(0, 64, (5,))
-    assert torch.equal(loaded(idx), model(idx)) and loaded.head.weight is loaded.emb.weight
+    with torch.no_grad():
+        expected = small(idx)
+    frozen = tz.freeze(small)
+    assert frozen.head.packed is frozen.emb.packed and torch.equal(frozen(idx), expected)
+    report = tz.summary(frozen, print_table=False)
+    dense = tz.summary(model, print_table=False)
+    assert report.fp32_bytes == dense.fp32_bytes == 4 * sum(p.numel() for p in model.parameters())  # the tie counted once
+    rows = {r.name: r for r in report.rows}
+    assert rows["head"].bytes == 0 and "tied to emb" in rows["head"].note
+    tz.export(frozen, tmp_path / "tied.tzip", progress=False)
+    manifest, _ = tz.read_manifest(tmp_path / "tied.tzip")
+    entries = {e["name"]: e for e in manifest["layers"]}
+    assert entries["head"]["tied"] == manifest["layers"].index(entries["emb"]) and entries["head"]["tensors"] == {}
+    loaded = tz.load(tmp_path / "tied.tzip", TiedLM(), progress=False)
+    assert loaded.head.packed is loaded.emb.packed and torch.equal(loaded(idx), expected)
+    untied = TiedLM()
+    untied.head.weight = nn.Parameter(untied.emb.weight.detach().clone())
+    with pytest.raises(tz.FormatError, match="ties layer 'head' to 'emb', the skeleton does not"):
+        tz.load(tmp_path / "tied.tzip", untied, progress=False)
+
+
+def test_excluding_either_side_of_a_tie_keeps_both_float(tmp_path):
+    model = TiedLM()
+    for exclude in (["head"], ["emb"]):
+        with pytest.warns(UserWarning, match="tied to .* both stay float"):
+            small = tz.compress(model, [tz.Codebook(exclude=exclude)], progress=False)
+        rows = {r.name: r for r in tz.summary(small, print_table=False).rows}
+        assert rows["emb"].format == rows["head"].format == "dense" and rows["body"].format == "codebook"
+    tz.export(small, tmp_path / "t.tzip", progress=False)
+    specs = tz.read_manifest(tmp_path / "t.tzip")[0]["dense"]["tensors"]
+    assert specs["emb.weight"]["at"] == specs["head.weight"]["at"]  # one copy on disk
+    loaded = tz.load(tmp_path / "t.tzip", TiedLM(), progress=False)
+    idx = torch.randint(0, 64, (5,))
+    assert torch.equal(loaded(idx), small(idx)) and loaded.head.weight is loaded.emb.weight
+    tz.export(tz.compress(_untied(), [tz.Quantize()], progress=False), tmp_path / "u.tzip", progress=False)
+    with pytest.raises(tz.FormatError, match="skeleton ties layers 'emb' and 'head', the file stores them separately"):
+        tz.load(tmp_path / "u.tzip", TiedLM(), progress=False)
+
+
+def _untied():
+    m = TiedLM()
+    m.head.weight = nn.Parameter(m.emb.weight.detach().clone())
+    return m
 
 
 @pytest.mark.parametrize("make,match", [

@@ -3,7 +3,8 @@
 Each parametrization on a weight describes what it did (``describe(state, w)``: a mask and its
 pattern, int8 or codebook values...) into a :class:`~torchzip.packed.WeightState`; the registered
 formats are then asked in priority order for a packed form (``PackedWeight.pack``). Nothing here
-names a pass or a format.
+names a pass or a format. A weight that layers share (tied) is packed once and the packed layers
+share it.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ from torch.nn.utils import parametrize
 
 from torchzip.errors import TorchzipError
 from torchzip.packed.base import PackedWeight, WeightState, formats_in_order
-from torchzip.packed.layers import kind_of, replace_module, wrap
+from torchzip.packed.layers import WeightView, build_packed, kind_of, replace_module
+
+NOTE = "torchzip_note"  # attribute on a module left dense by freeze, saying why (shown by summary)
 
 
-def weight_state(module: nn.Module) -> WeightState:
-    """What the parametrizations on ``module.weight`` left, as one ``[N, K]`` description."""
-    chain = module.parametrizations.weight
+def weight_state(module: nn.Module, tensor: str = "weight", view: WeightView | None = None) -> WeightState:
+    """What the parametrizations on ``module.<tensor>`` left, as one ``[N, K]`` description."""
+    view = view or WeightView()
+    chain = module.parametrizations[tensor]
     w = chain.original
-    final = module.weight.detach()
-    state = WeightState(final.reshape(final.shape[0], -1), final.dtype)
+    final = getattr(module, tensor).detach()
+    state = WeightState(view.matrix(final), final.dtype)
     for p in chain:
         if hasattr(p, "describe"):
             p.describe(state, w)
@@ -30,9 +34,9 @@ def weight_state(module: nn.Module) -> WeightState:
     return state
 
 
-def pack_weight(module: nn.Module) -> PackedWeight | None:
-    """The packed form of a parametrized ``module.weight``, or None to keep it dense."""
-    state = weight_state(module)
+def pack_weight(module: nn.Module, tensor: str = "weight", view: WeightView | None = None) -> PackedWeight | None:
+    """The packed form of a parametrized ``module.<tensor>``, or None to keep it dense."""
+    state = weight_state(module, tensor, view)
     for fmt in formats_in_order():
         packed = fmt.pack(state)
         if packed is not None:
@@ -40,21 +44,32 @@ def pack_weight(module: nn.Module) -> PackedWeight | None:
     return None
 
 
-def _bake(module: nn.Module) -> None:
+def _bake(module: nn.Module, memo: dict[int, nn.Parameter]) -> None:
     """Make ``module`` a plain layer again, holding the current values of its parametrized tensors.
 
     ``parametrize.remove_parametrizations`` deletes properties from the module's class, and a
     deep copy of a parametrized module shares that class with the original: removing them there
     would break the caller's model (e.g. when ``summary`` freezes a copy). So restore the plain
-    class on this instance only.
+    class on this instance only. ``memo`` keeps tied tensors one parameter.
     """
-    names = list(module.parametrizations.keys())
-    values = {n: (getattr(module, n).detach().clone(), module.parametrizations[n].original.requires_grad) for n in names}
+    values = {}
+    for n, chain in module.parametrizations.items():
+        if id(chain.original) not in memo:
+            memo[id(chain.original)] = nn.Parameter(getattr(module, n).detach().clone(),
+                                                    requires_grad=chain.original.requires_grad)
+        values[n] = memo[id(chain.original)]
     plain = parametrize.type_before_parametrizations(module)  # asked before the parametrizations go
     del module._modules["parametrizations"]
     module.__class__ = plain
-    for n, (value, requires_grad) in values.items():
-        module.register_parameter(n, nn.Parameter(value, requires_grad=requires_grad))
+    for n, value in values.items():
+        module.register_parameter(n, value)
+
+
+def _names(model: nn.Module) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        out.setdefault(id(m), []).append(name)
+    return out
 
 
 @torch.no_grad()
@@ -62,19 +77,41 @@ def freeze(model: nn.Module) -> nn.Module:
     """Replace every compressed layer of ``model`` (in place) by its packed inference layer.
 
     Outputs are unchanged: each packed weight decodes to exactly the weight the trainable layer
-    computed. Layers that stay dense (e.g. pruned too little for a sparse form to pay) keep their
-    type with the final weight baked in. Returns ``model`` — or, when ``model`` is itself a single
-    compressed layer, the packed layer that replaces it (use the return value).
+    computed. Layers that stay dense (pruned too little for a sparse form to pay, or whose packed
+    form would be larger than the dense weight) keep their type with the final weight baked in,
+    and a note saying why (``summary`` shows it). Returns ``model`` — or, when ``model`` is itself
+    a single compressed layer, the packed layer that replaces it (use the return value).
     """
     if not isinstance(model, nn.Module):
         raise TorchzipError(f"freeze needs an nn.Module, got {type(model).__name__}")
-    for name, module in list(model.named_modules()):
-        if not parametrize.is_parametrized(module):
-            continue
-        packed = None
-        if parametrize.is_parametrized(module, "weight") and kind_of(module) is not None:
-            packed = pack_weight(module)
-        _bake(module)
-        if packed is not None:
-            model = replace_module(model, name, wrap(module, packed))
+    names = _names(model)
+    packed_of: dict[int, PackedWeight | None] = {}  # id of the trainable tensor -> its packed form
+    baked: dict[int, nn.Parameter] = {}
+    modules = [m for m in model.modules() if parametrize.is_parametrized(m)]
+    originals = [chain.original for m in modules for chain in m.parametrizations.values()]  # ids stay unique
+    for module in modules:
+        kind = kind_of(module)
+        packed: dict[str, PackedWeight | None] = {}
+        for t in (kind.weights(module) if kind else {}):
+            if parametrize.is_parametrized(module, t):
+                raw = module.parametrizations[t].original
+                if id(raw) not in packed_of:
+                    packed_of[id(raw)] = _smaller(pack_weight(module, t, kind.view), getattr(module, t), module, t)
+                packed[t] = packed_of[id(raw)]
+        _bake(module, baked)
+        if kind and packed and all(packed.get(t) is not None for t in kind.weights(module)):
+            new = build_packed(module, packed)
+            for name in names[id(module)]:
+                model = replace_module(model, name, new)
+    del originals
     return model
+
+
+def _smaller(packed: PackedWeight | None, dense: torch.Tensor, module: nn.Module, tensor: str) -> PackedWeight | None:
+    """``packed`` unless it takes more bytes than the dense tensor (then the layer stays dense)."""
+    dense_bytes = dense.numel() * dense.element_size()
+    if packed is None or packed.nbytes() <= dense_bytes:
+        return packed
+    note = f"{tensor} kept dense: as {packed.label} it would take {packed.nbytes():,} bytes, dense {dense_bytes:,}"
+    object.__setattr__(module, NOTE, "; ".join(filter(None, [getattr(module, NOTE, ""), note])))
+    return None

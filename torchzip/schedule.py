@@ -17,12 +17,14 @@ from torchzip.errors import RecipeError
 
 def _groups(model: nn.Module) -> dict[tuple, list[tuple[nn.Module, nn.Module]]]:
     groups: dict[tuple, list[tuple[nn.Module, nn.Module]]] = {}
+    seen: set[int] = set()  # a parametrization shared by tied layers advances once
     for module in model.modules():
         if not parametrize.is_parametrized(module):
             continue
         for chain in module.parametrizations.values():
             for p in chain:
-                if hasattr(p, "schedule_key") and hasattr(type(p), "advance"):
+                if hasattr(p, "schedule_key") and hasattr(type(p), "advance") and id(p) not in seen:
+                    seen.add(id(p))
                     groups.setdefault((type(p), p.schedule_key), []).append((module, p))
     return groups
 

@@ -10,8 +10,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from torchzip.errors import TorchzipError
-from torchzip.freeze import freeze
-from torchzip.packed.layers import LAYER_KINDS, PackedLayer
+from torchzip.freeze import NOTE, freeze
+from torchzip.packed.base import PackedWeight
+from torchzip.packed.layers import PackedLayer, kind_of
 
 
 @dataclass
@@ -90,32 +91,46 @@ def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in module.state_dict(keep_vars=True).items() if "." not in k}
 
 
-def _packed_row(name: str, layer: nn.Module) -> LayerRow:
-    packed = layer.packed
-    n, k = packed.shape
-    bias = layer.bias if getattr(layer, "bias", None) is not None else None
-    bias_bytes = 0 if bias is None else bias.numel() * bias.element_size()
+def _packed_row(name: str, layer: PackedLayer, seen: dict[tuple, str], owners: dict[int, str]) -> LayerRow:
+    weights = {t: getattr(layer, attr) for t, attr in layer.packed_weights().items()}
+    notes, own = [], {}
+    for t, p in weights.items():  # a packed weight shared with an earlier layer (tied) is counted there
+        owner = owners.setdefault(id(p), name)
+        if owner == name:
+            own[t] = p
+        else:
+            notes.append(f"{t} is tied to {owner} (counted there)")
+    dense = {k: v for k, v in _own_tensors(layer).items() if not _tied(seen, name, k, v, notes)}
+    weight_params = sum(p.shape[0] * p.shape[1] for p in own.values())
+    zeros = sum(p.sparsity * p.shape[0] * p.shape[1] for p in own.values())
+    packed_bytes = sum(p.nbytes() for p in own.values())
+    labels = sorted({p.label for p in weights.values()})
     return LayerRow(
-        name, layer.kind, packed.label, n * k + (0 if bias is None else bias.numel()),
-        packed.sparsity, packed.nbytes() * 8 / (n * k), packed.nbytes() + bias_bytes,
-        4 * n * k + (0 if bias is None else _fp32_bytes(bias)),
+        name, layer.kind, "+".join(labels), weight_params + sum(t.numel() for t in dense.values() if t.is_floating_point()),
+        zeros / weight_params if weight_params else 0.0, packed_bytes * 8 / weight_params if weight_params else 0.0,
+        packed_bytes + sum(t.numel() * t.element_size() for t in dense.values()),
+        4 * weight_params + sum(_fp32_bytes(t) for t in dense.values()), "; ".join(notes),
     )
 
 
-def _dense_row(name: str, module: nn.Module, tensors: dict[str, torch.Tensor], targeted: tuple,
-               seen: dict[tuple, str]) -> LayerRow:
-    tied = {}
-    for key, t in list(tensors.items()):  # a tensor shared with an earlier module is counted there
-        owner = seen.setdefault(_identity(t), f"{name}.{key}" if name else key)
-        if owner != (f"{name}.{key}" if name else key):
-            tied[key] = owner
-            del tensors[key]
+def _tied(seen: dict[tuple, str], name: str, key: str, t: torch.Tensor, notes: list[str]) -> bool:
+    """Whether ``t`` was counted with an earlier module (then it is noted, not counted again)."""
+    full = f"{name}.{key}" if name else key
+    owner = seen.setdefault(_identity(t), full)
+    if owner != full:
+        notes.append(f"{key} is tied to {owner} (counted there)")
+    return owner != full
+
+
+def _dense_row(name: str, module: nn.Module, tensors: dict[str, torch.Tensor], seen: dict[tuple, str]) -> LayerRow:
+    notes = [getattr(module, NOTE)] if getattr(module, NOTE, "") else []
+    tensors = {k: v for k, v in tensors.items() if not _tied(seen, name, k, v, notes)}
     weight = tensors.get("weight")
     params = sum(t.numel() for t in tensors.values() if t.is_floating_point())
     sparsity = float((weight == 0).sum()) / weight.numel() if weight is not None else 0.0
     bits = weight.element_size() * 8 if weight is not None else 0.0
-    note = "; ".join(f"{k} is tied to {v} (counted there)" for k, v in tied.items())
-    if parametrize.type_before_parametrizations(module) not in targeted:
+    note = "; ".join(notes)
+    if kind_of(module) is None:
         odd = [k for k, v in tensors.items() if v.dim() >= 2]
         if odd:
             note = "; ".join(filter(None, [note, f"{', '.join(odd)} of {type(module).__name__} (not a plain weight of a targeted layer)"]))
@@ -137,20 +152,18 @@ def summary(model: nn.Module, *, print_table: bool = True) -> Summary:
         raise TorchzipError(f"summary needs an nn.Module, got {type(model).__name__}")
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         model = freeze(copy.deepcopy(model))
-    targeted = tuple(k.module_type for k in LAYER_KINDS.values())
     result = Summary()
-    skip: set[str] = set()
     seen: dict[tuple, str] = {}
+    owners: dict[int, str] = {}
     for name, module in model.named_modules():
-        if any(not s or name.startswith(s + ".") for s in skip):
+        if isinstance(module, PackedWeight):  # counted with the packed layer holding it
             continue
         if isinstance(module, PackedLayer):
-            result.rows.append(_packed_row(name, module))
-            skip.add(name)
+            result.rows.append(_packed_row(name, module, seen, owners))
             continue
         tensors = _own_tensors(module)
         if tensors:
-            result.rows.append(_dense_row(name, module, tensors, targeted, seen))
+            result.rows.append(_dense_row(name, module, tensors, seen))
     if print_table:
         print(result)
     return result

@@ -25,7 +25,7 @@ from torchzip.export import container
 from torchzip.export.codec import DTYPES, StreamReader, StreamWriter, dtype_name, lookup, need
 from torchzip.freeze import freeze
 from torchzip.packed.base import FORMATS, PackedWeight
-from torchzip.packed.layers import LAYER_KINDS, PackedLayer, kind_of, replace_module, wrap
+from torchzip.packed.layers import LAYER_KINDS, PackedLayer, build_packed, kind_of, replace_module
 from torchzip.packed.values import int8_quantize
 from torchzip.version import __version__
 
@@ -49,22 +49,34 @@ def _bias(out: StreamWriter, bias: torch.Tensor) -> dict:
     return out.raw(bias)
 
 
-def _encode_layer(name: str, layer: PackedLayer, out: StreamWriter) -> dict:
-    p = layer.packed
+def _encode_weight(name: str, layer: PackedLayer, tensor: str, out: StreamWriter, first: dict[int, int],
+                   index: int) -> tuple[dict, list[str]]:
+    """One manifest entry (a packed weight of ``layer``) and the state_dict keys it covers."""
+    attr = layer.packed_weights()[tensor]
+    p = getattr(layer, attr)
     n, k = p.shape
-    entry: dict[str, Any] = {"name": name, "kind": layer.kind, "format": p.format_name, "shape": [n, k],
-                             "dtype": dtype_name(p.dtype), "zeros": int((p.dequantize() == 0).sum())}
-    entry.update(p.encode(out))
-    if getattr(layer, "bias", None) is not None:
-        entry["tensors"]["bias"] = _bias(out, layer.bias.detach().cpu())
-    return entry
+    entry: dict[str, Any] = {"name": name, "kind": layer.kind, "shape": [n, k], "dtype": dtype_name(p.dtype)}
+    if tensor != "weight":
+        entry["tensor"] = tensor
+    if id(p) in first:  # shared with an earlier entry (tied weights): stored there once
+        entry["tied"] = first[id(p)]
+        entry["tensors"] = {}
+    else:
+        first[id(p)] = index
+        entry.update({"format": p.format_name, "zeros": int((p.dequantize() == 0).sum())})
+        entry.update(p.encode(out))
+    bias_name = layer.bias_names.get(tensor)
+    bias = getattr(layer, bias_name, None) if bias_name else None
+    if bias is not None:
+        entry["tensors"]["bias"] = _bias(out, bias.detach().cpu())
+    return entry, covered_keys(name, layer, {t: t == tensor and bias is not None for t in layer.packed_weights()})
 
 
 def export(model: nn.Module, path: str | os.PathLike, *, progress: bool = True) -> int:
     """Write ``model`` to a ``.tzip`` file at ``path``; returns the file size in bytes.
 
     A trainable compressed model is frozen on a copy first. The write is atomic: a crash never
-    leaves a partial file under ``path``.
+    leaves a partial file under ``path``. A packed weight several layers share (tied) is stored once.
     """
     if not isinstance(model, nn.Module):
         raise TorchzipError(f"export needs an nn.Module, got {type(model).__name__}")
@@ -72,20 +84,22 @@ def export(model: nn.Module, path: str | os.PathLike, *, progress: bool = True) 
         raise TorchzipError(f"{path} is a directory; give a file path such as {Path(path) / 'model.tzip'}")
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         model = freeze(copy.deepcopy(model))
-    layers, sections, skip = [], [], []
+    layers, sections, covered = [], [], []
+    first: dict[int, int] = {}
     out = StreamWriter()
-    named = [(n, m) for n, m in model.named_modules() if isinstance(m, PackedLayer)]
+    named = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, PackedLayer)]
     for name, layer in tqdm(named, desc="export", disable=not progress, leave=False):
-        if out.section.size >= SECTION_BYTES:
-            sections.append(out.section.getvalue())
-            out = StreamWriter()
-        entry = _encode_layer(name, layer, out)
-        entry["section"] = len(sections)
-        layers.append(entry)
-        skip.append(name + "." if name else "")
+        for tensor in layer.packed_weights():
+            if out.section.size >= SECTION_BYTES:
+                sections.append(out.section.getvalue())
+                out = StreamWriter()
+            entry, keys = _encode_weight(name, layer, tensor, out, first, len(layers))
+            entry["section"] = len(sections)
+            layers.append(entry)
+            covered += keys
     dense, stored = {}, {}
     for key, t in model.state_dict().items():
-        if any(key.startswith(s) for s in skip):
+        if _is_covered(key, covered):
             continue
         same = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
         dense[key] = dict(stored[same]) if same in stored else out.raw(t)  # tied tensors: one copy
@@ -108,9 +122,8 @@ def _read_bias(src: StreamReader, spec: Any, n: int) -> torch.Tensor:
     return src.int8(spec, n, "bias").float() * torch.tensor(scale, dtype=torch.float32)
 
 
-def decode_layer(entry: dict, section: memoryview, device: torch.device | None) -> tuple[PackedWeight, torch.Tensor | None]:
-    """The packed weight and bias of one manifest layer entry (see docs/FORMAT.md)."""
-    src = StreamReader(section, f"layer '{entry.get('name')}'", device)
+def decode_weight(entry: dict, src: StreamReader) -> PackedWeight:
+    """The packed weight of one manifest layer entry (see docs/FORMAT.md)."""
     shape = src.shape(entry)
     src.need(len(shape) == 2, "weight shape must be [out, in]")
     dtype = lookup(DTYPES, entry.get("dtype"))
@@ -118,10 +131,34 @@ def decode_layer(entry: dict, section: memoryview, device: torch.device | None) 
     src.need(isinstance(entry.get("tensors"), dict), "no tensors")
     fmt = lookup(FORMATS, entry.get("format"))
     src.need(fmt is not None, f"unknown packed format {entry.get('format')!r}; allowed: {', '.join(sorted(FORMATS))}")
-    packed = fmt.decode(entry, src, tuple(shape), dtype)
-    bias = _read_bias(src, entry["tensors"]["bias"], shape[0]) if "bias" in entry["tensors"] else None
-    src.need(bias is None or tuple(bias.shape) == (shape[0],), "bias shape does not match")
-    return packed, bias
+    return fmt.decode(entry, src, tuple(shape), dtype)
+
+
+def decode_bias(entry: dict, src: StreamReader, n: int) -> torch.Tensor | None:
+    """The bias stored with a layer entry, if any."""
+    tensors = entry.get("tensors")
+    src.need(isinstance(tensors, dict), "no tensors")
+    if "bias" not in tensors:
+        return None
+    bias = _read_bias(src, tensors["bias"], n)
+    src.need(tuple(bias.shape) == (n,), "bias shape does not match")
+    return bias
+
+
+def covered_keys(name: str, layer: PackedLayer, with_bias: dict[str, bool]) -> list[str]:
+    """State-dict keys a packed layer's entries hold (``"prefix."`` for whole packed weights);
+    every other key of the model is stored as a dense tensor."""
+    prefix = f"{name}." if name else ""
+    keys = []
+    for tensor, attr in layer.packed_weights().items():
+        keys.append(f"{prefix}{attr}.")
+        if with_bias.get(tensor):
+            keys.append(f"{prefix}{layer.bias_names[tensor]}")
+    return keys
+
+
+def _is_covered(key: str, covered: list[str]) -> bool:
+    return any(key.startswith(c) if c.endswith(".") else key == c for c in covered)
 
 
 def read_manifest(path: str | os.PathLike) -> tuple[dict, list[memoryview]]:
@@ -162,28 +199,19 @@ def load(path: str | os.PathLike, model_skeleton: nn.Module, *, device: str | to
     on = target if decode == "triton" or (decode == "auto" and target.type == "cuda") else None
     manifest, sections = read_manifest(path)
     where = str(path)
-    modules = dict(model_skeleton.named_modules())
-    model = model_skeleton
-    replaced = []
-    for entry in tqdm(manifest["layers"], desc="load", disable=not progress, leave=False):
-        name = entry.get("name")
-        module = modules.get(name) if isinstance(name, str) else None
-        need(module is not None, where, f"the skeleton has no module named {name!r}")
-        kind, file_kind = kind_of(module), lookup(LAYER_KINDS, entry.get("kind"))
-        need(file_kind is not None and kind is file_kind, where,
-             f"layer '{name}' is a {entry.get('kind')!r} in the file but a {type(module).__name__} in the skeleton")
-        weight = module.weight
-        rows = [weight.shape[0], weight[0].numel()] if weight.dim() else []
-        need(rows == entry.get("shape"), where, f"layer '{name}' has shape {entry.get('shape')} in the file, {rows} in the skeleton")
-        need(dtype_name(weight.dtype) == entry.get("dtype"), where,
-             f"layer '{name}' is {entry.get('dtype')} in the file but {weight.dtype} in the skeleton; build the skeleton in the same dtype")
-        packed, bias = decode_layer(entry, sections[entry["section"]], on)
-        need((bias is None) == (getattr(module, "bias", None) is None), where, f"layer '{name}': bias presence differs")
-        model = replace_module(model, name, wrap(module, packed, bias))
-        replaced.append(name + "." if name else "")
+    layers = _plan_layers(manifest, sections, model_skeleton, where, on, progress)
+    names: dict[int, list[str]] = {}
+    for name, m in model_skeleton.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(name)
+    model, covered = model_skeleton, []
+    for name, (module, packed, biases) in layers.items():
+        new = build_packed(module, packed, biases)
+        for alias in names[id(module)]:
+            model = replace_module(model, alias, new)
+            covered += covered_keys(alias, new, {t: b is not None for t, b in biases.items()})
     dense_src = StreamReader(sections[manifest["dense"]["section"]], "dense tensors")
     stored = {key: dense_src.raw(spec, f"'{key}'") for key, spec in manifest["dense"]["tensors"].items()}
-    expected = {k: v for k, v in model.state_dict().items() if not any(k.startswith(s) for s in replaced)}
+    expected = {k: v for k, v in model.state_dict().items() if not _is_covered(k, covered)}
     missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
     need(not missing and not unexpected, where,
          f"skeleton and file disagree: missing from the file {missing[:5]}, not in the skeleton {unexpected[:5]}")
@@ -193,3 +221,55 @@ def load(path: str | os.PathLike, model_skeleton: nn.Module, *, device: str | to
     model.load_state_dict(stored, strict=False)
     return model.to(device) if device is not None else model
 
+
+def _plan_layers(manifest: dict, sections: list, skeleton: nn.Module, where: str, on: torch.device | None,
+                 progress: bool) -> dict[str, tuple[nn.Module, dict, dict]]:
+    """Decode every packed entry and check it against the skeleton, touching nothing: returns
+    ``{module name: (module, {tensor: PackedWeight}, {tensor: bias or None})}``."""
+    modules = dict(skeleton.named_modules())
+    entries = manifest["layers"]
+    decoded: list[PackedWeight] = []
+    tensors: list[torch.Tensor] = []  # the skeleton tensor of each entry, to compare ties
+    out: dict[str, tuple[nn.Module, dict, dict]] = {}
+    for i, entry in enumerate(tqdm(entries, desc="load", disable=not progress, leave=False)):
+        name = entry.get("name")
+        module = modules.get(name) if isinstance(name, str) else None
+        need(module is not None, where, f"the skeleton has no module named {name!r}")
+        kind, file_kind = kind_of(module), lookup(LAYER_KINDS, entry.get("kind"))
+        need(file_kind is not None and kind is file_kind, where,
+             f"layer '{name}' is a {entry.get('kind')!r} in the file but a {type(module).__name__} in the skeleton "
+             "(layer kinds match by exact type)")
+        tensor, names = entry.get("tensor", "weight"), kind.weights(module)
+        need(tensor in names, where, f"layer '{name}' has no packable tensor {tensor!r}; its kind packs {list(names)}")
+        value = getattr(module, tensor)
+        rows = list(kind.view.matrix_shape(value.shape)) if value.dim() else []
+        need(rows == entry.get("shape"), where, f"layer '{name}' has shape {entry.get('shape')} in the file, {rows} in the skeleton")
+        need(dtype_name(value.dtype) == entry.get("dtype"), where,
+             f"layer '{name}' is {entry.get('dtype')} in the file but {value.dtype} in the skeleton; build the skeleton in the same dtype")
+        src = StreamReader(sections[entry["section"]], f"layer '{name}'", on)
+        tied = entry.get("tied")
+        if tied is None:
+            packed = decode_weight(entry, src)
+        else:
+            need(type(tied) is int and 0 <= tied < i and "tied" not in entries[tied], where,
+                 f"layer '{name}' is tied to entry {tied!r}, which is not an earlier untied layer")
+            need(tensors[tied] is value, where, f"the file ties layer '{name}' to '{entries[tied]['name']}', the skeleton does not")
+            packed = decoded[tied]
+        bias = decode_bias(entry, src, rows[0])
+        bias_name = names[tensor]
+        need((bias is None) == (getattr(module, bias_name, None) is None if bias_name else True), where,
+             f"layer '{name}': bias presence differs")
+        decoded.append(packed)
+        tensors.append(value)
+        _, packs, biases = out.setdefault(name, (module, {}, {}))
+        packs[tensor], biases[tensor] = packed, bias
+    firsts: dict[int, int] = {}
+    for i, value in enumerate(tensors):
+        if "tied" not in entries[i]:
+            other = firsts.setdefault(id(value), i)
+            need(other == i, where, f"the skeleton ties layers '{entries[other]['name']}' and '{entries[i]['name']}', "
+                                    "the file stores them separately")
+    for name, (module, packs, _) in out.items():
+        need(set(packs) == set(kind_of(module).weights(module)), where,
+             f"layer '{name}': the file packs {sorted(packs)} of {sorted(kind_of(module).weights(module))}")
+    return out

@@ -3,7 +3,7 @@
 Layout (little-endian; see docs/FORMAT.md):
 
     0   magic     8 bytes  b"TZIP\\r\\n\\x1a\\n"
-    8   version   uint32   2
+    8   version   uint32   3 (2 is read too)
     12  crc32     uint32   of the (compressed) manifest bytes
     16  length    uint64   compressed manifest length in bytes
     24  manifest  UTF-8 JSON, zlib-compressed (at most 64 MiB once inflated)
@@ -25,7 +25,11 @@ from pathlib import Path
 from torchzip.errors import FormatError
 
 MAGIC = b"TZIP\r\n\x1a\n"
-VERSION = 2  # 2: Huffman streams deal codes round-robin to lanes and may group symbols
+# 2: Huffman streams deal codes round-robin to lanes and may group symbols; 3: a layer entry may
+# name its tensor ("tensor") and share an earlier entry's packed weight ("tied"). Version 2 files
+# are version 3 files without those keys, so both are read.
+VERSION = 3
+READS = (2, 3)
 HEADER = struct.Struct("<8sIIQ")
 ALIGN = 64
 MAX_MANIFEST = 64 << 20
@@ -114,8 +118,9 @@ def parse(data: bytes, name: str = "artifact") -> tuple[dict, list[memoryview]]:
     magic, version, crc, length = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise FormatError(f"{name}: not a .tzip file (bad magic {magic!r})")
-    if version != VERSION:
-        raise FormatError(f"{name}: format version {version} is not supported (this torchzip reads version {VERSION})")
+    if version not in READS:
+        raise FormatError(f"{name}: format version {version} is not supported (this torchzip reads versions "
+                          f"{', '.join(map(str, READS))})")
     if length > min(MAX_MANIFEST, len(data) - HEADER.size):
         raise FormatError(f"{name}: manifest length {length} exceeds the file ({len(data)} bytes) or the {MAX_MANIFEST}-byte limit")
     raw = data[HEADER.size : HEADER.size + length]

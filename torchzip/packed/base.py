@@ -75,6 +75,8 @@ class PackedWeight(nn.Module):
 
     format_name: ClassVar[str] = ""
     priority: ClassVar[int] = 100  # freeze asks formats with lower numbers first
+    # Side tables the kernels read in fp32: they keep it when the model moves to fp16/bf16.
+    fp32_buffers: ClassVar[tuple[str, ...]] = ("scales", "codebook")
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype) -> None:
         super().__init__()
@@ -89,6 +91,28 @@ class PackedWeight(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The dense weight, in the original dtype."""
         raise NotImplementedError
+
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """``dequantize()[rows]`` for a 1-D index tensor (embeddings gather rows before they
+        dequantize); formats override it to touch only those rows."""
+        return self.dequantize()[rows]
+
+    def row_view(self, start: int, stop: int) -> "PackedWeight":
+        """Rows ``start:stop`` as a packed weight of the same format sharing this one's storage."""
+        raise NotImplementedError(f"format '{self.format_name}' has no row views")
+
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)`, `.half()`, `.bfloat16()` change the compute dtype: dequantize() follows it;
+        # packed integers are untouched by float casts anyway, and fp32_buffers keep fp32 (moving
+        # device only), so nothing is rounded.
+        keep = {k: self._buffers[k] for k in self.fp32_buffers if self._buffers.get(k) is not None}
+        super()._apply(fn, recurse)
+        for k, old in keep.items():
+            self._buffers[k] = old.to(self._buffers[k].device)
+        probe = fn(torch.empty(0, dtype=self.dtype))
+        if probe.is_floating_point():
+            self.dtype = probe.dtype
+        return self
 
     def kernel_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         """``x @ W.T + bias`` through the format's Triton kernel (None: the format has none)."""

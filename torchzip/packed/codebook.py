@@ -6,7 +6,7 @@ import torch
 
 from torchzip.packed.base import PackedWeight, WeightState, register_format
 from torchzip.packed.bits import pack_bits, unpack_bits
-from torchzip.packed.values import CodebookValues
+from torchzip.packed.values import CodebookValues, table
 
 
 @register_format
@@ -40,9 +40,19 @@ class CodebookWeight(PackedWeight):
         return unpack_bits(self.packed, self.bits, self.shape[1])
 
     def dequantize(self) -> torch.Tensor:
-        idx = self.indices()
-        book = self.codebook if self.codebook.shape[0] > 1 else self.codebook.expand(self.shape[0], -1)
+        return self._lookup(self.indices(), self.codebook)
+
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        book = self.codebook[rows] if self.codebook.shape[0] > 1 else self.codebook
+        return self._lookup(unpack_bits(self.packed[rows], self.bits, self.shape[1]), book)
+
+    def _lookup(self, idx: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
+        book = book if book.shape[0] > 1 else book.expand(idx.shape[0], -1)
         return torch.gather(book, 1, idx).to(self.dtype)
+
+    def row_view(self, start: int, stop: int) -> "CodebookWeight":
+        book = self.codebook[start:stop] if self.codebook.shape[0] > 1 else self.codebook
+        return CodebookWeight(self.packed[start:stop], book, self.bits, (stop - start, self.shape[1]), self.dtype)
 
     def kernel_linear(self, x, bias):
         from torchzip.kernels import codebook
@@ -51,7 +61,7 @@ class CodebookWeight(PackedWeight):
 
     def encode(self, out):
         return {"bits": self.bits,
-                "tensors": {"indices": out.symbols(self.indices(), 2**self.bits), "codebook": out.raw(self.codebook)}}
+                "tensors": {"indices": out.symbols(self.indices(), 2**self.bits), "codebook": out.raw(table(self.codebook, self.dtype))}}
 
     @classmethod
     def decode(cls, entry, src, shape, dtype):

@@ -84,6 +84,21 @@ class CsrWeight(SparseValues, PackedWeight):
         w[rows, cols] = self._decode(self.values, rows, cols)
         return w.to(self.dtype)
 
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        starts, lens = self.row_ptr[rows].long(), (self.row_ptr[rows + 1] - self.row_ptr[rows]).long()
+        out_row = torch.repeat_interleave(torch.arange(len(rows), device=lens.device), lens)
+        first = torch.cumsum(lens, 0) - lens  # where each selected row's nonzeros start in the gather
+        at = starts[out_row] + torch.arange(out_row.numel(), device=lens.device) - first[out_row]
+        cols = self.col_idx[at].long()
+        w = torch.zeros(len(rows), self.shape[1], dtype=torch.float32, device=self.values.device)
+        w[out_row, cols] = self._decode(self.values[at], rows[out_row], cols)
+        return w.to(self.dtype)
+
+    def row_view(self, start: int, stop: int) -> "CsrWeight":
+        lo, hi = int(self.row_ptr[start]), int(self.row_ptr[stop])
+        return CsrWeight(self.row_ptr[start: stop + 1] - lo, self.col_idx[lo:hi], self.values[lo:hi],
+                         (stop - start, self.shape[1]), self.dtype, **self._side(slice(start, stop)))
+
     def kernel_linear(self, x, bias):
         from torchzip.kernels import csr
 
@@ -105,7 +120,7 @@ class CsrWeight(SparseValues, PackedWeight):
         stream, escape = coded[best]
         values = self.values[torch.from_numpy(order).to(self.values.device)] if best == "col" else self.values
         t = {"positions": out.symbols(stream, escape + 1, escape=escape, count=int(rows.size), order=best)}
-        t.update(encode_values(out, self.kind, values, self.scales, self.codebook))
+        t.update(encode_values(out, self.kind, values, self.scales, self.codebook, self.dtype))
         return {"values": self.kind, "group_size": self.group_size, "tensors": t}
 
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from torchzip.packed.base import PackedWeight, WeightState, register_format
-from torchzip.packed.values import Int8Values, check_group_size, int8_quantize
+from torchzip.packed.values import Int8Values, check_group_size, int8_quantize, table
 
 
 @register_format
@@ -34,10 +34,18 @@ class Int8Weight(PackedWeight):
         return cls(v.q, v.scales, v.group_size, state.dtype) if isinstance(v, Int8Values) else None
 
     def dequantize(self) -> torch.Tensor:
-        n, k = self.shape
+        return self._dequantize(self.qweight, self.scales)
+
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._dequantize(self.qweight[rows], self.scales[rows])
+
+    def _dequantize(self, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        n, k = q.shape
         g = self.group_size or k
-        w = self.qweight.float().view(n, k // g, g) * self.scales.unsqueeze(-1)
-        return w.view(n, k).to(self.dtype)
+        return (q.float().view(n, k // g, g) * scales.unsqueeze(-1)).view(n, k).to(self.dtype)
+
+    def row_view(self, start: int, stop: int) -> "Int8Weight":
+        return Int8Weight(self.qweight[start:stop], self.scales[start:stop], self.group_size, self.dtype)
 
     def kernel_linear(self, x, bias):
         from torchzip.kernels import int8
@@ -46,7 +54,7 @@ class Int8Weight(PackedWeight):
 
     def encode(self, out):
         return {"group_size": self.group_size,
-                "tensors": {"qweight": out.int8(self.qweight), "scales": out.raw(self.scales)}}
+                "tensors": {"qweight": out.int8(self.qweight), "scales": out.raw(table(self.scales, self.dtype))}}
 
     @classmethod
     def decode(cls, entry, src, shape, dtype):

@@ -71,6 +71,15 @@ class Sparse24Weight(SparseValues, PackedWeight):
         w = torch.zeros(n, k, dtype=torch.float32, device=cols.device)
         return w.scatter_(1, cols, self._decode(self.values, rows, cols)).to(self.dtype)
 
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._rows(rows, len(rows)).dequantize()
+
+    def row_view(self, start: int, stop: int) -> "Sparse24Weight":
+        return self._rows(slice(start, stop), stop - start)
+
+    def _rows(self, rows, count: int) -> "Sparse24Weight":
+        return Sparse24Weight(self.values[rows], self.positions[rows], (count, self.shape[1]), self.dtype, **self._side(rows))
+
     def kernel_linear(self, x, bias):
         from torchzip.kernels import sparse24
 
@@ -81,7 +90,7 @@ class Sparse24Weight(SparseValues, PackedWeight):
     def encode(self, out):
         cols = self.columns().cpu().numpy()
         t = {"positions": out.symbols(pairs24_encode(cols % 4), 6)}
-        t.update(encode_values(out, self.kind, self.values, self.scales, self.codebook))
+        t.update(encode_values(out, self.kind, self.values, self.scales, self.codebook, self.dtype))
         return {"values": self.kind, "group_size": self.group_size, "tensors": t}
 
     @classmethod

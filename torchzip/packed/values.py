@@ -86,6 +86,12 @@ class SparseValues:
     def _decode(self, values, rows, cols) -> torch.Tensor:
         return decode_values(values, rows, cols, self.scales, self.codebook, self.group_size)
 
+    def _side(self, rows) -> dict:
+        """Side tensors of the rows ``rows`` (a slice or an index tensor), as constructor arguments."""
+        book = self.codebook
+        return {"scales": None if self.scales is None else self.scales[rows],
+                "codebook": book if book is None or book.shape[0] == 1 else book[rows], "group_size": self.group_size}
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, values={self.kind}"
 
@@ -112,26 +118,47 @@ def decode_values(
     return values.float()
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def int8_quantize(w: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 of a 2-D weight: per output channel, or per ``group_size`` columns.
 
     Returns ``(q, scales)`` with ``q`` int8 in [-127, 127] and ``scales`` float32 ``[N, G]``;
-    ``q * scale`` differs from ``w`` by at most ``scale / 2``.
+    ``q * scale`` differs from ``w`` by at most ``scale / 2``. For an fp16/bf16 weight the scales
+    are rounded up to values of that dtype, so a file can store them in it without loss.
     """
     n, k = w.shape
     g = group_size or k
     grouped = w.detach().float().reshape(n, k // g, g)
     amax = grouped.abs().amax(-1)
     scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    if w.dtype in HALF_DTYPES:
+        scales = round_up_to(scales, w.dtype)
     q = torch.round(grouped / scales.unsqueeze(-1)).clamp_(-127, 127)
     return q.reshape(n, k).to(torch.int8), scales
+
+
+def round_up_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Positive float32 ``x`` rounded up to the nearest value of ``dtype`` (kept float32)."""
+    low = x.to(dtype)
+    up = torch.where(low.float() < x, torch.nextafter(low, torch.full_like(low, float("inf"))), low)
+    return up.float()
+
+
+def table(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float32 side table (scales, codebook) as the file should store it: in the weight's 16-bit
+    dtype when every value survives that exactly, else float32."""
+    if dtype in HALF_DTYPES and torch.equal(t.to(dtype).float(), t):
+        return t.to(dtype)
+    return t
 
 
 # ---- value streams in a .tzip file (the sparse formats share them) --------------------------
 
 
 def encode_values(out: Any, kind: str, values: torch.Tensor, scales: torch.Tensor | None,
-                  codebook: torch.Tensor | None) -> dict:
+                  codebook: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> dict:
     """Stream entries of ``values`` (in file order) and their side tensors."""
     t: dict[str, Any] = {}
     if kind == "int8":
@@ -141,9 +168,9 @@ def encode_values(out: Any, kind: str, values: torch.Tensor, scales: torch.Tenso
     else:
         t["values"] = out.raw(values)
     if scales is not None:
-        t["scales"] = out.raw(scales)
+        t["scales"] = out.raw(table(scales, dtype))
     if codebook is not None:
-        t["codebook"] = out.raw(codebook)
+        t["codebook"] = out.raw(table(codebook, dtype))
     return t
 
 

@@ -17,13 +17,14 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from torchzip.errors import RecipeError
-from torchzip.packed.values import CodebookValues
+from torchzip.packed.values import HALF_DTYPES, CodebookValues
 from torchzip.passes.base import check_choice, check_int, register_pass, weight_before
-from torchzip.passes.layer import LayerPass
+from torchzip.packed.layers import WeightView
+from torchzip.passes.layer import LayerPass, attach
 from torchzip.passes.prune import masks_of
 
 INITS = ("linear", "kmeans++")
-GRANULARITIES = ("channel", "layer")
+GRANULARITIES = ("auto", "channel", "layer")
 
 
 def _seed_linear(x: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
@@ -101,14 +102,15 @@ class CodebookQuant(nn.Module):
     role, key, schedule_key = "quantized", "codebook", "codebook"
 
     def __init__(self, weight: torch.Tensor, *, bits: int, granularity: str, init: str, iterations: int,
-                 start_step: int, seed: int) -> None:
+                 start_step: int, seed: int, view: WeightView | None = None, tensor: str = "weight") -> None:
         super().__init__()
-        rows = weight.shape[0]
+        self.view, self.tensor = view or WeightView(), tensor
+        rows, cols = self.view.matrix_shape(weight.shape)
         groups = rows if granularity == "channel" else 1
         self.bits, self.granularity, self.init, self.iterations = bits, granularity, init, iterations
         self.start_step, self.seed = start_step, seed
         self.centroids = nn.Parameter(torch.zeros(groups, 2**bits, device=weight.device))
-        self.register_buffer("assign", torch.full((rows, weight[0].numel()), -1, dtype=torch.int32, device=weight.device))
+        self.register_buffer("assign", torch.full((rows, cols), -1, dtype=torch.int32, device=weight.device))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("clustered", torch.zeros((), dtype=torch.bool))
 
@@ -118,8 +120,8 @@ class CodebookQuant(nn.Module):
     @torch.no_grad()
     def cluster(self, w: torch.Tensor, keep: torch.Tensor | None) -> None:
         """Run k-means on ``w`` (entries where ``keep`` is False take no centroid)."""
-        w2 = w.detach().reshape(w.shape[0], -1)
-        valid = torch.ones_like(w2, dtype=torch.bool) if keep is None else keep.reshape(w2.shape)
+        w2 = self.view.matrix(w.detach())
+        valid = torch.ones_like(w2, dtype=torch.bool) if keep is None else self.view.matrix(keep)
         x, v = (w2, valid) if self.granularity == "channel" else (w2.reshape(1, -1), valid.reshape(1, -1))
         centroids, assign = kmeans_1d(x, v, 2**self.bits, init=self.init, iterations=self.iterations, seed=self.seed)
         self.centroids.copy_(centroids)
@@ -135,9 +137,9 @@ class CodebookQuant(nn.Module):
             values = self.centroids.gather(1, assign.clamp(min=0))
         else:
             values = self.centroids[0][assign.clamp(min=0)]
-        values = torch.where(assign >= 0, values, torch.zeros((), device=values.device)).view(w.shape).to(w.dtype)
+        values = torch.where(assign >= 0, values, torch.zeros((), device=values.device)).to(w.dtype)
         # + an exact zero that keeps the master weight in the graph, so DDP sees every parameter used.
-        return values + (w - w.detach())
+        return self.view.tensor(values, w.shape) + (w - w.detach())
 
     def describe(self, state, w: torch.Tensor) -> None:
         """For ``freeze``: the indices and codebook; weights without a centroid join the mask."""
@@ -148,7 +150,10 @@ class CodebookQuant(nn.Module):
         idx = self.assign.long()
         if not bool((idx >= 0).all()):
             state.mask = idx >= 0 if state.mask is None else state.mask & (idx >= 0)
-        state.values = CodebookValues(idx, self.centroids.detach(), self.bits)
+        book = self.centroids.detach().float()
+        if state.dtype in HALF_DTYPES:  # what the layer computes anyway; the file then stores 16 bits
+            book = book.to(state.dtype).float()
+        state.values = CodebookValues(idx, book, self.bits)
 
     @classmethod
     @torch.no_grad()
@@ -160,19 +165,25 @@ class CodebookQuant(nn.Module):
             else:
                 quant.step.add_(1)
             if not bool(quant.clustered) and int(quant.step) >= quant.start_step:
-                quant.cluster(weight_before(module, quant), _keep_mask(module))
+                quant.cluster(weight_before(module, quant, quant.tensor), _keep_mask(module, quant.tensor))
 
 
-def codebook_of(module: nn.Module) -> CodebookQuant | None:
-    """The :class:`CodebookQuant` parametrization on ``module.weight``, if any."""
-    if not parametrize.is_parametrized(module, "weight"):
+def codebook_of(module: nn.Module, tensor: str = "weight") -> CodebookQuant | None:
+    """The :class:`CodebookQuant` parametrization on ``module.<tensor>``, if any."""
+    if not parametrize.is_parametrized(module, tensor):
         return None
-    return next((p for p in module.parametrizations.weight if isinstance(p, CodebookQuant)), None)
+    return next((p for p in module.parametrizations[tensor] if isinstance(p, CodebookQuant)), None)
 
 
-def _keep_mask(module: nn.Module) -> torch.Tensor | None:
-    mask = masks_of(module)
+def _keep_mask(module: nn.Module, tensor: str = "weight") -> torch.Tensor | None:
+    mask = masks_of(module, tensor)
     return None if mask is None else mask.mask
+
+
+def tables_outweigh(k: int, bits: int, dtype: torch.dtype) -> bool:
+    """Whether a row of ``k`` weights stores fewer index bits than its own codebook would take
+    (``2**bits`` centroids, 16 bits each for fp16/bf16 weights, else 32)."""
+    return k * bits < 2**bits * (16 if dtype in HALF_DTYPES else 32)
 
 
 @register_pass
@@ -186,7 +197,7 @@ class Codebook(LayerPass):
     key = "codebook"
     role = "quantized"
     bits: int = 4
-    granularity: str = "channel"
+    granularity: str = "auto"
     init: str = "linear"
     iterations: int = 25
     start_step: int = 0
@@ -206,9 +217,26 @@ class Codebook(LayerPass):
 
     def apply(self, model: nn.Module, plan: list, group: str, progress: bool = False) -> None:
         """Attach codebooks to the planned layers, clustering now unless ``start_step`` > 0."""
-        for _, module, own in tqdm(plan, desc="k-means", disable=not progress, leave=False):
+        bar = tqdm(total=sum(len(own.tensors(m)) for _, m, own in plan), desc="k-means", disable=not progress, leave=False)
+        short: list[str] = []
+
+        def make(own: "Codebook", module: nn.Module, tensor: str, view: WeightView) -> CodebookQuant:
+            w = getattr(module, tensor)
             opts = {k: getattr(own, k) for k in ("bits", "granularity", "init", "iterations", "start_step", "seed")}
-            quant = CodebookQuant(module.weight, **opts)
+            k = view.matrix_shape(w.shape)[1]
+            if own.granularity == "auto":
+                opts["granularity"] = "layer" if tables_outweigh(k, own.bits, w.dtype) else "channel"
+                if opts["granularity"] == "layer":
+                    short.append(f"{next(n for n, m, _ in plan if m is module)}.{tensor} ({k})")
+            quant = CodebookQuant(w, view=view, tensor=tensor, **opts)
             if own.start_step == 0:
-                quant.cluster(module.weight, _keep_mask(module))
-            parametrize.register_parametrization(module, "weight", quant)
+                quant.cluster(w, _keep_mask(module, tensor))
+            bar.update()
+            return quant
+
+        attach(plan, make)
+        bar.close()
+        if short:
+            warnings.warn(f"codebook (granularity auto): {len(short)} tensor(s) have rows too short for per-channel "
+                          f"codebooks (the {2**self.bits} centroids of a row would outweigh its indices), clustered "
+                          f"per layer: {', '.join(short[:8])}" + (" ..." if len(short) > 8 else ""), stacklevel=4)

@@ -28,13 +28,14 @@ import fnmatch
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from torchzip.errors import RecipeError, UnsupportedLayerError
-from torchzip.packed.layers import DEFAULT_TARGETS, LAYER_KINDS
+from torchzip.packed.layers import DEFAULT_TARGETS, LAYER_KINDS, WeightView, kind_of
 from torchzip.passes.base import PASSES, Pass
 
 Plan = list[tuple[str, nn.Module, "LayerPass"]]
@@ -64,7 +65,7 @@ class LayerPass(Pass):
     exclude: tuple = ()
     overrides: dict = field(default_factory=dict)
 
-    tensor: ClassVar[str] = "weight"
+    tensor: ClassVar[str] = "weight"  # "weight": each layer kind's weight tensors; "bias": their biases
     role: ClassVar[str] = ""
     must_precede: ClassVar[dict[str, str]] = {}
 
@@ -114,12 +115,28 @@ class LayerPass(Pass):
         except RecipeError as err:
             raise RecipeError(f"override for layer '{name}': {err}") from None
 
+    def kinds(self) -> set[str]:
+        """The layer kinds this pass takes: its targets and the kinds they include."""
+        return set(self.targets) | {i for t in self.targets for i in LAYER_KINDS[t].includes}
+
     def layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """``(name, module)`` of every layer of a targeted kind not excluded."""
-        types = tuple(LAYER_KINDS[t].module_type for t in self.targets)
-        return [(name, m) for name, m in model.named_modules()
-                if parametrize.type_before_parametrizations(m) in types
-                and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)]
+        kinds = self.kinds()
+        out = []
+        for name, m in model.named_modules():
+            kind = kind_of(m)
+            if kind is not None and kind.name in kinds and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+                out.append((name, m))
+        return out
+
+    def tensors(self, module: nn.Module) -> list[tuple[str, WeightView | None]]:
+        """``(tensor name, matrix view)`` of what this pass compresses in ``module``: the kind's
+        weights (``tensor = "weight"``) or the biases it has (``tensor = "bias"``, no view)."""
+        kind = kind_of(module)
+        names = kind.weights(module)
+        if self.tensor == "weight":
+            return [(t, kind.view) for t in names]
+        return [(b, None) for b in names.values() if b and getattr(module, b, None) is not None]
 
     def unfit(self, name: str, module: nn.Module) -> str | None:
         """Why ``module`` cannot take this pass (called on the layer's own instance), or None."""
@@ -162,8 +179,7 @@ def _existing(module: nn.Module, tensor: str) -> list[_Entry]:
     return [_entry(p) for p in module.parametrizations[tensor] if getattr(p, "role", "")]
 
 
-def _check_order(entries: list[_Entry], p: LayerPass, name: str, where: str) -> None:
-    what = f"layer '{name}'" if p.tensor == "weight" else f"the {p.tensor} of layer '{name}'"
+def _check_order(entries: list[_Entry], p: LayerPass, what: str, where: str) -> None:
     for e in entries:
         if e.role == p.role:
             raise RecipeError(f"{where}: {what} is already {e.role} by an earlier '{e.key}' pass; "
@@ -179,14 +195,64 @@ def _check_order(entries: list[_Entry], p: LayerPass, name: str, where: str) -> 
             )
 
 
-def _check_tied(owners: dict[int, str], name: str, module: nn.Module, tensor: str, where: str) -> None:
-    t = module.parametrizations[tensor].original if parametrize.is_parametrized(module, tensor) else getattr(module, tensor)
-    other = owners.setdefault(id(t), name)
-    if other != name:
-        raise RecipeError(
-            f"{where}: layers '{other}' and '{name}' share one {tensor} (tied); compressing both would untie "
-            "them. Exclude one of them (it keeps the shared float weight) or untie the weights first"
-        )
+def raw_tensor(module: nn.Module, tensor: str):
+    """The parameter behind ``module.<tensor>`` (its original when parametrized)."""
+    return module.parametrizations[tensor].original if parametrize.is_parametrized(module, tensor) else getattr(module, tensor)
+
+
+def holders(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
+    """``id(parameter) -> [(module name, tensor name), ...]`` for every parameter, ties included."""
+    out: dict[int, list[tuple[str, str]]] = {}
+    for mname, m in model.named_modules():
+        for tname in list(m._parameters) + (list(m.parametrizations) if parametrize.is_parametrized(m) else []):
+            t = raw_tensor(m, tname) if tname not in m._parameters else m._parameters[tname]
+            if t is not None and not mname.endswith(".parametrizations") and ".parametrizations." not in mname:
+                out.setdefault(id(t), []).append((mname, tname))
+    return out
+
+
+def _untie_check(p: LayerPass, taken: list[tuple[str, nn.Module, "LayerPass"]], model: nn.Module, where: str,
+                 skipped: list[str]) -> list[tuple[str, nn.Module, "LayerPass"]]:
+    """Tied tensors are compressed together or not at all: drop every layer whose tensor is shared
+    with one this pass does not take (it keeps the shared float weight), and refuse tied layers
+    that would get different arguments."""
+    held = holders(model)
+    planned = {(name, t) for name, m, own in taken for t, _ in own.tensors(m)}
+    args = {name: own for name, _, own in taken}
+    keep = []
+    for name, module, own in taken:
+        ok = True
+        for t, _ in own.tensors(module):
+            group = held.get(id(raw_tensor(module, t)), [(name, t)])
+            outside = [f"{n}.{tt}" for n, tt in group if (n, tt) not in planned]
+            if outside:
+                skipped.append(f"{name}.{t} is tied to {', '.join(outside)}, which this pass does not take: both stay float")
+                ok = False
+            for n, _ in group:
+                if n in args and args[n] != own:
+                    raise RecipeError(f"{where}: tied layers '{n}' and '{name}' get different arguments "
+                                      f"({args[n].to_dict()} vs {own.to_dict()}); give both the same")
+        if ok:
+            keep.append((name, module, own))
+    return keep
+
+
+def _override_targets(p: LayerPass, model: nn.Module, names: list[str], where: str) -> None:
+    kinds = p.kinds()
+    for pattern in p.overrides:
+        if any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            continue
+        other = [(n, m) for n, m in model.named_modules() if n and fnmatch.fnmatchcase(n, pattern)]
+        if other:
+            n, m = other[0]
+            kind = kind_of(m)
+            why = (f"its kind '{kind.name}' is not among this pass's targets {sorted(kinds)}" if kind
+                   else f"{type(m).__name__} is not a layer kind torchzip can pack; kinds: {sorted(LAYER_KINDS)}")
+            raise UnsupportedLayerError(f"{where}: override '{pattern}' names layer '{n}' ({type(m).__name__}), which "
+                                        f"this pass cannot take: {why}")
+        close = difflib.get_close_matches(pattern, names, n=3)
+        raise UnsupportedLayerError(f"{where}: override '{pattern}' matches no layer this pass targets"
+                                    + (f"; close names: {close}" if close else ""))
 
 
 def plan_passes(passes: list[Pass], model: nn.Module) -> list[tuple[Plan | None, list[str]]]:
@@ -198,7 +264,6 @@ def plan_passes(passes: list[Pass], model: nn.Module) -> list[tuple[Plan | None,
     override a layer cannot honour, a model with no targeted layer.
     """
     states: dict[tuple[str, str], list[_Entry]] = {}
-    owners: dict[str, dict[int, str]] = {}  # tensor name -> (id of the tensor -> layer taking it)
     plans: list[tuple[Plan | None, list[str]]] = []
     layer_passes = 0
     for index, p in enumerate(passes):
@@ -207,28 +272,25 @@ def plan_passes(passes: list[Pass], model: nn.Module) -> list[tuple[Plan | None,
             plans.append((None, []))
             continue
         layer_passes += 1
-        plan: Plan = []
-        skipped: list[str] = []
-        taken = p.layers(model)
-        names = [name for name, _ in taken]
-        for pattern in p.overrides:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                close = difflib.get_close_matches(pattern, names, n=3)
-                raise UnsupportedLayerError(f"{where}: override '{pattern}' matches no layer this pass targets"
-                                            + (f"; close names: {close}" if close else ""))
-        tied = owners.setdefault(p.tensor, {})
-        for name, module in taken:
+        taken, skipped = [], []
+        candidates = p.layers(model)
+        _override_targets(p, model, [name for name, _ in candidates], where)
+        for name, module in candidates:
             own, named = p.for_layer(name)
-            reason = own.unfit(name, module)
+            reason = own.unfit(name, module) if own.tensors(module) else f"layer '{name}' has no {p.tensor} to compress"
             if reason and named:
                 raise UnsupportedLayerError(f"{where}: {reason}; its override cannot be honoured")
             if reason:
                 skipped.append(reason)
                 continue
-            entries = states.setdefault((name, p.tensor), _existing(module, p.tensor))
-            _check_order(entries, own, name, where)
-            _check_tied(tied, name, module, p.tensor, where)
-            entries.append(_entry(own))
+            taken.append((name, module, own))
+        plan: Plan = []
+        for name, module, own in _untie_check(p, taken, model, where, skipped):
+            for t, _ in own.tensors(module):
+                entries = states.setdefault((name, t), _existing(module, t))
+                what = f"layer '{name}'" if t == "weight" else f"{t} of layer '{name}'"
+                _check_order(entries, own, what, where)
+                entries.append(_entry(own))
             plan.append((name, module, own))
         plans.append((plan, skipped))
     if layer_passes and not any(plan for plan, _ in plans if plan is not None):
@@ -240,6 +302,19 @@ def plan_passes(passes: list[Pass], model: nn.Module) -> list[tuple[Plan | None,
             f"({', '.join(DEFAULT_TARGETS)} by default) and filtered by 'exclude'"
         )
     return plans
+
+
+def attach(plan: Plan, make: Callable[["LayerPass", nn.Module, str, WeightView | None], nn.Module]) -> None:
+    """Register ``make(pass, module, tensor name, view)`` as a parametrization on every planned
+    tensor. A tensor several layers share (tied) gets one parametrization, registered on each of
+    them, so the layers stay tied while they train and after ``freeze``."""
+    made: dict[int, nn.Module] = {}
+    for _, module, own in plan:
+        for t, view in own.tensors(module):
+            raw = raw_tensor(module, t)
+            if id(raw) not in made:
+                made[id(raw)] = make(own, module, t, view)
+            parametrize.register_parametrization(module, t, made[id(raw)])
 
 
 def context_keys() -> list[str]:

@@ -16,7 +16,8 @@ from torch.nn.utils import parametrize
 
 from torchzip.errors import RecipeError
 from torchzip.passes.base import check_choice, check_int, register_pass
-from torchzip.passes.layer import LayerPass
+from torchzip.packed.layers import WeightView
+from torchzip.passes.layer import LayerPass, attach, raw_tensor
 
 PATTERNS = ("unstructured", "channel", "N:M (e.g. 2:4)")
 NORMS = ("l1", "l2")
@@ -89,19 +90,22 @@ class Mask(nn.Module):
     """Parametrization ``w -> w * mask`` plus the schedule that grows the mask.
 
     ``step`` counts optimizer steps (advanced by :func:`torchzip.step`); it is a buffer so it
-    is saved with the model and kept equal across DDP ranks.
+    is saved with the model and kept equal across DDP ranks. The mask has the tensor's own shape;
+    patterns are computed on its matrix ``view`` (rows: output channels). ``tensor`` is the name
+    of the parametrized tensor in its module.
     """
 
     role, key = "pruned", "prune"
 
     def __init__(self, mask: torch.Tensor, *, pattern: str, sparsity: float, scope: str, norm: str,
-                 initial_sparsity: float, start_step: int, end_step: int | None, frequency: int, group: str) -> None:
+                 initial_sparsity: float, start_step: int, end_step: int | None, frequency: int, group: str,
+                 view: WeightView | None = None, tensor: str = "weight") -> None:
         super().__init__()
         self.register_buffer("mask", mask)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.pattern, self.sparsity, self.scope, self.norm = pattern, sparsity, scope, norm
         self.initial_sparsity, self.start_step, self.end_step, self.frequency = initial_sparsity, start_step, end_step, frequency
-        self.group = group
+        self.group, self.view, self.tensor = group, view or WeightView(), tensor
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w * self.mask
@@ -112,7 +116,7 @@ class Mask(nn.Module):
     def describe(self, state, w: torch.Tensor) -> None:
         """For ``freeze``: the keep-mask and its pattern (``"N:M"`` normalised)."""
         nm = parse_nm(self.pattern)
-        state.mask = self.mask.reshape(state.shape)
+        state.mask = self.view.matrix(self.mask)
         state.pattern = f"{nm[0]}:{nm[1]}" if nm else self.pattern
 
     def target(self, step: int) -> float:
@@ -127,10 +131,9 @@ class Mask(nn.Module):
 
     def recompute(self, w: torch.Tensor, sparsity: float) -> None:
         """Grow the mask to ``sparsity`` (per-layer scopes; global groups are handled together)."""
-        if self.pattern == "channel":
-            self.mask.copy_(channel_mask(w, sparsity, self.norm, self.mask))
-        else:
-            self.mask.copy_(unstructured_mask(w, sparsity, self.mask))
+        m, mask = self.view.matrix(w), self.view.matrix(self.mask)
+        keep = channel_mask(m, sparsity, self.norm, mask) if self.pattern == "channel" else unstructured_mask(m, sparsity, mask)
+        self.mask.copy_(self.view.tensor(keep, w.shape))
 
     # -- schedule protocol (torchzip.schedule): masks of one prune pass advance together --------
 
@@ -146,29 +149,33 @@ class Mask(nn.Module):
         stepping there would, the weights being unchanged)."""
         first = members[0][1]
         for _, m in members:
-            m.step.fill_(max(int(m.step), m.end_step or 0)) if to_end else m.step.add_(1)
+            m.step.fill_(max(int(m.step), m.end_step or 0) if to_end else int(m.step) + 1)
         step = int(first.step)
+
+        def due(m: Mask) -> bool:
+            return m.due(step) or (to_end and m.end_step is not None)
+
         if first.scope == "global":
-            if not (first.due(step) or (to_end and first.end_step is not None)):
+            if not due(first):
                 return
-            weights = [mod.parametrizations.weight.original for mod, _ in members]
+            weights = [mod.parametrizations[m.tensor].original for mod, m in members]
             for (_, m), keep in zip(members, global_masks(weights, first.target(step), [m.mask for _, m in members])):
                 m.mask.copy_(keep)
-            due = members
+            chosen = members
         else:
-            due = [(mod, m) for mod, m in members if m.due(step) or (to_end and m.end_step is not None)]
-            for mod, m in due:
-                m.recompute(mod.parametrizations.weight.original, m.target(step))
-        for mod, m in due:
+            chosen = [(mod, m) for mod, m in members if due(m)]
+            for mod, m in chosen:
+                m.recompute(mod.parametrizations[m.tensor].original, m.target(step))
+        for mod, m in chosen:
             # Zero the master too, so a checkpoint of the original weights agrees with the mask.
-            mod.parametrizations.weight.original.mul_(m.mask)
+            mod.parametrizations[m.tensor].original.mul_(m.mask)
 
 
-def masks_of(module: nn.Module) -> Mask | None:
-    """The :class:`Mask` parametrization on ``module.weight``, if any."""
-    if not parametrize.is_parametrized(module, "weight"):
+def masks_of(module: nn.Module, tensor: str = "weight") -> Mask | None:
+    """The :class:`Mask` parametrization on ``module.<tensor>``, if any."""
+    if not parametrize.is_parametrized(module, tensor):
         return None
-    return next((p for p in module.parametrizations.weight if isinstance(p, Mask)), None)
+    return next((p for p in module.parametrizations[tensor] if isinstance(p, Mask)), None)
 
 
 @register_pass
@@ -229,9 +236,11 @@ class Prune(LayerPass):
     def unfit(self, name: str, module: nn.Module) -> str | None:
         """Why ``module`` cannot take this pruning, or None."""
         nm = parse_nm(self.pattern)
-        k = module.weight[0].numel()
-        if nm and k % nm[1]:
-            return f"{self.pattern} needs in_features divisible by {nm[1]}, layer '{name}' has {k}"
+        for t, view in self.tensors(module):
+            k = view.matrix_shape(getattr(module, t).shape)[1]
+            if nm and k % nm[1]:
+                what = f"layer '{name}'" if t == "weight" else f"'{name}.{t}'"
+                return f"{self.pattern} needs in_features divisible by {nm[1]}, {what} has {k}"
         return None
 
     def last_step(self) -> int:
@@ -240,21 +249,29 @@ class Prune(LayerPass):
     def _initial(self) -> float:
         return cubic_sparsity(0, self.sparsity, self.initial_sparsity, self.start_step, self.end_step)
 
+    def keep(self, w: torch.Tensor, view: WeightView) -> torch.Tensor:
+        """This pass's starting keep-mask for one tensor (per-layer scopes), in its own shape."""
+        m, nm = view.matrix(w), parse_nm(self.pattern)
+        if nm:
+            keep = nm_mask(m, *nm)
+        elif self.pattern == "channel":
+            keep = channel_mask(m, self._initial(), self.norm)
+        else:
+            keep = unstructured_mask(m, self._initial())
+        return view.tensor(keep, w.shape)
+
     def apply(self, model: nn.Module, plan: list, group: str, progress: bool = False) -> None:
         """Attach masks to the planned layers at the schedule's starting sparsity."""
-        if self.scope == "global":
-            keeps = global_masks([m.weight for _, m, _ in plan], self._initial())
-        for i, (_, module, own) in enumerate(plan):
-            w = module.weight
-            nm = parse_nm(own.pattern)
-            if nm:
-                keep = nm_mask(w, *nm)
-            elif own.scope == "global":
-                keep = keeps[i]
-            elif own.pattern == "channel":
-                keep = channel_mask(w, own._initial(), own.norm)
-            else:
-                keep = unstructured_mask(w, own._initial())
+        keeps: dict[int, torch.Tensor] = {}
+        if self.scope == "global":  # one threshold over every distinct planned tensor
+            tensors = {id(raw_tensor(m, t)): getattr(m, t) for _, m, own in plan for t, _ in own.tensors(m)}
+            keeps = dict(zip(tensors, global_masks(list(tensors.values()), self._initial())))
+
+        def make(own: "Prune", module: nn.Module, tensor: str, view: WeightView) -> Mask:
+            w = getattr(module, tensor)
+            keep = keeps[id(raw_tensor(module, tensor))] if own.scope == "global" else own.keep(w, view)
             opts = {k: getattr(own, k) for k in ("pattern", "sparsity", "scope", "norm", "initial_sparsity", "start_step",
                                                  "end_step", "frequency")}
-            parametrize.register_parametrization(module, "weight", Mask(keep, group=group, **opts))
+            return Mask(keep, group=group, view=view, tensor=tensor, **opts)
+
+        attach(plan, make)

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from torchzip.errors import RecipeError
 from torchzip.packed.values import Int8Values, int8_quantize
 from torchzip.passes.base import register_pass
-from torchzip.passes.layer import LayerPass
+from torchzip.packed.layers import WeightView
+from torchzip.passes.layer import LayerPass, attach
 
 
 class Int8FakeQuant(nn.Module):
@@ -24,23 +24,23 @@ class Int8FakeQuant(nn.Module):
 
     role = "quantized"
 
-    def __init__(self, group_size: int, per_tensor: bool = False) -> None:
+    def __init__(self, group_size: int, per_tensor: bool = False, view: WeightView | None = None) -> None:
         super().__init__()
-        self.group_size, self.per_tensor = group_size, per_tensor
+        self.group_size, self.per_tensor, self.view = group_size, per_tensor, view or WeightView()
         self.key = "quantize_bias" if per_tensor else "quantize"
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        w2 = w.reshape(1, -1) if self.per_tensor else w.reshape(w.shape[0], -1)
+        w2 = w.reshape(1, -1) if self.per_tensor else self.view.matrix(w)
         q, scales = int8_quantize(w2, self.group_size)
         n, k = w2.shape
         g = self.group_size or k
-        deq = (q.float().view(n, k // g, g) * scales.unsqueeze(-1)).view(w.shape).to(w.dtype)
+        deq = (q.float().view(n, k // g, g) * scales.unsqueeze(-1)).view(n, k).to(w.dtype)
         # Straight-through: the value is exactly deq (adding an exact zero), the gradient is w's.
-        return deq + (w - w.detach())
+        return (deq.view(w.shape) if self.per_tensor else self.view.tensor(deq, w.shape)) + (w - w.detach())
 
     def describe(self, state, w: torch.Tensor) -> None:
         """For ``freeze``: quantize what this parametrization saw (not its output), exactly as it did."""
-        q, scales = int8_quantize(w.detach().reshape(state.shape), self.group_size)
+        q, scales = int8_quantize(self.view.matrix(w.detach()), self.group_size)
         state.values = Int8Values(q, scales, self.group_size)
 
 
@@ -64,15 +64,16 @@ class Quantize(LayerPass):
 
     def unfit(self, name: str, module: nn.Module) -> str | None:
         """Why ``module`` cannot take this quantization, or None."""
-        k = module.weight[0].numel()
-        if self.group_size and k % self.group_size:
-            return f"group_size {self.group_size} does not divide in_features {k} of layer '{name}'"
+        for t, view in self.tensors(module):
+            k = view.matrix_shape(getattr(module, t).shape)[1]
+            if self.group_size and k % self.group_size:
+                what = f"layer '{name}'" if t == "weight" else f"'{name}.{t}'"
+                return f"group_size {self.group_size} does not divide in_features {k} of {what}"
         return None
 
     def apply(self, model: nn.Module, plan: list, group: str, progress: bool = False) -> None:
         """Attach fake-quantization to the planned layers."""
-        for _, module, own in plan:
-            parametrize.register_parametrization(module, "weight", Int8FakeQuant(own.group_size))
+        attach(plan, lambda own, module, tensor, view: Int8FakeQuant(own.group_size, view=view))
 
 
 @register_pass
@@ -87,10 +88,9 @@ class QuantizeBias(LayerPass):
 
     def unfit(self, name: str, module: nn.Module) -> str | None:
         """Layers without a bias cannot take it."""
-        return None if getattr(module, "bias", None) is not None else f"layer '{name}' has no bias"
+        return None if self.tensors(module) else f"layer '{name}' has no bias"
 
     def apply(self, model: nn.Module, plan: list, group: str, progress: bool = False) -> None:
         """Attach per-tensor int8 fake-quantization to the planned layers' biases."""
-        for _, module, _ in plan:
-            parametrize.register_parametrization(module, "bias", Int8FakeQuant(0, per_tensor=True))
+        attach(plan, lambda own, module, tensor, view: Int8FakeQuant(0, per_tensor=True))
 
