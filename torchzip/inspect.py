@@ -46,15 +46,21 @@ def _inspect(path: str | os.PathLike) -> dict[str, Any]:
         n, k = entry["shape"]
         tensors = entry["tensors"]
         bias = tensors.get("bias")
-        bias_n = n if bias else 0
+        bias_n = (bias.get("n") or math.prod(bias.get("shape", [n]))) if bias else 0
         weight_bytes = sum(_piece_bytes(s) for name, s in tensors.items() if name != "bias")
+        name = entry["name"] + (f".{entry['tensor']}" if "tensor" in entry else "")
+        if "tied" in entry:  # the weight is counted with the entry it shares
+            tied = manifest["layers"][entry["tied"]]
+            rows.append({"name": name, "kind": entry["kind"], "shape": [n, k], "codec": f"tied to {tied['name']}",
+                         "params": bias_n, "sparsity": 0.0, "bits_per_weight": 0.0,
+                         "bytes": _section_share(tensors.values()), "fp32_bytes": 4 * bias_n})
+            continue
         fmt = FORMATS.get(entry["format"])
         if fmt is None:
             raise FormatError(f"{path}: layer {entry['name']!r} has unknown packed format {entry['format']!r}; "
                               f"allowed: {', '.join(sorted(FORMATS))}")
-        codec = fmt.label_of(entry)
         rows.append({
-            "name": entry["name"], "kind": entry["kind"], "shape": [n, k], "codec": codec,
+            "name": name, "kind": entry["kind"], "shape": [n, k], "codec": fmt.label_of(entry),
             "params": n * k + bias_n, "sparsity": entry["zeros"] / (n * k) if n * k else 0.0,
             "bits_per_weight": weight_bytes * 8 / (n * k) if n * k else 0.0,
             "bytes": _section_share(tensors.values()), "fp32_bytes": 4 * (n * k + bias_n),

@@ -255,10 +255,10 @@ def _plan_layers(manifest: dict, sections: list, skeleton: nn.Module, where: str
                  f"layer '{name}' is tied to entry {tied!r}, which is not an earlier untied layer")
             need(tensors[tied] is value, where, f"the file ties layer '{name}' to '{entries[tied]['name']}', the skeleton does not")
             packed = decoded[tied]
-        bias = decode_bias(entry, src, rows[0])
         bias_name = names[tensor]
-        need((bias is None) == (getattr(module, bias_name, None) is None if bias_name else True), where,
-             f"layer '{name}': bias presence differs")
+        skeleton_bias = getattr(module, bias_name, None) if bias_name else None
+        bias = decode_bias(entry, src, skeleton_bias.numel() if skeleton_bias is not None else rows[0])
+        need((bias is None) == (skeleton_bias is None), where, f"layer '{name}': bias presence differs")
         decoded.append(packed)
         tensors.append(value)
         _, packs, biases = out.setdefault(name, (module, {}, {}))

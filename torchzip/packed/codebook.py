@@ -19,8 +19,8 @@ class CodebookWeight(PackedWeight):
     def __init__(self, packed: torch.Tensor, codebook: torch.Tensor, bits: int, shape, dtype: torch.dtype) -> None:
         super().__init__(shape, dtype)
         self.bits = int(bits)
-        self.register_buffer("packed", packed.to(torch.int32))
-        self.register_buffer("codebook", codebook.float())
+        self.register_buffer("packed", packed.to(torch.int32).contiguous())
+        self.register_buffer("codebook", codebook.float().contiguous())
 
     @classmethod
     def from_indices(cls, indices: torch.Tensor, codebook: torch.Tensor, bits: int, dtype: torch.dtype) -> "CodebookWeight":

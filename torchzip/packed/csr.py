@@ -28,8 +28,8 @@ class CsrWeight(SparseValues, PackedWeight):
     def __init__(self, row_ptr, col_idx, values, shape, dtype, scales=None, codebook=None, group_size: int = 0) -> None:
         PackedWeight.__init__(self, shape, dtype)
         self._init_values(values, scales, codebook, group_size)
-        self.register_buffer("row_ptr", row_ptr.to(torch.int32))
-        self.register_buffer("col_idx", col_idx)
+        self.register_buffer("row_ptr", row_ptr.to(torch.int32).contiguous())
+        self.register_buffer("col_idx", col_idx.contiguous())
 
     @staticmethod
     def index_dtype(k: int) -> torch.dtype:

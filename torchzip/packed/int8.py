@@ -18,8 +18,8 @@ class Int8Weight(PackedWeight):
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype) -> None:
         super().__init__(tuple(qweight.shape), dtype)
         self.group_size = int(group_size)
-        self.register_buffer("qweight", qweight.to(torch.int8))
-        self.register_buffer("scales", scales.float())
+        self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
+        self.register_buffer("scales", scales.float().contiguous())
 
     @classmethod
     def from_float(cls, w: torch.Tensor, group_size: int = 0) -> "Int8Weight":

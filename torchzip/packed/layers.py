@@ -103,7 +103,14 @@ class PackedConv1D(_OneWeight):
         self.nf, self.nx = packed.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.packed.linear(x, self.bias)
+        from torchzip.kernels import dispatch
+
+        if dispatch.use_kernels(x):
+            return self.packed.linear(x, self.bias)
+        # Conv1D's own matmul on its own [in, out] layout: the same bits as the trainable layer.
+        w = self.packed.dequantize().t().contiguous().to(x.dtype)
+        out = x.reshape(-1, self.nx) @ w if self.bias is None else torch.addmm(self.bias.to(x.dtype), x.reshape(-1, self.nx), w)
+        return out.view(*x.shape[:-1], self.nf)
 
 
 class PackedConv(_OneWeight):
@@ -153,11 +160,15 @@ class PackedEmbedding(_OneWeight):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if idx.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"embedding indices must be int32 or int64, got {idx.dtype}")
-        rows = self.packed.dequantize_rows(idx.reshape(-1).long())
-        if self.max_norm is not None:  # what F.embedding's renorm does to the rows it reads (not stored)
-            norm = rows.norm(p=self.norm_type, dim=-1, keepdim=True)
-            rows = torch.where(norm > self.max_norm, rows * (self.max_norm / (norm + 1e-7)), rows)
-        return rows.view(*idx.shape, self.embedding_dim)
+        flat = idx.reshape(-1).long()
+        if self.max_norm is None:
+            return self.packed.dequantize_rows(flat).view(*idx.shape, self.embedding_dim)
+        # F.embedding renormalises the rows it reads in place; here that happens to a copy of them.
+        rows, inverse = torch.unique(flat, return_inverse=True)
+        table = self.packed.dequantize_rows(rows)
+        with torch.no_grad():
+            torch.embedding_renorm_(table, torch.arange(len(rows), device=table.device), self.max_norm, self.norm_type)
+        return F.embedding(inverse.view(idx.shape), table)
 
 
 class PackedMultiheadAttention(nn.MultiheadAttention, PackedLayer):

@@ -28,7 +28,7 @@ class Sparse24Weight(SparseValues, PackedWeight):
     def __init__(self, values, positions, shape, dtype, scales=None, codebook=None, group_size: int = 0) -> None:
         PackedWeight.__init__(self, shape, dtype)
         self._init_values(values, scales, codebook, group_size)
-        self.register_buffer("positions", positions.to(torch.int32))
+        self.register_buffer("positions", positions.to(torch.int32).contiguous())
 
     @staticmethod
     def select(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,9 +66,9 @@ class SparseValues:
 
     def _init_values(self, values, scales, codebook, group_size: int) -> None:
         self.group_size = int(group_size)
-        self.register_buffer("values", values)
-        self.register_buffer("scales", None if scales is None else scales.float())
-        self.register_buffer("codebook", None if codebook is None else codebook.float())
+        self.register_buffer("values", values.contiguous())
+        self.register_buffer("scales", None if scales is None else scales.float().contiguous())
+        self.register_buffer("codebook", None if codebook is None else codebook.float().contiguous())
 
     @property
     def kind(self) -> str:

@@ -139,7 +139,8 @@ class CodebookQuant(nn.Module):
             values = self.centroids[0][assign.clamp(min=0)]
         values = torch.where(assign >= 0, values, torch.zeros((), device=values.device)).to(w.dtype)
         # + an exact zero that keeps the master weight in the graph, so DDP sees every parameter used.
-        return self.view.tensor(values, w.shape) + (w - w.detach())
+        # contiguous: a transposed view (HF Conv1D) must reach the layer in the layout it stores.
+        return (self.view.tensor(values, w.shape) + (w - w.detach())).contiguous()
 
     def describe(self, state, w: torch.Tensor) -> None:
         """For ``freeze``: the indices and codebook; weights without a centroid join the mask."""

@@ -36,7 +36,8 @@ class Int8FakeQuant(nn.Module):
         g = self.group_size or k
         deq = (q.float().view(n, k // g, g) * scales.unsqueeze(-1)).view(n, k).to(w.dtype)
         # Straight-through: the value is exactly deq (adding an exact zero), the gradient is w's.
-        return (deq.view(w.shape) if self.per_tensor else self.view.tensor(deq, w.shape)) + (w - w.detach())
+        out = (deq.view(w.shape) if self.per_tensor else self.view.tensor(deq, w.shape)) + (w - w.detach())
+        return out.contiguous()  # a transposed view (HF Conv1D) reaches the layer in the layout it stores
 
     def describe(self, state, w: torch.Tensor) -> None:
         """For ``freeze``: quantize what this parametrization saw (not its output), exactly as it did."""
