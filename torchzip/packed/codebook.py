@@ -59,7 +59,7 @@ class CodebookWeight(PackedWeight):
         bits = entry.get("bits")
         src.need(type(bits) is int and 1 <= bits <= 8, f"bad bits {bits!r}")
         t = entry["tensors"]
-        codebook = src.float_raw(t.get("codebook"), "codebook").float()
+        codebook = src.raw(t.get("codebook"), "codebook", ("float32",))
         src.need(codebook.dim() == 2 and codebook.shape[0] in (1, n) and codebook.shape[1] == 2**bits,
                  f"codebook shape {tuple(codebook.shape)} does not fit {n} rows of {2**bits} entries")
         idx = src.symbols(t.get("indices"), "indices", 2**bits, on_device=True)

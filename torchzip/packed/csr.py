@@ -121,7 +121,7 @@ class CsrWeight(SparseValues, PackedWeight):
         sym = src.symbols(spec, "positions", spec["escape"] + 1).numpy()
         flat = torch.from_numpy(gaps_decode(sym, spec["escape"], n * k))
         src.need(spec.get("count") == flat.numel(), "position count does not match")
-        values = decode_values_stream(src, t, kind, flat.numel(), codebook)
+        values = decode_values_stream(src, t, kind, flat.numel(), codebook, dtype)
         if spec.get("order") == "col":  # back to row-major, values alongside
             flat = (flat % n) * k + flat // n
             flat, perm = torch.sort(flat)

@@ -53,7 +53,7 @@ class Int8Weight(PackedWeight):
         n, k = shape
         g = check_group_size(src, entry, k)
         t = entry["tensors"]
-        scales = src.float_raw(t.get("scales"), "scales").float()
+        scales = src.raw(t.get("scales"), "scales", ("float32",))
         src.need(tuple(scales.shape) == (n, k // g if g else 1), f"scales shape {tuple(scales.shape)} does not fit")
         qweight = src.int8(t.get("qweight"), n * k, "qweight", on_device=True).reshape(n, k)
         return cls(qweight, scales, g, dtype)

@@ -94,5 +94,5 @@ class Sparse24Weight(SparseValues, PackedWeight):
         sym = src.symbols(t.get("positions"), "positions", 6).numpy()
         src.need(sym.size == n * k // 4, f"{sym.size} position pairs for a {n}x{k} weight")
         pos = torch.from_numpy(pairs24_decode(sym).reshape(n, k // 2))
-        values = decode_values_stream(src, t, kind, n * k // 2, codebook).reshape(n, k // 2)
+        values = decode_values_stream(src, t, kind, n * k // 2, codebook, dtype).reshape(n, k // 2)
         return cls(values, pack_bits(pos, 2), (n, k), dtype, scales, codebook, g)
