@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from tqdm.auto import tqdm
 
 from torchzip.errors import RecipeError
 from torchzip.packed.values import CodebookValues
 from torchzip.passes.base import check_choice, check_int, register_pass, weight_before
 from torchzip.passes.layer import LayerPass
 from torchzip.passes.prune import masks_of
+from torchzip.progress import bar
 
 INITS = ("linear", "kmeans++")
 GRANULARITIES = ("channel", "layer")
@@ -198,7 +198,8 @@ class Codebook(LayerPass):
             raise RecipeError(f"codebook bits must be an integer in 1..8, got {self.bits!r} in {where}")
         check_choice(where, "granularity", self.granularity, GRANULARITIES)
         check_choice(where, "init", self.init, INITS)
-        for key in ("iterations", "start_step", "seed"):
+        check_int(where, "iterations", self.iterations, low=1)
+        for key in ("start_step", "seed"):
             check_int(where, key, getattr(self, key))
 
     def fixes_at(self) -> int:
@@ -206,7 +207,7 @@ class Codebook(LayerPass):
 
     def apply(self, model: nn.Module, plan: list, group: str, progress: bool = False) -> None:
         """Attach codebooks to the planned layers, clustering now unless ``start_step`` > 0."""
-        for _, module, own in tqdm(plan, desc="k-means", disable=not progress, leave=False):
+        for _, module, own in bar(plan, progress, desc="k-means", leave=False):
             opts = {k: getattr(own, k) for k in ("bits", "granularity", "init", "iterations", "start_step", "seed")}
             quant = CodebookQuant(module.weight, **opts)
             if own.start_step == 0:
