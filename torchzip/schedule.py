@@ -50,6 +50,6 @@ def finish(model: nn.Module, progress: bool | None = None) -> None:
     groups = _groups(model)
     with bar(total=sum(len(m) for m in groups.values()), progress=progress, desc="schedules", unit="layer") as shown:
         for (cls, key), members in groups.items():
-            shown.set_postfix_str(f"{key}: {len(members)} layer(s)")
+            shown.set_postfix_str(f"{getattr(members[0][1], 'key', key)}: {len(members)} layer(s)")
             cls.advance(members, to_end=True)
             shown.update(len(members))

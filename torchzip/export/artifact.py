@@ -281,9 +281,10 @@ def _check_dense(specs: dict, expected: dict[str, torch.Tensor], where: str) -> 
         dtype, shape = (spec.get("dtype"), spec.get("shape")) if isinstance(spec, dict) else (None, None)
         need(shape == list(want.shape), where,
              f"tensor '{key}' has shape {brief(shape)} in the file, {list(want.shape)} in the skeleton")
+        stored = dtype if lookup(DTYPES, dtype) is not None else brief(dtype)
         need(dtype == dtype_name(want.dtype), where,
-             f"tensor '{key}' is {brief(dtype)} in the file but {dtype_name(want.dtype)} in the skeleton; tensors load "
-             f"only into their own dtype (no casting): build the skeleton with {brief(dtype)} there")
+             f"tensor '{key}' is {stored} in the file but {dtype_name(want.dtype)} in the skeleton; a tensor loads only "
+             f"into its own dtype (nothing is cast): build the skeleton with {stored} there")
 
 
 def _plan_load(path: str | os.PathLike, skeleton: nn.Module, on: torch.device | None,

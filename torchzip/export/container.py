@@ -46,7 +46,7 @@ ALIGN = 64
 MAX_MANIFEST = 64 << 20  # inflated bytes, whatever the file's size...
 MANIFEST_BASE, MANIFEST_PER_BYTE = 1 << 20, 16  # ...and at most 1 MiB + 16 bytes per byte of the file
 MAX_DEPTH = 32  # nesting of arrays and objects (a writer uses 6)
-MAX_VALUES = 1 << 22  # JSON values and object keys
+MAX_JSON_ITEMS = 1 << 22  # '[', '{', ',' and ':' outside strings: about one per array element or member
 MAX_NUMBER_CHARS = 40  # characters of one number (offsets and CRCs take at most 20)
 
 
@@ -119,11 +119,17 @@ def write(path: str | os.PathLike, manifest: dict, sections: list[bytes]) -> int
             table.append([offset, len(s), zlib.crc32(s)])
             offset += len(s) if i == len(sections) - 1 else _align(len(s))
         body = dict(manifest, sections=table, file_size=offset)
-        raw = zlib.compress(json.dumps(body, separators=(",", ":"), sort_keys=True).encode(), 9)
+        text = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+        raw = zlib.compress(text, 9)
         if HEADER.size + len(raw) <= start:
             size = offset
             break
         start = _align(HEADER.size + len(raw))
+    # A file readers would refuse is never written (a model of millions of tiny tensors could).
+    items, depth = _structure(text)
+    if len(text) > manifest_limit(size) or items > MAX_JSON_ITEMS or depth > MAX_DEPTH:
+        raise TorchzipError(f"cannot write {path}: its manifest ({len(text)} bytes, {items} JSON items) exceeds what a "
+                            f"reader accepts for a {size}-byte file (docs/FORMAT.md, Limits); nothing was written")
 
     def emit(f: BinaryIO) -> None:
         f.write(HEADER.pack(MAGIC, VERSION, zlib.crc32(raw), len(raw)))
@@ -403,9 +409,7 @@ def _sections(manifest: dict, data: bytes | bytearray, length: int, name: str) -
 
 # ---- bounded, strict JSON ------------------------------------------------------------------
 
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_LONG_NUMBER = re.compile(rb"[-+.0-9eE]{%d,}" % (MAX_NUMBER_CHARS + 1))
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_SLAB = 1 << 20
 _BRIEF = reprlib.Repr()
 _BRIEF.maxlist = _BRIEF.maxdict = _BRIEF.maxtuple = 6
 _BRIEF.maxstring = _BRIEF.maxother = 200
@@ -417,14 +421,26 @@ def brief(value: Any) -> str:
     return _BRIEF.repr(value)
 
 
-def _max_depth(brackets: bytes) -> int:
-    """Deepest nesting of a string of brackets (in slabs, so memory stays small)."""
-    depth = top = 0
-    for i in range(0, len(brackets), 1 << 20):
-        b = np.frombuffer(brackets, np.uint8, count=min(1 << 20, len(brackets) - i), offset=i)
-        run = np.cumsum(np.where((b == ord("[")) | (b == ord("{")), 1, -1)) + depth
-        top, depth = max(top, int(run.max())), int(run[-1])
-    return top
+def _structure(text: bytes) -> tuple[int, int]:
+    """``(items, depth)`` of JSON text: how many of ``[ { , :`` lie outside strings, and the
+    deepest nesting of arrays and objects. Exact for valid JSON; a parser stops at the first
+    error anyway. Linear time, memory of one slab beyond the text."""
+    # Drop escaped backslashes, then escaped quotes: every '"' left opens or closes a string.
+    # ('"' and '\\' never occur inside a UTF-8 sequence, so bytes can be scanned as they are.)
+    bare = text.replace(b"\\\\", b"").replace(b'\\"', b"")
+    items = depth = top = 0
+    in_string = np.uint8(0)
+    for i in range(0, len(bare), _SLAB):
+        b = np.frombuffer(bare, np.uint8, count=min(_SLAB, len(bare) - i), offset=i)
+        inside = np.bitwise_xor.accumulate((b == ord('"')).view(np.uint8)) ^ in_string
+        in_string = inside[-1]
+        out = b[inside == 0]
+        opens = (out == ord("[")) | (out == ord("{"))
+        items += int(opens.sum()) + int(((out == ord(",")) | (out == ord(":"))).sum())
+        run = np.cumsum(opens.astype(np.int64) - ((out == ord("]")) | (out == ord("}")))) + depth
+        if run.size:
+            top, depth = max(top, int(run.max())), int(run[-1])
+    return items, top
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
@@ -440,7 +456,15 @@ def _no_constant(token: str) -> Any:
     raise FormatError(f"holds {token}, which is not JSON (numbers must be finite)")
 
 
+def _bounded_int(token: str) -> int:
+    if len(token) > MAX_NUMBER_CHARS:
+        raise FormatError(f"has a number of {len(token)} characters; at most {MAX_NUMBER_CHARS} are allowed")
+    return int(token)
+
+
 def _finite_float(token: str) -> float:
+    if len(token) > MAX_NUMBER_CHARS:
+        raise FormatError(f"has a number of {len(token)} characters; at most {MAX_NUMBER_CHARS} are allowed")
     value = float(token)
     if not math.isfinite(value):
         raise FormatError(f"holds the number {token[:40]}, which overflows a float (numbers must be finite)")
@@ -449,27 +473,22 @@ def _finite_float(token: str) -> float:
 
 def parse_json(text: bytes, name: str = "manifest") -> Any:
     """Strict, bounded JSON (docs/FORMAT.md, "Limits"): UTF-8, at most :data:`MAX_DEPTH` levels
-    of nesting, :data:`MAX_VALUES` values and keys, numbers of at most :data:`MAX_NUMBER_CHARS`
-    characters, finite numbers only, no key twice in one object. The bounds are checked on the
-    raw text (strings blanked out) before anything is built, so checking costs linear time and
-    no more memory than the text."""
+    of nesting, :data:`MAX_JSON_ITEMS` items, numbers of at most :data:`MAX_NUMBER_CHARS`
+    characters, finite numbers only, no key twice in one object. Items and depth are counted on
+    the text before anything is built, numbers as they are parsed."""
     try:
         decoded = text.decode("utf-8")
     except UnicodeDecodeError as err:
         raise FormatError(f"{name}: manifest is not UTF-8: {err}") from None
-    bare = _STRING.sub(b'""', text)  # structure only: '"', '\\' never occur inside UTF-8 sequences
-    values = 1 + sum(bare.count(c) for c in (b"[", b"{", b",", b":"))
-    if values > MAX_VALUES:
-        raise FormatError(f"{name}: manifest has more than {MAX_VALUES} JSON values (about {values})")
-    depth = _max_depth(bare.translate(None, _NOT_BRACKETS))
+    items, depth = _structure(text)
+    if items > MAX_JSON_ITEMS:
+        raise FormatError(f"{name}: manifest has more than {MAX_JSON_ITEMS} JSON items ({items} of '[', '{{', ',' "
+                          "and ':' outside strings)")
     if depth > MAX_DEPTH:
         raise FormatError(f"{name}: manifest nests {depth} levels deep; at most {MAX_DEPTH} are allowed")
-    long = _LONG_NUMBER.search(bare)
-    if long:
-        raise FormatError(f"{name}: manifest has a number of {len(long.group())} characters; "
-                          f"at most {MAX_NUMBER_CHARS} are allowed")
     try:
-        return json.loads(decoded, object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_float=_finite_float)
+        return json.loads(decoded, object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_float=_finite_float,
+                          parse_int=_bounded_int)
     except FormatError as err:
         raise FormatError(f"{name}: manifest {err}") from None
     except (json.JSONDecodeError, RecursionError) as err:
