@@ -299,71 +299,31 @@ def layer_20000_times(m, s):
     return assemble(m, s + [padding(600 << 10)])  # enough bytes for the size rule to pass it
 
 
-@case("not a string of UTF-8 text")
-def lone_surrogate_name(m, s):
-    layer(m, "2")["name"] = "\ud800"
-    return assemble(m, s)
+# One field of one layer set to a hostile value: (case, layer, key, value, what the error says).
+FIELDS = [
+    ("lone_surrogate_name", "2", "name", "\ud800", "not a string of UTF-8 text"),
+    ("name_int", "2", "name", 5, "layer name 5 is not a string"),
+    ("kind_null", "2", "kind", None, "unknown layer kind None"),
+    ("format_null", "5", "format", None, "unknown packed format None"),
+    ("shape_x_1e9", "2", "shape", ["x", 1e9], "bad shape \\['x', 1000000000.0\\]"),
+    ("shape_string_times_2_31", "2", "shape", ["abcdefgh", 2**31], "bad shape \\['abcdefgh', 2147483648\\]"),
+    ("shape_absurd", "2", "shape", [2**31, 2**31], "more than 1099511627776 elements"),
+    ("zeros_negative", "2", "zeros", -1, "zeros -1 must count"),
+    ("zeros_past_the_weight", "6", "zeros", 10000, "zeros 10000 must count"),
+    ("section_index_bool", "2", "section", True, "section index True"),
+]
+for _name, _layer, _key, _value, _match in FIELDS:
+    def _set_field(m, s, layer_name=_layer, key=_key, value=_value):
+        layer(m, layer_name)[key] = value
+        return assemble(m, s)
 
-
-@case("layer name 5 is not a string")
-def name_int(m, s):
-    layer(m, "2")["name"] = 5
-    return assemble(m, s)
-
-
-@case("unknown layer kind None")
-def kind_null(m, s):
-    layer(m, "2")["kind"] = None
-    return assemble(m, s)
-
-
-@case("unknown packed format None")
-def format_null(m, s):
-    layer(m, "5")["format"] = None
-    return assemble(m, s)
-
-
-# Shapes and counts.
-
-@case("bad shape \\['x', 1000000000.0\\]")
-def shape_x_1e9(m, s):
-    layer(m, "2")["shape"] = ["x", 1e9]
-    return assemble(m, s)
-
-
-@case("bad shape \\['abcdefgh', 2147483648\\]")
-def shape_string_times_2_31(m, s):
-    layer(m, "2")["shape"] = ["abcdefgh", 2**31]
-    return assemble(m, s)
-
-
-@case("more than 1099511627776 elements")
-def shape_absurd(m, s):
-    layer(m, "2")["shape"] = [2**31, 2**31]
-    return assemble(m, s)
+    _set_field.__name__ = _name
+    case(_match)(_set_field)
 
 
 @case("tensor '3.weight' has shape \\[1, 1, 1, 1, 1, 1, ...\\] in the file, \\[64\\]", inspect_match="bad shape")
 def shape_100000_dims(m, s):
     m["dense"]["tensors"]["3.weight"]["shape"] = [1] * 100000
-    return assemble(m, s)
-
-
-@case("zeros -1 must count")
-def zeros_negative(m, s):
-    layer(m, "2")["zeros"] = -1
-    return assemble(m, s)
-
-
-@case("zeros 10000 must count")
-def zeros_past_the_weight(m, s):
-    layer(m, "6")["zeros"] = 10000
-    return assemble(m, s)
-
-
-@case("section index True")
-def section_index_bool(m, s):
-    layer(m, "2")["section"] = True
     return assemble(m, s)
 
 

@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     except (TorchzipError, OSError) as err:
         print(f"torchzip: {err}", file=sys.stderr)
         return 2
+    except MemoryError:  # a valid but huge model on a small machine: say so, without a traceback
+        print(f"torchzip: out of memory while running '{args.command}' on {getattr(args, 'out', None) or args.path}",
+              file=sys.stderr)
+        return 2
     print(json.dumps(json_safe(report), indent=2, allow_nan=False) if args.json else format_report(report))
     return 0
 

@@ -316,7 +316,7 @@ def _read_regular(f: BinaryIO, size: int, name: str) -> tuple[dict, list[memoryv
     return manifest, _sections(manifest, data, length, name)
 
 
-def _read_stream(f: BinaryIO, name: str) -> bytes:
+def _read_stream(f: BinaryIO, name: str) -> bytearray:
     """All bytes of a non-regular file, reading no further than its manifest's ``file_size``."""
     head = f.read(HEADER.size)
     crc, length = _header(head, name, None)
@@ -330,7 +330,7 @@ def _read_stream(f: BinaryIO, name: str) -> bytes:
         data += chunk
     if len(data) == size and f.read(1):
         raise FormatError(f"{name}: holds more than the {size} bytes its manifest declares")
-    return bytes(data)  # parse() checks the size rule and a short read
+    return data  # parse() checks the size rule and a short read
 
 
 def _read_into(f: BinaryIO, view: memoryview, name: str) -> None:
