@@ -255,6 +255,11 @@ def utf16(m, s):
     return container(json.dumps(dict(m, sections=[], file_size=0)).encode("utf-16"))
 
 
+@case("not valid JSON: Unexpected UTF-8 BOM")
+def utf8_bom(m, s):
+    return container(b"\xef\xbb\xbf" + json.dumps(dict(m, sections=[], file_size=0)).encode())
+
+
 @case("manifest length")
 def manifest_length_past_the_file(m, s):
     return container(json.dumps(dict(m, sections=[], file_size=0)).encode(), length=1 << 63)
@@ -435,6 +440,12 @@ def linear_subclass_in_the_skeleton(m, s):
 
 @case("layer '5': its bias is float32 in the file but torch.float16 in the skeleton", inspect=False, skeleton="half_bias")
 def bias_dtype_differs(m, s):
+    return assemble(m, s)
+
+
+@case("layer '5' has no bias in the file but a bias in the skeleton", inspect=False)
+def bias_missing_from_the_file(m, s):
+    del layer(m, "5")["tensors"]["bias"]
     return assemble(m, s)
 
 

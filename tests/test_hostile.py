@@ -18,7 +18,7 @@ import torchzip as tz
 MEMORY_LIMIT_MB = 1024  # address space the child may add while reading: a runaway case dies of MemoryError
 SECONDS = 5.0  # per load or inspect of one hostile file (a 65 KB file once took 20 s)
 PEAK_MB = 128  # peak RSS a hostile file may add (the 20,000-layer manifest: 8 MB of JSON)...
-PEAK_MB_LARGEST = 400  # ...except the largest manifest the limits allow (4M JSON items, 1.3 MB file)
+PEAK_MB_LARGEST = 450  # ...except the largest manifest the limits allow (4M JSON items, 1.3 MB file: ~350 MB)
 
 
 @pytest.fixture(scope="module")

@@ -131,12 +131,12 @@ def _is_text(value: Any) -> bool:
     return True
 
 
-def layer_header(entry: Any) -> LayerHeader:
+def layer_header(entry: Any, where: str = "manifest") -> LayerHeader:
     """Check a manifest layer entry's own fields (not its streams): ``name``, ``kind``,
     ``shape``, ``dtype``, ``format``, ``zeros`` and ``tensors`` (docs/FORMAT.md, "Layers")."""
-    need(isinstance(entry, dict), "manifest", f"a layer entry must be an object, got {brief(entry)}")
+    need(isinstance(entry, dict), where, f"a layer entry must be an object, got {brief(entry)}")
     name = entry.get("name")
-    need(_is_text(name), "manifest", f"layer name {brief(name)} is not a string of UTF-8 text")
+    need(_is_text(name), where, f"layer name {brief(name)} is not a string of UTF-8 text")
     where = f"layer {brief(name)}"
     kind = lookup(LAYER_KINDS, entry.get("kind"))
     need(kind is not None, where, f"unknown layer kind {brief(entry.get('kind'))}; allowed: {', '.join(sorted(LAYER_KINDS))}")
@@ -165,7 +165,7 @@ def check_manifest(manifest: dict, n_sections: int, where: str) -> None:
          "manifest 'dense' must be an object with 'section' and 'tensors'")
     names: set[str] = set()
     for entry in layers:
-        name = layer_header(entry).name
+        name = layer_header(entry, where).name
         need(name not in names, where, f"layer {name!r} is listed twice; each layer appears once")
         names.add(name)
     for key in dense["tensors"]:
