@@ -119,7 +119,7 @@ def write(path: str | os.PathLike, manifest: dict, sections: list[bytes]) -> int
             table.append([offset, len(s), zlib.crc32(s)])
             offset += len(s) if i == len(sections) - 1 else _align(len(s))
         body = dict(manifest, sections=table, file_size=offset)
-        text = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+        text = json.dumps(body, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
         raw = zlib.compress(text, 9)
         if HEADER.size + len(raw) <= start:
             size = offset
@@ -145,7 +145,7 @@ def write(path: str | os.PathLike, manifest: dict, sections: list[bytes]) -> int
     except OSError as err:
         if err.errno is None:
             raise
-        raise OSError(err.errno, f"{err.strerror} (writing {path})", str(path)) from None
+        raise OSError(err.errno, err.strerror, str(path)) from None  # named as given, not the temporary
     return size
 
 
