@@ -223,8 +223,8 @@ class StreamReader:
         if isinstance(spec, dict) and spec.get("codec") == "raw":
             q = self.raw(spec, what, ("int8",)).reshape(-1)
         else:
-            need(not isinstance(spec, dict) or spec.get("n") == count, where,
-                 f"{brief(spec.get('n'))} int8 values where {count} are needed")
+            if isinstance(spec, dict):  # before decoding a stream of the wrong length
+                need(spec.get("n") == count, where, f"{brief(spec.get('n'))} int8 values where {count} are needed")
             q = self.symbols(spec, what, 256, on_device).to(torch.uint8).view(torch.int8)
         need(q.numel() == count, where, f"{q.numel()} int8 values where {count} are needed")
         return q
