@@ -16,6 +16,7 @@ import copy
 import gc
 import io
 import json
+import math
 import os
 import random
 import struct
@@ -366,26 +367,32 @@ def one_payload_for_2000_layers(m, s):
 
 # Dtypes of stored tensors.
 
+def retype(sections: list, spec: dict, dtype: str, item_bytes: int) -> None:
+    """Store the raw tensor ``spec`` as ``dtype`` instead: that many (zero) bytes, appended to section 0."""
+    size = item_bytes * math.prod(spec["shape"])
+    spec.update(dtype=dtype, at=[len(sections[0]), size])
+    sections[0] += bytes(size)
+
+
 @case("must be a float tensor, got torch.int8")
 def int8_bias_without_scale(m, s):
     del layer(m, "2")["tensors"]["bias"]["scale"]
     return assemble(m, s)
 
 
-@case("is stored as int64; allowed: int8")
-def int64_bias(m, s):
-    bias = layer(m, "2")["tensors"]["bias"]
-    bias.update(dtype="int64", at=[len(s[0]), 8 * bias["shape"][0]])
-    s[0] += bytes(8 * bias["shape"][0])
-    return assemble(m, s)
+# One tensor of one layer stored in another dtype: (case, layer, tensor, dtype, its bytes, what the error says).
+RETYPED = [
+    ("int64_bias", "2", "bias", "int64", 8, "is stored as int64; allowed: int8"),  # has a scale: int8 values
+    ("int64_bias_without_scale", "5", "bias", "int64", 8, "must be a float tensor, got torch.int64"),
+    ("float64_codebook", "5", "codebook", "float64", 8, "is stored as float64; allowed: float32"),
+]
+for _name, _layer, _tensor, _dtype, _bytes, _match in RETYPED:
+    def _retyped(m, s, layer_name=_layer, tensor=_tensor, dtype=_dtype, item_bytes=_bytes):
+        retype(s, layer(m, layer_name)["tensors"][tensor], dtype, item_bytes)
+        return assemble(m, s)
 
-
-@case("must be a float tensor, got torch.int64")
-def int64_bias_without_scale(m, s):
-    bias = layer(m, "5")["tensors"]["bias"]
-    bias.update(dtype="int64", at=[len(s[0]), 8 * bias["shape"][0]])
-    s[0] += bytes(8 * bias["shape"][0])
-    return assemble(m, s)
+    _retyped.__name__ = _name
+    case(_match)(_retyped)
 
 
 @case("is stored as int32; allowed: float32")
@@ -398,14 +405,6 @@ def int32_scales(m, s):
 def float16_scales(m, s):
     scales = layer(m, "6")["tensors"]["scales"]
     scales.update(dtype="float16", at=[scales["at"][0], scales["at"][1] // 2])
-    return assemble(m, s)
-
-
-@case("is stored as float64; allowed: float32")
-def float64_codebook(m, s):
-    book = layer(m, "5")["tensors"]["codebook"]
-    book.update(dtype="float64", at=[len(s[0]), 2 * book["at"][1]])
-    s[0] += bytes(2 * book["at"][1])
     return assemble(m, s)
 
 
@@ -427,9 +426,7 @@ def dense_int8_into_float32(m, s):
 
 @case("tensor '3.bias' is int64 in the file but float32 in the skeleton", inspect=False)
 def dense_int64_bias(m, s):
-    t = m["dense"]["tensors"]["3.bias"]
-    t.update(dtype="int64", at=[len(s[0]), 2 * t["at"][1]])
-    s[0] += bytes(2 * t["at"][1])
+    retype(s, m["dense"]["tensors"]["3.bias"], "int64", 8)
     return assemble(m, s)
 
 
