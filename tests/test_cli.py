@@ -74,7 +74,8 @@ def test_compress_command_matches_the_python_api(tmp_path, monkeypatch, capsys):
         assert match in capsys.readouterr().err
     assert main(["compress", "--recipe", str(tmp_path / "r.yaml"), "--model", "my_models:mlp", str(tmp_path / "in.pt"),
                  str(tmp_path / "no_dir" / "x.tzip")]) == 2
-    assert "No such file or directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "No such file or directory" in err and str(tmp_path / "no_dir" / "x.tzip") in err and ".tmp" not in err
     (tmp_path / "my_models.py").write_text(
         (tmp_path / "my_models.py").read_text() + "def broken():\n    raise RuntimeError('no weights here')\n")
     sys.modules.pop("my_models", None)
@@ -85,3 +86,55 @@ def test_compress_command_matches_the_python_api(tmp_path, monkeypatch, capsys):
     assert main(["compress", "--recipe", str(tmp_path / "r.yaml"), "--model", "my_models:mlp", str(tmp_path / "junk.pt"),
                  str(tmp_path / "x.tzip")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def _no_constant(token):
+    raise ValueError(f"{token} is not JSON")
+
+
+def test_inspect_json_is_strict_json_when_a_row_stores_no_bytes(tmp_path, capsys):
+    # No dense tensor at all: the dense row stores 0 bytes, whose ratio is not a number.
+    frozen = tz.freeze(tz.compress(nn.Sequential(nn.Linear(16, 8, bias=False)), [tz.Quantize()], progress=False))
+    tz.export(frozen, tmp_path / "m.tzip", progress=False)
+    assert main(["inspect", str(tmp_path / "m.tzip"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out, parse_constant=_no_constant)
+    assert report["rows"][-1]["bytes"] == 0 and report["rows"][-1]["ratio"] is None
+    assert report["rows"][0]["ratio"] == report["rows"][0]["fp32_bytes"] / report["rows"][0]["bytes"]
+    assert main(["inspect", str(tmp_path / "m.tzip")]) == 0
+    assert capsys.readouterr().out.splitlines()[3].rstrip().endswith("-")
+
+
+def _factory_module(tmp_path, monkeypatch, name):
+    (tmp_path / f"{name}.py").write_text(
+        "import pathlib\n"
+        "from torch import nn\n"
+        "def mlp():\n"
+        "    pathlib.Path('factory_called').write_text('yes')\n"
+        "    return nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 20), nn.LayerNorm(20), nn.Linear(20, 10))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    torch.save(model().state_dict(), tmp_path / "in.pt")
+    tz.Recipe([tz.Prune(sparsity=0.8, end_step=20, frequency=5), tz.Codebook(bits=3, start_step=20)]).save(tmp_path / "r.yaml")
+
+
+def test_compress_checks_the_destination_before_building_anything(tmp_path, monkeypatch, capsys):
+    _factory_module(tmp_path, monkeypatch, "dest_models")
+    for out, says in ((tmp_path / "no_dir" / "x.tzip", "does not exist"), (str(tmp_path / "x.tzip") + "/", "ends with a path separator"),
+                      (tmp_path, "is a directory")):
+        assert main(["compress", "--recipe", "r.yaml", "--model", "dest_models:mlp", "in.pt", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and str(out).rstrip("/") in err, err
+        assert not (tmp_path / "factory_called").exists()  # refused before the model was built
+
+
+def test_compress_shows_progress_when_asked_and_only_then(tmp_path, monkeypatch, capsys):
+    _factory_module(tmp_path, monkeypatch, "progress_models")
+    assert main(["compress", "--recipe", "r.yaml", "--model", "progress_models:mlp", "in.pt", "a.tzip", "--progress"]) == 0
+    err = capsys.readouterr().err
+    for stage in ("torchzip: compressing with 2 pass(es): prune, codebook", "torchzip: running gradual schedules to their end",
+                  "torchzip: writing a.tzip"):
+        assert stage in err, err
+    assert "schedules: 100%" in err and "6/6" in err and "codebook: 3 layer(s)" in err  # 3 masks, 3 codebooks
+    assert main(["compress", "--recipe", "r.yaml", "--model", "progress_models:mlp", "in.pt", "b.tzip"]) == 0
+    assert capsys.readouterr().err == ""  # stderr is not a terminal here: no bars, no stage lines
+    assert (tmp_path / "a.tzip").read_bytes() == (tmp_path / "b.tzip").read_bytes()

@@ -1,7 +1,16 @@
+import copy
+import fcntl
 import json
 import os
 import random
+import re
+import stat
 import struct
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
 import warnings
 import zlib
 
@@ -187,6 +196,12 @@ def _semantic_mutation(rng: random.Random, manifest: dict, sections: list) -> No
                                                                         "shape": [rng.choice([4, 2**30])], "at": [0, 16]}
 
 
+def _snapshot(model):
+    """Module types and every state_dict tensor's dtype and bytes (comparable with ==)."""
+    return ([(k, type(m)) for k, m in model.named_modules()],
+            [(k, v.dtype, v.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()) for k, v in model.state_dict().items()])
+
+
 def test_a_thousand_mutated_artifacts_raise_format_error_only(tmp_path, fresh_seed):
     rng = random.Random(fresh_seed)  # printed by conftest; TORCHZIP_TEST_SEED=<seed> replays this run
     good = {}
@@ -195,6 +210,8 @@ def test_a_thousand_mutated_artifacts_raise_format_error_only(tmp_path, fresh_se
         good[name] = (tmp_path / f"{name}.tzip").read_bytes()
     outcomes = {"format_error": 0, "loaded": 0}
     path = tmp_path / "bad.tzip"
+    skeleton = net()
+    before = _snapshot(skeleton)
     for i in range(1000):
         name = rng.choice(list(good))
         data = bytearray(good[name])
@@ -212,10 +229,13 @@ def test_a_thousand_mutated_artifacts_raise_format_error_only(tmp_path, fresh_se
             data = bytearray(_rewrite(bytes(data), lambda m, s: _semantic_mutation(rng, m, s), tmp_path))
         path.write_bytes(bytes(data))
         try:
-            tz.load(path, net(), progress=False)
+            tz.load(path, skeleton, progress=False)
             outcomes["loaded"] += 1
+            skeleton = net()  # loading changed it: start again from a fresh one
+            before = _snapshot(skeleton)
         except tz.FormatError:
             outcomes["format_error"] += 1
+            assert _snapshot(skeleton) == before, f"mutation {i} ({kind}) of {name}: the failed load changed the skeleton"
         except Exception as err:  # noqa: BLE001 - any other exception is the bug this test hunts
             raise AssertionError(f"mutation {i} ({kind}) of {name} raised {type(err).__name__}: {err} "
                                  f"(replay: TORCHZIP_TEST_SEED={fresh_seed})") from err
@@ -315,3 +335,196 @@ def test_load_argument_errors(tmp_path):
         tz.load(tmp_path / "m.tzip", net(), device="tpu", progress=False)
     with pytest.raises(tz.TorchzipError, match="needs a model skeleton"):
         tz.load(tmp_path / "m.tzip", "net", progress=False)
+
+
+# ---- reading: non-regular files, real sizes ------------------------------------------------
+
+
+def test_dev_zero_is_read_no_further_than_its_header(tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(tz.FormatError, match="not a .tzip file"):
+        tz.load("/dev/zero", net(), progress=False)
+    assert time.perf_counter() - start < 2
+
+
+def _serve_fifo(path, data):
+    def feed():
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+        except BrokenPipeError:  # the reader stopped early, as it should
+            pass
+
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_pipe_is_read_up_to_the_declared_size_and_must_end_there(tmp_path):
+    model = compressed("csr_int8")
+    tz.export(model, tmp_path / "m.tzip", progress=False)
+    good = (tmp_path / "m.tzip").read_bytes()
+    fifo = tmp_path / "pipe.tzip"
+    os.mkfifo(fifo)
+    thread = _serve_fifo(fifo, good)
+    assert_same_state(model, tz.load(fifo, net(), progress=False))  # a pipe holding a valid file loads
+    thread.join(5)
+    thread = _serve_fifo(fifo, good + bytes(8 << 20))
+    with pytest.raises(tz.FormatError, match=f"holds more than the {len(good)} bytes its manifest declares"):
+        tz.load(fifo, net(), progress=False)
+    thread.join(5)
+    thread = _serve_fifo(fifo, good[:-10])
+    with pytest.raises(tz.FormatError, match="truncated or padded"):
+        tz.load(fifo, net(), progress=False)
+    thread.join(5)
+
+
+def test_a_file_is_checked_against_its_real_size_before_its_sections_are_read(tmp_path):
+    tz.export(compressed("int8"), tmp_path / "m.tzip", progress=False)
+    path = tmp_path / "big.tzip"
+    path.write_bytes((tmp_path / "m.tzip").read_bytes())
+    os.truncate(path, 1 << 31)  # a valid start, then 2 GiB of (sparse) zeros
+    tracemalloc.start()
+    try:
+        with pytest.raises(tz.FormatError, match=r"file is 2147483648 bytes but its manifest says \d+"):
+            tz.load(path, net(), progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+
+
+# ---- load is all or nothing ----------------------------------------------------------------
+
+
+def test_a_load_hook_that_raises_puts_the_modules_back(tmp_path):
+    model = compressed("csr_int8")
+    tz.export(model, tmp_path / "m.tzip", progress=False)
+    skeleton = net()
+    types = [(k, type(m)) for k, m in skeleton.named_modules()]
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("a hook of the user's model refused")
+
+    skeleton[3].register_load_state_dict_pre_hook(refuse)
+    with pytest.raises(RuntimeError, match="refused"):
+        tz.load(tmp_path / "m.tzip", skeleton, progress=False)
+    assert [(k, type(m)) for k, m in skeleton.named_modules()] == types
+
+
+def test_a_failed_load_can_be_retried_on_the_same_skeleton(tmp_path):
+    model = compressed("24_int8")
+    tz.export(model, tmp_path / "m.tzip", progress=False)
+    manifest, sections = container.read(tmp_path / "m.tzip")
+    del manifest["sections"], manifest["file_size"]
+    manifest["dense"]["tensors"]["3.weight"]["dtype"] = "int32"  # the last check to run, same byte count
+    container.write(tmp_path / "bad.tzip", manifest, [bytes(s) for s in sections])
+    skeleton = net()
+    before = copy.deepcopy(skeleton.state_dict())
+    with pytest.raises(tz.FormatError, match="tensor '3.weight' is int32 in the file but float32 in the skeleton"):
+        tz.load(tmp_path / "bad.tzip", skeleton, progress=False)
+    assert all(type(m) in (nn.Sequential, nn.Embedding, nn.Flatten, nn.Linear, nn.LayerNorm, nn.ReLU, nn.Unflatten,
+                           nn.Conv1d, nn.BatchNorm1d) for m in skeleton.modules())
+    assert_same_state(skeleton, _with_state(net(), before))
+    assert_same_state(model, tz.load(tmp_path / "m.tzip", skeleton, progress=False))  # the same skeleton still loads
+
+
+def _with_state(model, state):
+    model.load_state_dict(state)
+    return model
+
+
+# ---- writing -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("anonymous", [True, False], ids=["O_TMPFILE", "named"])
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_file_mode_follows_the_umask(tmp_path, monkeypatch, umask, anonymous):
+    if anonymous and not container._ANONYMOUS:
+        pytest.skip("no O_TMPFILE on this system")
+    monkeypatch.setattr(container, "_ANONYMOUS", anonymous)
+    old = os.umask(umask)
+    try:
+        tz.export(nn.Linear(4, 4), tmp_path / "m.tzip", progress=False)
+        (tmp_path / "plain").write_bytes(b"")  # how any new file comes out under this umask
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(os.stat(tmp_path / "m.tzip").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode) == 0o666 & ~umask
+
+
+def test_destinations_are_checked_first_and_named_as_given(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(tz.export.artifact, "freeze", lambda m: calls.append(m) or m)
+    model = tz.compress(net(), [tz.Quantize()], progress=False)
+    with pytest.raises(tz.TorchzipError, match="ends with a path separator"):
+        tz.export(model, str(tmp_path / "m.tzip") + os.sep, progress=False)
+    with pytest.raises(FileNotFoundError, match="the directory '.*no_dir' does not exist") as err:
+        tz.export(model, tmp_path / "no_dir" / "m.tzip", progress=False)
+    assert err.value.filename == str(tmp_path / "no_dir" / "m.tzip")
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(NotADirectoryError):
+        tz.export(model, tmp_path / "file" / "m.tzip", progress=False)
+    assert calls == [] and sorted(os.listdir(tmp_path)) == ["file"]  # refused before freezing, nothing written
+
+
+def test_a_manifest_readers_would_refuse_is_not_written(tmp_path, monkeypatch):
+    path = tmp_path / "m.tzip"
+    tz.export(compressed("int8"), path, progress=False)
+    before = path.read_bytes()
+    monkeypatch.setattr(container, "MAX_JSON_ITEMS", 50)
+    with pytest.raises(tz.TorchzipError, match="exceeds what a reader accepts.*nothing was written"):
+        tz.export(compressed("int8"), path, progress=False)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.tzip"]
+
+
+_KILLED_WRITER = """
+import os, sys, time
+import torch
+from torch import nn
+import torchzip as tz
+from torchzip.export import container
+container._ANONYMOUS = sys.argv[2] == "True"
+real_fsync = os.fsync
+def stall(fd):  # every byte is in the temporary file now: say so and wait to be killed
+    print("written", flush=True)
+    time.sleep(120)
+os.fsync = stall
+tz.export(tz.compress(nn.Sequential(nn.Linear(64, 64)), [tz.Quantize()], progress=False), sys.argv[1], progress=False)
+"""
+
+
+@pytest.mark.parametrize("anonymous", [True, False], ids=["O_TMPFILE", "named"])
+def test_a_killed_export_leaves_nothing_visible_or_only_what_the_next_removes(tmp_path, anonymous):
+    if anonymous and not container._ANONYMOUS:
+        pytest.skip("no O_TMPFILE on this system")
+    path = tmp_path / "m.tzip"
+    tz.export(nn.Linear(3, 3), path, progress=False)
+    before = path.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(path), str(anonymous)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "written"
+    finally:
+        proc.kill()
+        proc.wait()
+    left = sorted(os.listdir(tmp_path))
+    assert path.read_bytes() == before
+    if anonymous:
+        assert left == ["m.tzip"]
+        return
+    assert len(left) == 2 and re.fullmatch(r"\.m\.tzip\.[0-9a-f]{16}\.tzip-tmp", left[0]), left
+    # The next export to m.tzip removes the dead writer's temporary, but not a live writer's
+    # (locked) nor files that only look alike.
+    live = tmp_path / f".m.tzip.{'ab' * 8}.tzip-tmp"
+    decoy = tmp_path / ".m.tzip.0123456789abcdeX.tzip-tmp"
+    decoy.write_bytes(b"not ours")
+    fd = os.open(live, os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        tz.export(nn.Linear(3, 3), path, progress=False)
+        assert sorted(os.listdir(tmp_path)) == sorted([decoy.name, live.name, "m.tzip"])
+    finally:
+        os.close(fd)
+    tz.export(nn.Linear(3, 3), path, progress=False)
+    assert sorted(os.listdir(tmp_path)) == sorted([decoy.name, "m.tzip"])

@@ -197,6 +197,8 @@ def test_progress_bars_show_loss(capsys):
     assert "finetune" in err and "loss=" in err
     finetune(mlp(), batches(3), progress=False)
     assert capsys.readouterr().err == ""
+    finetune(mlp(), batches(3))  # the default: bars only when stderr is a terminal, and it is not here
+    assert capsys.readouterr().err == ""
 
 
 def test_sampler_epoch_is_set():

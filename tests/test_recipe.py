@@ -79,6 +79,39 @@ def test_bad_recipes_raise_named_errors(data, match):
     assert issubclass(RecipeError, ValueError)
 
 
+@pytest.mark.parametrize("text", ["", "passes: []", "{}", "[]", "passes:", "# only a comment\n"])
+def test_empty_recipes_are_errors(text):
+    with pytest.raises(RecipeError, match="the recipe has no passes, so it targets no layer.*passes: codebook, distill"):
+        tz.Recipe.from_yaml(text)
+
+
+@pytest.mark.parametrize("recipe", [[], {"passes": []}, {}, tz.Recipe()])
+def test_compress_with_an_empty_recipe_is_an_error_and_changes_nothing(recipe):
+    model = net()
+    snapshot = copy.deepcopy(model.state_dict())
+    with pytest.raises(RecipeError, match="has no passes"):
+        tz.compress(model, recipe, inplace=True, progress=False)
+    assert _unchanged(model, snapshot)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("passes:\n  - prune: {sparsity: 0.5, sparsity: 0.9}\n", r"key 'sparsity' twice in one mapping \(line 2\)"),
+    ("passes: [{prune: {}}]\npasses: [{quantize: {}}]\n", r"key 'passes' twice in one mapping \(line 2\)"),
+    ("passes:\n  - prune:\n      overrides: {fc: {sparsity: 0.1}, fc: {sparsity: 0.2}}\n", r"key 'fc' twice"),
+    ("passes: [{codebook: {iterations: 0}}]", r"iterations must be an integer >= 1, got 0"),
+    ("passes: [{prune: {targets: Linear}}]", r"targets of pass 'prune' must be a list of layer types, got the string 'Linear'; write \[Linear\]"),
+])
+def test_yaml_mistakes_that_used_to_pass_silently(text, match):
+    with pytest.raises(RecipeError, match=match):
+        tz.Recipe.from_yaml(text)
+
+
+def test_a_merged_key_may_still_be_overridden():
+    # "<<: *p" then "sparsity" is YAML's way to override, not a key given twice.
+    recipe = tz.Recipe.from_yaml("passes:\n  - prune: &p {sparsity: 0.5, frequency: 2}\n  - prune: {<<: *p, sparsity: 0.75}\n")
+    assert [(p.sparsity, p.frequency) for p in recipe.passes] == [(0.5, 2), (0.75, 2)]
+
+
 def test_bad_yaml_and_missing_file():
     with pytest.raises(RecipeError, match="not valid YAML"):
         tz.Recipe.from_yaml("passes: [prune: {")

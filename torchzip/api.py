@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from torchzip.passes.layer import Plan, plan_passes, run_passes
+from torchzip.progress import enabled
 from torchzip.recipe import Recipe, as_recipe
 
 
@@ -22,7 +23,7 @@ def plan_recipe(recipe: Any, model: nn.Module) -> list[tuple[Plan | None, list[s
     return plan_passes(as_recipe(recipe).passes, model)
 
 
-def compress(model: nn.Module, recipe: Recipe | Any, *, inplace: bool = False, progress: bool = True,
+def compress(model: nn.Module, recipe: Recipe | Any, *, inplace: bool = False, progress: bool | None = None,
              **context: Any) -> nn.Module:
     """Apply ``recipe`` (a Recipe, YAML path, dict, or list of passes) to ``model``, in order.
 
@@ -31,5 +32,6 @@ def compress(model: nn.Module, recipe: Recipe | Any, *, inplace: bool = False, p
     :func:`torchzip.step` once per optimizer step to advance gradual schedules, and give
     ``recipe.callbacks(model, ...)`` to the training loop (distillation). Extra keyword
     arguments reach passes that declare them (``context_keys``): objects a recipe file cannot hold.
+    ``progress``: bars for slow passes such as k-means (None: only when stderr is a terminal).
     """
-    return run_passes(model, as_recipe(recipe).passes, inplace=inplace, progress=progress, context=context)
+    return run_passes(model, as_recipe(recipe).passes, inplace=inplace, progress=enabled(progress), context=context)

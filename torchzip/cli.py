@@ -28,13 +28,24 @@ def _factory(spec: str):
         raise TorchzipError(f"cannot import the model factory {spec!r}: {err}") from None
 
 
-def compress_checkpoint(recipe_path: str, model_spec: str, weights: str, out: str, progress: bool = True) -> int:
-    """Build the model, load ``weights`` (a state_dict file), compress, export; returns file size."""
+def compress_checkpoint(recipe_path: str, model_spec: str, weights: str, out: str, progress: bool | None = None) -> int:
+    """Build the model, load ``weights`` (a state_dict file), compress, export; returns file size.
+
+    The recipe and the destination are checked before anything is built. ``progress``: stage
+    lines and bars on stderr (None: only when stderr is a terminal).
+    """
     import torch
 
     import torchzip as tz
+    from torchzip.export.container import check_destination
+    from torchzip.progress import enabled
+
+    def stage(text: str) -> None:
+        if enabled(progress):
+            print(f"torchzip: {text}", file=sys.stderr, flush=True)
 
     recipe = tz.Recipe.from_yaml(Path(recipe_path))
+    check_destination(out)
     factory = _factory(model_spec)
     try:
         model = factory()
@@ -51,10 +62,13 @@ def compress_checkpoint(recipe_path: str, model_spec: str, weights: str, out: st
     except RuntimeError as err:
         raise TorchzipError(f"{weights} does not fit the model from {model_spec}: {err}") from None
     model.eval()
+    stage(f"compressing with {len(recipe.passes)} pass(es): {', '.join(p.key for p in recipe.passes)}")
     small = tz.compress(model, recipe, progress=progress)
     # Without training data, schedules run to their end: masks reach their final sparsity and
     # delayed codebooks get clustered (training-only passes such as distill change nothing).
-    tz.schedule.finish(small)
+    stage("running gradual schedules to their end")
+    tz.schedule.finish(small, progress=progress)
+    stage(f"writing {out}")
     return tz.export(small, out, progress=progress)
 
 
@@ -70,19 +84,25 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--model", required=True, help="'package.module:factory' returning the uncompressed model")
     comp.add_argument("weights", help="state_dict saved with torch.save")
     comp.add_argument("out", help="the .tzip file to write")
+    comp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                      help="stage lines and progress bars on stderr (default: only when stderr is a terminal)")
     args = parser.parse_args(argv)
 
-    from torchzip.inspect import format_report, inspect_file
+    from torchzip.inspect import format_report, inspect_file, json_safe
 
     try:
         if args.command == "compress":
-            compress_checkpoint(args.recipe, args.model, args.weights, args.out)
+            compress_checkpoint(args.recipe, args.model, args.weights, args.out, args.progress)
             args.path, args.json = args.out, False
         report = inspect_file(args.path)
     except (TorchzipError, OSError) as err:
         print(f"torchzip: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    except MemoryError:  # a valid but huge model on a small machine: say so, without a traceback
+        print(f"torchzip: out of memory while running '{args.command}' on {getattr(args, 'out', None) or args.path}",
+              file=sys.stderr)
+        return 2
+    print(json.dumps(json_safe(report), indent=2, allow_nan=False) if args.json else format_report(report))
     return 0
 
 

@@ -1,4 +1,9 @@
-"""Per-layer report of a ``.tzip`` file, read from its manifest (nothing is decoded)."""
+"""Per-layer report of a ``.tzip`` file.
+
+The file is checked by the same code as ``load`` (the manifest checks, then every layer and
+tensor decoded and dropped), so a file ``inspect`` accepts is one ``load`` accepts, given a
+skeleton that matches it.
+"""
 
 from __future__ import annotations
 
@@ -6,77 +11,75 @@ import math
 import os
 from typing import Any
 
-from torchzip.errors import FormatError
-from torchzip.export.artifact import read_manifest
-from torchzip.export.codec import ITEM_BYTES
-from torchzip.packed.base import FORMATS
+from torchzip.export.artifact import (decode_bias, decode_dense, decode_layer, layer_header, read_manifest,
+                                      shared_sections)
+from torchzip.export.codec import piece_bytes
 
 
-def _piece_bytes(spec: dict) -> int:
-    if spec.get("codec") == "raw":
-        return spec["at"][1]
-    return sum(spec[key][1] for key in ("lengths", "chunks", "payload"))
-
-
-def _section_share(specs) -> int:
-    # Layers may share a section: count the bytes of their own pieces.
-    return sum(_piece_bytes(s) for s in specs)
+def _fp32_bytes(t) -> int:
+    return t.numel() * (4 if t.is_floating_point() else t.element_size())
 
 
 def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
-    """See :func:`_inspect`; a manifest that passes its checksum but is malformed raises
-    :class:`FormatError` (``load`` checks it fully; a report only needs it readable)."""
-    try:
-        return _inspect(path)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
-        if isinstance(err, FormatError):
-            raise
-        raise FormatError(f"{path}: malformed manifest ({type(err).__name__}: {err})") from None
-
-
-def _inspect(path: str | os.PathLike) -> dict[str, Any]:
     """Rows (one per compressed layer, one for the dense rest) and totals for the file at ``path``.
 
     Bytes are those of each layer's own pieces in the file (headers, manifest and alignment
-    are in the file total only); ``fp32_bytes`` is what the same tensors take as float32.
+    are in the file total only); ``fp32_bytes`` is what the same tensors take as float32;
+    ``ratio`` is None for a row that stores no bytes. Raises :class:`torchzip.FormatError` for
+    any file ``load`` would reject.
     """
-    manifest, _ = read_manifest(path)
+    manifest, sections = read_manifest(path)
+    shared = shared_sections(sections)
     rows = []
     for entry in manifest["layers"]:
-        n, k = entry["shape"]
-        tensors = entry["tensors"]
-        bias = tensors.get("bias")
-        bias_n = (bias.get("n") or math.prod(bias.get("shape", [n]))) if bias else 0
-        weight_bytes = sum(_piece_bytes(s) for name, s in tensors.items() if name != "bias")
-        name = entry["name"] + (f".{entry['tensor']}" if "tensor" in entry else "")
-        if "tied" in entry:  # the weight is counted with the entry it shares
-            tied = manifest["layers"][entry["tied"]]
-            rows.append({"name": name, "kind": entry["kind"], "shape": [n, k], "codec": f"tied to {tied['name']}",
-                         "params": bias_n, "sparsity": 0.0, "bits_per_weight": 0.0,
-                         "bytes": _section_share(tensors.values()), "fp32_bytes": 4 * bias_n})
+        head = layer_header(entry)
+        section = shared[entry["section"]]
+        before = section.bytes_taken
+        name = head.name + ("" if head.tensor == "weight" else f".{head.tensor}")
+        n, k = head.shape
+        if head.tied is not None:  # the weight is counted with the entry it shares
+            bias = decode_bias(entry, section)
+            bias_n = 0 if bias is None else bias.numel()
+            rows.append({"name": name, "kind": head.kind.name, "shape": [n, k],
+                         "codec": f"tied to {manifest['layers'][head.tied]['name']}", "params": bias_n, "sparsity": 0.0,
+                         "bits_per_weight": 0.0, "bytes": section.bytes_taken - before, "fp32_bytes": 4 * bias_n})
             continue
-        fmt = FORMATS.get(entry["format"])
-        if fmt is None:
-            raise FormatError(f"{path}: layer {entry['name']!r} has unknown packed format {entry['format']!r}; "
-                              f"allowed: {', '.join(sorted(FORMATS))}")
+        packed, bias = decode_layer(entry, section, None)
+        stored = section.bytes_taken - before
+        bias_n = 0 if bias is None else bias.numel()
+        weight_bytes = stored - (0 if bias is None else piece_bytes(entry["tensors"]["bias"]))
         rows.append({
-            "name": name, "kind": entry["kind"], "shape": [n, k], "codec": fmt.label_of(entry),
-            "params": n * k + bias_n, "sparsity": entry["zeros"] / (n * k) if n * k else 0.0,
+            "name": name, "kind": head.kind.name, "shape": [n, k], "codec": packed.label,
+            "params": n * k + bias_n, "sparsity": head.zeros / (n * k) if n * k else 0.0,
             "bits_per_weight": weight_bytes * 8 / (n * k) if n * k else 0.0,
-            "bytes": _section_share(tensors.values()), "fp32_bytes": 4 * (n * k + bias_n),
+            "bytes": stored, "fp32_bytes": 4 * (n * k + bias_n),
         })
-    dense = manifest["dense"]["tensors"]
-    dense_fp32 = sum(math.prod(s["shape"]) * (4 if s["dtype"].startswith(("float", "bfloat")) else ITEM_BYTES[s["dtype"]])
-                     for s in dense.values())
-    rows.append({"name": "(dense tensors)", "kind": "", "shape": [], "codec": "raw", "params": sum(
-        math.prod(s["shape"]) for s in dense.values() if s["dtype"].startswith(("float", "bfloat"))),
-        "sparsity": 0.0, "bits_per_weight": 0.0, "bytes": _section_share(dense.values()), "fp32_bytes": dense_fp32})
+    section = shared[manifest["dense"]["section"]]
+    before = section.bytes_taken
+    dense = list({id(t): t for t in decode_dense(manifest, shared).values()}.values())  # tied: once
+    for s in shared:
+        s.check_overlaps()
+    rows.append({"name": "(dense tensors)", "kind": "", "shape": [], "codec": "raw",
+                 "params": sum(t.numel() for t in dense if t.is_floating_point()), "sparsity": 0.0,
+                 "bits_per_weight": 0.0, "bytes": section.bytes_taken - before,
+                 "fp32_bytes": sum(_fp32_bytes(t) for t in dense)})
     for r in rows:
-        r["ratio"] = r["fp32_bytes"] / r["bytes"] if r["bytes"] else float("inf")
+        r["ratio"] = r["fp32_bytes"] / r["bytes"] if r["bytes"] else None
     size = manifest["file_size"]
     fp32 = sum(r["fp32_bytes"] for r in rows)
     return {"path": str(path), "rows": rows, "file_bytes": size, "fp32_bytes": fp32, "ratio": fp32 / size,
             "version": manifest.get("torchzip_version")}
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None, so that it is valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -85,7 +88,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [head, "-" * len(head)]
     for r in report["rows"]:
         shape = "x".join(map(str, r["shape"]))
-        ratio = f"{r['ratio']:>7.2f}x" if r["bytes"] else f"{'-':>8}"
+        ratio = f"{r['ratio']:>7.2f}x" if r["ratio"] is not None else f"{'-':>8}"
         lines.append(f"{r['name'][:28]:<28} {r['kind']:<9} {shape:<12} {r['codec']:<15} {r['sparsity']:>8.1%} "
                      f"{r['bits_per_weight']:>7.2f} {r['bytes']:>10,} {ratio}")
     lines.append("-" * len(head))

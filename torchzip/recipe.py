@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Hashable
 from typing import Any, Iterable
 
 import yaml
@@ -19,8 +20,28 @@ from torch import nn
 
 from torchzip.errors import RecipeError
 from torchzip.passes.base import PASSES, Pass, pass_names
+from torchzip.passes.layer import no_passes_error
 
 TOP_LEVEL_KEYS = ("passes",)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (where YAML would
+    silently keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base" may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader rejects it below
+            if key in seen:
+                raise RecipeError(f"recipe YAML gives the key {key!r} twice in one mapping "
+                                  f"(line {key_node.start_mark.line + 1}); each key may appear once")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 @dataclass
@@ -36,7 +57,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict | list) -> "Recipe":
-        """From ``{"passes": [{"prune": {...}}, ...]}`` (or the bare list)."""
+        """From ``{"passes": [{"prune": {...}}, ...]}`` (or the bare list), with at least one pass."""
         if isinstance(data, list):
             data = {"passes": data}
         if not isinstance(data, dict):
@@ -44,9 +65,11 @@ class Recipe:
         unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
         if unknown:
             raise RecipeError(f"unknown recipe key(s) {unknown}; allowed: {list(TOP_LEVEL_KEYS)}")
-        entries = data.get("passes") or []
-        if not isinstance(entries, list):
+        entries = data.get("passes")
+        if entries is not None and not isinstance(entries, list):
             raise RecipeError("'passes' must be a list of single-key mappings such as {'prune': {'sparsity': 0.5}}")
+        if not entries:
+            raise no_passes_error()
         return cls([_parse_entry(i, e) for i, e in enumerate(entries)])
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,14 +93,15 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, source: str | os.PathLike) -> "Recipe":
-        """From YAML text, or from a file when ``source`` is a path (``Path`` or ``*.yaml``/``*.yml``)."""
+        """From YAML text, or from a file when ``source`` is a path (``Path`` or ``*.yaml``/``*.yml``).
+        A key given twice in one mapping is an error."""
         if isinstance(source, os.PathLike) or str(source).endswith((".yaml", ".yml")):
             path = Path(source)
             if not path.is_file():
                 raise RecipeError(f"recipe file not found: {path}")
             source = path.read_text()
         try:
-            data = yaml.safe_load(source)
+            data = yaml.load(source, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as err:
             raise RecipeError(f"recipe is not valid YAML: {err}") from None
         return cls.from_dict(data if data is not None else {})

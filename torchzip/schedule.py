@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from torchzip.errors import RecipeError
+from torchzip.progress import bar
 
 
 def _groups(model: nn.Module) -> dict[tuple, list[tuple[nn.Module, nn.Module]]]:
@@ -41,11 +42,16 @@ def step(model: nn.Module) -> None:
         cls.advance(members)
 
 
-def finish(model: nn.Module) -> None:
+def finish(model: nn.Module, progress: bool | None = None) -> None:
     """Run every schedule in ``model`` to its end at once (what stepping to the last scheduled
     step would leave, without training in between): masks reach their final sparsity, delayed
-    codebooks get clustered."""
+    codebooks get clustered. ``progress``: a bar over the layers, advanced a group of layers
+    at a time (None: only when stderr is a terminal)."""
     if not isinstance(model, nn.Module):
         raise RecipeError(f"finish needs the compressed nn.Module, got {type(model).__name__}")
-    for (cls, _), members in _groups(model).items():
-        cls.advance(members, to_end=True)
+    groups = _groups(model)
+    with bar(total=sum(len(m) for m in groups.values()), progress=progress, desc="schedules", unit="layer") as shown:
+        for (cls, key), members in groups.items():
+            shown.set_postfix_str(f"{getattr(members[0][1], 'key', key)}: {len(members)} layer(s)")
+            cls.advance(members, to_end=True)
+            shown.update(len(members))

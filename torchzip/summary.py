@@ -62,6 +62,9 @@ class Summary:
         rows = [dict(vars(r), ratio=r.ratio) for r in self.rows]
         return {"rows": rows, "params": self.params, "bytes": self.bytes, "fp32_bytes": self.fp32_bytes, "ratio": self.ratio}
 
+    def __repr__(self) -> str:
+        return str(self)
+
     def __str__(self) -> str:
         head = f"{'layer':<32} {'kind':<12} {'format':<16} {'params':>10} {'sparsity':>8} {'bits/w':>7} {'bytes':>11} {'ratio':>7}"
         lines = [head, "-" * len(head)]
@@ -141,8 +144,11 @@ def _dense_row(name: str, module: nn.Module, tensors: dict[str, torch.Tensor], s
 
 
 @torch.no_grad()
-def summary(model: nn.Module, *, print_table: bool = True) -> Summary:
+def summary(model: nn.Module, *, print_table: bool = False) -> Summary:
     """Per-layer parameters, sparsity, bits per weight, stored bytes and ratio vs fp32, with totals.
+
+    Returns the report (its ``str``, and its ``repr`` in a REPL, is the table); prints it too
+    only with ``print_table=True``.
 
     A model that is still trainable is frozen on a copy first, so the bytes are always those of
     the packed tensors. Modules holding tensors torchzip left alone are listed too, with a note

@@ -14,7 +14,7 @@ from torchzip.export.artifact import load, read_manifest
 
 
 class _CallableModule(types.ModuleType):
-    def __call__(self, model, path, *, progress: bool = True) -> int:
+    def __call__(self, model, path, *, progress: bool | None = None) -> int:
         """Write ``model`` to a ``.tzip`` file at ``path``; see :func:`torchzip.export.artifact.export`."""
         return _export(model, path, progress=progress)
 

@@ -4,29 +4,35 @@ Each packed layer's weight is written by its format (``PackedWeight.encode``, th
 :class:`~torchzip.export.codec.StreamWriter`) and read back by it (``decode``); this module only
 loops over layers, adds the bias, and stores every other tensor of the model (layers left
 dense, norms, buffers) raw and losslessly in one last section.
+
+``load`` runs in two phases: :func:`_plan_load` checks the file against the skeleton and decodes
+everything into new modules and tensors without touching the skeleton, then :func:`_commit`
+puts them in. A file that fails any check leaves the skeleton exactly as it was.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import sys
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from tqdm.auto import tqdm
 
 from torchzip.errors import TorchzipError
 from torchzip.export import container
-from torchzip.export.codec import DTYPES, StreamReader, StreamWriter, dtype_name, lookup, need
+from torchzip.export.codec import DTYPES, Section, StreamReader, StreamWriter, checked_shape, dtype_name, lookup, need
+from torchzip.export.container import brief
 from torchzip.freeze import freeze
 from torchzip.packed.base import FORMATS, PackedWeight
-from torchzip.packed.layers import LAYER_KINDS, PackedLayer, build_packed, kind_of, replace_module
+from torchzip.packed.layers import LAYER_KINDS, LayerKind, PackedLayer, build_packed, kind_of, replace_module
 from torchzip.packed.values import int8_quantize
+from torchzip.progress import bar
 from torchzip.version import __version__
 
 # Small layers share a section until it holds about this much: one alignment gap and one CRC per
@@ -72,23 +78,25 @@ def _encode_weight(name: str, layer: PackedLayer, tensor: str, out: StreamWriter
     return entry, covered_keys(name, layer, {t: t == tensor and bias is not None for t in layer.packed_weights()})
 
 
-def export(model: nn.Module, path: str | os.PathLike, *, progress: bool = True) -> int:
+def export(model: nn.Module, path: str | os.PathLike, *, progress: bool | None = None) -> int:
     """Write ``model`` to a ``.tzip`` file at ``path``; returns the file size in bytes.
 
-    A trainable compressed model is frozen on a copy first. The write is atomic: a crash never
-    leaves a partial file under ``path``. A packed weight several layers share (tied) is stored once.
+    A trainable compressed model is frozen on a copy first. ``path`` is checked before any work
+    (:func:`torchzip.export.container.check_destination`). The write is atomic: a crash never
+    leaves a partial file under ``path`` (see :func:`torchzip.export.container.write`). A packed
+    weight several layers share (tied) is stored once. ``progress``: a bar per layer (None: only
+    when stderr is a terminal).
     """
     if not isinstance(model, nn.Module):
         raise TorchzipError(f"export needs an nn.Module, got {type(model).__name__}")
-    if Path(path).is_dir():
-        raise TorchzipError(f"{path} is a directory; give a file path such as {Path(path) / 'model.tzip'}")
+    container.check_destination(path)
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         model = freeze(copy.deepcopy(model))
     layers, sections, covered = [], [], []
     first: dict[int, int] = {}
     out = StreamWriter()
     named = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, PackedLayer)]
-    for name, layer in tqdm(named, desc="export", disable=not progress, leave=False):
+    for name, layer in bar(named, progress, desc="export", leave=False):
         for tensor in layer.packed_weights():
             if out.section.size >= SECTION_BYTES:
                 sections.append(out.section.getvalue())
@@ -111,40 +119,6 @@ def export(model: nn.Module, path: str | os.PathLike, *, progress: bool = True) 
     return container.write(path, manifest, sections)
 
 
-# ---- reading -------------------------------------------------------------------------------
-
-
-def _read_bias(src: StreamReader, spec: Any, n: int) -> torch.Tensor:
-    if not (isinstance(spec, dict) and "scale" in spec):
-        return src.float_raw(spec, "bias")
-    scale = spec.get("scale")
-    src.need(type(scale) is float and math.isfinite(scale) and scale > 0, f"bad bias scale {scale!r}")
-    return src.int8(spec, n, "bias").float() * torch.tensor(scale, dtype=torch.float32)
-
-
-def decode_weight(entry: dict, src: StreamReader) -> PackedWeight:
-    """The packed weight of one manifest layer entry (see docs/FORMAT.md)."""
-    shape = src.shape(entry)
-    src.need(len(shape) == 2, "weight shape must be [out, in]")
-    dtype = lookup(DTYPES, entry.get("dtype"))
-    src.need(dtype is not None and dtype.is_floating_point, f"bad weight dtype {entry.get('dtype')!r}")
-    src.need(isinstance(entry.get("tensors"), dict), "no tensors")
-    fmt = lookup(FORMATS, entry.get("format"))
-    src.need(fmt is not None, f"unknown packed format {entry.get('format')!r}; allowed: {', '.join(sorted(FORMATS))}")
-    return fmt.decode(entry, src, tuple(shape), dtype)
-
-
-def decode_bias(entry: dict, src: StreamReader, n: int) -> torch.Tensor | None:
-    """The bias stored with a layer entry, if any."""
-    tensors = entry.get("tensors")
-    src.need(isinstance(tensors, dict), "no tensors")
-    if "bias" not in tensors:
-        return None
-    bias = _read_bias(src, tensors["bias"], n)
-    src.need(tuple(bias.shape) == (n,), "bias shape does not match")
-    return bias
-
-
 def covered_keys(name: str, layer: PackedLayer, with_bias: dict[str, bool]) -> list[str]:
     """State-dict keys a packed layer's entries hold (``"prefix."`` for whole packed weights);
     every other key of the model is stored as a dense tensor."""
@@ -161,23 +135,323 @@ def _is_covered(key: str, covered: list[str]) -> bool:
     return any(key.startswith(c) if c.endswith(".") else key == c for c in covered)
 
 
-def read_manifest(path: str | os.PathLike) -> tuple[dict, list[memoryview]]:
-    """Read and check a ``.tzip`` file; returns its manifest and sections."""
-    manifest, sections = container.read(path)
-    where = str(path)
-    need(manifest.get("format") == "torchzip", where, "manifest does not describe a torchzip model")
+# ---- reading: checks shared by load and inspect ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerHeader:
+    """The checked fields of a manifest layer entry that say what the layer is. ``tied``: the
+    index of the entry whose packed weight this one shares (then ``format`` and ``zeros`` are None)."""
+
+    name: str
+    tensor: str
+    kind: LayerKind
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    format: type[PackedWeight] | None
+    zeros: int | None
+    tied: int | None
+    has_bias: bool
+
+
+def _is_text(value: Any) -> bool:
+    # Names are printed in reports and errors: a lone surrogate from a "\ud800" escape cannot be.
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def layer_header(entry: Any, where: str = "manifest") -> LayerHeader:
+    """Check a manifest layer entry's own fields (not its streams): ``name``, ``tensor``,
+    ``kind``, ``shape``, ``dtype``, ``format``, ``zeros``, ``tied`` and ``tensors``
+    (docs/FORMAT.md, "Layers")."""
+    need(isinstance(entry, dict), where, f"a layer entry must be an object, got {brief(entry)}")
+    name = entry.get("name")
+    need(_is_text(name), where, f"layer name {brief(name)} is not a string of UTF-8 text")
+    where = f"layer {brief(name)}"
+    tensor = entry.get("tensor", "weight")
+    need(_is_text(tensor) and tensor.isidentifier(), where, f"tensor name {brief(tensor)} is not an identifier")
+    kind = lookup(LAYER_KINDS, entry.get("kind"))
+    need(kind is not None, where, f"unknown layer kind {brief(entry.get('kind'))}; allowed: {', '.join(sorted(LAYER_KINDS))}")
+    shape = checked_shape(entry.get("shape"), where)
+    need(len(shape) == 2, where, f"weight shape must be [out, in], got {shape}")
+    dtype = lookup(DTYPES, entry.get("dtype"))
+    need(dtype is not None and dtype.is_floating_point, where,
+         f"bad weight dtype {brief(entry.get('dtype'))}; allowed: {', '.join(n for n, d in DTYPES.items() if d.is_floating_point)}")
+    tensors = entry.get("tensors")
+    need(isinstance(tensors, dict), where, "no tensors (an object of stream entries)")
+    tied = entry.get("tied")
+    if tied is not None:
+        need(type(tied) is int and tied >= 0, where, f"tied {brief(tied)} must be the index of an earlier layer entry")
+        need("format" not in entry and set(tensors) <= {"bias"}, where,
+             "a tied entry holds no weight of its own: no format, and at most a bias in its tensors")
+        return LayerHeader(name, tensor, kind, (shape[0], shape[1]), dtype, None, None, tied, "bias" in tensors)
+    fmt = lookup(FORMATS, entry.get("format"))
+    need(fmt is not None, where, f"unknown packed format {brief(entry.get('format'))}; allowed: {', '.join(sorted(FORMATS))}")
+    zeros = entry.get("zeros")
+    need(type(zeros) is int and 0 <= zeros <= shape[0] * shape[1], where,
+         f"zeros {brief(zeros)} must count zero weights: an integer in 0..{shape[0] * shape[1]}")
+    return LayerHeader(name, tensor, kind, (shape[0], shape[1]), dtype, fmt, zeros, None, "bias" in tensors)
+
+
+def check_manifest(manifest: dict, n_sections: int, where: str) -> None:
+    """The manifest's keys (docs/FORMAT.md, "Manifest keys"): required ones present and typed,
+    every layer header valid, no layer tensor listed twice, ties to earlier untied entries of the
+    same shape and dtype, section indices in range."""
+    need(manifest.get("format") == "torchzip", where, "manifest does not describe a torchzip model (format must be 'torchzip')")
     layers, dense = manifest.get("layers"), manifest.get("dense")
-    need(isinstance(layers, list) and all(isinstance(e, dict) for e in layers), where, "manifest 'layers' must be a list")
-    need(isinstance(dense, dict) and isinstance(dense.get("tensors"), dict), where, "manifest 'dense' is missing")
+    need(isinstance(layers, list), where, "manifest 'layers' must be a list")
+    need(isinstance(dense, dict) and isinstance(dense.get("tensors"), dict), where,
+         "manifest 'dense' must be an object with 'section' and 'tensors'")
+    seen: set[tuple[str, str]] = set()
+    heads: list[LayerHeader] = []
+    for entry in layers:
+        head = layer_header(entry, where)
+        need((head.name, head.tensor) not in seen, where,
+             f"layer {head.name!r} is listed twice (tensor {head.tensor!r}); each layer tensor appears once")
+        seen.add((head.name, head.tensor))
+        if head.tied is not None:
+            need(head.tied < len(heads) and heads[head.tied].tied is None, where,
+                 f"layer {head.name!r} is tied to entry {head.tied}, which is not an earlier untied layer")
+            first = heads[head.tied]
+            need((first.shape, first.dtype) == (head.shape, head.dtype), where,
+                 f"layer {head.name!r} is tied to {first.name!r} but has another shape or dtype")
+        heads.append(head)
+    for key in dense["tensors"]:
+        need(_is_text(key), where, f"dense tensor name {brief(key)} is not a string of UTF-8 text")
     for entry in layers + [dense]:
         sec = entry.get("section")
-        need(type(sec) is int and 0 <= sec < len(sections), where, f"section index {sec!r} out of range")
+        need(type(sec) is int and 0 <= sec < n_sections, where,
+             f"section index {brief(sec)} out of range (the file has {n_sections} sections)")
+
+
+def read_manifest(path: str | os.PathLike) -> tuple[dict, list[memoryview]]:
+    """Read and check a ``.tzip`` file (container, then :func:`check_manifest`); returns its
+    manifest and sections. Streams are checked when decoded."""
+    manifest, sections = container.read(path)
+    check_manifest(manifest, len(sections), str(path))
     return manifest, sections
+
+
+def shared_sections(sections: list[memoryview]) -> list[Section]:
+    """One :class:`Section` per section, to be shared by every reader of the file."""
+    return [Section(s, f"section {i}") for i, s in enumerate(sections)]
+
+
+def _read_bias(src: StreamReader, spec: Any) -> torch.Tensor:
+    if not (isinstance(spec, dict) and "scale" in spec):
+        bias = src.float_raw(spec, "bias")
+    else:
+        scale, n = spec.get("scale"), spec.get("n", math.prod(spec.get("shape") or [0]))
+        src.need(type(scale) is float and math.isfinite(scale) and scale > 0, f"bad bias scale {brief(scale)}")
+        src.need(type(n) is int and n >= 0, f"bad bias length {brief(n)}")
+        bias = src.int8(spec, n, "bias").float() * torch.tensor(scale, dtype=torch.float32)
+    src.need(bias.dim() == 1, f"a bias is one-dimensional, got shape {list(bias.shape)}")
+    return bias
+
+
+def decode_bias(entry: dict, section: memoryview | Section) -> torch.Tensor | None:
+    """The bias stored with a layer entry, if any (tied entries have only this)."""
+    src = StreamReader(section, f"layer {brief(entry.get('name'))}")
+    return _read_bias(src, entry["tensors"]["bias"]) if "bias" in entry["tensors"] else None
+
+
+def decode_layer(entry: dict, section: memoryview | Section, device: torch.device | None) -> tuple[PackedWeight, torch.Tensor | None]:
+    """The packed weight and bias of one untied manifest layer entry (see docs/FORMAT.md).
+
+    ``section``: the layer's section, or the :class:`Section` every reader of the file shares
+    (then its pieces may overlap no other layer's either; call ``check_overlaps`` at the end).
+    """
+    head = layer_header(entry)
+    need(head.format is not None, f"layer {brief(head.name)}", "a tied entry has no weight of its own to decode")
+    src = StreamReader(section, f"layer {brief(head.name)}", device)
+    packed = head.format.decode(entry, src, head.shape, head.dtype)
+    bias = _read_bias(src, entry["tensors"]["bias"]) if head.has_bias else None
+    if not isinstance(section, Section):
+        src.section.check_overlaps()
+    return packed, bias
+
+
+def decode_dense(manifest: dict, sections: list[Section]) -> dict[str, torch.Tensor]:
+    """Every dense tensor of a checked manifest, by ``state_dict`` key. Tied tensors (identical
+    entries, stored once) are decoded once and come back as one tensor under each key."""
+    dense = manifest["dense"]
+    src = StreamReader(sections[dense["section"]], "dense tensor")
+    out: dict[str, torch.Tensor] = {}
+    first: dict[str, str] = {}
+    for key, spec in dense["tensors"].items():
+        same = json.dumps(spec, sort_keys=True)
+        if same in first:
+            out[key] = out[first[same]]
+            continue
+        out[key] = src.raw(spec, repr(key))
+        first[same] = key
+    return out
+
+
+# ---- load ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadPlan:
+    """What ``load`` puts into the skeleton, decoded and checked; the skeleton is not touched.
+
+    ``modules``: qualified name -> the packed layer that replaces that module (a module the
+    skeleton lists under several names is replaced under each). ``tensors``: every other
+    ``state_dict`` entry, each of the skeleton's own shape and dtype.
+    """
+
+    modules: dict[str, nn.Module]
+    tensors: dict[str, torch.Tensor]
+
+
+def _skeleton_layer(head: LayerHeader, modules: dict[str, nn.Module], where: str) -> nn.Module:
+    """The skeleton's module for a layer of the file, checked to take it."""
+    name = head.name
+    module = modules.get(name)
+    need(module is not None, where, f"the skeleton has no module named {name!r}")
+    need(not isinstance(module, PackedLayer), where,
+         f"layer '{name}' is already a {type(module).__name__} in the skeleton; load into a freshly built, uncompressed model")
+    kind = kind_of(module)
+    if kind is not head.kind:
+        cls = head.kind.module_type
+        if isinstance(cls, type) and isinstance(module, cls):
+            need(False, where, f"layer '{name}' is a {cls.__name__} in the file but a {type(module).__name__} (a subclass of "
+                 f"{cls.__name__}) in the skeleton: layer kinds match by exact type, because the packed layer that would "
+                 f"replace it cannot keep the subclass's own behaviour; use a plain {cls.__name__} there, or leave "
+                 "that layer uncompressed")
+        need(False, where, f"layer '{name}' is a {head.kind.name!r} in the file but a {type(module).__name__} in the skeleton")
+    names = kind.weights(module)
+    need(head.tensor in names, where, f"layer '{name}' has no packable tensor {head.tensor!r}; its kind packs {list(names)}")
+    value = getattr(module, head.tensor)
+    rows = tuple(kind.view.matrix_shape(value.shape)) if value.dim() else ()
+    need(rows == head.shape, where, f"layer '{name}' has shape {list(head.shape)} in the file, {list(rows)} in the skeleton")
+    need(value.dtype == head.dtype, where, f"layer '{name}' is {dtype_name(head.dtype)} in the file but {value.dtype} in "
+         "the skeleton; build the skeleton in the same dtype")
+    bias = getattr(module, names[head.tensor], None) if names[head.tensor] else None
+    need(head.has_bias == (bias is not None), where,
+         f"layer '{name}' has {'a' if head.has_bias else 'no'} bias in the file but {'a' if bias is not None else 'no'} "
+         "bias in the skeleton")
+    return module
+
+
+def _check_ties(targets: list, where: str) -> None:
+    """The file's ties (``tied``) are exactly the skeleton's (one tensor shared by layers)."""
+    firsts: dict[int, int] = {}
+    for i, (_, head, module) in enumerate(targets):
+        value = getattr(module, head.tensor)
+        if head.tied is not None:
+            other = targets[head.tied]
+            need(getattr(other[2], other[1].tensor) is value, where,
+                 f"the file ties layer '{head.name}' to '{other[1].name}', the skeleton does not")
+            continue
+        first = firsts.setdefault(id(value), i)
+        need(first == i, where, f"the skeleton ties layers '{targets[first][1].name}' and '{head.name}', "
+                                "the file stores them separately")
+
+
+def _check_dense(specs: dict, expected: dict[str, torch.Tensor], where: str) -> None:
+    """Dense entries against the skeleton's tensors: same keys, shapes and dtypes (no casting)."""
+    missing, unexpected = sorted(set(expected) - set(specs)), sorted(set(specs) - set(expected))
+    need(not missing and not unexpected, where,
+         f"skeleton and file disagree: missing from the file {missing[:5]}, not in the skeleton {unexpected[:5]}")
+    for key, spec in specs.items():
+        want = expected[key]
+        dtype, shape = (spec.get("dtype"), spec.get("shape")) if isinstance(spec, dict) else (None, None)
+        need(shape == list(want.shape), where,
+             f"tensor '{key}' has shape {brief(shape)} in the file, {list(want.shape)} in the skeleton")
+        stored = dtype if lookup(DTYPES, dtype) is not None else brief(dtype)
+        need(dtype == dtype_name(want.dtype), where,
+             f"tensor '{key}' is {stored} in the file but {dtype_name(want.dtype)} in the skeleton; a tensor loads only "
+             f"into its own dtype (nothing is cast): build the skeleton with {stored} there")
+
+
+def _plan_load(path: str | os.PathLike, skeleton: nn.Module, on: torch.device | None,
+               progress: bool | None) -> LoadPlan:
+    """Check the file at ``path`` against ``skeleton`` and decode it, touching nothing of the
+    skeleton. Every check against the skeleton runs before anything is decoded."""
+    manifest, sections = read_manifest(path)
+    where = str(path)
+    modules = dict(skeleton.named_modules())
+    aliases: dict[int, list[str]] = {}
+    for name, m in skeleton.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(name)
+    targets = []
+    for entry in manifest["layers"]:
+        head = layer_header(entry)
+        targets.append((entry, head, _skeleton_layer(head, modules, where)))
+    _check_ties(targets, where)
+    by_module: dict[str, list] = {}
+    for target in targets:
+        by_module.setdefault(target[1].name, []).append(target)
+    covered = []
+    for name, group in by_module.items():
+        module = group[0][2]
+        packs = {head.tensor for _, head, _ in group}
+        wanted = kind_of(module).weights(module)
+        need(packs == set(wanted), where, f"layer '{name}': the file packs {sorted(packs)} of {sorted(wanted)}")
+        for alias in aliases[id(module)]:
+            prefix = f"{alias}." if alias else ""
+            covered += [f"{prefix}{t}" for t in wanted] + [f"{prefix}{b}" for _, h, _ in group if h.has_bias
+                                                            for b in [wanted[h.tensor]]]
+    expected = {k: v for k, v in skeleton.state_dict().items() if not _is_covered(k, covered)}
+    _check_dense(manifest["dense"]["tensors"], expected, where)
+
+    shared = shared_sections(sections)
+    decoded: list[PackedWeight] = []
+    parts: dict[str, tuple[dict, dict]] = {name: ({}, {}) for name in by_module}  # {tensor: packed}, {tensor: bias}
+    for entry, head, module in bar(targets, progress, desc="load", leave=False):
+        section = shared[entry["section"]]
+        if head.tied is None:
+            packed, bias = decode_layer(entry, section, on)
+        else:
+            packed, bias = decoded[head.tied], decode_bias(entry, section)
+        decoded.append(packed)
+        if bias is not None:
+            want = getattr(module, kind_of(module).weights(module)[head.tensor])
+            need(bias.shape == want.shape, where, f"layer '{head.name}': its bias has shape {list(bias.shape)} in the "
+                                                  f"file, {list(want.shape)} in the skeleton")
+            need(bias.dtype == want.dtype, where, f"layer '{head.name}': its bias is {dtype_name(bias.dtype)} in the file "
+                                                  f"but {want.dtype} in the skeleton; build the skeleton in the same dtype")
+        parts[head.name][0][head.tensor] = packed
+        parts[head.name][1][head.tensor] = bias
+    new: dict[str, nn.Module] = {}
+    for name, (packs, biases) in parts.items():
+        module = by_module[name][0][2]
+        layer = build_packed(module, packs, biases)
+        for alias in aliases[id(module)]:
+            new[alias] = layer
+    tensors = decode_dense(manifest, shared)
+    for section in shared:
+        section.check_overlaps()
+    return LoadPlan(new, tensors)
+
+
+def _commit(skeleton: nn.Module, plan: LoadPlan) -> nn.Module:
+    """Put a checked :class:`LoadPlan` into ``skeleton``: swap in the packed layers, then copy
+    the dense tensors. Returns the model (the packed layer itself when it replaced the root)."""
+    model, swapped = skeleton, []
+    try:
+        for name, layer in sorted(plan.modules.items(), key=lambda kv: kv[0].count(".") if kv[0] else -1):  # outer first
+            if name:
+                swapped.append((name, skeleton.get_submodule(name)))
+            model = replace_module(model, name, layer)
+        # Keys, shapes and dtypes were checked: this copies values and casts nothing.
+        model.load_state_dict(plan.tensors, strict=False)
+    except BaseException:
+        for name, module in reversed(swapped):  # a load hook of the user's model raised: undo the swaps
+            replace_module(skeleton, name, module)
+        raise
+    return model
 
 
 @torch.no_grad()
 def load(path: str | os.PathLike, model_skeleton: nn.Module, *, device: str | torch.device | None = None,
-         decode: str = "auto", progress: bool = True) -> nn.Module:
+         decode: str = "auto", progress: bool | None = None) -> nn.Module:
     """Load a ``.tzip`` file into ``model_skeleton`` (a freshly built, uncompressed model).
 
     Compressed layers are replaced by packed layers restored bit for bit; every other tensor is
@@ -185,8 +459,11 @@ def load(path: str | os.PathLike, model_skeleton: nn.Module, *, device: str | to
     streams of values and indices are decoded — ``"auto"`` (the Triton decoder on ``device``
     when it is CUDA, so only the compressed bytes cross to the GPU; else the CPU), ``"cpu"``, or
     ``"triton"`` (on ``device``, or the CPU under ``TRITON_INTERPRET=1``). The result is
-    bit-identical either way. Raises :class:`torchzip.FormatError` for a damaged file or a
-    skeleton whose layer names, types or shapes do not match.
+    bit-identical either way. ``progress``: a bar per layer (None: only on a terminal).
+
+    All or nothing: raises :class:`torchzip.FormatError` for a damaged or hostile file, or a
+    skeleton whose layer names, types (matched exactly: not subclasses), shapes or dtypes do not
+    match, and then the skeleton is exactly as it was.
     """
     if not isinstance(model_skeleton, nn.Module):
         raise TorchzipError(f"load needs a model skeleton (an nn.Module), got {type(model_skeleton).__name__}")
@@ -197,79 +474,5 @@ def load(path: str | os.PathLike, model_skeleton: nn.Module, *, device: str | to
     except (RuntimeError, TypeError) as err:
         raise TorchzipError(f"bad device {device!r}: {err}") from None
     on = target if decode == "triton" or (decode == "auto" and target.type == "cuda") else None
-    manifest, sections = read_manifest(path)
-    where = str(path)
-    layers = _plan_layers(manifest, sections, model_skeleton, where, on, progress)
-    names: dict[int, list[str]] = {}
-    for name, m in model_skeleton.named_modules(remove_duplicate=False):
-        names.setdefault(id(m), []).append(name)
-    model, covered = model_skeleton, []
-    for name, (module, packed, biases) in layers.items():
-        new = build_packed(module, packed, biases)
-        for alias in names[id(module)]:
-            model = replace_module(model, alias, new)
-            covered += covered_keys(alias, new, {t: b is not None for t, b in biases.items()})
-    dense_src = StreamReader(sections[manifest["dense"]["section"]], "dense tensors")
-    stored = {key: dense_src.raw(spec, f"'{key}'") for key, spec in manifest["dense"]["tensors"].items()}
-    expected = {k: v for k, v in model.state_dict().items() if not _is_covered(k, covered)}
-    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
-    need(not missing and not unexpected, where,
-         f"skeleton and file disagree: missing from the file {missing[:5]}, not in the skeleton {unexpected[:5]}")
-    for key, value in stored.items():
-        need(tuple(value.shape) == tuple(expected[key].shape), where,
-             f"tensor '{key}' has shape {tuple(value.shape)} in the file, {tuple(expected[key].shape)} in the skeleton")
-    model.load_state_dict(stored, strict=False)
+    model = _commit(model_skeleton, _plan_load(path, model_skeleton, on, progress))
     return model.to(device) if device is not None else model
-
-
-def _plan_layers(manifest: dict, sections: list, skeleton: nn.Module, where: str, on: torch.device | None,
-                 progress: bool) -> dict[str, tuple[nn.Module, dict, dict]]:
-    """Decode every packed entry and check it against the skeleton, touching nothing: returns
-    ``{module name: (module, {tensor: PackedWeight}, {tensor: bias or None})}``."""
-    modules = dict(skeleton.named_modules())
-    entries = manifest["layers"]
-    decoded: list[PackedWeight] = []
-    tensors: list[torch.Tensor] = []  # the skeleton tensor of each entry, to compare ties
-    out: dict[str, tuple[nn.Module, dict, dict]] = {}
-    for i, entry in enumerate(tqdm(entries, desc="load", disable=not progress, leave=False)):
-        name = entry.get("name")
-        module = modules.get(name) if isinstance(name, str) else None
-        need(module is not None, where, f"the skeleton has no module named {name!r}")
-        kind, file_kind = kind_of(module), lookup(LAYER_KINDS, entry.get("kind"))
-        need(file_kind is not None and kind is file_kind, where,
-             f"layer '{name}' is a {entry.get('kind')!r} in the file but a {type(module).__name__} in the skeleton "
-             "(layer kinds match by exact type)")
-        tensor, names = entry.get("tensor", "weight"), kind.weights(module)
-        need(tensor in names, where, f"layer '{name}' has no packable tensor {tensor!r}; its kind packs {list(names)}")
-        value = getattr(module, tensor)
-        rows = list(kind.view.matrix_shape(value.shape)) if value.dim() else []
-        need(rows == entry.get("shape"), where, f"layer '{name}' has shape {entry.get('shape')} in the file, {rows} in the skeleton")
-        need(dtype_name(value.dtype) == entry.get("dtype"), where,
-             f"layer '{name}' is {entry.get('dtype')} in the file but {value.dtype} in the skeleton; build the skeleton in the same dtype")
-        src = StreamReader(sections[entry["section"]], f"layer '{name}'", on)
-        tied = entry.get("tied")
-        if tied is None:
-            packed = decode_weight(entry, src)
-        else:
-            need(type(tied) is int and 0 <= tied < i and "tied" not in entries[tied], where,
-                 f"layer '{name}' is tied to entry {tied!r}, which is not an earlier untied layer")
-            need(tensors[tied] is value, where, f"the file ties layer '{name}' to '{entries[tied]['name']}', the skeleton does not")
-            packed = decoded[tied]
-        bias_name = names[tensor]
-        skeleton_bias = getattr(module, bias_name, None) if bias_name else None
-        bias = decode_bias(entry, src, skeleton_bias.numel() if skeleton_bias is not None else rows[0])
-        need((bias is None) == (skeleton_bias is None), where, f"layer '{name}': bias presence differs")
-        decoded.append(packed)
-        tensors.append(value)
-        _, packs, biases = out.setdefault(name, (module, {}, {}))
-        packs[tensor], biases[tensor] = packed, bias
-    firsts: dict[int, int] = {}
-    for i, value in enumerate(tensors):
-        if "tied" not in entries[i]:
-            other = firsts.setdefault(id(value), i)
-            need(other == i, where, f"the skeleton ties layers '{entries[other]['name']}' and '{entries[i]['name']}', "
-                                    "the file stores them separately")
-    for name, (module, packs, _) in out.items():
-        need(set(packs) == set(kind_of(module).weights(module)), where,
-             f"layer '{name}': the file packs {sorted(packs)} of {sorted(kind_of(module).weights(module))}")
-    return out

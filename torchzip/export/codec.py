@@ -16,7 +16,7 @@ import torch
 
 from torchzip.errors import FormatError
 from torchzip.export import huffman
-from torchzip.export.container import SectionWriter
+from torchzip.export.container import SectionWriter, brief
 
 DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
@@ -26,6 +26,7 @@ DTYPES = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 ITEM_BYTES = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
 MAX_ELEMENTS = 1 << 40
+MAX_DIMS = 64  # dimensions of one tensor
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -42,6 +43,22 @@ def need(cond: bool, where: str, what: str) -> None:
     """Raise :class:`FormatError` ``"<where>: <what>"`` unless ``cond``."""
     if not cond:
         raise FormatError(f"{where}: {what}")
+
+
+def checked_shape(shape: Any, where: str) -> list[int]:
+    """``shape`` if it is a list of at most :data:`MAX_DIMS` non-negative ints holding at most
+    :data:`MAX_ELEMENTS` elements (each dimension is bounded before they are multiplied)."""
+    need(isinstance(shape, list) and len(shape) <= MAX_DIMS
+         and all(type(d) is int and 0 <= d <= MAX_ELEMENTS for d in shape), where,
+         f"bad shape {brief(shape)}: a list of at most {MAX_DIMS} integers in 0..{MAX_ELEMENTS}")
+    need(math.prod(shape) <= MAX_ELEMENTS, where, f"shape {shape} has more than {MAX_ELEMENTS} elements")
+    return shape
+
+
+def piece_bytes(spec: dict) -> int:
+    """Bytes of the pieces of a stream entry that a :class:`StreamReader` has read (so checked)."""
+    keys = ("at",) if spec["codec"] == "raw" else ("lengths", "chunks", "payload")
+    return sum(spec[k][1] for k in keys)
 
 
 class StreamWriter:
@@ -88,43 +105,80 @@ class StreamWriter:
         return self.symbols(stream, 256, **extra)
 
 
+class Section:
+    """One section's bytes and the pieces read from it so far.
+
+    Pieces may not overlap (docs/FORMAT.md): every byte is decoded at most once, so what a file
+    can make a reader do is bounded by its size. :meth:`take` refuses a piece as soon as the
+    pieces taken hold more bytes than the section (some must overlap), before it is decoded;
+    :meth:`check_overlaps`, called once everything is read, finds any other overlap exactly.
+    """
+
+    def __init__(self, data: memoryview, label: str = "section") -> None:
+        self.data, self.label = data, label
+        self.taken: list[tuple[int, int, str]] = []  # (start, end, what) of non-empty pieces
+        self.bytes_taken = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def take(self, start: int, length: int, what: str) -> memoryview:
+        """The ``length`` bytes at ``start`` (which the caller has checked lie in the section)."""
+        if length:
+            self.bytes_taken += length
+            need(self.bytes_taken <= len(self.data), what,
+                 f"the pieces read from {self.label} hold {self.bytes_taken} bytes, more than its {len(self.data)}: "
+                 "some overlap (pieces of a section may not overlap)")
+            self.taken.append((start, start + length, what))
+        return self.data[start: start + length]
+
+    def check_overlaps(self) -> None:
+        """Raise :class:`FormatError` if two pieces taken share a byte."""
+        ranges = sorted(self.taken)
+        for (_, end, a), (start, _, b) in zip(ranges, ranges[1:]):
+            need(start >= end, a, f"its bytes overlap those of {b} in {self.label} (pieces of a section may not overlap)")
+
+
 class StreamReader:
     """Reads the pieces of one section back, checking every manifest field it is given.
 
-    ``device``: where :meth:`symbols` may decode value streams with the Triton decoder (None:
-    the numpy decoder on the CPU).
+    ``section``: the section's bytes, or a :class:`Section` shared by every reader of that
+    section (so pieces of different layers cannot overlap either). ``device``: where
+    :meth:`symbols` may decode value streams with the Triton decoder (None: the numpy decoder on
+    the CPU).
     """
 
-    def __init__(self, section: memoryview, where: str, device: torch.device | None = None) -> None:
-        self.section, self.where, self.device = section, where, device
+    def __init__(self, section: memoryview | Section, where: str, device: torch.device | None = None) -> None:
+        self.section = section if isinstance(section, Section) else Section(section)
+        self.where, self.device = where, device
 
     def need(self, cond: bool, what: str) -> None:
         need(cond, self.where, what)
 
     def piece(self, ref: Any, what: str) -> memoryview:
-        """The bytes ``[offset, length]`` names, which must lie inside the section."""
+        """The bytes ``[offset, length]`` names, which must lie inside the section and overlap no
+        piece read before."""
+        size = len(self.section)
         ok = isinstance(ref, list) and len(ref) == 2 and all(type(v) is int for v in ref)
-        need(ok and ref[0] >= 0 and ref[1] >= 0 and ref[0] + ref[1] <= len(self.section), f"{self.where} {what}",
-             f"byte range {ref!r} lies outside its section ({len(self.section)} bytes)")
-        return self.section[ref[0]: ref[0] + ref[1]]
+        need(ok and ref[0] >= 0 and ref[1] >= 0 and ref[0] + ref[1] <= size, f"{self.where} {what}",
+             f"byte range {brief(ref)} lies outside its section ({size} bytes)")
+        return self.section.take(ref[0], ref[1], f"{self.where} {what}")
 
     def shape(self, spec: dict, what: str = "") -> list[int]:
-        """A checked ``shape`` list of non-negative ints of bounded size."""
-        shape = spec.get("shape")
-        where = f"{self.where} {what}".strip()
-        need(isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape), where, f"bad shape {shape!r}")
-        need(math.prod(shape) <= MAX_ELEMENTS, where, f"shape {shape} is absurdly large")
-        return shape
+        """The entry's checked ``shape`` (see :func:`checked_shape`)."""
+        return checked_shape(spec.get("shape"), f"{self.where} {what}".strip())
 
-    def raw(self, spec: Any, what: str) -> torch.Tensor:
-        """A raw tensor entry (see :meth:`StreamWriter.raw`)."""
+    def raw(self, spec: Any, what: str, dtypes: tuple[str, ...] | None = None) -> torch.Tensor:
+        """A raw tensor entry (see :meth:`StreamWriter.raw`), of one of ``dtypes`` if given."""
         where = f"{self.where} {what}"
         need(isinstance(spec, dict) and spec.get("codec") == "raw", where, "expected a raw tensor entry")
         dtype = lookup(DTYPES, spec.get("dtype"))
-        need(dtype is not None, where, f"unknown dtype {spec.get('dtype')!r}; allowed: {sorted(DTYPES)}")
+        need(dtype is not None, where, f"unknown dtype {brief(spec.get('dtype'))}; allowed: {sorted(DTYPES)}")
+        need(dtypes is None or spec["dtype"] in dtypes, where,
+             f"is stored as {spec['dtype']}; allowed: {', '.join(dtypes or ())}")
         shape = self.shape(spec, what)
-        data = self.piece(spec.get("at"), what)
         size = math.prod(shape) * ITEM_BYTES[spec["dtype"]]
+        data = self.piece(spec.get("at"), what)
         need(len(data) == size, where, f"holds {len(data)} bytes, shape {shape} of {spec['dtype']} needs {size}")
         if not size:
             return torch.empty(shape, dtype=dtype)
@@ -167,10 +221,10 @@ class StreamReader:
         """``count`` int8 values, Huffman-coded or raw (see :meth:`StreamWriter.int8`)."""
         where = f"{self.where} {what}"
         if isinstance(spec, dict) and spec.get("codec") == "raw":
-            q = self.raw(spec, what)
-            need(q.dtype == torch.int8, where, f"int8 values stored as {q.dtype}")
-            q = q.reshape(-1)
+            q = self.raw(spec, what, ("int8",)).reshape(-1)
         else:
+            if isinstance(spec, dict):  # before decoding a stream of the wrong length
+                need(spec.get("n") == count, where, f"{brief(spec.get('n'))} int8 values where {count} are needed")
             q = self.symbols(spec, what, 256, on_device).to(torch.uint8).view(torch.int8)
         need(q.numel() == count, where, f"{q.numel()} int8 values where {count} are needed")
         return q

@@ -148,11 +148,6 @@ class PackedWeight(nn.Module):
         """Format name as reports show it (sparse formats add their value kind)."""
         return self.format_name
 
-    @classmethod
-    def label_of(cls, entry: dict) -> str:
-        """:attr:`label` of the weight a manifest entry describes (for ``inspect``)."""
-        return cls.format_name
-
     @property
     def sparsity(self) -> float:
         """Fraction of weights that are exactly zero."""

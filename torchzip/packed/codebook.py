@@ -6,7 +6,7 @@ import torch
 
 from torchzip.packed.base import PackedWeight, WeightState, register_format
 from torchzip.packed.bits import pack_bits, unpack_bits
-from torchzip.packed.values import CodebookValues, table
+from torchzip.packed.values import CodebookValues, read_table, table
 
 
 @register_format
@@ -69,7 +69,7 @@ class CodebookWeight(PackedWeight):
         bits = entry.get("bits")
         src.need(type(bits) is int and 1 <= bits <= 8, f"bad bits {bits!r}")
         t = entry["tensors"]
-        codebook = src.float_raw(t.get("codebook"), "codebook").float()
+        codebook = read_table(src, t.get("codebook"), "codebook", dtype)
         src.need(codebook.dim() == 2 and codebook.shape[0] in (1, n) and codebook.shape[1] == 2**bits,
                  f"codebook shape {tuple(codebook.shape)} does not fit {n} rows of {2**bits} entries")
         idx = src.symbols(t.get("indices"), "indices", 2**bits, on_device=True)

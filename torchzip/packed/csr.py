@@ -128,7 +128,7 @@ class CsrWeight(SparseValues, PackedWeight):
         n, k = shape
         kind, g = check_value_args(src, entry, k)
         t = entry["tensors"]
-        scales, codebook = decode_side(src, t, kind, g, n, k)
+        scales, codebook = decode_side(src, t, kind, g, n, k, dtype)
         spec = t.get("positions")
         src.need(isinstance(spec, dict) and type(spec.get("escape")) is int and spec["escape"] >= 1, "bad escape")
         src.need(spec.get("order", "row") in ("row", "col"),
@@ -136,7 +136,7 @@ class CsrWeight(SparseValues, PackedWeight):
         sym = src.symbols(spec, "positions", spec["escape"] + 1).numpy()
         flat = torch.from_numpy(gaps_decode(sym, spec["escape"], n * k))
         src.need(spec.get("count") == flat.numel(), "position count does not match")
-        values = decode_values_stream(src, t, kind, flat.numel(), codebook)
+        values = decode_values_stream(src, t, kind, flat.numel(), codebook, dtype)
         if spec.get("order") == "col":  # back to row-major, values alongside
             flat = (flat % n) * k + flat // n
             flat, perm = torch.sort(flat)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from torchzip.packed.base import PackedWeight, WeightState, register_format
-from torchzip.packed.values import Int8Values, check_group_size, int8_quantize, table
+from torchzip.packed.values import Int8Values, check_group_size, int8_quantize, read_table, table
 
 
 @register_format
@@ -61,7 +61,7 @@ class Int8Weight(PackedWeight):
         n, k = shape
         g = check_group_size(src, entry, k)
         t = entry["tensors"]
-        scales = src.float_raw(t.get("scales"), "scales").float()
+        scales = read_table(src, t.get("scales"), "scales", dtype)
         src.need(tuple(scales.shape) == (n, k // g if g else 1), f"scales shape {tuple(scales.shape)} does not fit")
         qweight = src.int8(t.get("qweight"), n * k, "qweight", on_device=True).reshape(n, k)
         return cls(qweight, scales, g, dtype)

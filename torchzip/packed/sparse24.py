@@ -99,9 +99,9 @@ class Sparse24Weight(SparseValues, PackedWeight):
         kind, g = check_value_args(src, entry, k)
         src.need(k % 4 == 0, f"2:4 weight needs in_features divisible by 4, got {k}")
         t = entry["tensors"]
-        scales, codebook = decode_side(src, t, kind, g, n, k)
+        scales, codebook = decode_side(src, t, kind, g, n, k, dtype)
         sym = src.symbols(t.get("positions"), "positions", 6).numpy()
         src.need(sym.size == n * k // 4, f"{sym.size} position pairs for a {n}x{k} weight")
         pos = torch.from_numpy(pairs24_decode(sym).reshape(n, k // 2))
-        values = decode_values_stream(src, t, kind, n * k // 2, codebook).reshape(n, k // 2)
+        values = decode_values_stream(src, t, kind, n * k // 2, codebook, dtype).reshape(n, k // 2)
         return cls(values, pack_bits(pos, 2), (n, k), dtype, scales, codebook, g)

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from torchzip.export.codec import dtype_name
+
 VALUE_KINDS = ("float", "int8", "codebook")
 
 
@@ -78,10 +80,6 @@ class SparseValues:
     @property
     def label(self) -> str:
         return f"{self.format_name}/{self.kind}"
-
-    @classmethod
-    def label_of(cls, entry: dict) -> str:
-        return f"{cls.format_name}/{entry.get('values')}"
 
     def _decode(self, values, rows, cols) -> torch.Tensor:
         return decode_values(values, rows, cols, self.scales, self.codebook, self.group_size)
@@ -174,24 +172,32 @@ def encode_values(out: Any, kind: str, values: torch.Tensor, scales: torch.Tenso
     return t
 
 
-def decode_side(src: Any, tensors: dict, kind: str, group_size: int, n: int, k: int):
-    """``(scales, codebook)`` of a value kind, checked against an ``[n, k]`` weight."""
+def read_table(src: Any, spec: Any, what: str, dtype: torch.dtype) -> torch.Tensor:
+    """A scales or codebook table: float32, or the weight's 16-bit dtype (widened to float32)."""
+    allowed = ("float32",) + ((dtype_name(dtype),) if dtype in HALF_DTYPES else ())
+    return src.raw(spec, what, allowed).float()
+
+
+def decode_side(src: Any, tensors: dict, kind: str, group_size: int, n: int, k: int, dtype: torch.dtype):
+    """``(scales, codebook)`` of a value kind, checked against an ``[n, k]`` weight of ``dtype``."""
     scales = codebook = None
     if kind == "int8":
-        scales = src.float_raw(tensors.get("scales"), "scales").float()
+        scales = read_table(src, tensors.get("scales"), "scales", dtype)
         src.need(tuple(scales.shape) == (n, k // group_size if group_size else 1),
                  f"scales shape {tuple(scales.shape)} does not fit")
     if kind == "codebook":
-        codebook = src.float_raw(tensors.get("codebook"), "codebook").float()
+        codebook = read_table(src, tensors.get("codebook"), "codebook", dtype)
         src.need(codebook.dim() == 2 and codebook.shape[0] in (1, n) and 1 <= codebook.shape[1] <= 256,
                  f"codebook shape {tuple(codebook.shape)} does not fit {n} rows")
     return scales, codebook
 
 
-def decode_values_stream(src: Any, tensors: dict, kind: str, count: int, codebook: torch.Tensor | None) -> torch.Tensor:
-    """``count`` stored values of ``kind`` (decoded on the target device where possible)."""
+def decode_values_stream(src: Any, tensors: dict, kind: str, count: int, codebook: torch.Tensor | None,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """``count`` stored values of ``kind`` (decoded on the target device where possible); float
+    values are the weights themselves, in the layer's ``dtype``."""
     if kind == "float":
-        values = src.float_raw(tensors.get("values"), "values").reshape(-1)
+        values = src.raw(tensors.get("values"), "values", (dtype_name(dtype),)).reshape(-1)
     elif kind == "int8":
         values = src.int8(tensors.get("values"), count, "values", on_device=True)
     else:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from tqdm.auto import tqdm
 
 from torchzip.errors import RecipeError
 from torchzip.packed.values import HALF_DTYPES, CodebookValues
@@ -22,6 +21,7 @@ from torchzip.passes.base import check_choice, check_int, register_pass, weight_
 from torchzip.packed.layers import WeightView
 from torchzip.passes.layer import LayerPass, attach
 from torchzip.passes.prune import masks_of
+from torchzip.progress import bar
 
 INITS = ("linear", "kmeans++")
 GRANULARITIES = ("auto", "channel", "layer")
@@ -210,7 +210,8 @@ class Codebook(LayerPass):
             raise RecipeError(f"codebook bits must be an integer in 1..8, got {self.bits!r} in {where}")
         check_choice(where, "granularity", self.granularity, GRANULARITIES)
         check_choice(where, "init", self.init, INITS)
-        for key in ("iterations", "start_step", "seed"):
+        check_int(where, "iterations", self.iterations, low=1)
+        for key in ("start_step", "seed"):
             check_int(where, key, getattr(self, key))
 
     def fixes_at(self) -> int:
@@ -218,7 +219,8 @@ class Codebook(LayerPass):
 
     def apply(self, model: nn.Module, plan: list, group: str, progress: bool = False) -> None:
         """Attach codebooks to the planned layers, clustering now unless ``start_step`` > 0."""
-        bar = tqdm(total=sum(len(own.tensors(m)) for _, m, own in plan), desc="k-means", disable=not progress, leave=False)
+        progress_bar = bar(None, progress, total=sum(len(own.tensors(m)) for _, m, own in plan), desc="k-means",
+                           leave=False)
         short: list[str] = []
 
         def make(own: "Codebook", module: nn.Module, tensor: str, view: WeightView) -> CodebookQuant:
@@ -232,11 +234,11 @@ class Codebook(LayerPass):
             quant = CodebookQuant(w, view=view, tensor=tensor, **opts)
             if own.start_step == 0:
                 quant.cluster(w, _keep_mask(module, tensor))
-            bar.update()
+            progress_bar.update()
             return quant
 
         attach(plan, make)
-        bar.close()
+        progress_bar.close()
         if short:
             warnings.warn(f"codebook (granularity auto): {len(short)} tensor(s) have rows too short for per-channel "
                           f"codebooks (the {2**self.bits} centroids of a row would outweigh its indices), clustered "

@@ -71,7 +71,10 @@ class LayerPass(Pass):
 
     def __post_init__(self) -> None:
         targets = self.targets
-        if isinstance(targets, (str, type)):
+        if isinstance(targets, str):
+            raise RecipeError(f"targets of pass '{self.key}' must be a list of layer types, got the string {targets!r}; "
+                              f"write [{targets}] for one type (allowed: {sorted(LAYER_KINDS)})")
+        if isinstance(targets, type):
             targets = (targets,)
         if not isinstance(targets, (list, tuple)) or not all(isinstance(t, (str, type)) for t in targets):
             raise RecipeError(f"targets of pass '{self.key}' must be a list of layer types, got {self.targets!r}; "
@@ -317,6 +320,12 @@ def attach(plan: Plan, make: Callable[["LayerPass", nn.Module, str, WeightView |
             parametrize.register_parametrization(module, t, made[id(raw)])
 
 
+def no_passes_error() -> RecipeError:
+    """The error for a recipe without passes: it would target no layer."""
+    return RecipeError("the recipe has no passes, so it targets no layer; list at least one, e.g. "
+                       f"passes: [{{prune: {{sparsity: 0.5}}}}] (passes: {', '.join(sorted(PASSES))})")
+
+
 def context_keys() -> list[str]:
     """Objects registered passes take from ``compress(..., **context)``."""
     return sorted({k for cls in PASSES.values() for k in cls.context_keys})
@@ -327,6 +336,8 @@ def run_passes(model: nn.Module, passes: list[Pass], *, inplace: bool, progress:
     """Check ``passes`` against ``model``, then apply them in order (see :func:`torchzip.compress`)."""
     if not isinstance(model, nn.Module):
         raise RecipeError(f"compress needs an nn.Module, got {type(model).__name__}")
+    if not passes:
+        raise no_passes_error()
     allowed = context_keys()
     unknown = sorted(set(context) - set(allowed))
     if unknown:

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from torchzip.errors import TorchzipError
+from torchzip.progress import bar, enabled
 from torchzip.train.batches import TaskLoss, _batch_size, _to, call_model, default_task_loss, eval_mode, split_batch, unwrap
 from torchzip.train.callbacks import Callback, advance_schedules
 
@@ -33,7 +33,7 @@ def _is_rank0() -> bool:
 def finetune(model: nn.Module, loader: Iterable, *, loss_fn: TaskLoss | None = None, callbacks: Iterable[Callback] = (),
              epochs: int = 1, optimizer: torch.optim.Optimizer | None = None, lr: float = 1e-3,
              device: torch.device | str | None = None, lr_schedule: str = "constant",
-             progress: bool = True) -> list[dict]:
+             progress: bool | None = None) -> list[dict]:
     """Fine-tune ``model`` (maybe wrapped in ``DistributedDataParallel``) on ``loader``.
 
     ``loader`` yields ``(inputs, targets)`` pairs or dicts (passed as keyword arguments, targets =
@@ -50,7 +50,7 @@ def finetune(model: nn.Module, loader: Iterable, *, loss_fn: TaskLoss | None = N
     whole loss, so a bad set-up raises (e.g. :class:`DistillationError`) with nothing changed.
     :func:`torchzip.step` runs exactly once after every optimizer step. Under
     ``torch.distributed`` give each rank its own shard (``DistributedSampler``; its epoch is
-    set here); bars show on rank 0 only.
+    set here). ``progress``: tqdm bars, on rank 0 only (None: only when stderr is a terminal).
 
     Returns one dict per epoch: ``epoch``, ``loss`` (mean over steps), ``steps``, ``samples``,
     ``seconds``, ``lr``.
@@ -91,8 +91,8 @@ def finetune(model: nn.Module, loader: Iterable, *, loss_fn: TaskLoss | None = N
             optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t / steps, 1.0))))
     history: list[dict] = []
     modes = [(m, m.training) for m in inner.modules()]
-    show = progress and _is_rank0()
-    epoch_bar = tqdm(range(epochs), desc="finetune", unit="epoch", disable=not show)
+    show = enabled(progress) and _is_rank0()
+    epoch_bar = bar(range(epochs), show, desc="finetune", unit="epoch")
     try:
         for epoch in epoch_bar:
             if epoch > 0:
@@ -100,8 +100,7 @@ def finetune(model: nn.Module, loader: Iterable, *, loss_fn: TaskLoss | None = N
                 batches = iter(loader)
             stream = itertools.chain([first], batches) if epoch == 0 else batches
             total = len(loader) if hasattr(loader, "__len__") else None
-            step_bar = tqdm(stream, total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False,
-                            disable=not show)
+            step_bar = bar(stream, show, total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False)
             model.train()
             start, losses, samples = time.perf_counter(), [], 0
             for batch in step_bar:
