@@ -98,3 +98,14 @@ def test_delayed_clustering_after_gradual_prune():
 def test_codebook_before_prune_end_is_rejected():
     with pytest.raises(tz.RecipeError, match="start_step"):
         tz.compress(nn.Linear(8, 8), [tz.Prune(sparsity=0.5, end_step=10), tz.Codebook(start_step=5)], progress=False)
+
+
+def test_weighted_kmeans_pulls_centroids_to_heavy_points():
+    """With one centroid, k-means puts it at the (weighted) mean: the float64 reference."""
+    x = torch.randn(3, 200, dtype=torch.float64)
+    w = torch.rand(3, 200, dtype=torch.float64) ** 4
+    valid = torch.rand(3, 200) > 0.2
+    centroids, assign = kmeans_1d(x.float(), valid, 1, weights=w.float())
+    want = (x * w * valid).sum(1) / (w * valid).sum(1)
+    assert torch.allclose(centroids[:, 0].double(), want, rtol=1e-4, atol=1e-5)
+    assert bool((assign[~valid] == -1).all()) and bool((assign[valid] == 0).all())

@@ -62,25 +62,30 @@ def assign_nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 
 def kmeans_1d(x: torch.Tensor, valid: torch.Tensor, k: int, *, init: str = "linear", iterations: int = 25,
-              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+              seed: int = 0, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched 1-D k-means over rows of ``x`` ``[G, n]``, using only entries where ``valid``.
 
+    ``weights`` (``[G, n]``, >= 0, optional): each point's weight in the squared error the
+    clustering minimises (e.g. its input's second moment, for activation-aware codebooks).
     Returns ``(centroids [G, k], assign [G, n])``; ``assign`` is -1 where not ``valid``.
     Deterministic for a given ``seed`` (so every DDP rank computes the same codebook).
     """
     x = x.float()
+    if weights is not None:
+        weights = torch.where(valid, weights.float(), torch.zeros((), device=x.device))
     if not bool(valid.any()):  # e.g. a layer global pruning emptied: nothing to cluster
         return torch.zeros(x.shape[0], k, device=x.device), torch.full_like(x, -1, dtype=torch.long)
     if x.shape[0] == 1 and not bool(valid.all()):
         # One group: cluster only the kept weights (after pruning, often a small fraction).
         centroids, kept = kmeans_1d(x[valid].unsqueeze(0), torch.ones(1, int(valid.sum()), dtype=torch.bool, device=x.device),
-                                    k, init=init, iterations=iterations, seed=seed)
+                                    k, init=init, iterations=iterations, seed=seed,
+                                    weights=None if weights is None else weights[valid].unsqueeze(0))
         assign = torch.full_like(x, -1, dtype=torch.long)
         assign[valid] = kept[0]
         return centroids, assign
     gen = torch.Generator().manual_seed(seed)
     centroids = _seed_linear(x, valid, k) if init == "linear" else _seed_kmeanspp(x, valid, k, gen)
-    weight = valid.float()
+    weight = valid.float() if weights is None else weights
     assign = assign_nearest(x, centroids)
     for _ in range(iterations):
         sums = torch.zeros_like(centroids).scatter_add_(1, assign, x * weight)
