@@ -68,6 +68,20 @@ class ConvTransposes(nn.Module):
         return y.sum() + z.sum() + w.sum(), y, z, w
 
 
+class Recurrent(nn.Module):
+    """A two-layer bidirectional LSTM and a GRU: every weight matrix packed, biases dense."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(12, 16, num_layers=2, bidirectional=True, batch_first=True)
+        self.gru = nn.GRU(32, 8, bias=False)
+
+    def forward(self, x):
+        y, (h, c) = self.lstm(x)
+        z, hz = self.gru(y.transpose(0, 1))
+        return y.sum() + z.sum(), y, h, c, z, hz
+
+
 class Embeddings(nn.Module):
     def __init__(self):
         super().__init__()
@@ -89,6 +103,7 @@ KINDS = {
     "convs": (lambda: Convs(), lambda: torch.randn(2, 4, 4, 7, 7)),
     "conv_transpose": (ConvTransposes, lambda: torch.randn(2, 8, 5, 6)),
     "embedding": (Embeddings, lambda: torch.randint(0, 50, (3, 9))),
+    "recurrent": (Recurrent, lambda: torch.randn(3, 5, 12)),
     "encoder_layer": (lambda: nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True),
                       lambda: torch.randn(2, 6, 32)),
 }

@@ -70,7 +70,7 @@ def test_shipped_recipes_work_on_any_model(name):
     ({"passes": [{"quantize": {"bits": 4}}]}, r"bits=8 only"),
     ({"passes": [{"prune": {"pattern": "3:2"}}]}, r"0 < N < M"),
     ({"passes": [{"prune": {"pattern": "diagonal"}}]}, r"unknown pruning pattern"),
-    ({"passes": [{"prune": {"targets": ["LSTM"]}}]}, r"unknown target layer type 'LSTM'"),
+    ({"passes": [{"prune": {"targets": ["LayerNorm"]}}]}, r"unknown target layer type 'LayerNorm'"),
     ({"passes": [{"prune": {"overrides": {"fc": {"bits": 3}}}}]}, r"unknown argument\(s\) \['bits'\] in override 'fc'"),
 ])
 def test_bad_recipes_raise_named_errors(data, match):

@@ -71,13 +71,13 @@ class Summary:
         for r in self.rows:
             lines.append(
                 f"{r.name[:32]:<32} {r.kind[:12]:<12} {r.format[:16]:<16} {r.params:>10,} {r.sparsity:>8.1%} "
-                f"{r.bits_per_weight:>7.2f} {r.bytes:>11,} {r.ratio:>6.2f}x"
+                f"{r.bits_per_weight:>7.2f} {r.bytes:>11,} " + (f"{r.ratio:>6.2f}x" if r.bytes else f"{'-':>7}")
             )
         lines.append("-" * len(head))
         lines.append(f"{'total':<62} {self.params:>10,} {'':>8} {'':>7} {self.bytes:>11,} {self.ratio:>6.2f}x")
         notes = [f"  {r.name}: {r.note}" for r in self.rows if r.note]
         if notes:
-            lines += ["left uncompressed:"] + notes
+            lines += ["notes:"] + notes
         return "\n".join(lines)
 
 

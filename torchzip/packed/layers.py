@@ -204,6 +204,47 @@ class PackedMultiheadAttention(nn.MultiheadAttention, PackedLayer):
         return super().__getattr__(name)
 
 
+class PackedRNN(PackedLayer):
+    """``nn.LSTM``/``nn.GRU``/``nn.RNN`` with packed weight matrices. The fused recurrent kernels
+    need every weight dense, so ``forward`` dequantizes them (one pass over the packed weights per
+    call) and runs the original module's own ``forward`` on them; biases stay dense."""
+
+    def __init__(self, rnn: nn.RNNBase, packed: dict[str, PackedWeight], biases: dict[str, torch.Tensor | None]) -> None:
+        super().__init__()
+        self.kind = parametrize.type_before_parametrizations(rnn).__name__
+        inner = copy.copy(rnn)  # the configuration and forward of the original, holding no tensors
+        inner._parameters, inner._buffers, inner._modules = {}, {}, {}
+        object.__setattr__(self, "rnn", inner)  # not a submodule: its tensors are this layer's
+        self._packed_attrs = {t: f"{t}_packed" for t in packed}
+        self.bias_names = {t: _rnn_bias(t) for t in packed}
+        self.shapes = {t: tuple(getattr(rnn, t).shape) for t in packed}
+        for t, p in packed.items():
+            self.add_module(self._packed_attrs[t], p)
+        for name in rnn._flat_weights_names:
+            if name not in packed:
+                value = biases.get(next((t for t in packed if _rnn_bias(t) == name), ""), None)
+                value = getattr(rnn, name) if value is None else value
+                self.register_parameter(name, None if value is None else nn.Parameter(value.detach().clone(),
+                                                                                     requires_grad=False))
+
+    def packed_weights(self) -> dict[str, str]:
+        return dict(self._packed_attrs)
+
+    def forward(self, *args, **kwargs):
+        flat = [getattr(self, self._packed_attrs[n]).dequantize().view(self.shapes[n]) if n in self._packed_attrs
+                else getattr(self, n) for n in self.rnn._flat_weights_names]
+        self.rnn._flat_weights, self.rnn._flat_weight_refs = flat, [None] * len(flat)
+        return self.rnn(*args, **kwargs)
+
+
+def _rnn_bias(weight: str) -> str | None:
+    return weight.replace("weight_", "bias_", 1) if weight.startswith(("weight_ih", "weight_hh")) else None
+
+
+def _rnn_weights(m: nn.RNNBase) -> dict[str, str | None]:
+    return {n: (_rnn_bias(n) if m.bias else None) for n in m._flat_weights_names if n.startswith("weight_")}
+
+
 _PROJ = {"in_proj_weight": "in_proj", "q_proj_weight": "q_proj", "k_proj_weight": "k_proj", "v_proj_weight": "v_proj"}
 
 
@@ -268,9 +309,10 @@ for _kind in (
               weights=_mha_weights, includes=("NonDynamicallyQuantizableLinear",)),
     *(LayerKind(c.__name__, c, lambda m, p, b: PackedConv(p["weight"], b["weight"], m)) for c in _CONVS),
     LayerKind("Embedding", nn.Embedding, lambda m, p, b: PackedEmbedding(p["weight"], m), weights=lambda m: {"weight": None}),
+    *(LayerKind(c.__name__, c, PackedRNN, weights=_rnn_weights) for c in (nn.LSTM, nn.GRU, nn.RNN)),
 ):
     register_layer_kind(_kind)
-DEFAULT_TARGETS = ("Linear", "Conv1D", "MultiheadAttention", *(c.__name__ for c in _CONVS), "Embedding")
+DEFAULT_TARGETS = ("Linear", "Conv1D", "MultiheadAttention", *(c.__name__ for c in _CONVS), "Embedding", "LSTM", "GRU", "RNN")
 
 
 def kind_of(module: nn.Module) -> LayerKind | None:
