@@ -7,7 +7,7 @@ import json
 import pytest
 
 import torchzip as tz
-from golden_models import HERE, build, describe, recipes, skeleton
+from golden_models import HERE, build, describe, skeleton
 
 EXPECTED = json.loads((HERE / "expected.json").read_text())
 

@@ -7,13 +7,10 @@ import os
 import re
 import subprocess
 import sys
-import threading
 
 import pytest
-import torch
 
 import hostile
-import torchzip as tz
 
 MEMORY_LIMIT_MB = 1024  # address space the child may add while reading: a runaway case dies of MemoryError
 SECONDS = 5.0  # per load or inspect of one hostile file (a 65 KB file once took 20 s)

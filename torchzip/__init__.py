@@ -24,7 +24,7 @@ from torchzip.recipe import Recipe
 from torchzip.schedule import step
 from torchzip.summary import Summary, summary
 from torchzip.train import Callback, DistillationCallback, finetune, kd_loss
-from torchzip.version import __version__
+from torchzip.version import __version__  # noqa: F401
 
 __all__ = [
     "compress", "step", "freeze", "summary", "export", "load", "read_manifest", "plan_recipe", "Recipe", "Summary",

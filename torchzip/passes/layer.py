@@ -30,7 +30,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
-import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
