@@ -32,6 +32,16 @@ INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_W": 8})
 dispatch.DENSE_MIN_M.setdefault("codebook", 512)
 
 
+def gemv_constexprs(bits: int, config: triton.Config) -> dict:
+    """Constexprs of the GEMV for ``bits`` and a launch config (benchmarks/sass_report.py)."""
+    return {"BITS": bits, "PER": 32 // bits, "PER_P2": C.next_pow2(32 // bits), "SPLIT_K": 1, **config.kwargs}
+
+
+def gemv_weights_per_iter(constexprs: dict) -> int:
+    """Weights one iteration of the GEMV's loop consumes."""
+    return constexprs["BLOCK_N"] * constexprs["BLOCK_W"] * constexprs["PER"]
+
+
 @triton.jit
 def codebook_tile(p_ptr, book_ptr, rows, cols, mask, stride_pn, stride_b, BITS: tl.constexpr, PER: tl.constexpr):
     """fp32 weights at broadcastable ``rows`` x ``cols`` (the dequantize kernel).

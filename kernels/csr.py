@@ -41,6 +41,16 @@ DQ_BLOCK_R, DQ_BLOCK_NZ = 4, 128
 dispatch.DENSE_MIN_M.setdefault("csr", 32)
 
 
+def csr_constexprs(config: triton.Config) -> dict:
+    """Constexprs of the CSR kernel for a launch config (benchmarks/sass_report.py)."""
+    return dict(config.kwargs)
+
+
+def csr_nonzeros_per_iter(constexprs: dict) -> int:
+    """Nonzeros one iteration of the CSR kernel's loop consumes."""
+    return constexprs["BLOCK_R"] * constexprs["BLOCK_NZ"]
+
+
 @triton.jit
 def _csr_kernel(
     x_ptr, rp_ptr, col_ptr, v_ptr, s_ptr, book_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_sn, stride_b, M_BUCKET,

@@ -33,6 +33,16 @@ INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_K": 64})
 dispatch.DENSE_MIN_M.setdefault("int8", 512)
 
 
+def gemv_constexprs(config: triton.Config) -> dict:
+    """Constexprs of the GEMV for a launch config (benchmarks/sass_report.py compiles these)."""
+    return {"SPLIT_K": 1, **config.kwargs}
+
+
+def gemv_weights_per_iter(constexprs: dict) -> int:
+    """Weights one iteration of the GEMV's loop consumes."""
+    return constexprs["BLOCK_N"] * constexprs["BLOCK_K"]
+
+
 @triton.jit
 def _int8_gemv_kernel(
     x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn,

@@ -30,6 +30,16 @@ S24_INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_W": 4})
 dispatch.DENSE_MIN_M.setdefault("sparse24", 256)
 
 
+def gemv_constexprs(config: triton.Config) -> dict:
+    """Constexprs of the GEMV for a launch config (benchmarks/sass_report.py compiles these)."""
+    return {"SPLIT_K": 1, **config.kwargs}
+
+
+def gemv_values_per_iter(constexprs: dict) -> int:
+    """Kept values one iteration of the GEMV's loop consumes."""
+    return constexprs["BLOCK_N"] * constexprs["BLOCK_W"] * 16
+
+
 @triton.jit
 def sparse24_tile(v_ptr, p_ptr, s_ptr, book_ptr, rows, cols, mask, stride_vn, stride_pn, stride_sn, stride_b,
                   KIND: tl.constexpr, GROUP: tl.constexpr):
