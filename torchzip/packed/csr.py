@@ -12,10 +12,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from torchzip.errors import FormatError
 from torchzip.export.streams import gaps_decode, gaps_encode
 from torchzip.packed.base import PackedWeight, WeightState, register_format
 from torchzip.packed.values import (CodebookValues, Int8Values, SparseValues, check_value_args, decode_side,
                                     decode_values_stream, encode_values, stored_values)
+
+
+INT32_MAX = 2**31 - 1  # row_ptr is int32: a CSR weight holds at most this many nonzeros
 
 
 @register_format
@@ -28,6 +32,11 @@ class CsrWeight(SparseValues, PackedWeight):
     def __init__(self, row_ptr, col_idx, values, shape, dtype, scales=None, codebook=None, group_size: int = 0) -> None:
         PackedWeight.__init__(self, shape, dtype)
         self._init_values(values, scales, codebook, group_size)
+        nnz = col_idx.numel()
+        if nnz > INT32_MAX or values.numel() != nnz or row_ptr.numel() != shape[0] + 1:
+            raise FormatError(f"CSR weight {tuple(shape)}: row_ptr must have {shape[0] + 1} entries and col_idx/values "
+                              f"one length of at most {INT32_MAX} (int32 row offsets); got {row_ptr.numel()}, "
+                              f"{nnz}, {values.numel()}")
         self.register_buffer("row_ptr", row_ptr.to(torch.int32).contiguous())
         self.register_buffer("col_idx", col_idx.contiguous())
 
@@ -66,6 +75,8 @@ class CsrWeight(SparseValues, PackedWeight):
             return None
         n, k = state.shape
         nnz = int(state.mask.sum())
+        if nnz > INT32_MAX:
+            return None  # int32 row offsets cannot address it: a dense format takes the layer
         if not isinstance(state.values, CodebookValues):
             value_bytes = 1 if isinstance(state.values, Int8Values) else state.weight.element_size()
             if cls.bytes_for(n, k, nnz, value_bytes) >= n * k * value_bytes:
@@ -76,7 +87,9 @@ class CsrWeight(SparseValues, PackedWeight):
     def rows(self) -> torch.Tensor:
         """Row of every stored value (int64)."""
         counts = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
-        return torch.repeat_interleave(torch.arange(self.shape[0], device=counts.device), counts)
+        # output_size (the static nnz) keeps the shape data-independent: no torch.compile graph break
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=counts.device), counts,
+                                       output_size=self.col_idx.numel())
 
     def dequantize(self) -> torch.Tensor:
         rows, cols = self.rows(), self.col_idx.long()
@@ -85,6 +98,10 @@ class CsrWeight(SparseValues, PackedWeight):
         return w.to(self.dtype)
 
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # The gather below has a data-dependent size (a graph break); a compiled graph takes
+            # the static-shape route through the whole weight instead.
+            return self.dequantize()[rows]
         starts, lens = self.row_ptr[rows].long(), (self.row_ptr[rows + 1] - self.row_ptr[rows]).long()
         out_row = torch.repeat_interleave(torch.arange(len(rows), device=lens.device), lens)
         first = torch.cumsum(lens, 0) - lens  # where each selected row's nonzeros start in the gather
