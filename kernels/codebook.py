@@ -56,7 +56,7 @@ def codebook_tile(p_ptr, book_ptr, rows, cols, mask, stride_pn, stride_b, BITS: 
 @triton.jit
 def _codebook_gemv_kernel(
     x_ptr, p_ptr, book_ptr, b_ptr, out_ptr, M, N, K, W, stride_xm, stride_pn, stride_b,
-    BITS: tl.constexpr, PER: tl.constexpr, PER_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BITS: tl.constexpr, PER: tl.constexpr, PER_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -86,7 +86,7 @@ def _codebook_gemv_kernel(
 @triton.jit
 def _codebook_gemm_kernel(
     x_ptr, p_ptr, book_ptr, b_ptr, out_ptr, M, N, K, W, stride_xm, stride_pn, stride_b, M_BUCKET,
-    BITS: tl.constexpr, PER: tl.constexpr, PER_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BITS: tl.constexpr, PER: tl.constexpr, PER_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -162,7 +162,7 @@ def codebook_gemv(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor,
     x2, packed, codebook, stride_b = _prepare(x, packed, codebook, bits, k)
     m, (n, words) = x2.shape[0], packed.shape
     per = 32 // bits
-    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 8) * m, k)
+    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 8) * m, k, n)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
     if m and n:
         C.launch(
@@ -181,7 +181,7 @@ def codebook_gemm(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor,
     x2, packed, codebook, stride_b = _prepare(x, packed, codebook, bits, k)
     m, n = x2.shape[0], packed.shape[0]
     bucket = min(C.next_pow2(m), 256)
-    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 64) * triton.cdiv(m, min(max(bucket, 16), 64)), k)
+    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 64) * triton.cdiv(m, min(max(bucket, 16), 64)), k, n)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
     if m and n:
         C.launch(

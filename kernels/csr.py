@@ -159,6 +159,11 @@ def csr_reference(x, row_ptr, col_idx, values, scales, codebook, bias, group_siz
 def _csr_linear(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, scales: Tensor | None,
                 codebook: Tensor | None, bias: Tensor | None, group_size: int, k: int) -> Tensor:
     dispatch.require_triton()
+    with dispatch.on_device(x):
+        return _csr_impl(x, row_ptr, col_idx, values, scales, codebook, bias, group_size, k)
+
+
+def _csr_impl(x, row_ptr, col_idx, values, scales, codebook, bias, group_size, k):
     if dispatch.rows_of(x) < dispatch.DENSE_MIN_M["csr"]:
         return csr_matmul(x, row_ptr, col_idx, values, scales, codebook, bias, group_size, k)
     n, outs = row_ptr.shape[0] - 1, []

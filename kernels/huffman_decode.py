@@ -15,6 +15,8 @@ Runs on CPU under ``TRITON_INTERPRET=1`` (set before importing triton), which th
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import triton
@@ -113,10 +115,12 @@ def decode_triton(
     codes = torch.empty(m, dtype=torch.int32, device=device)
     ends_d = torch.empty(lanes, dtype=torch.int64, device=device)
     grid = (triton.cdiv(lanes, block),)
-    _huffman_decode_kernel[grid](
-        words_d, words.size, table_d, starts_d, codes, ends_d, lanes, m, -(-m // lanes),
-        WIDTH=width, BLOCK=block, num_warps=max(1, min(block // 32, 4)),
-    )
+    # Triton launches on the current CUDA device: make it the one the buffers are on.
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _huffman_decode_kernel[grid](
+            words_d, words.size, table_d, starts_d, codes, ends_d, lanes, m, -(-m // lanes),
+            WIDTH=width, BLOCK=block, num_warps=max(1, min(block // 32, 4)),
+        )
 
     check_chunk_ends(ends_d.cpu().numpy(), chunk_bits, payload)
     if expand is None:

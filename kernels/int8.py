@@ -46,7 +46,7 @@ def gemv_weights_per_iter(constexprs: dict) -> int:
 @triton.jit
 def _int8_gemv_kernel(
     x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -91,7 +91,7 @@ def _int8_gemv_kernel(
 @triton.jit
 def _int8_gemm_kernel(
     x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn, M_BUCKET,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -163,7 +163,7 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
     x2 = C.as_2d(x)
     (m, k), n = x2.shape, qweight.shape[0]
     qweight, scales = qweight.contiguous(), scales.contiguous()
-    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 8) * m, k)
+    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 8) * m, k, n)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
     if m and n:
         C.launch(
@@ -183,7 +183,7 @@ def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
     (m, k), n = x2.shape, qweight.shape[0]
     qweight, scales = qweight.contiguous(), scales.contiguous()
     bucket = min(C.next_pow2(m), 256)
-    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 64) * triton.cdiv(m, min(max(bucket, 16), 64)), k)
+    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 64) * triton.cdiv(m, min(max(bucket, 16), 64)), k, n)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
     if m and n:
         C.launch(

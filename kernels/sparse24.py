@@ -64,7 +64,7 @@ def sparse24_tile(v_ptr, p_ptr, s_ptr, book_ptr, rows, cols, mask, stride_vn, st
 def _sparse24_gemv_kernel(
     x_ptr, v_ptr, p_ptr, s_ptr, book_ptr, b_ptr, out_ptr, M, N, J, PW,
     stride_xm, stride_vn, stride_pn, stride_sn, stride_b,
-    KIND: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    KIND: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -97,7 +97,7 @@ def _sparse24_gemv_kernel(
 def _sparse24_gemm_kernel(
     x_ptr, v_ptr, p_ptr, s_ptr, book_ptr, b_ptr, out_ptr, M, N, K,
     stride_xm, stride_vn, stride_pn, stride_sn, stride_b, M_BUCKET,
-    KIND: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    KIND: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -163,7 +163,7 @@ def sparse24_gemv(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
     m, n = x2.shape[0], values.shape[0]
     kind, scales, stride_s, codebook, stride_b = C.value_args(scales, codebook, n)
     pw = positions.shape[1]
-    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 8) * m, k)
+    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 8) * m, k, n)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
     if m and n:
         C.launch(
@@ -184,7 +184,7 @@ def sparse24_gemm(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
     m, n = x2.shape[0], values.shape[0]
     kind, scales, stride_s, codebook, stride_b = C.value_args(scales, codebook, n)
     bucket = min(C.next_pow2(m), 256)
-    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 64) * triton.cdiv(m, min(max(bucket, 16), 64)), k)
+    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 64) * triton.cdiv(m, min(max(bucket, 16), 64)), k, n)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
     if m and n:
         C.launch(

@@ -319,6 +319,23 @@ def test_big_weights_run_in_row_chunks(seed, monkeypatch):
             check(out, w.linear(x, bias).double(), dtype, seed, f"{w.format_name} {w.extra_repr()} M={m} in chunks")
 
 
+def test_big_activations_run_in_row_chunks(seed, monkeypatch):
+    """Activations whose [M, K] input or [M, N] output pass int32 offsets run in activation-row
+    chunks (limit lowered to force ragged chunks of both activations and weight rows)."""
+    dtype = torch.float32
+    n, k = pick_n(), pick_k(16)
+    limit = 5 * max(n, k)
+    monkeypatch.setattr(dispatch, "MAX_KERNEL_ELEMENTS", limit)
+    assert len(dispatch.activation_chunks(12, n, k)) == 3
+    x = torch.randn(3, 4, k, dtype=dtype)  # 12 rows: chunks of 5, 5, 2
+    for w in packed_weights(n, k, dtype):
+        bias = torch.randn(n, dtype=dtype)
+        with dispatch.force_kernels():
+            out = w.linear(x, bias)
+        assert out.shape == (3, 4, n)
+        check(out, w.linear(x, bias).double(), dtype, seed, f"{w.format_name} {w.extra_repr()} in activation chunks")
+
+
 def test_dispatch_paths(monkeypatch):
     """The op picks GEMV / fused / dequantize + F.linear by M."""
     calls = []
