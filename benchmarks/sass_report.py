@@ -14,7 +14,8 @@ in the loop body x threads of the program / weights one iteration consumes; the 
 core ops); registers, stack and shared memory; and a modelled M = 1 bandwidth ceiling: an SM
 issues at most one warp-instruction per scheduler per cycle (4 per SM), so a loop of ``I``
 thread-instructions per weight streams at most ``4 * SMs * clock * 32 / I`` weights a second,
-times the bytes each weight takes. Where that is below HBM bandwidth, issue is the limit.
+times the bytes each weight takes; int -> float conversions (I2F) have a second ceiling, 16 a
+cycle per SM. Where the lower of the two is below HBM bandwidth, the loop, not memory, is the limit.
 Works with Triton 3.6 (the GPU machines) and 3.8.
 """
 
@@ -38,6 +39,7 @@ if str(REPO) not in sys.path:
 TARGET = ("cuda", 90, 32)
 # (SMs, boost clock GHz, HBM TB/s) for the modelled ceiling.
 GPUS = {"H100-SXM": (132, 1.98, 3.35), "H200": (132, 1.98, 4.8)}
+I2F_PER_SM_CYCLE = 16  # sm_90 throughput of 8/16/32-bit integer -> fp32 conversions
 
 
 @dataclass
@@ -83,7 +85,7 @@ def variants() -> list[Variant]:
     for group in (0, 128):
         for c in I8.GEMV_CONFIGS:
             res.append(Variant("int8_gemv", I8._int8_gemv_kernel, int8,
-                               {"GROUP": group, "HAS_BIAS": True, **I8.gemv_constexprs(c)},
+                               {"GROUP": group, "HAS_BIAS": True, **I8.gemv_constexprs(c), "FOLD": group == 0},
                                c.num_warps, c.num_stages, I8.gemv_weights_per_iter, 1.0))
     for c in gemms:
         res.append(Variant("int8_gemm", I8._int8_gemm_kernel, int8, {"GROUP": 0, **dot, **c.kwargs},
@@ -251,6 +253,9 @@ def analyse(v: Variant, gpu: str = "H200") -> dict:
     per_weight = len(ops) * threads / per_iter
     sms, ghz, hbm = GPUS[gpu]
     issue_gbs = 4 * sms * ghz * 32 / per_weight * v.bytes_per_weight  # GB/s the issue rate allows
+    i2f_per_weight = mix(ops).get("I2F", 0) * threads / per_iter
+    if i2f_per_weight:
+        issue_gbs = min(issue_gbs, I2F_PER_SM_CYCLE * sms * ghz / i2f_per_weight * v.bytes_per_weight)
     row = {
         "variant": v.name(), "family": v.family, "unit": v.unit, "found_loop": lp is not None or not v.loop,
         "per_weight": round(per_weight, 3), "loop_instructions": len(ops), "units_per_iteration": per_iter,
@@ -259,6 +264,7 @@ def analyse(v: Variant, gpu: str = "H200") -> dict:
         "shared": int(getattr(compiled.metadata, "shared", 0) or 0),
         "spill_instructions": sum(op.startswith(("LDL", "STL")) for op in all_ops),
         "bytes_per_unit": v.bytes_per_weight,
+        "I2F_per_weight": round(i2f_per_weight, 3),
         f"issue_ceiling_GBps_{gpu}": round(issue_gbs, 1),
         f"m1_ceiling_fraction_of_hbm_{gpu}": round(min(1.0, issue_gbs / (hbm * 1000)), 3),
     }
@@ -298,6 +304,7 @@ def print_table(rows: list[dict], gpu: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="", help="comma-separated families (int8_gemv, codebook4_gemv, ...)")
+    ap.add_argument("--per-family", type=int, default=0, help="at most this many variants a family (0: all)")
     ap.add_argument("--gpu", default="H200", choices=sorted(GPUS))
     ap.add_argument("--out", default="", help="JSON path (default benchmarks/results/sass-triton<version>.json)")
     args = ap.parse_args(argv)
@@ -305,9 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     only = {f for f in args.only.split(",") if f}
-    rows, failures = [], []
+    rows, failures, seen = [], [], {}
     for v in variants():
         if only and v.family not in only:
+            continue
+        seen[v.family] = seen.get(v.family, 0) + 1
+        if args.per_family and seen[v.family] > args.per_family:
             continue
         try:
             rows.append(analyse(v, args.gpu))

@@ -33,7 +33,8 @@ def variants():
     int8 = {"x_ptr": bf16, "q_ptr": "*i8", "s_ptr": "*fp32", **out}
     side = {"s_ptr": "*fp32", "book_ptr": "*fp32"}
     out = [
-        (I8._int8_gemv_kernel, int8, {"GROUP": g, "HAS_BIAS": True, "SPLIT_K": 1, **gemv.kwargs}, 4, 2)
+        (I8._int8_gemv_kernel, int8, {"GROUP": g, "HAS_BIAS": True, "SPLIT_K": 1, "FAST": True, "FOLD": g == 0,
+                                     **gemv.kwargs}, 4, 2)
         for g in (0, 32, 48, 128)
     ]
     out += [(I8._int8_gemm_kernel, int8, {"GROUP": g, **dot, **c.kwargs}, c.num_warps, c.num_stages)
