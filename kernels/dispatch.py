@@ -48,7 +48,7 @@ GEMV_MAX_M = 1
 # M from which dequantize + cuBLAS replaces the fused kernel, per format: each kernel file adds its
 # own entry (first guesses for H100: int8 and codebook GEMMs convert in registers and stay ahead of
 # a dequantize pass longer than 2:4, which has no FLOP saving, or CSR, whose gathers scale with M);
-# `benchmarks/kernels.py` prints the measured crossover to set them from.
+# `benchmarks/gpu_check.py` prints the measured crossover to set them from.
 DENSE_MIN_M: dict[str, int] = {}
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
