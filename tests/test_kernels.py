@@ -414,8 +414,8 @@ def test_torch_compile_sees_one_op(seed):
 
 
 def _benchmark_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
-    spec = importlib.util.spec_from_file_location("torchzip_bench_kernels", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("torchzip_bench_gpu_check", path)
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # as an import would (dataclasses look the module up)
     try:
@@ -432,5 +432,5 @@ def test_benchmark_script_imports_without_a_gpu():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no GPU")
 def test_benchmark_script_without_cuda_exits_with_a_message():
     with pytest.raises(SystemExit) as exc:
-        _benchmark_module().main(["--quick"])
+        _benchmark_module().main([])
     assert "CUDA" in str(exc.value.code)
