@@ -114,7 +114,7 @@ def variants() -> list[Variant]:
             res.append(Variant(f"sparse24_gemm_kind{kind}", S24._sparse24_gemm_kernel, s24,
                                {"KIND": kind, "GROUP": 0, **dot, **c.kwargs}, c.num_warps, c.num_stages,
                                lambda k: k["BLOCK_N"] * k["BLOCK_K"], (vbytes + 0.25) / 2))
-        csr = {"x_ptr": bf16, "rp_ptr": "*i32", "col_ptr": "*i16", "v_ptr": values, **side, **out}
+        csr = {"x_ptr": bf16, "rp_ptr": "*i32", "len_ptr": "*i32", "col_ptr": "*i16", "v_ptr": values, **side, **out}
         for c in CSR.CSR_CONFIGS:
             if c.kwargs["BLOCK_M"] != 1:
                 continue  # M = 1 configs: the ones the 90%-sparse GEMV target is about

@@ -209,6 +209,11 @@ def test_csr_kernel(seed, kind, dtype, m, with_bias):
     assert_reference_is_dequantize(x, w, bias, ref, seed)
     what = f"CSR {kind} {dtype} M={m} N={n} K={k} density={density:.2f} bias={with_bias}"
     check(csr.csr_matmul(x, *args), ref, dtype, seed, what)
+    # the aligned copy (what CsrWeight.kernel_linear passes): same result, padding never counted
+    segments = csr.aligned_segments(w.row_ptr, w.col_idx, w.values)
+    assert all(int(s) % csr.ALIGN == 0 for s in segments[0])
+    torch.testing.assert_close(segments[1], (w.row_ptr[1:] - w.row_ptr[:-1]).int(), rtol=0, atol=0)
+    check(csr.csr_matmul(x, *args, aligned=segments), ref, dtype, seed, what + " aligned")
 
 
 # ---- split-K -----------------------------------------------------------------------------------

@@ -57,11 +57,11 @@ def variants():
         out.append((S24._sparse24_gemv_kernel, s24, {"KIND": kind, "GROUP": group, "HAS_BIAS": True, "SPLIT_K": 1,
                                                     **S24.S24_GEMV_CONFIGS[0].kwargs}, 4, 2))
         out.append((S24._sparse24_gemm_kernel, s24, {"KIND": kind, "GROUP": 0, **dot, **small.kwargs}, 4, 4))
-        csr = {"x_ptr": bf16, "rp_ptr": "*i32", "col_ptr": "*i16", "v_ptr": values, **side, "b_ptr": bf16,
-               "out_ptr": bf16}
-        for c in (CSR.CSR_CONFIGS[2], CSR.CSR_CONFIGS[-3]):
-            out.append((CSR._csr_kernel, csr, {"KIND": kind, "GROUP": group, "HAS_BIAS": True, **c.kwargs},
-                        c.num_warps, 2))
+        csr = {"x_ptr": bf16, "rp_ptr": "*i32", "len_ptr": "*i32", "col_ptr": "*i16", "v_ptr": values, **side,
+               "b_ptr": bf16, "out_ptr": bf16}
+        for c, align in ((CSR.CSR_CONFIGS[2], CSR.ALIGN), (CSR.CSR_CONFIGS[-3], 1)):
+            out.append((CSR._csr_kernel, csr, {"KIND": kind, "GROUP": group, "HAS_BIAS": True, "ALIGN": align,
+                                               **c.kwargs}, c.num_warps, 2))
     tile = {"BLOCK_N": C.DQ_BLOCK_N, "BLOCK_K": C.DQ_BLOCK_K}
     out += [
         (I8._int8_dequant_kernel, {"q_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": bf16}, {"GROUP": 128, **tile}, 4, 1),

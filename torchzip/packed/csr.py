@@ -9,6 +9,8 @@ row- or column-major order, whichever codes smaller (:mod:`torchzip.export.strea
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -120,8 +122,33 @@ class CsrWeight(SparseValues, PackedWeight):
         from torchzip.kernels import csr
 
         return csr.csr_linear(
-            x, self.row_ptr, self.col_idx, self.values, self.scales, self.codebook, bias, self.group_size, self.shape[1]
+            x, self.row_ptr, self.col_idx, self.values, self.scales, self.codebook, bias, self.group_size, self.shape[1],
+            self._kernel_segments(),
         )
+
+    def _kernel_segments(self) -> list[torch.Tensor] | None:
+        """The kernel's aligned copy of the nonzeros (``kernels.csr.aligned_segments``): built on
+        first use, rebuilt when a buffer is replaced or changed in place. A torch.compile trace
+        never builds it (data-dependent sizes); without one the kernel reads the plain CSR."""
+        cached = self.__dict__.get("_segments")
+        bufs = (self.row_ptr, self.col_idx, self.values)
+        if torch.compiler.is_compiling():
+            return cached[2] if cached is not None else None
+        versions = tuple(t._version for t in bufs)
+        if cached is not None and all(r() is t for r, t in zip(cached[0], bufs)) and cached[1] == versions:
+            return cached[2]
+        from torchzip.kernels import csr
+
+        segments = csr.aligned_segments(*bufs)
+        # Weak references: the cache must not keep buffers alive after .to() replaces them.
+        self.__dict__["_segments"] = ([weakref.ref(t) for t in bufs], versions, segments)
+        return segments
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_segments", None)  # weak references do not pickle; the cache rebuilds itself
+        return state
 
     def encode(self, out):
         n, k = self.shape
