@@ -84,7 +84,7 @@ def variants() -> list[Variant]:
     int8 = {"x_ptr": bf16, "q_ptr": "*i8", "s_ptr": "*fp32", **out}
     for group in (0, 128):
         for c in I8.GEMV_CONFIGS:
-            res.append(Variant("int8_gemv", I8._int8_gemv_kernel, int8,
+            res.append(Variant("int8_gemv" if group == 0 else f"int8_gemv_g{group}", I8._int8_gemv_kernel, int8,
                                {"GROUP": group, "HAS_BIAS": True, **I8.gemv_constexprs(c), "FOLD": group == 0},
                                c.num_warps, c.num_stages, I8.gemv_weights_per_iter, 1.0))
     for c in gemms:
