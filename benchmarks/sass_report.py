@@ -98,7 +98,7 @@ def variants() -> list[Variant]:
                                {**CB.gemv_constexprs(bits, c), "HAS_BIAS": False},
                                c.num_warps, c.num_stages, CB.gemv_weights_per_iter, bits / 8 if bits == 4 else 0.4))
         per = {"BITS": bits, "PER": 32 // bits, "PER_P2": C.next_pow2(32 // bits)}
-        for c in gemms:
+        for c in (CB.GEMM_CONFIGS[1], CB.GEMM_CONFIGS[-1]):
             res.append(Variant(f"codebook{bits}_gemm", CB._codebook_gemm_kernel, cb, {**per, **dot, **c.kwargs},
                                c.num_warps, c.num_stages,
                                lambda k: k["BLOCK_N"] * (k["BLOCK_K"] // k["PER_P2"]) * k["PER"],

@@ -28,6 +28,16 @@ GEMV_CONFIGS = [
     ]
 ]
 INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_W": 8})
+# The GEMM's tiles: the shared list's BLOCK_K x BLOCK_N >= 16K tiles (and most 4-warp ones) spill
+# registers under Triton 3.6 (the unpacked [words, fields, N] index tile is large); these compile
+# without spills under 3.6 and 3.8 (benchmarks/sass_report.py).
+GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (16, 32, 128, 8, 3), (16, 64, 128, 8, 4), (32, 32, 128, 4, 4), (32, 64, 128, 8, 4),
+        (64, 64, 64, 8, 3), (64, 64, 128, 8, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
+    ]
+]
 # From this M on, dequantize + cuBLAS beats the fused kernel (see kernels.dispatch).
 dispatch.DENSE_MIN_M.setdefault("codebook", 512)
 
@@ -135,7 +145,7 @@ def _codebook_dequant_kernel(p_ptr, book_ptr, out_ptr, N, K, stride_pn, stride_b
 
 
 _gemv_tuned = C.tuned(_codebook_gemv_kernel, GEMV_CONFIGS, key=["N", "K", "BITS", "SPLIT_K"])
-_gemm_tuned = C.tuned(_codebook_gemm_kernel, C.GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "BITS", "SPLIT_K"],
+_gemm_tuned = C.tuned(_codebook_gemm_kernel, GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "BITS", "SPLIT_K"],
                       prune=C.prune_gemm)
 
 

@@ -50,7 +50,7 @@ def variants():
         out.append((CB._codebook_gemv_kernel, cb, {**per, "HAS_BIAS": False, "SPLIT_K": 1,
                                                    **CB.GEMV_CONFIGS[0].kwargs}, 4, 2))
         out += [(CB._codebook_gemm_kernel, cb, {**per, **dot, **c.kwargs}, c.num_warps, c.num_stages)
-                for c in (small, large)]
+                for c in (CB.GEMM_CONFIGS[1], CB.GEMM_CONFIGS[-1])]
     for kind, values in ((0, bf16), (1, "*i8"), (2, "*u8")):
         s24 = {"x_ptr": bf16, "v_ptr": values, "p_ptr": "*i32", **side, "b_ptr": bf16, "out_ptr": bf16}
         group = 64 if kind == 1 else 0
