@@ -57,17 +57,20 @@ def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def pick_split_k(x: torch.Tensor, programs: int, k: int, min_k_per_split: int = 512) -> int:
+def pick_split_k(x: torch.Tensor, programs: int, k: int, n: int, min_k_per_split: int = 512) -> int:
     """Split K when the grid would leave SMs idle: memory-bound kernels need every SM pulling.
 
-    ``programs`` is the grid size without splitting. Never split on the interpreter (nothing to
-    fill) or so far that a split gets fewer than ``min_k_per_split`` columns.
+    ``programs`` is the grid size without splitting, ``n`` the output width. Never split on the
+    interpreter (nothing to fill), so far that a split gets fewer than ``min_k_per_split``
+    columns, or so far that the ``[split, M, n]`` fp32 workspace needs 64-bit offsets.
     """
     if not x.is_cuda:
         return 1
     sms = num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    out_elems = x.shape[0] * n
     split = 1
-    while programs * split < 2 * sms and k // (2 * split) >= min_k_per_split and split < 16:
+    while (programs * split < 2 * sms and k // (2 * split) >= min_k_per_split and split < 16
+           and 2 * split * out_elems < 2**31):
         split *= 2
     return split
 
@@ -93,12 +96,11 @@ def finish_split_k(out: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | Non
 
 
 @triton.jit
-def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BLOCK: tl.constexpr):
+def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, MN, N, SPLIT_K, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros((BLOCK,), tl.float32)
-    for s in tl.static_range(SPLIT_K):
+    for s in range(SPLIT_K):  # a runtime count: one compiled reducer serves every split
         acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
@@ -118,7 +120,7 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
-def k_range(K, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+def k_range(K, SPLIT_K, BLOCK_K: tl.constexpr):
     """``[k_lo, k_hi)``: this program's share of the reduction when it is split ``SPLIT_K`` ways."""
     span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
     k_lo = tl.program_id(1) * span
@@ -126,7 +128,7 @@ def k_range(K, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def store_tile(acc, rm, rn, M, N, out_ptr, b_ptr, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+def store_tile(acc, rm, rn, M, N, out_ptr, b_ptr, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K):
     """Write an fp32 ``[BLOCK_M, BLOCK_N]`` tile of a contiguous ``[M, N]`` output.
 
     Unsplit: add bias, cast to the output dtype. Split-K: store fp32 partials at slice ``pid_k``
@@ -171,10 +173,15 @@ def config_kwargs(config: triton.Config) -> dict:
 
 
 def tuned(kernel, configs: list[triton.Config], key: list[str], prune=None):
-    """``triton.autotune`` over ``configs`` on a GPU; None on the interpreter (it cannot time)."""
+    """``triton.autotune`` over ``configs`` on a GPU; None on the interpreter (it cannot time).
+
+    Results are cached on disk (Triton's cache directory, keyed by kernel source, key values and
+    device), so a new process reuses them instead of timing every config again.
+    """
     if interpreting():
         return None
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)(kernel)
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None,
+                           cache_results=True)(kernel)
 
 
 def launch(kernel, autotuned, grid, args: tuple, config: triton.Config | None, default: triton.Config, **constexprs):

@@ -28,8 +28,28 @@ GEMV_CONFIGS = [
     ]
 ]
 INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_W": 8})
+# The GEMM's tiles: the shared list's BLOCK_K x BLOCK_N >= 16K tiles (and most 4-warp ones) spill
+# registers under Triton 3.6 (the unpacked [words, fields, N] index tile is large); these compile
+# without spills under 3.6 and 3.8 (benchmarks/sass_report.py).
+GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (16, 32, 128, 8, 3), (16, 64, 128, 8, 4), (32, 32, 128, 4, 4), (32, 64, 128, 8, 4),
+        (64, 64, 64, 8, 3), (64, 64, 128, 8, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
+    ]
+]
 # From this M on, dequantize + cuBLAS beats the fused kernel (see kernels.dispatch).
 dispatch.DENSE_MIN_M.setdefault("codebook", 512)
+
+
+def gemv_constexprs(bits: int, config: triton.Config) -> dict:
+    """Constexprs of the GEMV for ``bits`` and a launch config (benchmarks/sass_report.py)."""
+    return {"BITS": bits, "PER": 32 // bits, "PER_P2": C.next_pow2(32 // bits), "SPLIT_K": 1, **config.kwargs}
+
+
+def gemv_weights_per_iter(constexprs: dict) -> int:
+    """Weights one iteration of the GEMV's loop consumes."""
+    return constexprs["BLOCK_N"] * constexprs["BLOCK_W"] * constexprs["PER"]
 
 
 @triton.jit
@@ -46,7 +66,7 @@ def codebook_tile(p_ptr, book_ptr, rows, cols, mask, stride_pn, stride_b, BITS: 
 @triton.jit
 def _codebook_gemv_kernel(
     x_ptr, p_ptr, book_ptr, b_ptr, out_ptr, M, N, K, W, stride_xm, stride_pn, stride_b,
-    BITS: tl.constexpr, PER: tl.constexpr, PER_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BITS: tl.constexpr, PER: tl.constexpr, PER_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -76,7 +96,7 @@ def _codebook_gemv_kernel(
 @triton.jit
 def _codebook_gemm_kernel(
     x_ptr, p_ptr, book_ptr, b_ptr, out_ptr, M, N, K, W, stride_xm, stride_pn, stride_b, M_BUCKET,
-    BITS: tl.constexpr, PER: tl.constexpr, PER_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BITS: tl.constexpr, PER: tl.constexpr, PER_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -125,7 +145,7 @@ def _codebook_dequant_kernel(p_ptr, book_ptr, out_ptr, N, K, stride_pn, stride_b
 
 
 _gemv_tuned = C.tuned(_codebook_gemv_kernel, GEMV_CONFIGS, key=["N", "K", "BITS", "SPLIT_K"])
-_gemm_tuned = C.tuned(_codebook_gemm_kernel, C.GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "BITS", "SPLIT_K"],
+_gemm_tuned = C.tuned(_codebook_gemm_kernel, GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "BITS", "SPLIT_K"],
                       prune=C.prune_gemm)
 
 
@@ -152,7 +172,7 @@ def codebook_gemv(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor,
     x2, packed, codebook, stride_b = _prepare(x, packed, codebook, bits, k)
     m, (n, words) = x2.shape[0], packed.shape
     per = 32 // bits
-    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 8) * m, k)
+    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 8) * m, k, n)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
     if m and n:
         C.launch(
@@ -171,7 +191,7 @@ def codebook_gemm(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor,
     x2, packed, codebook, stride_b = _prepare(x, packed, codebook, bits, k)
     m, n = x2.shape[0], packed.shape[0]
     bucket = min(C.next_pow2(m), 256)
-    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 64) * triton.cdiv(m, min(max(bucket, 16), 64)), k)
+    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 64) * triton.cdiv(m, min(max(bucket, 16), 64)), k, n)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
     if m and n:
         C.launch(

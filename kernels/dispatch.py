@@ -48,7 +48,7 @@ GEMV_MAX_M = 1
 # M from which dequantize + cuBLAS replaces the fused kernel, per format: each kernel file adds its
 # own entry (first guesses for H100: int8 and codebook GEMMs convert in registers and stay ahead of
 # a dequantize pass longer than 2:4, which has no FLOP saving, or CSR, whose gathers scale with M);
-# `benchmarks/kernels.py` prints the measured crossover to set them from.
+# `benchmarks/gpu_check.py` prints the measured crossover to set them from.
 DENSE_MIN_M: dict[str, int] = {}
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -90,14 +90,32 @@ def force_kernels(enabled: bool = True) -> Iterator[None]:
         _forced = before
 
 
-# Kernels index weights with int32 offsets: weights of 2**31 or more elements (a 256k-vocab x 8192
-# LM head) are run in row chunks below that size.
+# Kernels index weights, activations, outputs and split-K workspaces with int32 offsets: weights of
+# 2**31 or more elements (a 256k-vocab x 8192 LM head) run in row chunks below that size, and so do
+# activations whose [M, K] input or [M, N] output would pass it (split-K workspaces are kept under
+# it by _common.pick_split_k).
 MAX_KERNEL_ELEMENTS = 2**31 - 1
 
 
 def row_chunks(n: int, k: int) -> list[slice]:
     step = max(1, MAX_KERNEL_ELEMENTS // max(k, 1))
     return [slice(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+def activation_chunks(m: int, n: int, k: int) -> list[slice]:
+    """Row ranges of a ``[m, k]`` activation whose input and ``[m, n]`` output stay int32-indexable."""
+    step = max(1, MAX_KERNEL_ELEMENTS // max(k, n, 1))
+    return [slice(start, min(start + step, m)) for start in range(0, max(m, 1), step)]
+
+
+@contextlib.contextmanager
+def on_device(x: Tensor) -> Iterator[None]:
+    """Launch on ``x``'s GPU (Triton launches on the current device, which may be another one)."""
+    if x.is_cuda:
+        with torch.cuda.device(x.device):
+            yield
+    else:
+        yield
 
 
 def part(a, n: int, rows: slice):
@@ -107,7 +125,18 @@ def part(a, n: int, rows: slice):
 
 
 def by_rows(impl, n: int, k: int, x: Tensor, *args):
-    """``impl(x, *args)``, concatenated over row chunks when the weight is too big for int32 offsets."""
+    """``impl(x, *args)`` on ``x``'s device, in weight-row and activation-row chunks where the
+    weight, the activations or the output are too big for int32 offsets."""
+    with on_device(x):
+        x2 = x.reshape(-1, x.shape[-1])
+        pieces = activation_chunks(x2.shape[0], n, k)
+        if len(pieces) > 1:
+            out = torch.cat([_by_weight_rows(impl, n, k, x2[rows], args) for rows in pieces], dim=0)
+            return out.view(*x.shape[:-1], n)
+        return _by_weight_rows(impl, n, k, x, args)
+
+
+def _by_weight_rows(impl, n: int, k: int, x: Tensor, args: tuple):
     chunks = row_chunks(n, k)
     if len(chunks) == 1:
         return impl(x, *args)

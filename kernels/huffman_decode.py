@@ -15,6 +15,8 @@ Runs on CPU under ``TRITON_INTERPRET=1`` (set before importing triton), which th
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import triton
@@ -79,6 +81,24 @@ def decode_triton(
     of two) is the number of lanes per program; small blocks spread a stream's few hundred or
     thousand lanes over more GPU cores. ``device`` may be ``"cpu"`` under ``TRITON_INTERPRET=1``.
     """
+    job = prepare_decode(stream, device, block)
+    if isinstance(job, torch.Tensor):
+        return job
+    job.launch()
+    return job.finish()
+
+
+class DecodeJob:
+    """A stream's decode with its buffers already on the device: :meth:`launch` runs only the
+    kernel (what ``benchmarks/gpu_check.py`` times), :meth:`finish` checks and expands the codes."""
+
+    def __init__(self, launch, finish) -> None:
+        self.launch, self.finish = launch, finish
+
+
+def prepare_decode(stream: HuffmanStream, device: torch.device | str = "cuda", block: int = 64) -> "DecodeJob | torch.Tensor":
+    """Check ``stream``, copy its words and table to ``device``: a :class:`DecodeJob`, or the
+    symbols themselves when no kernel is needed (empty or single-symbol streams)."""
     payload = check_stream(stream)
     n, g = int(stream.n_symbols), int(stream.group)
     m = -(-n // g)
@@ -113,14 +133,21 @@ def decode_triton(
     codes = torch.empty(m, dtype=torch.int32, device=device)
     ends_d = torch.empty(lanes, dtype=torch.int64, device=device)
     grid = (triton.cdiv(lanes, block),)
-    _huffman_decode_kernel[grid](
-        words_d, words.size, table_d, starts_d, codes, ends_d, lanes, m, -(-m // lanes),
-        WIDTH=width, BLOCK=block, num_warps=max(1, min(block // 32, 4)),
-    )
 
-    check_chunk_ends(ends_d.cpu().numpy(), chunk_bits, payload)
-    if expand is None:
-        return codes
-    symbols = expand.to(device)[codes.long()].reshape(-1)
-    check_group_padding(symbols[n:].cpu().numpy(), n)
-    return symbols[:n]
+    def launch() -> None:
+        # Triton launches on the current CUDA device: make it the one the buffers are on.
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            _huffman_decode_kernel[grid](
+                words_d, words.size, table_d, starts_d, codes, ends_d, lanes, m, -(-m // lanes),
+                WIDTH=width, BLOCK=block, num_warps=max(1, min(block // 32, 4)),
+            )
+
+    def finish() -> torch.Tensor:
+        check_chunk_ends(ends_d.cpu().numpy(), chunk_bits, payload)
+        if expand is None:
+            return codes
+        symbols = expand.to(device)[codes.long()].reshape(-1)
+        check_group_padding(symbols[n:].cpu().numpy(), n)
+        return symbols[:n]
+
+    return DecodeJob(launch, finish)

@@ -1,7 +1,7 @@
 """int8 weight-only matmul: ``x @ (qweight * scales).T + bias`` with fp32 accumulation.
 
-Two kernels: a GEMV for one activation row (weight streamed once with wide int8 loads, products
-kept in a 2-D fp32 accumulator and reduced once at the end) and a tiled ``tl.dot`` GEMM for
+Two kernels: a GEMV for one activation row (weight streamed once, int8 -> fp32 through fp16 bit
+patterns instead of I2F, products kept in a 2-D fp32 accumulator and reduced once at the end) and a tiled ``tl.dot`` GEMM for
 more rows (weight tile converted to the activation dtype in registers). Both can split K across
 programs when the grid is too small to keep every SM loading. A dequantize kernel writes the
 dense weight for large M (then cuBLAS); the ``torchzip::int8_linear`` op picks among them.
@@ -17,13 +17,15 @@ from torch import Tensor
 from torchzip.kernels import _common as C
 from torchzip.kernels import dispatch
 
-# GEMV (M == 1): BLOCK_N rows x BLOCK_K int8 columns per step; 512-1024 bytes a row keeps 16-byte
-# loads on every thread, a few rows per program keeps thousands of programs for big N.
+# GEMV (M == 1): BLOCK_N rows x BLOCK_K int8 columns per step. Each thread holds 8 consecutive
+# columns of BLOCK_N // 1 rows (8-byte weight loads); BLOCK_K spans 256 columns per warp, so the
+# activations' own 16-byte loads land in the same threads as the weights they meet (no shared-memory
+# round trip, no barrier) and each converted activation serves all of the thread's rows.
 GEMV_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bn, bk, w, s in [
-        (2, 1024, 4, 2), (4, 512, 4, 2), (4, 1024, 4, 2), (8, 512, 4, 2),
-        (8, 256, 4, 3), (8, 1024, 8, 2), (16, 256, 4, 2), (16, 512, 8, 2),
+        (8, 256, 1, 2), (8, 512, 2, 2), (4, 1024, 4, 2), (8, 1024, 4, 2),
+        (4, 2048, 8, 2), (8, 2048, 8, 2), (2, 1024, 4, 3), (4, 512, 2, 2),
     ]
 ]
 # The interpreter runs programs one after another in Python: few, mid-sized blocks are fastest
@@ -31,12 +33,62 @@ GEMV_CONFIGS = [
 INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_K": 64})
 # From this M on, dequantize + cuBLAS beats the fused kernel (see kernels.dispatch).
 dispatch.DENSE_MIN_M.setdefault("int8", 512)
+# int8 q as the fp16 bit pattern 0x6400 | (q ^ 0x80), i.e. 1024 + (q + 128): exact, and no I2F
+# (a quarter-rate conversion that would cap an H200 below its HBM bandwidth).
+MAGIC_BIAS = 1152.0
+
+
+def gemv_constexprs(config: triton.Config) -> dict:
+    """Constexprs of the GEMV for a launch config (benchmarks/sass_report.py compiles these)."""
+    return {"SPLIT_K": 1, "FAST": True, "FOLD": True, **config.kwargs}
+
+
+def gemv_weights_per_iter(constexprs: dict) -> int:
+    """Weights one iteration of the GEMV's loop consumes."""
+    return constexprs["BLOCK_N"] * constexprs["BLOCK_K"]
+
+
+@triton.jit
+def int8_as_f32(q, FAST: tl.constexpr, EXACT: tl.constexpr):
+    """int8 weights as fp32: ``q`` (EXACT) or ``q + MAGIC_BIAS`` (the caller subtracts the bias
+    times the activation sum once per row).
+
+    FAST (a GPU): per 4 weights one XOR, two byte permutes that build fp16 pairs
+    ``1024 + (q + 128)``, in EXACT mode two fp16x2 subtracts of 1152, and four fp16 -> fp32
+    conversions. The interpreter cannot run inline PTX; it computes the same values directly.
+    """
+    if FAST:
+        if EXACT:
+            return tl.inline_asm_elementwise(
+                """{ .reg .b32 t, lo, hi, bias; .reg .b16 h0, h1, h2, h3;
+                xor.b32 t, $4, 0x80808080;
+                prmt.b32 lo, t, 0x64646464, 0x4140;
+                prmt.b32 hi, t, 0x64646464, 0x4342;
+                mov.b32 bias, 0x64806480;
+                sub.rn.f16x2 lo, lo, bias;
+                sub.rn.f16x2 hi, hi, bias;
+                mov.b32 {h0, h1}, lo;
+                mov.b32 {h2, h3}, hi;
+                cvt.f32.f16 $0, h0; cvt.f32.f16 $1, h1; cvt.f32.f16 $2, h2; cvt.f32.f16 $3, h3; }""",
+                "=r,=r,=r,=r,r", [q], dtype=tl.float32, is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 t, lo, hi; .reg .b16 h0, h1, h2, h3;
+            xor.b32 t, $4, 0x80808080;
+            prmt.b32 lo, t, 0x64646464, 0x4140;
+            prmt.b32 hi, t, 0x64646464, 0x4342;
+            mov.b32 {h0, h1}, lo;
+            mov.b32 {h2, h3}, hi;
+            cvt.f32.f16 $0, h0; cvt.f32.f16 $1, h1; cvt.f32.f16 $2, h2; cvt.f32.f16 $3, h3; }""",
+            "=r,=r,=r,=r,r", [q], dtype=tl.float32, is_pure=True, pack=4)
+    if EXACT:
+        return q.to(tl.float32)
+    return q.to(tl.float32) + 1152.0  # MAGIC_BIAS
 
 
 @triton.jit
 def _int8_gemv_kernel(
     x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K, FAST: tl.constexpr, FOLD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -52,27 +104,35 @@ def _int8_gemv_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_K // GROUP), tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    x_sum = tl.zeros((BLOCK_K,), tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
+        # Runs of 8 columns a thread: 8-byte weight loads whose threads match the x loads'.
+        rk = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), 8), 8)
         k_mask = rk < k_hi
         x = tl.load(x_ptr + m * stride_xm + rk, mask=k_mask, other=0.0).to(tl.float32)
         q = tl.load(q_ptr + rn[:, None] * stride_qn + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
-        prod = q.to(tl.float32) * x[None, :]
-        if GROUP == 0:
-            acc += prod
-        elif GROUP % BLOCK_K == 0:
-            s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)
-            acc += prod * s[:, None]
-        elif BLOCK_K % GROUP == 0:
-            rg = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
-            s = tl.load(s_ptr + rn[:, None] * stride_sn + rg[None, :], mask=n_mask[:, None] & (rg[None, :] * GROUP < K),
-                        other=0.0)
-            acc += tl.sum(tl.reshape(prod, (BLOCK_N, BLOCK_K // GROUP, GROUP)), 2) * s
-        else:  # group size not a power of two: one scale per weight, gathered from L1
-            s = tl.load(s_ptr + rn[:, None] * stride_sn + rk[None, :] // GROUP, mask=n_mask[:, None] & k_mask[None, :],
-                        other=0.0)
-            acc += prod * s
+        if FOLD:  # per channel, 16-bit activations: the bias comes off as MAGIC_BIAS * sum(x)
+            x_sum += x
+            acc += int8_as_f32(q, FAST, False) * x[None, :]
+        else:  # groups keep I2F: the asm's extra unpacking would outweigh it next to their scaling
+            prod = int8_as_f32(q, FAST and GROUP == 0, True) * x[None, :]
+            if GROUP == 0:
+                acc += prod
+            elif GROUP % BLOCK_K == 0:
+                s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0)
+                acc += prod * s[:, None]
+            elif BLOCK_K % GROUP == 0:
+                rg = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+                s = tl.load(s_ptr + rn[:, None] * stride_sn + rg[None, :],
+                            mask=n_mask[:, None] & (rg[None, :] * GROUP < K), other=0.0)
+                acc += tl.sum(tl.reshape(prod, (BLOCK_N, BLOCK_K // GROUP, GROUP)), 2) * s
+            else:  # group size not a power of two: one scale per weight, gathered from L1
+                s = tl.load(s_ptr + rn[:, None] * stride_sn + rk[None, :] // GROUP,
+                            mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+                acc += prod * s
     out = tl.sum(acc, 1)
+    if FOLD:
+        out -= 1152.0 * tl.sum(x_sum, 0)  # MAGIC_BIAS
     if GROUP == 0:
         out *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0)
     C.store_tile(out[None, :], m + tl.arange(0, 1), rn, M, N, out_ptr, b_ptr, pid_k, HAS_BIAS, SPLIT_K)
@@ -81,7 +141,7 @@ def _int8_gemv_kernel(
 @triton.jit
 def _int8_gemm_kernel(
     x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn, M_BUCKET,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -129,7 +189,7 @@ def _int8_dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, stride_qn, stride_sn, GROU
     tl.store(out_ptr + rn * K + rk, (q.to(tl.float32) * s).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_gemv_tuned = C.tuned(_int8_gemv_kernel, GEMV_CONFIGS, key=["N", "K", "GROUP", "SPLIT_K"])
+_gemv_tuned = C.tuned(_int8_gemv_kernel, GEMV_CONFIGS, key=["N", "K", "GROUP", "SPLIT_K", "FOLD"])
 _gemm_tuned = C.tuned(_int8_gemm_kernel, C.GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "SPLIT_K"], prune=C.prune_gemm)
 
 
@@ -153,13 +213,14 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
     x2 = C.as_2d(x)
     (m, k), n = x2.shape, qweight.shape[0]
     qweight, scales = qweight.contiguous(), scales.contiguous()
-    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 8) * m, k)
+    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 8) * m, k, n)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
     if m and n:
         C.launch(
             _int8_gemv_kernel, _gemv_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, split),
             (x2, qweight, scales, bias, ws, m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0)),
             config, INTERP_GEMV, GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split,
+            FAST=not C.interpreting(), FOLD=group_size == 0 and x.dtype != torch.float32,
         )
         C.finish_split_k(out, ws, bias, split)
     return out.view(*x.shape[:-1], n)
@@ -173,7 +234,7 @@ def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
     (m, k), n = x2.shape, qweight.shape[0]
     qweight, scales = qweight.contiguous(), scales.contiguous()
     bucket = min(C.next_pow2(m), 256)
-    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 64) * triton.cdiv(m, min(max(bucket, 16), 64)), k)
+    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 64) * triton.cdiv(m, min(max(bucket, 16), 64)), k, n)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
     if m and n:
         C.launch(

@@ -2,8 +2,9 @@
 
 Kept value ``j`` of row ``n`` sits at column ``4 * (j // 2) + pos``, the 2-bit ``pos`` packed 16
 to an int32 word. The GEMV walks the kept values (half the columns) and gathers the activations
-they need; the GEMM rebuilds a dense ``[K, N]`` weight tile in registers for ``tl.dot`` (each
-column picks the kept value of its group whose position matches, or 0); a dequantize kernel
+they need; the GEMM rebuilds a dense ``[K, N]`` weight tile in registers for ``tl.dot`` from the
+kept values, each loaded and decoded once (each column picks the kept value of its group whose
+position matches, or 0); a dequantize kernel
 writes the dense weight for cuBLAS at large M. The ``torchzip::sparse24_linear`` op picks.
 """
 
@@ -30,10 +31,20 @@ S24_INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_W": 4})
 dispatch.DENSE_MIN_M.setdefault("sparse24", 256)
 
 
+def gemv_constexprs(config: triton.Config) -> dict:
+    """Constexprs of the GEMV for a launch config (benchmarks/sass_report.py compiles these)."""
+    return {"SPLIT_K": 1, **config.kwargs}
+
+
+def gemv_values_per_iter(constexprs: dict) -> int:
+    """Kept values one iteration of the GEMV's loop consumes."""
+    return constexprs["BLOCK_N"] * constexprs["BLOCK_W"] * 16
+
+
 @triton.jit
 def sparse24_tile(v_ptr, p_ptr, s_ptr, book_ptr, rows, cols, mask, stride_vn, stride_pn, stride_sn, stride_b,
                   KIND: tl.constexpr, GROUP: tl.constexpr):
-    """Dense fp32 weights at broadcastable ``rows`` x ``cols`` (GEMM and dequantizer).
+    """Dense fp32 weights at broadcastable ``rows`` x ``cols`` (the dequantizer).
 
     Column c belongs to group c // 4, whose kept values are j0 = 2 * (c // 4) and j0 + 1; both
     positions sit in one word (j0 is even). The column takes the kept value whose position is
@@ -51,10 +62,38 @@ def sparse24_tile(v_ptr, p_ptr, s_ptr, book_ptr, rows, cols, mask, stride_vn, st
 
 
 @triton.jit
+def dense24_tile(v_ptr, p_ptr, s_ptr, book_ptr, rn, n_mask, k0, k_hi, stride_vn, stride_pn, stride_sn, stride_b,
+                 KIND: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The dense fp32 ``[BLOCK_K, len(rn)]`` weight tile at columns ``k0 + arange(BLOCK_K)`` (the GEMM).
+
+    Built from the kept values rather than per dense column: each kept value and position word is
+    loaded once (wide loads along K, one word per 16 values) and decoded once; then each dense
+    column of a group of 4 picks, by comparing positions, its kept value or 0.
+    """
+    tl.static_assert(BLOCK_K % 32 == 0)  # whole position words
+    BLOCK_J: tl.constexpr = BLOCK_K // 2
+    BN: tl.constexpr = rn.shape[0]
+    rj = k0 // 2 + tl.arange(0, BLOCK_J)
+    mask = (rj[:, None] < k_hi // 2) & n_mask[None, :]  # k_hi // 2: runs of 8 share a mask bit, so loads stay wide
+    v = tl.load(v_ptr + rn[None, :] * stride_vn + rj[:, None], mask=mask, other=0)
+    rw = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    words = tl.load(p_ptr + rn[None, :] * stride_pn + rw[:, None], mask=(rw[:, None] * 32 < k_hi) & n_mask[None, :],
+                    other=0)
+    pos = tl.reshape((words[:, None, :] >> (tl.arange(0, 16) * 2)[None, :, None]) & 3, (BLOCK_J, BN))
+    w = C.decode(v, rn[None, :], (rj[:, None] // 2) * 4 + pos, mask, s_ptr, stride_sn, book_ptr, stride_b, KIND, GROUP)
+    w = tl.where(mask, w, 0.0)
+    # [groups, 2 kept, N] -> [groups, 4 columns, N]: a column takes the kept value whose position it is.
+    slot = tl.arange(0, 4)[None, None, :, None]
+    w3, p3 = tl.reshape(w, (BLOCK_K // 4, 2, BN)), tl.reshape(pos, (BLOCK_K // 4, 2, BN))
+    dense = tl.sum(tl.where(p3[:, :, None, :] == slot, w3[:, :, None, :], 0.0), axis=1)
+    return tl.reshape(dense, (BLOCK_K, BN))
+
+
+@triton.jit
 def _sparse24_gemv_kernel(
     x_ptr, v_ptr, p_ptr, s_ptr, book_ptr, b_ptr, out_ptr, M, N, J, PW,
     stride_xm, stride_vn, stride_pn, stride_sn, stride_b,
-    KIND: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    KIND: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -87,7 +126,7 @@ def _sparse24_gemv_kernel(
 def _sparse24_gemm_kernel(
     x_ptr, v_ptr, p_ptr, s_ptr, book_ptr, b_ptr, out_ptr, M, N, K,
     stride_xm, stride_vn, stride_pn, stride_sn, stride_b, M_BUCKET,
-    KIND: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    KIND: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -103,9 +142,8 @@ def _sparse24_gemm_kernel(
         rk = k0 + tl.arange(0, BLOCK_K)
         k_mask = rk < k_hi
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        wmask = k_mask[:, None] & n_mask[None, :]
-        w = sparse24_tile(v_ptr, p_ptr, s_ptr, book_ptr, rn[None, :], rk[:, None], wmask,
-                          stride_vn, stride_pn, stride_sn, stride_b, KIND, GROUP)
+        w = dense24_tile(v_ptr, p_ptr, s_ptr, book_ptr, rn, n_mask, k0, k_hi, stride_vn, stride_pn, stride_sn,
+                         stride_b, KIND, GROUP, BLOCK_K)
         w = w.to(x_ptr.dtype.element_ty).to(DOT_DTYPE)
         acc = tl.dot(x.to(DOT_DTYPE), w, acc, input_precision=PRECISION)
     if KIND == 1 and GROUP == 0:
@@ -153,7 +191,7 @@ def sparse24_gemv(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
     m, n = x2.shape[0], values.shape[0]
     kind, scales, stride_s, codebook, stride_b = C.value_args(scales, codebook, n)
     pw = positions.shape[1]
-    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 8) * m, k)
+    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 8) * m, k, n)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
     if m and n:
         C.launch(
@@ -174,7 +212,7 @@ def sparse24_gemm(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
     m, n = x2.shape[0], values.shape[0]
     kind, scales, stride_s, codebook, stride_b = C.value_args(scales, codebook, n)
     bucket = min(C.next_pow2(m), 256)
-    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 64) * triton.cdiv(m, min(max(bucket, 16), 64)), k)
+    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 64) * triton.cdiv(m, min(max(bucket, 16), 64)), k, n)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
     if m and n:
         C.launch(

@@ -209,6 +209,11 @@ def test_csr_kernel(seed, kind, dtype, m, with_bias):
     assert_reference_is_dequantize(x, w, bias, ref, seed)
     what = f"CSR {kind} {dtype} M={m} N={n} K={k} density={density:.2f} bias={with_bias}"
     check(csr.csr_matmul(x, *args), ref, dtype, seed, what)
+    # the aligned copy (what CsrWeight.kernel_linear passes): same result, padding never counted
+    segments = csr.aligned_segments(w.row_ptr, w.col_idx, w.values)
+    assert all(int(s) % csr.ALIGN == 0 for s in segments[0])
+    torch.testing.assert_close(segments[1], (w.row_ptr[1:] - w.row_ptr[:-1]).int(), rtol=0, atol=0)
+    check(csr.csr_matmul(x, *args, aligned=segments), ref, dtype, seed, what + " aligned")
 
 
 # ---- split-K -----------------------------------------------------------------------------------
@@ -319,6 +324,23 @@ def test_big_weights_run_in_row_chunks(seed, monkeypatch):
             check(out, w.linear(x, bias).double(), dtype, seed, f"{w.format_name} {w.extra_repr()} M={m} in chunks")
 
 
+def test_big_activations_run_in_row_chunks(seed, monkeypatch):
+    """Activations whose [M, K] input or [M, N] output pass int32 offsets run in activation-row
+    chunks (limit lowered to force ragged chunks of both activations and weight rows)."""
+    dtype = torch.float32
+    n, k = pick_n(), pick_k(16)
+    limit = 5 * max(n, k)
+    monkeypatch.setattr(dispatch, "MAX_KERNEL_ELEMENTS", limit)
+    assert len(dispatch.activation_chunks(12, n, k)) == 3
+    x = torch.randn(3, 4, k, dtype=dtype)  # 12 rows: chunks of 5, 5, 2
+    for w in packed_weights(n, k, dtype):
+        bias = torch.randn(n, dtype=dtype)
+        with dispatch.force_kernels():
+            out = w.linear(x, bias)
+        assert out.shape == (3, 4, n)
+        check(out, w.linear(x, bias).double(), dtype, seed, f"{w.format_name} {w.extra_repr()} in activation chunks")
+
+
 def test_dispatch_paths(monkeypatch):
     """The op picks GEMV / fused / dequantize + F.linear by M."""
     calls = []
@@ -397,8 +419,8 @@ def test_torch_compile_sees_one_op(seed):
 
 
 def _benchmark_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
-    spec = importlib.util.spec_from_file_location("torchzip_bench_kernels", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("torchzip_bench_gpu_check", path)
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # as an import would (dataclasses look the module up)
     try:
@@ -415,5 +437,5 @@ def test_benchmark_script_imports_without_a_gpu():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no GPU")
 def test_benchmark_script_without_cuda_exits_with_a_message():
     with pytest.raises(SystemExit) as exc:
-        _benchmark_module().main(["--quick"])
+        _benchmark_module().main([])
     assert "CUDA" in str(exc.value.code)

@@ -33,7 +33,8 @@ def variants():
     int8 = {"x_ptr": bf16, "q_ptr": "*i8", "s_ptr": "*fp32", **out}
     side = {"s_ptr": "*fp32", "book_ptr": "*fp32"}
     out = [
-        (I8._int8_gemv_kernel, int8, {"GROUP": g, "HAS_BIAS": True, "SPLIT_K": 1, **gemv.kwargs}, 4, 2)
+        (I8._int8_gemv_kernel, int8, {"GROUP": g, "HAS_BIAS": True, "SPLIT_K": 1, "FAST": True, "FOLD": g == 0,
+                                     **gemv.kwargs}, 4, 2)
         for g in (0, 32, 48, 128)
     ]
     out += [(I8._int8_gemm_kernel, int8, {"GROUP": g, **dot, **c.kwargs}, c.num_warps, c.num_stages)
@@ -49,18 +50,18 @@ def variants():
         out.append((CB._codebook_gemv_kernel, cb, {**per, "HAS_BIAS": False, "SPLIT_K": 1,
                                                    **CB.GEMV_CONFIGS[0].kwargs}, 4, 2))
         out += [(CB._codebook_gemm_kernel, cb, {**per, **dot, **c.kwargs}, c.num_warps, c.num_stages)
-                for c in (small, large)]
+                for c in (CB.GEMM_CONFIGS[1], CB.GEMM_CONFIGS[-1])]
     for kind, values in ((0, bf16), (1, "*i8"), (2, "*u8")):
         s24 = {"x_ptr": bf16, "v_ptr": values, "p_ptr": "*i32", **side, "b_ptr": bf16, "out_ptr": bf16}
         group = 64 if kind == 1 else 0
         out.append((S24._sparse24_gemv_kernel, s24, {"KIND": kind, "GROUP": group, "HAS_BIAS": True, "SPLIT_K": 1,
                                                     **S24.S24_GEMV_CONFIGS[0].kwargs}, 4, 2))
         out.append((S24._sparse24_gemm_kernel, s24, {"KIND": kind, "GROUP": 0, **dot, **small.kwargs}, 4, 4))
-        csr = {"x_ptr": bf16, "rp_ptr": "*i32", "col_ptr": "*i16", "v_ptr": values, **side, "b_ptr": bf16,
-               "out_ptr": bf16}
-        for c in (CSR.CSR_CONFIGS[2], CSR.CSR_CONFIGS[-3]):
-            out.append((CSR._csr_kernel, csr, {"KIND": kind, "GROUP": group, "HAS_BIAS": True, **c.kwargs},
-                        c.num_warps, 2))
+        csr = {"x_ptr": bf16, "rp_ptr": "*i32", "len_ptr": "*i32", "col_ptr": "*i16", "v_ptr": values, **side,
+               "b_ptr": bf16, "out_ptr": bf16}
+        for c, align in ((CSR.CSR_CONFIGS[2], CSR.ALIGN), (CSR.CSR_CONFIGS[-3], 1)):
+            out.append((CSR._csr_kernel, csr, {"KIND": kind, "GROUP": group, "HAS_BIAS": True, "ALIGN": align,
+                                               **c.kwargs}, c.num_warps, 2))
     tile = {"BLOCK_N": C.DQ_BLOCK_N, "BLOCK_K": C.DQ_BLOCK_K}
     out += [
         (I8._int8_dequant_kernel, {"q_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": bf16}, {"GROUP": 128, **tile}, 4, 1),
@@ -82,6 +83,8 @@ def compile_all() -> int:
 
     failures = 0
     for kernel, pointers, constexprs, num_warps, num_stages in variants():
+        if constexprs.get("SPLIT_K", 1) != 1:  # a runtime argument; only the value 1 is specialised
+            constexprs = {k: v for k, v in constexprs.items() if k != "SPLIT_K"}
         signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in kernel.arg_names}
         # Real launches specialise 16-byte aligned pointers and sizes/strides divisible by 16;
         # M (activation rows) is the one size that usually is not.

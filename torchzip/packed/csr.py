@@ -9,13 +9,19 @@ row- or column-major order, whichever codes smaller (:mod:`torchzip.export.strea
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
+from torchzip.errors import FormatError
 from torchzip.export.streams import gaps_decode, gaps_encode
 from torchzip.packed.base import PackedWeight, WeightState, register_format
 from torchzip.packed.values import (CodebookValues, Int8Values, SparseValues, check_value_args, decode_side,
                                     decode_values_stream, encode_values, stored_values)
+
+
+INT32_MAX = 2**31 - 1  # row_ptr is int32: a CSR weight holds at most this many nonzeros
 
 
 @register_format
@@ -28,6 +34,11 @@ class CsrWeight(SparseValues, PackedWeight):
     def __init__(self, row_ptr, col_idx, values, shape, dtype, scales=None, codebook=None, group_size: int = 0) -> None:
         PackedWeight.__init__(self, shape, dtype)
         self._init_values(values, scales, codebook, group_size)
+        nnz = col_idx.numel()
+        if nnz > INT32_MAX or values.numel() != nnz or row_ptr.numel() != shape[0] + 1:
+            raise FormatError(f"CSR weight {tuple(shape)}: row_ptr must have {shape[0] + 1} entries and col_idx/values "
+                              f"one length of at most {INT32_MAX} (int32 row offsets); got {row_ptr.numel()}, "
+                              f"{nnz}, {values.numel()}")
         self.register_buffer("row_ptr", row_ptr.to(torch.int32).contiguous())
         self.register_buffer("col_idx", col_idx.contiguous())
 
@@ -66,6 +77,8 @@ class CsrWeight(SparseValues, PackedWeight):
             return None
         n, k = state.shape
         nnz = int(state.mask.sum())
+        if nnz > INT32_MAX:
+            return None  # int32 row offsets cannot address it: a dense format takes the layer
         if not isinstance(state.values, CodebookValues):
             value_bytes = 1 if isinstance(state.values, Int8Values) else state.weight.element_size()
             if cls.bytes_for(n, k, nnz, value_bytes) >= n * k * value_bytes:
@@ -76,7 +89,9 @@ class CsrWeight(SparseValues, PackedWeight):
     def rows(self) -> torch.Tensor:
         """Row of every stored value (int64)."""
         counts = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
-        return torch.repeat_interleave(torch.arange(self.shape[0], device=counts.device), counts)
+        # output_size (the static nnz) keeps the shape data-independent: no torch.compile graph break
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=counts.device), counts,
+                                       output_size=self.col_idx.numel())
 
     def dequantize(self) -> torch.Tensor:
         rows, cols = self.rows(), self.col_idx.long()
@@ -85,6 +100,10 @@ class CsrWeight(SparseValues, PackedWeight):
         return w.to(self.dtype)
 
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # The gather below has a data-dependent size (a graph break); a compiled graph takes
+            # the static-shape route through the whole weight instead.
+            return self.dequantize()[rows]
         starts, lens = self.row_ptr[rows].long(), (self.row_ptr[rows + 1] - self.row_ptr[rows]).long()
         out_row = torch.repeat_interleave(torch.arange(len(rows), device=lens.device), lens)
         first = torch.cumsum(lens, 0) - lens  # where each selected row's nonzeros start in the gather
@@ -103,8 +122,33 @@ class CsrWeight(SparseValues, PackedWeight):
         from torchzip.kernels import csr
 
         return csr.csr_linear(
-            x, self.row_ptr, self.col_idx, self.values, self.scales, self.codebook, bias, self.group_size, self.shape[1]
+            x, self.row_ptr, self.col_idx, self.values, self.scales, self.codebook, bias, self.group_size, self.shape[1],
+            self._kernel_segments(),
         )
+
+    def _kernel_segments(self) -> list[torch.Tensor] | None:
+        """The kernel's aligned copy of the nonzeros (``kernels.csr.aligned_segments``): built on
+        first use, rebuilt when a buffer is replaced or changed in place. A torch.compile trace
+        never builds it (data-dependent sizes); without one the kernel reads the plain CSR."""
+        cached = self.__dict__.get("_segments")
+        bufs = (self.row_ptr, self.col_idx, self.values)
+        if torch.compiler.is_compiling():
+            return cached[2] if cached is not None else None
+        versions = tuple(t._version for t in bufs)
+        if cached is not None and all(r() is t for r, t in zip(cached[0], bufs)) and cached[1] == versions:
+            return cached[2]
+        from torchzip.kernels import csr
+
+        segments = csr.aligned_segments(*bufs)
+        # Weak references: the cache must not keep buffers alive after .to() replaces them.
+        self.__dict__["_segments"] = ([weakref.ref(t) for t in bufs], versions, segments)
+        return segments
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_segments", None)  # weak references do not pickle; the cache rebuilds itself
+        return state
 
     def encode(self, out):
         n, k = self.shape

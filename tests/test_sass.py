@@ -1,0 +1,97 @@
+"""Structural properties of the kernels' sm_90 machine code (read by benchmarks/sass_report.py, no GPU).
+
+The interpreter (test_kernels.py) checks what the kernels compute; these check how: the hot loops
+keep everything in registers (no local-memory spills), the int8 GEMV converts without I2F and
+needs no barrier, and the bit trick its inline PTX uses is exact for every int8 value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GEMV_FAMILIES = ["int8_gemv", "codebook4_gemv", "codebook3_gemv", "sparse24_gemv_kind0", "sparse24_gemv_kind1",
+                 "sparse24_gemv_kind2", "csr_kind0", "csr_kind1", "csr_kind2"]
+# Tiled kernels whose spills have been fixed (their first, small-M tile is checked too).
+SPILL_FREE_GEMMS = ["codebook4_gemm", "codebook3_gemm", "sparse24_gemm_kind2"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    """sass_report.py's JSON for every int8 GEMV variant and the first variant of other GEMVs (and
+    of the GEMMs in SPILL_FREE_GEMMS)."""
+    out = tmp_path_factory.mktemp("sass") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    rows = []
+    for only, per_family in (("int8_gemv", 0), (",".join(GEMV_FAMILIES[1:] + SPILL_FREE_GEMMS), 1)):
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sass_report.py"), "--only", only,
+                               "--per-family", str(per_family), "--out", str(out)],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        rows += json.loads(out.read_text())["variants"]
+    return {"variants": rows}
+
+
+def test_hot_loops_found_and_no_spills(report):
+    families = {r["family"] for r in report["variants"]}
+    assert families == set(GEMV_FAMILIES + SPILL_FREE_GEMMS)
+    for r in report["variants"]:
+        assert r["found_loop"], f"{r['variant']}: no loop found"
+        assert r["loop_instructions"] > 0 and r["per_weight"] > 0
+        assert r["spill_instructions"] == 0 and r["stack"] == 0 and r["local"] == 0, f"{r['variant']} spills"
+
+
+def test_int8_gemv_loop_has_no_i2f_and_no_barrier(report):
+    rows = [r for r in report["variants"] if r["family"] == "int8_gemv" and "GROUP=0," in r["variant"]]
+    assert rows
+    for r in rows:
+        assert r["mix"].get("I2F", 0) == 0, f"{r['variant']}: I2F in the loop"
+        assert r["mix"].get("barrier", 0) == 0, f"{r['variant']}: barrier in the loop"
+        assert r["mix"].get("shared_ld", 0) + r["mix"].get("shared_st", 0) == 0, r["variant"]
+        assert r["registers"] <= 128, f"{r['variant']}: {r['registers']} registers"
+    assert min(r["per_weight"] for r in rows) < 4.0  # the baseline's best was 4.09
+
+
+def _prmt(a: int, b: int, selector: int) -> int:
+    """PTX ``prmt.b32`` (default mode): byte i of the result is byte ``selector[i]`` of b:a."""
+    pool = (b << 32 | a).to_bytes(8, "little")
+    return int.from_bytes(bytes(pool[(selector >> (4 * i)) & 7] for i in range(4)), "little")
+
+
+def test_int8_inline_ptx_bit_trick_is_exact():
+    """Emulate the GEMV's PTX on every int8 value: fp16 pairs of 1024 + (q + 128), minus 1152 = q."""
+    src = (REPO / "kernels" / "int8.py").read_text()
+    xor = {int(v, 16) for v in re.findall(r"xor\.b32 t, \$4, (0x[0-9a-fA-F]+);", src)}
+    lo = {tuple(int(v, 16) for v in m) for m in re.findall(r"prmt\.b32 lo, t, (0x[0-9a-fA-F]+), (0x[0-9a-fA-F]+);", src)}
+    hi = {tuple(int(v, 16) for v in m) for m in re.findall(r"prmt\.b32 hi, t, (0x[0-9a-fA-F]+), (0x[0-9a-fA-F]+);", src)}
+    bias = {int(v, 16) for v in re.findall(r"mov\.b32 bias, (0x[0-9a-fA-F]+);", src)}
+    assert len(xor) == len(lo) == len(hi) == len(bias) == 1, "the asm blocks should share one set of constants"
+    (xor,), ((lo_b, lo_sel),), ((hi_b, hi_sel),), (bias,) = xor, lo, hi, bias
+    from torchzip.kernels.int8 import MAGIC_BIAS
+
+    rng = np.random.default_rng()
+    values = np.concatenate([np.arange(-128, 128), rng.integers(-128, 128, 4 * 64)]).astype(np.int8)
+    rng.shuffle(values)
+    words = values.view(np.uint32)
+    got = []
+    for w in words.tolist():
+        t = w ^ xor
+        pairs = [_prmt(t, lo_b, lo_sel), _prmt(t, hi_b, hi_sel)]
+        # mov.b32 {h0, h1}, lo: h0 is the low half. Bytes 0..3 of the word become h0..h3.
+        halves = np.array([pairs[0] & 0xFFFF, pairs[0] >> 16, pairs[1] & 0xFFFF, pairs[1] >> 16], np.uint16)
+        biased = halves.view(np.float16).astype(np.float64)
+        exact = biased - np.array([bias & 0xFFFF], np.uint16).view(np.float16).astype(np.float64)[0]
+        got.append((biased, exact))
+    biased = np.concatenate([g[0] for g in got])
+    exact = np.concatenate([g[1] for g in got])
+    np.testing.assert_array_equal(exact, values.astype(np.float64))
+    np.testing.assert_array_equal(biased, values.astype(np.float64) + MAGIC_BIAS)
