@@ -9,6 +9,12 @@ from torchzip.packed.bits import pack_bits, unpack_bits
 from torchzip.packed.values import CodebookValues, read_table, table
 
 
+def _byte_fields(bits: int, device: torch.device) -> torch.Tensor:
+    """``[256, 8 // bits]``: the fields a byte holds, least significant first."""
+    shifts = torch.arange(0, 8, bits, device=device)
+    return (torch.arange(256, device=device).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+
+
 @register_format
 class CodebookWeight(PackedWeight):
     """``W[n, k] = codebook[n or 0, index[n, k]]``, indices packed ``bits`` wide in int32 words."""
@@ -45,6 +51,23 @@ class CodebookWeight(PackedWeight):
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
         book = self.codebook[rows] if self.codebook.shape[0] > 1 else self.codebook
         return self._lookup(unpack_bits(self.packed[rows], self.bits, self.shape[1]), book)
+
+    def dequantize_block(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        rows, k = stop - start, self.shape[1]
+        book = self.codebook[start:stop] if self.codebook.shape[0] > 1 else self.codebook
+        if 8 % self.bits:  # fields straddle bytes: unpack, then look up
+            return out.copy_(self._lookup(unpack_bits(self.packed[start:stop], self.bits, k), book))
+        # Fields never straddle a byte: each byte of the packed words indexes a small table of the
+        # 8 // bits values it stands for, built straight in the compute dtype. Nothing widens to int64.
+        per_byte = 8 // self.bits
+        table = book[:, _byte_fields(self.bits, book.device)].to(self.dtype).to(out.dtype)  # [C, 256, per_byte]
+        index = self.packed[start:stop].view(torch.uint8).to(torch.int32)  # little-endian: fields in order
+        if book.shape[0] > 1:
+            index += torch.arange(0, rows * 256, 256, dtype=torch.int32, device=index.device).unsqueeze(1)
+        width = index.shape[1] * per_byte
+        dest = out if width == k else torch.empty(rows, width, dtype=out.dtype, device=out.device)
+        torch.index_select(table.view(-1, per_byte), 0, index.view(-1), out=dest.view(-1, per_byte))
+        return dest if dest is out else out.copy_(dest[:, :k])
 
     def _lookup(self, idx: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
         book = book if book.shape[0] > 1 else book.expand(idx.shape[0], -1)
