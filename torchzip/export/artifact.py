@@ -28,7 +28,7 @@ from torchzip.errors import TorchzipError
 from torchzip.export import container
 from torchzip.export.codec import DTYPES, Section, StreamReader, StreamWriter, checked_shape, dtype_name, lookup, need
 from torchzip.export.container import brief
-from torchzip.freeze import freeze
+from torchzip.freeze import Freezer, freeze, shared_copy
 from torchzip.packed.base import FORMATS, PackedWeight
 from torchzip.packed.layers import LAYER_KINDS, LayerKind, PackedLayer, build_packed, kind_of, replace_module
 from torchzip.packed.values import int8_quantize
@@ -81,42 +81,77 @@ def _encode_weight(name: str, layer: PackedLayer, tensor: str, out: StreamWriter
 def export(model: nn.Module, path: str | os.PathLike, *, progress: bool | None = None) -> int:
     """Write ``model`` to a ``.tzip`` file at ``path``; returns the file size in bytes.
 
-    A trainable compressed model is frozen on a copy first. ``path`` is checked before any work
-    (:func:`torchzip.export.container.check_destination`). The write is atomic: a crash never
-    leaves a partial file under ``path`` (see :func:`torchzip.export.container.write`). A packed
-    weight several layers share (tied) is stored once. ``progress``: a bar per layer (None: only
-    when stderr is a terminal).
+    A trainable compressed model is frozen on a copy that shares its tensors, one layer at a
+    time: each layer is packed, encoded and written to the (hidden) file before the next, and its
+    packed tensors are dropped, so memory grows by about one layer, not by a copy of the model.
+    ``path`` is checked before any work (:func:`torchzip.export.container.check_destination`).
+    The write is atomic: a crash never leaves a partial file under ``path`` (see
+    :func:`torchzip.export.container.write`). A packed weight several layers share (tied) is
+    stored once. ``progress``: a bar per layer (None: only when stderr is a terminal).
     """
     if not isinstance(model, nn.Module):
         raise TorchzipError(f"export needs an nn.Module, got {type(model).__name__}")
     container.check_destination(path)
-    if any(parametrize.is_parametrized(m) for m in model.modules()):
-        model = freeze(copy.deepcopy(model))
-    layers, sections, covered = [], [], []
+    freezer = None
+    if parametrize.is_parametrized(model):  # a single compressed layer: freeze all of it
+        model = freeze(shared_copy(model))
+    elif any(parametrize.is_parametrized(m) for m in model.modules()):
+        freezer = Freezer(shared_copy(model))
+        model = freezer.model
+    layers, covered, dense = [], [], {}
     first: dict[int, int] = {}
-    out = StreamWriter()
-    named = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, PackedLayer)]
-    for name, layer in bar(named, progress, desc="export", leave=False):
-        for tensor in layer.packed_weights():
-            if out.section.size >= SECTION_BYTES:
-                sections.append(out.section.getvalue())
-                out = StreamWriter()
-            entry, keys = _encode_weight(name, layer, tensor, out, first, len(layers))
-            entry["section"] = len(sections)
-            layers.append(entry)
-            covered += keys
-    dense, stored = {}, {}
-    for key, t in model.state_dict().items():
-        if _is_covered(key, covered):
-            continue
-        same = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
-        dense[key] = dict(stored[same]) if same in stored else out.raw(t)  # tied tensors: one copy
-        if same is not None:
-            stored.setdefault(same, dense[key])
-    sections.append(out.section.getvalue())
-    manifest = {"format": "torchzip", "torchzip_version": __version__, "layers": layers,
-                "dense": {"section": len(sections) - 1, "tensors": dense}}
-    return container.write(path, manifest, sections)
+    named = list(model.named_modules(remove_duplicate=False))
+    n_sections = 0
+
+    def sections():
+        nonlocal n_sections
+        out = StreamWriter()
+        done: dict[int, nn.Module] = {}  # trainable module -> what froze it (modules listed twice)
+        for name, layer in bar(named, progress, desc="export", leave=False):
+            if freezer is not None and parametrize.is_parametrized(layer):
+                layer = done[id(layer)] if id(layer) in done else done.setdefault(id(layer), freezer.module(layer))
+            elif id(layer) in done:
+                layer = done[id(layer)]
+            if not isinstance(layer, PackedLayer):
+                continue
+            for tensor in layer.packed_weights():
+                if out.section.size >= SECTION_BYTES:
+                    n_sections += 1
+                    yield out.section.getvalue()
+                    out = StreamWriter()
+                entry, keys = _encode_weight(name, layer, tensor, out, first, len(layers))
+                entry["section"] = n_sections
+                layers.append(entry)
+                covered.extend(keys)
+            if freezer is not None:
+                _drop_packed(layer, first)
+        stored: dict = {}
+        for key, t in freezer.model.state_dict().items() if freezer else model.state_dict().items():
+            if _is_covered(key, covered):
+                continue
+            same = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
+            dense[key] = dict(stored[same]) if same in stored else out.raw(t)  # tied tensors: one copy
+            if same is not None:
+                stored.setdefault(same, dense[key])
+        n_sections += 1
+        yield out.section.getvalue()
+
+    def manifest() -> dict:
+        return {"format": "torchzip", "torchzip_version": __version__, "layers": layers,
+                "dense": {"section": n_sections - 1, "tensors": dense}}
+
+    return container.write_streamed(path, sections(), manifest)
+
+
+def _drop_packed(layer: PackedLayer, first: dict[int, int]) -> None:
+    # The copy export froze is its own: once a layer is written, its packed tensors can go. A
+    # tied weight keeps its shape and dtype for the entries that point back to it.
+    for attr in layer.packed_weights().values():
+        p = getattr(layer, attr)
+        if id(p) in first:
+            for key, b in p._buffers.items():
+                if b is not None:
+                    p._buffers[key] = b.new_empty(0)
 
 
 def covered_keys(name: str, layer: PackedLayer, with_bias: dict[str, bool]) -> list[str]:
