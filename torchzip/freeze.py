@@ -131,8 +131,8 @@ def freeze(model: nn.Module) -> nn.Module:
     freezer = Freezer(model)
     modules = [m for m in model.modules() if parametrize.is_parametrized(m)]
     originals = [chain.original for m in modules for chain in m.parametrizations.values()]  # ids stay unique
-    for module in modules:
-        freezer.module(module)
+    while modules:  # dropped as they go: a replaced module's baked weight is freed at once
+        freezer.module(modules.pop(0))
     del originals
     return freezer.model
 

@@ -13,6 +13,7 @@ puts them in. A file that fails any check leaves the skeleton exactly as it was.
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import math
 import os
@@ -100,18 +101,22 @@ def export(model: nn.Module, path: str | os.PathLike, *, progress: bool | None =
         model = freezer.model
     layers, covered, dense = [], [], {}
     first: dict[int, int] = {}
-    named = list(model.named_modules(remove_duplicate=False))
+    # Names and ids only: holding every trainable module here would keep each one's baked
+    # weight alive after it is replaced.
+    named = [(n, id(m)) for n, m in model.named_modules(remove_duplicate=False)
+             if isinstance(m, PackedLayer) or (freezer is not None and parametrize.is_parametrized(m))]
+    pending = {i: m for n, m in model.named_modules() if freezer is not None and parametrize.is_parametrized(m)
+               for i in [id(m)]}
     n_sections = 0
 
     def sections():
         nonlocal n_sections
         out = StreamWriter()
         done: dict[int, nn.Module] = {}  # trainable module -> what froze it (modules listed twice)
-        for name, layer in bar(named, progress, desc="export", leave=False):
-            if freezer is not None and parametrize.is_parametrized(layer):
-                layer = done[id(layer)] if id(layer) in done else done.setdefault(id(layer), freezer.module(layer))
-            elif id(layer) in done:
-                layer = done[id(layer)]
+        for name, key in bar(named, progress, desc="export", leave=False):
+            if key in pending:
+                done[key] = freezer.module(pending.pop(key))
+            layer = done[key] if key in done else model.get_submodule(name)
             if not isinstance(layer, PackedLayer):
                 continue
             for tensor in layer.packed_weights():
@@ -125,6 +130,7 @@ def export(model: nn.Module, path: str | os.PathLike, *, progress: bool | None =
                 covered.extend(keys)
             if freezer is not None:
                 _drop_packed(layer, first)
+            trim_heap()
         stored: dict = {}
         for key, t in freezer.model.state_dict().items() if freezer else model.state_dict().items():
             if _is_covered(key, covered):
@@ -141,6 +147,25 @@ def export(model: nn.Module, path: str | os.PathLike, *, progress: bool | None =
                 "dense": {"section": n_sections - 1, "tensors": dense}}
 
     return container.write_streamed(path, sections(), manifest)
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system (glibc keeps freed blocks below its growing
+    mmap threshold, so the per-layer temporaries of a long export would pile up in RSS)."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+        return None
+
+
+_TRIM = _malloc_trim()
 
 
 def _drop_packed(layer: PackedLayer, first: dict[int, int]) -> None:

@@ -188,7 +188,9 @@ class CodebookQuant(nn.Module):
         self.bits, self.granularity, self.init, self.iterations = bits, granularity, init, iterations
         self.start_step, self.seed = start_step, seed
         self.centroids = nn.Parameter(torch.zeros(groups, 2**bits, device=weight.device))
-        self.register_buffer("assign", torch.full((rows, cols), -1, dtype=torch.int32, device=weight.device))
+        # The smallest integer that holds -1 and every index: a quarter of an fp32 weight at most bits 7.
+        index_dtype = torch.int8 if bits <= 7 else torch.int16
+        self.register_buffer("assign", torch.full((rows, cols), -1, dtype=index_dtype, device=weight.device))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("clustered", torch.zeros((), dtype=torch.bool))
 
