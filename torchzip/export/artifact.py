@@ -468,6 +468,7 @@ def _plan_load(path: str | os.PathLike, skeleton: nn.Module, on: torch.device | 
         section = shared[entry["section"]]
         if head.tied is None:
             packed, bias = decode_layer(entry, section, on)
+            container.release_pages(sections)  # a mapped file's pages: read once, then let go
         else:
             packed, bias = decoded[head.tied], decode_bias(entry, section)
         decoded.append(packed)
@@ -500,8 +501,10 @@ def _commit(skeleton: nn.Module, plan: LoadPlan) -> nn.Module:
             if name:
                 swapped.append((name, skeleton.get_submodule(name)))
             model = replace_module(model, name, layer)
-        # Keys, shapes and dtypes were checked: this copies values and casts nothing.
-        model.load_state_dict(plan.tensors, strict=False)
+        # Keys, shapes and dtypes were checked: this copies values and casts nothing. A skeleton
+        # built on the meta device has no storage to copy into: the decoded tensors become its own.
+        on_meta = any(t.is_meta for t in model.state_dict().values())
+        model.load_state_dict(plan.tensors, strict=False, assign=on_meta)
     except BaseException:
         for name, module in reversed(swapped):  # a load hook of the user's model raised: undo the swaps
             replace_module(skeleton, name, module)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import mmap
 import os
 import re
 import reprlib
@@ -47,6 +48,7 @@ READS = (2, 3)
 HEADER = struct.Struct("<8sIIQ")
 ALIGN = 64
 # Limits on the manifest (docs/FORMAT.md, "Limits"): what honest files need, with a wide margin.
+MAP_AT_LEAST = 1 << 20  # regular files this large are memory-mapped by read()
 MAX_MANIFEST = 64 << 20  # inflated bytes, whatever the file's size...
 MANIFEST_BASE, MANIFEST_PER_BYTE = 1 << 20, 16  # ...and at most 1 MiB + 16 bytes per byte of the file
 MAX_DEPTH = 32  # nesting of arrays and objects (a writer uses 6)
@@ -358,11 +360,28 @@ def _read_regular(f: BinaryIO, size: int, name: str) -> tuple[dict, list[memoryv
     crc, length = _header(head, name, size)
     raw = f.read(length)
     manifest = _manifest(raw, crc, name, size)
+    if size >= MAP_AT_LEAST and hasattr(mmap, "MADV_DONTNEED"):
+        # Large files are mapped, not read: sections are read where they lie, and the pages
+        # looked at are handed back (release_pages) so the file never sits in memory whole.
+        try:
+            data = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            data = None
+        if data is not None:
+            return manifest, _sections(manifest, data, length, name)
     data = bytearray(size)
     data[: HEADER.size] = head
     data[HEADER.size: HEADER.size + length] = raw
     _read_into(f, memoryview(data)[HEADER.size + length:], name)
     return manifest, _sections(manifest, data, length, name)
+
+
+def release_pages(sections: list[memoryview]) -> None:
+    """Drop the pages of a mapped file that reading has touched from this process's memory (the
+    page cache keeps them; touching them again maps them back). Nothing for a file in memory."""
+    owner = sections[0].obj if sections else None
+    if isinstance(owner, mmap.mmap):
+        owner.madvise(mmap.MADV_DONTNEED)
 
 
 def _read_stream(f: BinaryIO, name: str) -> bytearray:
@@ -452,6 +471,7 @@ def _sections(manifest: dict, data: bytes | bytearray, length: int, name: str) -
         section = view[off: off + size]
         if zlib.crc32(section) != sec_crc:
             raise FormatError(f"{name}: section {i} checksum mismatch (file corrupted)")
+        release_pages(sections or [section])
         sections.append(section)
         end = off + size
     return sections
