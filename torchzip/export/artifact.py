@@ -30,7 +30,7 @@ from torchzip.export import container
 from torchzip.export.codec import DTYPES, Section, StreamReader, StreamWriter, checked_shape, dtype_name, lookup, need
 from torchzip.export.container import brief
 from torchzip.freeze import Freezer, freeze, shared_copy
-from torchzip.packed.base import FORMATS, PackedWeight
+from torchzip.packed.base import BLOCK, FORMATS, PackedWeight, scratch
 from torchzip.packed.layers import LAYER_KINDS, LayerKind, PackedLayer, build_packed, kind_of, replace_module
 from torchzip.packed.values import int8_quantize
 from torchzip.progress import bar
@@ -70,7 +70,7 @@ def _encode_weight(name: str, layer: PackedLayer, tensor: str, out: StreamWriter
         entry["tensors"] = {}
     else:
         first[id(p)] = index
-        entry.update({"format": p.format_name, "zeros": int((p.dequantize() == 0).sum())})
+        entry.update({"format": p.format_name, "zeros": _zeros(p)})
         entry.update(p.encode(out))
     bias_name = layer.bias_names.get(tensor)
     bias = getattr(layer, bias_name, None) if bias_name else None
@@ -147,6 +147,17 @@ def export(model: nn.Module, path: str | os.PathLike, *, progress: bool | None =
                 "dense": {"section": n_sections - 1, "tensors": dense}}
 
     return container.write_streamed(path, sections(), manifest)
+
+
+def _zeros(p: PackedWeight) -> int:
+    """Weights of ``p`` that are exactly zero, counted a block of rows at a time where it can."""
+    n, k = p.shape
+    if type(p).dequantize_block is PackedWeight.dequantize_block or any(b.device.type != "cpu" for b in p.buffers()):
+        return int((p.dequantize() == 0).sum())
+    rows = max(1, BLOCK // max(k, 1))
+    buf = scratch(min(rows, n) * k, torch.float32)
+    return sum(int((p.dequantize_block(r, min(n, r + rows), buf[: (min(n, r + rows) - r) * k].view(-1, k)) == 0).sum())
+               for r in range(0, n, rows))
 
 
 def trim_heap() -> None:

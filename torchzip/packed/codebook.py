@@ -84,7 +84,16 @@ class CodebookWeight(PackedWeight):
 
     def encode(self, out):
         return {"bits": self.bits,
-                "tensors": {"indices": out.symbols(self.indices(), 2**self.bits), "codebook": out.raw(table(self.codebook, self.dtype))}}
+                "tensors": {"indices": out.symbols(self._indices_u8(), 2**self.bits), "codebook": out.raw(table(self.codebook, self.dtype))}}
+
+    def _indices_u8(self) -> torch.Tensor:
+        # One byte an index, unpacked a block of rows at a time (int64 only for a block).
+        n, k = self.shape
+        rows = max(1, (1 << 20) // max(k, 1))
+        out = torch.empty(n, k, dtype=torch.uint8)
+        for r in range(0, n, rows):
+            out[r:r + rows] = unpack_bits(self.packed[r:r + rows].cpu(), self.bits, k)
+        return out
 
     @classmethod
     def decode(cls, entry, src, shape, dtype):
