@@ -2,11 +2,12 @@
 lazy load, CPU forward of packed layers, export/load throughput vs torch.save and safetensors.
 
     python benchmarks/scale.py --quick     # hidden 512, 4 layers: under 2 minutes
+    python benchmarks/scale.py --setting medium   # hidden 1024, 8 layers: 0.5 GB of fp32
     python benchmarks/scale.py             # hidden 2048, 16 layers, ~1B parameters (slow on 2 cores)
 
 Every memory figure is VmHWM growth in a fresh subprocess (it resets at exec). Timings are best
 of a few runs, side by side in one process. Prints a table and writes
-benchmarks/results/scale[-quick].json.
+benchmarks/results/scale[-quick|-medium].json.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torchzip.passes.codebook import kmeans_1d  # noqa: E402
 
 SETTINGS = {
     "quick": {"hidden": 512, "intermediate": 1408, "layers": 4, "vocab": 8000, "kmeans": (1024, 2048), "gemm": 2048},
+    "medium": {"hidden": 1024, "intermediate": 2816, "layers": 8, "vocab": 16000, "kmeans": (2048, 4096), "gemm": 4096},
     "full": {"hidden": 2048, "intermediate": 5632, "layers": 16, "vocab": 32000, "kmeans": (4096, 4096), "gemm": 4096},
 }
 
@@ -154,11 +156,15 @@ def kmeans_vs_sort(s: dict) -> list[dict]:
     w = torch.randn(rows, cols) * 0.02
     valid = torch.ones_like(w, dtype=torch.bool)
     out = []
-    for granularity, x, v in (("channel", w, valid), ("layer", w.reshape(1, -1), valid.reshape(1, -1))):
-        t_sort = best(lambda: x.sort(1))
-        t_km = best(lambda: kmeans_1d(x, v, 16))
-        out.append({"granularity": granularity, "shape": [rows, cols], "sort_s": t_sort, "kmeans_s": t_km,
-                    "ratio": t_km / t_sort})
+    threads = torch.get_num_threads()
+    for n_threads in sorted({1, threads}):
+        torch.set_num_threads(n_threads)
+        for granularity, x, v in (("channel", w, valid), ("layer", w.reshape(1, -1), valid.reshape(1, -1))):
+            t_sort = best(lambda: x.sort(1))
+            t_km = best(lambda: kmeans_1d(x, v, 16))
+            out.append({"granularity": granularity, "threads": n_threads, "shape": [rows, cols], "sort_s": t_sort,
+                        "kmeans_s": t_km, "ratio": t_km / t_sort})
+    torch.set_num_threads(threads)
     return out
 
 
@@ -188,7 +194,8 @@ def cpu_forward(s: dict) -> list[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="the small setting (under 2 minutes)")
+    parser.add_argument("--setting", choices=sorted(SETTINGS), help="quick, medium (0.5 GB) or full (~1B parameters)")
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args()
     if args.child:
@@ -198,7 +205,7 @@ def main() -> int:
         print(json.dumps(result))
         return 0
 
-    setting = "quick" if args.quick else "full"
+    setting = args.setting or ("quick" if args.quick else "full")
     s = SETTINGS[setting]
     results: dict = {"setting": setting, **s}
     results["kmeans"] = kmeans_vs_sort(s)
@@ -215,7 +222,8 @@ def main() -> int:
     model_mb = results["pipeline"]["int8"]["model_bytes"] / 1e6
     print(f"setting {setting}: {model_mb:.0f} MB fp32 model")
     for r in results["kmeans"]:
-        print(f"k-means 16 centroids per {r['granularity']:7s} {r['shape']}: {r['kmeans_s']:.3f} s, sort {r['sort_s']:.3f} s, "
+        print(f"k-means 16 centroids per {r['granularity']:7s} {r['shape']}, {r['threads']} thread(s): {r['kmeans_s']:.3f} s, "
+              f"sort {r['sort_s']:.3f} s, "
               f"ratio {r['ratio']:.2f}x (target <= 1.5)")
     print("CPU forward, 4 layers, 1 thread (speed vs fp32; targets int8 >= 1.0 at M 1, 8; codebook >= 0.8)")
     for r in results["cpu_forward"]:
@@ -229,7 +237,7 @@ def main() -> int:
               f"{ld['decoded_MB_s']:.0f} MB/s decoded, peak growth {ld['peak_growth_x_file']:.2f}x file (target <= 1.3)")
     for k, r in results["baselines"].items():
         print(f"{k:11s}: save {r['save_MB_s']:.0f} MB/s, load {r['load_MB_s']:.0f} MB/s, file {r['file_bytes'] / 1e6:.0f} MB")
-    write_json("scale-quick" if args.quick else "scale", results)
+    write_json("scale" if setting == "full" else f"scale-{setting}", results)
     return 0
 
 
