@@ -30,8 +30,12 @@ class CodebookWeight(PackedWeight):
 
     @classmethod
     def from_indices(cls, indices: torch.Tensor, codebook: torch.Tensor, bits: int, dtype: torch.dtype) -> "CodebookWeight":
-        """Pack ``[N, K]`` integer indices into a codebook weight."""
-        return cls(pack_bits(indices, bits), codebook, bits, tuple(indices.shape), dtype)
+        """Pack ``[N, K]`` integer indices into a codebook weight (a block of rows at a time, so a
+        big layer's indices never widen to int64 whole)."""
+        n, k = indices.shape
+        rows = max(1, (1 << 20) // max(k, 1))
+        packed = torch.cat([pack_bits(indices[r:r + rows], bits) for r in range(0, n, rows)]) if n else pack_bits(indices, bits)
+        return cls(packed, codebook, bits, (n, k), dtype)
 
     @classmethod
     def pack(cls, state: WeightState) -> "CodebookWeight | None":
@@ -106,7 +110,7 @@ class CodebookWeight(PackedWeight):
                  f"codebook shape {tuple(codebook.shape)} does not fit {n} rows of {2**bits} entries")
         idx = src.symbols(t.get("indices"), "indices", 2**bits, on_device=True)
         src.need(idx.numel() == n * k, f"{idx.numel()} indices for a {n}x{k} weight")
-        return cls(pack_bits(idx.reshape(n, k), bits), codebook, bits, (n, k), dtype)
+        return cls.from_indices(idx.reshape(n, k), codebook, bits, dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, codebooks={self.codebook.shape[0]}"

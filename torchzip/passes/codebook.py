@@ -228,7 +228,7 @@ class CodebookQuant(nn.Module):
             warnings.warn(f"freezing a codebook layer before its start_step ({self.start_step}, now at step "
                           f"{int(self.step)}): it is stored as float, not clustered", stacklevel=4)
             return
-        idx = self.assign.long()
+        idx = self.assign  # int8/int16: formats pack it a block at a time, nothing widens it whole
         if not bool((idx >= 0).all()):
             state.mask = idx >= 0 if state.mask is None else state.mask & (idx >= 0)
         book = self.centroids.detach().float()
