@@ -103,7 +103,8 @@ class Freezer:
             if parametrize.is_parametrized(module, t):
                 raw = module.parametrizations[t].original
                 if id(raw) not in self.packed_of:
-                    self.packed_of[id(raw)] = _smaller(pack_weight(module, t, kind.view), getattr(module, t), module, t)
+                    # The raw tensor has the final weight's shape and dtype: no second forward to size it.
+                    self.packed_of[id(raw)] = _smaller(pack_weight(module, t, kind.view), raw, module, t)
                 packed[t] = self.packed_of[id(raw)]
         _bake(module, self.baked)
         if not (kind and packed and all(packed.get(t) is not None for t in kind.weights(module))):
