@@ -19,7 +19,7 @@ def hwm():
 
 torch.manual_seed(int(sys.argv[3]))
 with torch.no_grad():
-    model = nn.Sequential(*[nn.Linear(1024, 512) if i % 2 == 0 else nn.Linear(512, 1024) for i in range(48)])  # 100 MB
+    model = nn.Sequential(*[nn.Linear(1024, 512) if i % 2 == 0 else nn.Linear(512, 1024) for i in range(24)])  # 50 MB
 size = sum(p.numel() * p.element_size() for p in model.parameters())
 recipe = [tz.Quantize()] if sys.argv[1] == "int8" else [tz.Codebook(bits=4)]
 tz.compress(model, recipe, inplace=True, progress=False)
@@ -45,4 +45,4 @@ def test_export_of_a_trainable_model_does_not_copy_it(tmp_path, fresh_seed):
     # A copy of the model (a deepcopy before freezing) would add all of it, every packed layer
     # held until the end a quarter; what remains is one layer's temporaries (the Huffman coder
     # takes about 35 bytes a symbol), which the warm-up already reached.
-    assert result["growth"] < 0.1 * result["size"], result
+    assert result["growth"] < 0.15 * result["size"], result
