@@ -58,3 +58,10 @@ def test_large_layer_takes_blocks_bitwise_like_f_linear(monkeypatch):
     got = packed.linear(x)
     assert calls == [(0, 512), (512, 640)]
     assert torch.allclose(got, F.linear(x, packed.dequantize()), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_large_layer_has_no_graph_break():
+    packed = Int8Weight.from_float(torch.randn(1100, 1024))  # over BLOCK: eager takes blocks
+    x = torch.randn(3, 1024)
+    compiled = torch.compile(lambda inp: packed.linear(inp), fullgraph=True)
+    assert torch.allclose(compiled(x), F.linear(x, packed.dequantize()), rtol=1e-4, atol=1e-4)

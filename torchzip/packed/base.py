@@ -170,7 +170,10 @@ class PackedWeight(nn.Module):
             if out is not None:
                 return out
         blocked = type(self).dequantize_block is not PackedWeight.dequantize_block
-        if blocked and x.device.type == "cpu" and self.shape[0] * self.shape[1] > BLOCK and x.is_floating_point():
+        # Eager only: under torch.compile, inductor fuses dequantize + F.linear itself (and the
+        # Python loop over blocks would be a graph break).
+        if (blocked and x.device.type == "cpu" and self.shape[0] * self.shape[1] > BLOCK and x.is_floating_point()
+                and not torch.compiler.is_compiling()):
             return blocked_linear(self, x, bias)
         return F.linear(x, self.dequantize().to(x.dtype), None if bias is None else bias.to(x.dtype))
 
