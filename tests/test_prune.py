@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -141,3 +143,21 @@ def test_second_compress_call_keeps_its_own_schedule():
         if hasattr(a, "weight"):
             assert torch.equal(a.weight, b.weight)
     assert int((two[3].weight == 0).sum()) == round(0.5 * two[3].weight.numel())
+
+
+def test_finish_jumps_to_the_end_state_in_one_recomputation(monkeypatch):
+    """`torchzip compress` replays schedules with `finish`: the end state of stepping, one top-k per layer."""
+    recipe = [tz.Prune(sparsity=0.85, end_step=2500, frequency=1), tz.Codebook(bits=3, start_step=2500)]
+    base = nn.Sequential(nn.Linear(48, 31), nn.ReLU(), nn.Linear(31, 9))
+    stepped = tz.compress(copy.deepcopy(base), recipe, progress=False)
+    jumped = tz.compress(copy.deepcopy(base), recipe, progress=False)
+    calls = []
+    real = Mask.recompute
+    monkeypatch.setattr(Mask, "recompute", lambda self, *a: (calls.append(1), real(self, *a))[1])
+    tz.schedule.finish(jumped, progress=False)
+    assert len(calls) == 2  # one per layer, not one per step
+    monkeypatch.setattr(Mask, "recompute", real)
+    for _ in range(2500):
+        tz.step(stepped)
+    for a, b in zip(stepped.state_dict().values(), jumped.state_dict().values()):
+        assert torch.equal(a, b)

@@ -9,6 +9,8 @@ share it.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -72,6 +74,49 @@ def _names(model: nn.Module) -> dict[int, list[str]]:
     return out
 
 
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules that shares every parameter and buffer with it: ``freeze``
+    on it leaves ``model`` trainable without a second copy of every weight (``export`` and
+    ``summary`` freeze such a copy). Freezing only replaces modules and adds new tensors, so the
+    shared ones are never changed."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+class Freezer:
+    """``freeze`` one compressed module at a time (``export`` packs, writes and drops each layer
+    before the next, so no more than one layer's temporaries live at once)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.names = _names(model)
+        self.packed_of: dict[int, PackedWeight | None] = {}  # id of the trainable tensor -> its packed form
+        self.baked: dict[int, nn.Parameter] = {}  # ties among the layers that stay dense
+
+    @torch.no_grad()
+    def module(self, module: nn.Module) -> nn.Module:
+        """Freeze one parametrized ``module``; returns what replaces it (itself when it stays dense)."""
+        kind = kind_of(module)
+        packed: dict[str, PackedWeight | None] = {}
+        raws = [chain.original for chain in module.parametrizations.values()]
+        for t in (kind.weights(module) if kind else {}):
+            if parametrize.is_parametrized(module, t):
+                raw = module.parametrizations[t].original
+                if id(raw) not in self.packed_of:
+                    # The raw tensor has the final weight's shape and dtype: no second forward to size it.
+                    self.packed_of[id(raw)] = _smaller(pack_weight(module, t, kind.view), raw, module, t)
+                packed[t] = self.packed_of[id(raw)]
+        _bake(module, self.baked)
+        if not (kind and packed and all(packed.get(t) is not None for t in kind.weights(module))):
+            return module
+        new = build_packed(module, packed)
+        for raw in raws:  # packed: its dense values are no longer needed by anyone
+            self.baked.pop(id(raw), None)
+        for name in self.names[id(module)]:
+            self.model = replace_module(self.model, name, new)
+        return new
+
+
 @torch.no_grad()
 def freeze(model: nn.Module) -> nn.Module:
     """Replace every compressed layer of ``model`` (in place) by its packed inference layer.
@@ -84,27 +129,13 @@ def freeze(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TorchzipError(f"freeze needs an nn.Module, got {type(model).__name__}")
-    names = _names(model)
-    packed_of: dict[int, PackedWeight | None] = {}  # id of the trainable tensor -> its packed form
-    baked: dict[int, nn.Parameter] = {}
+    freezer = Freezer(model)
     modules = [m for m in model.modules() if parametrize.is_parametrized(m)]
     originals = [chain.original for m in modules for chain in m.parametrizations.values()]  # ids stay unique
-    for module in modules:
-        kind = kind_of(module)
-        packed: dict[str, PackedWeight | None] = {}
-        for t in (kind.weights(module) if kind else {}):
-            if parametrize.is_parametrized(module, t):
-                raw = module.parametrizations[t].original
-                if id(raw) not in packed_of:
-                    packed_of[id(raw)] = _smaller(pack_weight(module, t, kind.view), getattr(module, t), module, t)
-                packed[t] = packed_of[id(raw)]
-        _bake(module, baked)
-        if kind and packed and all(packed.get(t) is not None for t in kind.weights(module)):
-            new = build_packed(module, packed)
-            for name in names[id(module)]:
-                model = replace_module(model, name, new)
+    while modules:  # dropped as they go: a replaced module's baked weight is freed at once
+        freezer.module(modules.pop(0))
     del originals
-    return model
+    return freezer.model
 
 
 def _smaller(packed: PackedWeight | None, dense: torch.Tensor, module: nn.Module, tensor: str) -> PackedWeight | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -10,7 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from torchzip.errors import TorchzipError
-from torchzip.freeze import NOTE, freeze
+from torchzip.freeze import NOTE, freeze, shared_copy
 from torchzip.packed.base import PackedWeight
 from torchzip.packed.layers import PackedLayer, kind_of
 
@@ -157,7 +156,7 @@ def summary(model: nn.Module, *, print_table: bool = False) -> Summary:
     if not isinstance(model, nn.Module):
         raise TorchzipError(f"summary needs an nn.Module, got {type(model).__name__}")
     if any(parametrize.is_parametrized(m) for m in model.modules()):
-        model = freeze(copy.deepcopy(model))
+        model = freeze(shared_copy(model))  # shares the weights: no second copy of every one
     result = Summary()
     seen: dict[tuple, str] = {}
     owners: dict[int, str] = {}

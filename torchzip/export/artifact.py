@@ -13,6 +13,7 @@ puts them in. A file that fails any check leaves the skeleton exactly as it was.
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import math
 import os
@@ -28,8 +29,8 @@ from torchzip.errors import TorchzipError
 from torchzip.export import container
 from torchzip.export.codec import DTYPES, Section, StreamReader, StreamWriter, checked_shape, dtype_name, lookup, need
 from torchzip.export.container import brief
-from torchzip.freeze import freeze
-from torchzip.packed.base import FORMATS, PackedWeight
+from torchzip.freeze import Freezer, freeze, shared_copy
+from torchzip.packed.base import BLOCK, FORMATS, PackedWeight, scratch
 from torchzip.packed.layers import LAYER_KINDS, LayerKind, PackedLayer, build_packed, kind_of, replace_module
 from torchzip.packed.values import int8_quantize
 from torchzip.progress import bar
@@ -69,7 +70,7 @@ def _encode_weight(name: str, layer: PackedLayer, tensor: str, out: StreamWriter
         entry["tensors"] = {}
     else:
         first[id(p)] = index
-        entry.update({"format": p.format_name, "zeros": int((p.dequantize() == 0).sum())})
+        entry.update({"format": p.format_name, "zeros": _zeros(p)})
         entry.update(p.encode(out))
     bias_name = layer.bias_names.get(tensor)
     bias = getattr(layer, bias_name, None) if bias_name else None
@@ -81,42 +82,112 @@ def _encode_weight(name: str, layer: PackedLayer, tensor: str, out: StreamWriter
 def export(model: nn.Module, path: str | os.PathLike, *, progress: bool | None = None) -> int:
     """Write ``model`` to a ``.tzip`` file at ``path``; returns the file size in bytes.
 
-    A trainable compressed model is frozen on a copy first. ``path`` is checked before any work
-    (:func:`torchzip.export.container.check_destination`). The write is atomic: a crash never
-    leaves a partial file under ``path`` (see :func:`torchzip.export.container.write`). A packed
-    weight several layers share (tied) is stored once. ``progress``: a bar per layer (None: only
-    when stderr is a terminal).
+    A trainable compressed model is frozen on a copy that shares its tensors, one layer at a
+    time: each layer is packed, encoded and written to the (hidden) file before the next, and its
+    packed tensors are dropped, so memory grows by about one layer, not by a copy of the model.
+    ``path`` is checked before any work (:func:`torchzip.export.container.check_destination`).
+    The write is atomic: a crash never leaves a partial file under ``path`` (see
+    :func:`torchzip.export.container.write`). A packed weight several layers share (tied) is
+    stored once. ``progress``: a bar per layer (None: only when stderr is a terminal).
     """
     if not isinstance(model, nn.Module):
         raise TorchzipError(f"export needs an nn.Module, got {type(model).__name__}")
     container.check_destination(path)
-    if any(parametrize.is_parametrized(m) for m in model.modules()):
-        model = freeze(copy.deepcopy(model))
-    layers, sections, covered = [], [], []
+    freezer = None
+    if parametrize.is_parametrized(model):  # a single compressed layer: freeze all of it
+        model = freeze(shared_copy(model))
+    elif any(parametrize.is_parametrized(m) for m in model.modules()):
+        freezer = Freezer(shared_copy(model))
+        model = freezer.model
+    layers, covered, dense = [], [], {}
     first: dict[int, int] = {}
-    out = StreamWriter()
-    named = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, PackedLayer)]
-    for name, layer in bar(named, progress, desc="export", leave=False):
-        for tensor in layer.packed_weights():
-            if out.section.size >= SECTION_BYTES:
-                sections.append(out.section.getvalue())
-                out = StreamWriter()
-            entry, keys = _encode_weight(name, layer, tensor, out, first, len(layers))
-            entry["section"] = len(sections)
-            layers.append(entry)
-            covered += keys
-    dense, stored = {}, {}
-    for key, t in model.state_dict().items():
-        if _is_covered(key, covered):
-            continue
-        same = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
-        dense[key] = dict(stored[same]) if same in stored else out.raw(t)  # tied tensors: one copy
-        if same is not None:
-            stored.setdefault(same, dense[key])
-    sections.append(out.section.getvalue())
-    manifest = {"format": "torchzip", "torchzip_version": __version__, "layers": layers,
-                "dense": {"section": len(sections) - 1, "tensors": dense}}
-    return container.write(path, manifest, sections)
+    # Names and ids only: holding every trainable module here would keep each one's baked
+    # weight alive after it is replaced.
+    named = [(n, id(m)) for n, m in model.named_modules(remove_duplicate=False)
+             if isinstance(m, PackedLayer) or (freezer is not None and parametrize.is_parametrized(m))]
+    pending = {i: m for n, m in model.named_modules() if freezer is not None and parametrize.is_parametrized(m)
+               for i in [id(m)]}
+    n_sections = 0
+
+    def sections():
+        nonlocal n_sections
+        out = StreamWriter()
+        done: dict[int, nn.Module] = {}  # trainable module -> what froze it (modules listed twice)
+        for name, key in bar(named, progress, desc="export", leave=False):
+            if key in pending:
+                done[key] = freezer.module(pending.pop(key))
+            layer = done[key] if key in done else model.get_submodule(name)
+            if not isinstance(layer, PackedLayer):
+                continue
+            for tensor in layer.packed_weights():
+                if out.section.size >= SECTION_BYTES:
+                    n_sections += 1
+                    yield out.section.getvalue()
+                    out = StreamWriter()
+                entry, keys = _encode_weight(name, layer, tensor, out, first, len(layers))
+                entry["section"] = n_sections
+                layers.append(entry)
+                covered.extend(keys)
+            if freezer is not None:
+                _drop_packed(layer, first)
+            trim_heap()
+        stored: dict = {}
+        for key, t in freezer.model.state_dict().items() if freezer else model.state_dict().items():
+            if _is_covered(key, covered):
+                continue
+            same = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
+            dense[key] = dict(stored[same]) if same in stored else out.raw(t)  # tied tensors: one copy
+            if same is not None:
+                stored.setdefault(same, dense[key])
+        n_sections += 1
+        yield out.section.getvalue()
+
+    def manifest() -> dict:
+        return {"format": "torchzip", "torchzip_version": __version__, "layers": layers,
+                "dense": {"section": n_sections - 1, "tensors": dense}}
+
+    return container.write_streamed(path, sections(), manifest)
+
+
+def _zeros(p: PackedWeight) -> int:
+    """Weights of ``p`` that are exactly zero, counted a block of rows at a time where it can."""
+    n, k = p.shape
+    if type(p).dequantize_block is PackedWeight.dequantize_block or any(b.device.type != "cpu" for b in p.buffers()):
+        return int((p.dequantize() == 0).sum())
+    rows = max(1, BLOCK // max(k, 1))
+    buf = scratch(min(rows, n) * k, torch.float32)
+    return sum(int((p.dequantize_block(r, min(n, r + rows), buf[: (min(n, r + rows) - r) * k].view(-1, k)) == 0).sum())
+               for r in range(0, n, rows))
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system (glibc keeps freed blocks below its growing
+    mmap threshold, so the per-layer temporaries of a long export would pile up in RSS)."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def _drop_packed(layer: PackedLayer, first: dict[int, int]) -> None:
+    # The copy export froze is its own: once a layer is written, its packed tensors can go. A
+    # tied weight keeps its shape and dtype for the entries that point back to it.
+    for attr in layer.packed_weights().values():
+        p = getattr(layer, attr)
+        if id(p) in first:
+            for key, b in p._buffers.items():
+                if b is not None:
+                    p._buffers[key] = b.new_empty(0)
 
 
 def covered_keys(name: str, layer: PackedLayer, with_bias: dict[str, bool]) -> list[str]:
@@ -408,6 +479,7 @@ def _plan_load(path: str | os.PathLike, skeleton: nn.Module, on: torch.device | 
         section = shared[entry["section"]]
         if head.tied is None:
             packed, bias = decode_layer(entry, section, on)
+            container.release_pages(sections)  # a mapped file's pages: read once, then let go
         else:
             packed, bias = decoded[head.tied], decode_bias(entry, section)
         decoded.append(packed)
@@ -440,8 +512,10 @@ def _commit(skeleton: nn.Module, plan: LoadPlan) -> nn.Module:
             if name:
                 swapped.append((name, skeleton.get_submodule(name)))
             model = replace_module(model, name, layer)
-        # Keys, shapes and dtypes were checked: this copies values and casts nothing.
-        model.load_state_dict(plan.tensors, strict=False)
+        # Keys, shapes and dtypes were checked: this copies values and casts nothing. A skeleton
+        # built on the meta device has no storage to copy into: the decoded tensors become its own.
+        on_meta = any(t.is_meta for t in model.state_dict().values())
+        model.load_state_dict(plan.tensors, strict=False, assign=on_meta)
     except BaseException:
         for name, module in reversed(swapped):  # a load hook of the user's model raised: undo the swaps
             replace_module(skeleton, name, module)

@@ -78,7 +78,10 @@ class StreamWriter:
         """Huffman-code symbols in ``0..alphabet-1`` (to compare options before writing one)."""
         if isinstance(symbols, torch.Tensor):
             symbols = symbols.detach().cpu().numpy()
-        return huffman.encode(np.asarray(symbols, dtype=np.int64).reshape(-1), alphabet, max_len=huffman.TZIP_MAX_LEN)
+        symbols = np.asarray(symbols).reshape(-1)
+        if symbols.dtype.kind not in "ui":
+            symbols = symbols.astype(np.int64)
+        return huffman.encode(symbols, alphabet, max_len=huffman.TZIP_MAX_LEN)
 
     @staticmethod
     def coded_bytes(stream: huffman.HuffmanStream) -> int:

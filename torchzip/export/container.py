@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import mmap
 import os
 import re
 import reprlib
@@ -27,7 +28,7 @@ import stat
 import struct
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import numpy as np
 
@@ -47,6 +48,7 @@ READS = (2, 3)
 HEADER = struct.Struct("<8sIIQ")
 ALIGN = 64
 # Limits on the manifest (docs/FORMAT.md, "Limits"): what honest files need, with a wide margin.
+MAP_AT_LEAST = 1 << 20  # regular files this large are memory-mapped by read()
 MAX_MANIFEST = 64 << 20  # inflated bytes, whatever the file's size...
 MANIFEST_BASE, MANIFEST_PER_BYTE = 1 << 20, 16  # ...and at most 1 MiB + 16 bytes per byte of the file
 MAX_DEPTH = 32  # nesting of arrays and objects (a writer uses 6)
@@ -111,17 +113,64 @@ def write(path: str | os.PathLike, manifest: dict, sections: list[bytes]) -> int
     next write to the same path removes one a crash left behind. The file gets the mode of any
     new file (``0o666`` less the umask).
     """
-    dest = check_destination(path)
+    check_destination(path)
     if not sections:
         raise ValueError("a .tzip file has at least one section")
+    _layout(path, manifest, [len(s) for s in sections], [zlib.crc32(s) for s in sections])  # refused before a temporary exists
+    return write_streamed(path, iter(sections), lambda: manifest)
+
+
+def write_streamed(path: str | os.PathLike, sections: Iterable[bytes], manifest: Callable[[], dict]) -> int:
+    """:func:`write` for sections made one at a time: each goes to the temporary file as
+    ``sections`` yields it (nothing holds them all), and ``manifest()`` is asked after the last.
+    The file is byte for byte what :func:`write` makes of the same sections and manifest: the
+    sections are moved into place, in the file, once the manifest's length is known."""
+    dest = check_destination(path)
+    size = 0
+
+    def emit(f: BinaryIO) -> None:
+        nonlocal size
+        start = at = _align(HEADER.size + 1)  # provisional: the manifest's length is not known yet
+        f.seek(start)
+        lengths, crcs = [], []
+        for data in sections:
+            f.write(b"\0" * (_align(at) - at))
+            at = _align(at)
+            f.write(data)
+            at += len(data)
+            lengths.append(len(data))
+            crcs.append(zlib.crc32(data))
+        if not lengths:
+            raise ValueError("a .tzip file has at least one section")
+        first, raw, size = _layout(path, manifest(), lengths, crcs)
+        f.flush()
+        _move(f.fileno(), start, at, first)
+        f.seek(0)
+        f.write(HEADER.pack(MAGIC, VERSION, zlib.crc32(raw), len(raw)))
+        f.write(raw)
+        f.write(b"\0" * (first - HEADER.size - len(raw)))
+        f.flush()
+
+    try:
+        _write_atomically(dest, emit)
+    except OSError as err:
+        if err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from None  # named as given, not the temporary
+    return size
+
+
+def _layout(path, manifest: dict, lengths: list[int], crcs: list[int]) -> tuple[int, bytes, int]:
+    """``(first section's offset, compressed manifest, file size)``; raises ``TorchzipError`` for
+    a manifest readers would refuse."""
     # Section offsets depend on the manifest's length, which depends on the offsets. Moving the
     # first section only ever later makes this settle (the gap is zero padding).
     start = _align(HEADER.size + 1)
     while True:
         table, offset = [], start
-        for i, s in enumerate(sections):
-            table.append([offset, len(s), zlib.crc32(s)])
-            offset += len(s) if i == len(sections) - 1 else _align(len(s))
+        for i, (length, crc) in enumerate(zip(lengths, crcs)):
+            table.append([offset, length, crc])
+            offset += length if i == len(lengths) - 1 else _align(length)
         body = dict(manifest, sections=table, file_size=offset)
         text = json.dumps(body, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
         raw = zlib.compress(text, 9)
@@ -134,23 +183,20 @@ def write(path: str | os.PathLike, manifest: dict, sections: list[bytes]) -> int
     if len(text) > manifest_limit(size) or items > MAX_JSON_ITEMS or depth > MAX_DEPTH:
         raise TorchzipError(f"cannot write {path}: its manifest ({len(text)} bytes, {items} JSON items) exceeds what a "
                             f"reader accepts for a {size}-byte file (docs/FORMAT.md, Limits); nothing was written")
+    return start, raw, size
 
-    def emit(f: BinaryIO) -> None:
-        f.write(HEADER.pack(MAGIC, VERSION, zlib.crc32(raw), len(raw)))
-        f.write(raw)
-        at = HEADER.size + len(raw)
-        for (off, length, _), s in zip(table, sections):
-            f.write(b"\0" * (off - at))
-            f.write(s)
-            at = off + length
 
-    try:
-        _write_atomically(dest, emit)
-    except OSError as err:
-        if err.errno is None:
-            raise
-        raise OSError(err.errno, err.strerror, str(path)) from None  # named as given, not the temporary
-    return size
+def _move(fd: int, start: int, end: int, to: int, chunk: int = 8 << 20) -> None:
+    """Move the bytes ``start:end`` of the file to offset ``to``, a chunk at a time."""
+    delta = to - start
+    if delta == 0:
+        return
+    spans = range(start, end, chunk)
+    for at in (reversed(spans) if delta > 0 else spans):  # never overwrite bytes still to be moved
+        data = os.pread(fd, min(chunk, end - at), at)
+        os.pwrite(fd, data, at + delta)
+    if delta < 0:
+        os.ftruncate(fd, end + delta)
 
 
 # ---- atomic writes -------------------------------------------------------------------------
@@ -158,7 +204,8 @@ def write(path: str | os.PathLike, manifest: dict, sections: list[bytes]) -> int
 _SEPARATORS = tuple(s for s in (os.sep, os.altsep) if s)
 _TEMP_SUFFIX = ".tzip-tmp"
 _ANONYMOUS = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")  # Linux: name an fd via /proc
-_OPEN_FLAGS = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+# Read and write: write_streamed moves the sections into place within the file.
+_OPEN_FLAGS = os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
 
 def _temp_path(dest: Path) -> Path:
@@ -313,11 +360,28 @@ def _read_regular(f: BinaryIO, size: int, name: str) -> tuple[dict, list[memoryv
     crc, length = _header(head, name, size)
     raw = f.read(length)
     manifest = _manifest(raw, crc, name, size)
+    if size >= MAP_AT_LEAST and hasattr(mmap, "MADV_DONTNEED"):
+        # Large files are mapped, not read: sections are read where they lie, and the pages
+        # looked at are handed back (release_pages) so the file never sits in memory whole.
+        try:
+            data = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            data = None
+        if data is not None:
+            return manifest, _sections(manifest, data, length, name)
     data = bytearray(size)
     data[: HEADER.size] = head
     data[HEADER.size: HEADER.size + length] = raw
     _read_into(f, memoryview(data)[HEADER.size + length:], name)
     return manifest, _sections(manifest, data, length, name)
+
+
+def release_pages(sections: list[memoryview]) -> None:
+    """Drop the pages of a mapped file that reading has touched from this process's memory (the
+    page cache keeps them; touching them again maps them back). Nothing for a file in memory."""
+    owner = sections[0].obj if sections else None
+    if isinstance(owner, mmap.mmap):
+        owner.madvise(mmap.MADV_DONTNEED)
 
 
 def _read_stream(f: BinaryIO, name: str) -> bytearray:
@@ -407,6 +471,7 @@ def _sections(manifest: dict, data: bytes | bytearray, length: int, name: str) -
         section = view[off: off + size]
         if zlib.crc32(section) != sec_crc:
             raise FormatError(f"{name}: section {i} checksum mismatch (file corrupted)")
+        release_pages(sections or [section])
         sections.append(section)
         end = off + size
     return sections

@@ -214,9 +214,15 @@ def group_codes(symbols: np.ndarray, alphabet: int, group: int) -> np.ndarray:
     if group == 1:
         return symbols
     m = -(-symbols.size // group)
-    padded = np.zeros(m * group, np.int64)
+    padded = np.zeros(m * group, symbols.dtype)
     padded[: symbols.size] = symbols
-    return padded.reshape(m, group) @ (np.int64(alphabet) ** np.arange(group, dtype=np.int64))
+    rows = padded.reshape(m, group)
+    if alphabet**group <= 256:  # the usual case (pairs and quads of small alphabets): one byte a code
+        codes = np.zeros(m, np.uint16)
+        for j in range(group):
+            codes += rows[:, j].astype(np.uint16) * np.uint16(alphabet**j)
+        return codes.astype(np.uint8)
+    return rows.astype(np.int64) @ (np.int64(alphabet) ** np.arange(group, dtype=np.int64))
 
 
 def _choose_group(symbols: np.ndarray, alphabet: int, max_len: int) -> tuple[int, np.ndarray]:
@@ -245,6 +251,18 @@ def lane_order(m: int, lanes: int) -> np.ndarray:
     """Indices of ``m`` codes in payload order: lane 0's (0, L, 2L, ...), then lane 1's, ..."""
     grid = np.arange(-(-m // lanes) * lanes, dtype=np.int64).reshape(-1, lanes).T.reshape(-1)
     return grid[grid < m]
+
+
+def _in_lane_order(codes: np.ndarray, lanes: int) -> np.ndarray:
+    """``codes[lane_order(codes.size, lanes)]`` without an int64 index per code: a transpose of
+    the codes dealt into rows of ``lanes``, the unfilled places of the last row left out."""
+    m = codes.size
+    rows = -(-m // lanes)
+    full = m - (rows - 1) * lanes  # lanes 0 .. full-1 hold `rows` codes, the others one fewer
+    padded = np.zeros(rows * lanes, codes.dtype)
+    padded[:m] = codes
+    by_lane = padded.reshape(rows, lanes).T
+    return np.concatenate([by_lane[:full].reshape(-1), by_lane[full:, : rows - 1].reshape(-1)])
 
 
 def lane_counts(m: int, lanes: int) -> np.ndarray:
@@ -278,7 +296,6 @@ def encode(
         raise ValueError(f"symbols must be integers, got dtype {symbols.dtype}")
     if chunk_size is not None and not 1 <= chunk_size <= MAX_LANE_CODES:
         raise ValueError(f"chunk_size must be in 1..{MAX_LANE_CODES}, got {chunk_size}")
-    symbols = symbols.astype(np.int64, copy=False)
     lo = int(symbols.min()) if symbols.size else 0
     hi = int(symbols.max()) if symbols.size else -1
     if alphabet_size is None:
@@ -287,6 +304,9 @@ def encode(
         raise ValueError(f"alphabet_size must be in 0..{MAX_ALPHABET}, got {alphabet_size}")
     if lo < 0 or hi >= alphabet_size:
         raise ValueError(f"symbols must lie in 0..{alphabet_size - 1}, got {lo}..{hi}")
+    # The narrowest type that holds every symbol: the coder's temporaries scale with it.
+    narrow = np.uint8 if alphabet_size <= 256 else np.uint16 if alphabet_size <= 1 << 16 else np.int64
+    symbols = symbols.astype(narrow, copy=False)
     codes = None
     if group is None:
         group, codes = _choose_group(symbols, alphabet_size, max_len) if symbols.size else (1, symbols)
@@ -308,25 +328,29 @@ def encode(
         mean_bits = float((counts * sym_len).sum()) / m
         chunk_size = min(max(_MIN_LANE, round(_LANE_BITS / mean_bits)), _MAX_LANE)
     lanes = -(-m // min(chunk_size, m))
-    codes = codes[lane_order(m, lanes)]
-    ends = np.cumsum(sym_len[codes])
-    total_bits = int(ends[-1])
-    firsts = np.cumsum(lane_counts(m, lanes))[:-1]  # payload index of each lane's first code but lane 0's
-    chunk_bits = np.concatenate(([0], ends[firsts - 1])).astype(np.int64)
-    return HuffmanStream(lengths, _pack_codes(codes, ends, sym_len, canonical_codes(lengths, max_len), total_bits),
+    codes = _in_lane_order(codes, lanes)
+    # Bits per lane, then lane starts: no running offset per code is held for the whole stream.
+    firsts = np.concatenate(([0], np.cumsum(lane_counts(m, lanes))[:-1]))  # payload index of each lane's first code
+    lane_bits = np.add.reduceat(lengths[codes], firsts, dtype=np.int64)
+    total_bits = int(lane_bits.sum())
+    chunk_bits = np.concatenate(([0], np.cumsum(lane_bits)[:-1])).astype(np.int64)
+    return HuffmanStream(lengths, _pack_codes(codes, sym_len, canonical_codes(lengths, max_len), total_bits),
                          chunk_bits, symbols.size, chunk_size, group, alphabet_size)
 
 
-def _pack_codes(codes: np.ndarray, ends: np.ndarray, sym_len: np.ndarray, table: np.ndarray, total_bits: int) -> bytes:
-    """The MSB-first bit string of ``codes`` (``ends``: cumulative code lengths)."""
+def _pack_codes(codes: np.ndarray, sym_len: np.ndarray, table: np.ndarray, total_bits: int) -> bytes:
+    """The MSB-first bit string of ``codes`` (``sym_len``, ``table``: length and code of each value)."""
     # Build the stream as big-endian 64-bit words. Codes are at most 20 bits, so every word holds
     # the start of at least one code, and a code spills into at most the next word.
     words = np.zeros(total_bits // 64 + 2, np.uint64)
     sym_code = table.astype(np.uint64)
+    at = 0  # bits before this slab
     for first in range(0, codes.size, _ENCODE_SLAB):
         part = codes[first : first + _ENCODE_SLAB]
         lens = sym_len[part]
-        starts = ends[first : first + part.size] - lens
+        ends = at + np.cumsum(lens)
+        starts = ends - lens
+        at = int(ends[-1])
         word = starts >> 6
         room = 64 - (starts & 63) - lens  # bits left in the word after the code; < 0 spills
         code = sym_code[part]

@@ -15,6 +15,7 @@ everything the rest of torchzip needs from it:
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,6 +24,41 @@ import torch.nn.functional as F
 from torch import nn
 
 FORMATS: dict[str, type["PackedWeight"]] = {}
+
+# On CPU a weight bigger than this many values is multiplied a block of rows at a time: each
+# block is dequantized into a reused buffer that stays in cache for its matmul, so memory traffic
+# is the packed bytes (a quarter of fp32 for int8), not a full-size dense copy per call.
+BLOCK = 1 << 20
+_scratch = threading.local()
+
+
+def scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat CPU buffer of at least ``numel`` values, reused across calls on this thread (a fresh
+    large allocation would page-fault on every forward)."""
+    buffers = _scratch.__dict__.setdefault("by_dtype", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def blocked_linear(weight: "PackedWeight", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + bias`` on CPU, dequantizing ``BLOCK``-sized blocks of rows with
+    ``weight.dequantize_block``; the same matmul per output column as ``F.linear``."""
+    n, k = weight.shape
+    rows = max(1, BLOCK // max(k, 1))
+    flat = x.reshape(-1, k)
+    out = torch.empty(flat.shape[0], n, dtype=x.dtype)
+    buf = scratch(min(rows, n) * k, x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        w = weight.dequantize_block(start, stop, buf[: (stop - start) * k].view(stop - start, k))
+        if bias is None:
+            torch.mm(flat, w.t(), out=out[:, start:stop])
+        else:
+            torch.addmm(bias[start:stop], flat, w.t(), out=out[:, start:stop])
+    return out.view(*x.shape[:-1], n)
 
 
 def register_format(cls: type["PackedWeight"]) -> type["PackedWeight"]:
@@ -97,6 +133,12 @@ class PackedWeight(nn.Module):
         dequantize); formats override it to touch only those rows."""
         return self.dequantize()[rows]
 
+    def dequantize_block(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows ``start:stop`` dequantized into ``out`` (``[stop - start, K]``, the compute dtype),
+        equal to ``dequantize()[start:stop].to(out.dtype)``; returns ``out``. Formats that
+        override it get the blocked CPU ``linear``."""
+        return out.copy_(self.dequantize()[start:stop])
+
     def row_view(self, start: int, stop: int) -> "PackedWeight":
         """Rows ``start:stop`` as a packed weight of the same format sharing this one's storage."""
         raise NotImplementedError(f"format '{self.format_name}' has no row views")
@@ -119,13 +161,20 @@ class PackedWeight(nn.Module):
         return None
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ W.T + bias``: the Triton kernel on CUDA, dequantize + ``F.linear`` elsewhere."""
+        """``x @ W.T + bias``: the Triton kernel on CUDA; on CPU, large weights a block of rows at a
+        time (:func:`blocked_linear`); else dequantize + ``F.linear``."""
         from torchzip.kernels import dispatch
 
         if dispatch.use_kernels(x):
             out = self.kernel_linear(x, bias)
             if out is not None:
                 return out
+        blocked = type(self).dequantize_block is not PackedWeight.dequantize_block
+        # Eager only: under torch.compile, inductor fuses dequantize + F.linear itself (and the
+        # Python loop over blocks would be a graph break).
+        if (blocked and x.device.type == "cpu" and self.shape[0] * self.shape[1] > BLOCK and x.is_floating_point()
+                and not torch.compiler.is_compiling()):
+            return blocked_linear(self, x, bias)
         return F.linear(x, self.dequantize().to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def encode(self, out: Any) -> dict[str, Any]:

@@ -9,6 +9,12 @@ from torchzip.packed.bits import pack_bits, unpack_bits
 from torchzip.packed.values import CodebookValues, read_table, table
 
 
+def _byte_fields(bits: int, device: torch.device) -> torch.Tensor:
+    """``[256, 8 // bits]``: the fields a byte holds, least significant first."""
+    shifts = torch.arange(0, 8, bits, device=device)
+    return (torch.arange(256, device=device).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+
+
 @register_format
 class CodebookWeight(PackedWeight):
     """``W[n, k] = codebook[n or 0, index[n, k]]``, indices packed ``bits`` wide in int32 words."""
@@ -24,8 +30,12 @@ class CodebookWeight(PackedWeight):
 
     @classmethod
     def from_indices(cls, indices: torch.Tensor, codebook: torch.Tensor, bits: int, dtype: torch.dtype) -> "CodebookWeight":
-        """Pack ``[N, K]`` integer indices into a codebook weight."""
-        return cls(pack_bits(indices, bits), codebook, bits, tuple(indices.shape), dtype)
+        """Pack ``[N, K]`` integer indices into a codebook weight (a block of rows at a time, so a
+        big layer's indices never widen to int64 whole)."""
+        n, k = indices.shape
+        rows = max(1, (1 << 20) // max(k, 1))
+        packed = torch.cat([pack_bits(indices[r:r + rows], bits) for r in range(0, n, rows)]) if n else pack_bits(indices, bits)
+        return cls(packed, codebook, bits, (n, k), dtype)
 
     @classmethod
     def pack(cls, state: WeightState) -> "CodebookWeight | None":
@@ -46,6 +56,23 @@ class CodebookWeight(PackedWeight):
         book = self.codebook[rows] if self.codebook.shape[0] > 1 else self.codebook
         return self._lookup(unpack_bits(self.packed[rows], self.bits, self.shape[1]), book)
 
+    def dequantize_block(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        rows, k = stop - start, self.shape[1]
+        book = self.codebook[start:stop] if self.codebook.shape[0] > 1 else self.codebook
+        if 8 % self.bits:  # fields straddle bytes: unpack, then look up
+            return out.copy_(self._lookup(unpack_bits(self.packed[start:stop], self.bits, k), book))
+        # Fields never straddle a byte: each byte of the packed words indexes a small table of the
+        # 8 // bits values it stands for, built straight in the compute dtype. Nothing widens to int64.
+        per_byte = 8 // self.bits
+        table = book[:, _byte_fields(self.bits, book.device)].to(self.dtype).to(out.dtype)  # [C, 256, per_byte]
+        index = self.packed[start:stop].view(torch.uint8).to(torch.int32)  # little-endian: fields in order
+        if book.shape[0] > 1:
+            index += torch.arange(0, rows * 256, 256, dtype=torch.int32, device=index.device).unsqueeze(1)
+        width = index.shape[1] * per_byte
+        dest = out if width == k else torch.empty(rows, width, dtype=out.dtype, device=out.device)
+        torch.index_select(table.view(-1, per_byte), 0, index.view(-1), out=dest.view(-1, per_byte))
+        return dest if dest is out else out.copy_(dest[:, :k])
+
     def _lookup(self, idx: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
         book = book if book.shape[0] > 1 else book.expand(idx.shape[0], -1)
         return torch.gather(book, 1, idx).to(self.dtype)
@@ -61,7 +88,16 @@ class CodebookWeight(PackedWeight):
 
     def encode(self, out):
         return {"bits": self.bits,
-                "tensors": {"indices": out.symbols(self.indices(), 2**self.bits), "codebook": out.raw(table(self.codebook, self.dtype))}}
+                "tensors": {"indices": out.symbols(self._indices_u8(), 2**self.bits), "codebook": out.raw(table(self.codebook, self.dtype))}}
+
+    def _indices_u8(self) -> torch.Tensor:
+        # One byte an index, unpacked a block of rows at a time (int64 only for a block).
+        n, k = self.shape
+        rows = max(1, (1 << 20) // max(k, 1))
+        out = torch.empty(n, k, dtype=torch.uint8)
+        for r in range(0, n, rows):
+            out[r:r + rows] = unpack_bits(self.packed[r:r + rows].cpu(), self.bits, k)
+        return out
 
     @classmethod
     def decode(cls, entry, src, shape, dtype):
@@ -74,7 +110,7 @@ class CodebookWeight(PackedWeight):
                  f"codebook shape {tuple(codebook.shape)} does not fit {n} rows of {2**bits} entries")
         idx = src.symbols(t.get("indices"), "indices", 2**bits, on_device=True)
         src.need(idx.numel() == n * k, f"{idx.numel()} indices for a {n}x{k} weight")
-        return cls(pack_bits(idx.reshape(n, k), bits), codebook, bits, (n, k), dtype)
+        return cls.from_indices(idx.reshape(n, k), codebook, bits, dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, codebooks={self.codebook.shape[0]}"

@@ -39,6 +39,18 @@ class Int8Weight(PackedWeight):
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
         return self._dequantize(self.qweight[rows], self.scales[rows])
 
+    def dequantize_block(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        q, scales = self.qweight[start:stop], self.scales[start:stop]
+        if out.dtype != torch.float32 or self.dtype != torch.float32:
+            return out.copy_(self._dequantize(q, scales))
+        rows, k = q.shape
+        g = self.group_size or k
+        # Widen into the buffer, then scale in place (still in cache): the same single rounding as
+        # _dequantize, and faster than a mixed-dtype multiply.
+        out.copy_(q)
+        out.view(rows, k // g, g).mul_(scales.unsqueeze(-1))
+        return out
+
     def _dequantize(self, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         n, k = q.shape
         g = self.group_size or k

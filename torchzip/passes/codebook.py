@@ -27,13 +27,9 @@ INITS = ("linear", "kmeans++")
 GRANULARITIES = ("auto", "channel", "layer")
 
 
-def _seed_linear(x: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+def _seed_linear(lo: torch.Tensor, hi: torch.Tensor, k: int) -> torch.Tensor:
     # Evenly spaced between each group's min and max, so large weights keep a centroid (Han et al.).
-    big = torch.finfo(x.dtype).max
-    lo = torch.where(valid, x, torch.full_like(x, big)).amin(1, keepdim=True)
-    hi = torch.where(valid, x, torch.full_like(x, -big)).amax(1, keepdim=True)
-    lo, hi = torch.where(lo > hi, 0.0, lo), torch.where(lo > hi, 0.0, hi)  # groups with no weight
-    return lo + (hi - lo) * torch.linspace(0, 1, k, device=x.device)
+    return lo + (hi - lo) * torch.linspace(0, 1, k, device=lo.device)
 
 
 def _seed_kmeanspp(x: torch.Tensor, valid: torch.Tensor, k: int, gen: torch.Generator, sample: int = 1 << 15) -> torch.Tensor:
@@ -54,48 +50,125 @@ def _seed_kmeanspp(x: torch.Tensor, valid: torch.Tensor, k: int, gen: torch.Gene
 
 
 def assign_nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest centroid for every value (1-D per group: binary search on midpoints)."""
-    order = centroids.argsort(1)
+    """Index of the nearest centroid for every value (1-D per group: binary search on midpoints).
+
+    A value exactly on a midpoint goes to the smaller centroid; equal centroids resolve to the
+    first of them (a stable order), so the result is deterministic.
+    """
+    order = centroids.argsort(dim=1, stable=True)
     sorted_c = centroids.gather(1, order)
     mids = ((sorted_c[:, 1:] + sorted_c[:, :-1]) / 2).contiguous()
     return order.gather(1, torch.searchsorted(mids, x.contiguous()))
 
 
+def _count_at_most(keys: torch.Tensor, coarse: torch.Tensor, block: int, mids: torch.Tensor) -> torch.Tensor:
+    # searchsorted(keys, mids, right=True) in two levels: the last key of every block (small enough
+    # to stay in cache) finds the block, then one window of `block` keys is compared. A plain binary
+    # search over long rows misses the cache at every step, which made it the slowest part of Lloyd's.
+    g, n = keys.shape
+    if n < block:
+        return torch.searchsorted(keys, mids, right=True)
+    full = torch.searchsorted(coarse, mids, right=True)  # blocks whose keys are all <= mid
+    start = (full * block).clamp(max=n - block)  # keys before start are <= mid too
+    pos = start.unsqueeze(-1) + torch.arange(block, device=keys.device)
+    inside = keys.gather(1, pos.flatten(1)).view(pos.shape)
+    return start + (inside <= mids.unsqueeze(-1)).sum(-1)
+
+
+def _run_sums(prefix: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    # Sums of the runs edges[j] .. edges[j+1] from inclusive running sums (no leading zero column).
+    at = prefix.gather(1, (edges - 1).clamp(min=0))
+    return torch.where(edges > 0, at, torch.zeros((), dtype=at.dtype, device=at.device)).diff(dim=1)
+
+
+def _lloyd_sorted(x: torch.Tensor, valid: torch.Tensor | None, weights: torch.Tensor | None,
+                  centroids: torch.Tensor | int, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Lloyd's on sorted values: one sort, then each iteration is k binary searches per group.
+    g, n = x.shape
+    if valid is not None:  # entries without a centroid sort last, as +inf, and count for nothing
+        x = torch.where(valid, x, torch.full((), float("inf"), device=x.device))
+    keys, order = x.sort(1)
+    n_valid = torch.full((g, 1), n, device=x.device) if valid is None else valid.sum(1, keepdim=True)
+    live = None if valid is None else torch.arange(n, device=x.device) < n_valid
+    if isinstance(centroids, int):  # linear seeds: the sorted row's first and last valid value
+        lo, hi = keys[:, :1], keys.gather(1, (n_valid - 1).clamp(min=0))
+        empty = n_valid == 0  # a group with no weight gets zeros
+        lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
+        centroids = _seed_linear(lo, hi, centroids)
+    values = keys if live is None else torch.where(live, keys, torch.zeros((), device=x.device))
+    sum_w = None
+    if weights is not None:
+        w = weights.gather(1, order)
+        sum_w, values = w.cumsum(1, dtype=torch.float64), values * w
+        del w
+    sum_x = values.cumsum(1, dtype=torch.float64)
+    del values
+    block = 16
+    coarse = keys[:, block - 1::block].contiguous()
+    zero, edges = torch.zeros_like(n_valid), None
+    for _ in range(iterations):
+        mids = ((centroids[:, 1:] + centroids[:, :-1]) / 2).contiguous()
+        # Cluster j holds the sorted values in (mids[j-1], mids[j]]: positions edges[j] .. edges[j+1].
+        new = torch.cat([zero, _count_at_most(keys, coarse, block, mids).clamp(max=n_valid), n_valid], 1)
+        if edges is not None and torch.equal(new, edges):
+            break  # assignments settled: the centroids are already their means
+        edges = new
+        sums = _run_sums(sum_x, edges)
+        counts = edges.diff(dim=1).double() if sum_w is None else _run_sums(sum_w, edges)
+        centroids = torch.where(counts > 0, (sums / counts.clamp(min=1e-300)).float(), centroids)
+    del sum_x, sum_w
+    # Final assignment by the same midpoints: mark each cluster's first sorted position, count
+    # marks (a cluster index per sorted position), and put the indices back in the input's order.
+    mids = ((centroids[:, 1:] + centroids[:, :-1]) / 2).contiguous()
+    starts = _count_at_most(keys, coarse, block, mids)
+    del keys
+    marks = torch.zeros(g, n + 1, dtype=torch.int16, device=x.device)
+    marks.scatter_add_(1, starts, torch.ones_like(starts, dtype=torch.int16))
+    index = marks[:, :n].cumsum(1, dtype=torch.int16)
+    del marks
+    if live is not None:
+        index.masked_fill_(~live, -1)
+    return centroids, torch.empty_like(index).scatter_(1, order, index)
+
+
 def kmeans_1d(x: torch.Tensor, valid: torch.Tensor, k: int, *, init: str = "linear", iterations: int = 25,
               seed: int = 0, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched 1-D k-means over rows of ``x`` ``[G, n]``, using only entries where ``valid``.
+    """Batched 1-D k-means (Lloyd's) over rows of ``x`` ``[G, n]``, using only entries where ``valid``.
 
     ``weights`` (``[G, n]``, >= 0, optional): each point's weight in the squared error the
     clustering minimises (e.g. its input's second moment, for activation-aware codebooks).
     Returns ``(centroids [G, k], assign [G, n])``; ``assign`` is -1 where not ``valid``.
     Deterministic for a given ``seed`` (so every DDP rank computes the same codebook).
+
+    In 1-D each cluster is a run of sorted values between two midpoints, so after one sort per
+    group an iteration costs ``k`` binary searches and ``k`` prefix-sum differences per group
+    instead of a pass over every value: the whole clustering costs about one sort. Ties: a value
+    on a midpoint joins the smaller centroid; a centroid that loses all its points stays put.
     """
     x = x.float()
     if weights is not None:
         weights = torch.where(valid, weights.float(), torch.zeros((), device=x.device))
     if not bool(valid.any()):  # e.g. a layer global pruning emptied: nothing to cluster
         return torch.zeros(x.shape[0], k, device=x.device), torch.full_like(x, -1, dtype=torch.long)
-    if x.shape[0] == 1 and not bool(valid.all()):
-        # One group: cluster only the kept weights (after pruning, often a small fraction).
-        centroids, kept = kmeans_1d(x[valid].unsqueeze(0), torch.ones(1, int(valid.sum()), dtype=torch.bool, device=x.device),
-                                    k, init=init, iterations=iterations, seed=seed,
-                                    weights=None if weights is None else weights[valid].unsqueeze(0))
-        assign = torch.full_like(x, -1, dtype=torch.long)
-        assign[valid] = kept[0]
-        return centroids, assign
-    gen = torch.Generator().manual_seed(seed)
-    centroids = _seed_linear(x, valid, k) if init == "linear" else _seed_kmeanspp(x, valid, k, gen)
-    weight = valid.float() if weights is None else weights
-    assign = assign_nearest(x, centroids)
-    for _ in range(iterations):
-        sums = torch.zeros_like(centroids).scatter_add_(1, assign, x * weight)
-        counts = torch.zeros_like(centroids).scatter_add_(1, assign, weight)
-        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
-        new = assign_nearest(x, centroids)
-        if torch.equal(new, assign):
-            break
-        assign = new
-    return centroids, torch.where(valid, assign, -1)
+    if init == "linear":
+        centroids = torch.zeros(x.shape[0], k, device=x.device)  # seeded from the sorted rows
+    else:
+        centroids = _seed_kmeanspp(x, valid, k, torch.Generator().manual_seed(seed))
+        # Lloyd's keeps 1-D centroids in order, so sorted seeds make the midpoints adjacent pairs.
+        centroids = centroids.sort(dim=1, stable=True).values.contiguous()
+    all_valid = bool(valid.all())
+    # Rows are independent (a settled row stays settled), so chunks of rows bound the temporaries.
+    rows = max(1, _CHUNK // max(1, x.shape[1]))
+    assign = torch.empty(x.shape, dtype=torch.long, device=x.device)
+    for r in range(0, x.shape[0], rows):
+        part = slice(r, r + rows)
+        centroids[part], assign[part] = _lloyd_sorted(x[part], None if all_valid else valid[part],
+                                                      None if weights is None else weights[part],
+                                                      k if init == "linear" else centroids[part], iterations)
+    return centroids, assign
+
+
+_CHUNK = 1 << 22  # values per chunk of rows (one row may be longer)
 
 
 class CodebookQuant(nn.Module):
@@ -115,7 +188,9 @@ class CodebookQuant(nn.Module):
         self.bits, self.granularity, self.init, self.iterations = bits, granularity, init, iterations
         self.start_step, self.seed = start_step, seed
         self.centroids = nn.Parameter(torch.zeros(groups, 2**bits, device=weight.device))
-        self.register_buffer("assign", torch.full((rows, cols), -1, dtype=torch.int32, device=weight.device))
+        # The smallest integer that holds -1 and every index: a quarter of an fp32 weight at most bits 7.
+        index_dtype = torch.int8 if bits <= 7 else torch.int16
+        self.register_buffer("assign", torch.full((rows, cols), -1, dtype=index_dtype, device=weight.device))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("clustered", torch.zeros((), dtype=torch.bool))
 
@@ -153,7 +228,7 @@ class CodebookQuant(nn.Module):
             warnings.warn(f"freezing a codebook layer before its start_step ({self.start_step}, now at step "
                           f"{int(self.step)}): it is stored as float, not clustered", stacklevel=4)
             return
-        idx = self.assign.long()
+        idx = self.assign  # int8/int16: formats pack it a block at a time, nothing widens it whole
         if not bool((idx >= 0).all()):
             state.mask = idx >= 0 if state.mask is None else state.mask & (idx >= 0)
         book = self.centroids.detach().float()

@@ -316,7 +316,9 @@ def attach(plan: Plan, make: Callable[["LayerPass", nn.Module, str, WeightView |
             raw = raw_tensor(module, t)
             if id(raw) not in made:
                 made[id(raw)] = make(own, module, t, view)
-            parametrize.register_parametrization(module, t, made[id(raw)])
+            # unsafe: torch's check would run the parametrization once over the whole weight (a
+            # full-size temporary or three per layer); ours keep shape and dtype by construction.
+            parametrize.register_parametrization(module, t, made[id(raw)], unsafe=True)
 
 
 def no_passes_error() -> RecipeError:

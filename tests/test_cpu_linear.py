@@ -1,0 +1,67 @@
+"""The blocked CPU linear of packed weights: the same outputs as dequantize + F.linear."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torchzip.packed import base
+from torchzip.packed import CodebookWeight, Int8Weight
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(base, "BLOCK", 700)  # several blocks of rows, and a ragged last one
+
+
+def check(packed, k, dtype):
+    for lead in [(1,), (5,), (2, 3)]:
+        x = torch.randn(*lead, k).to(dtype)
+        bias = torch.randn(packed.shape[0]).to(dtype)
+        want = F.linear(x, packed.dequantize().to(dtype), bias)
+        got = packed.linear(x, bias)
+        assert got.dtype == dtype and got.shape == want.shape
+        assert torch.allclose(got.double(), want.double(), rtol=1e-5, atol=1e-5)
+        assert torch.equal(packed.linear(x), packed.linear(x))  # the reused buffer leaves nothing behind
+    # Each block holds exactly the rows dequantize() gives.
+    n = packed.shape[0]
+    out = torch.empty(n - 3, k, dtype=dtype)
+    assert torch.equal(packed.dequantize_block(2, n - 1, out), packed.dequantize()[2:n - 1].to(dtype))
+
+
+@pytest.mark.parametrize("group_size", [0, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_blocked_linear(small_blocks, group_size, dtype):
+    n, k = 37, 52
+    packed = Int8Weight.from_float(torch.randn(n, k).to(dtype), group_size)
+    check(packed, k, dtype)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("books", ["channel", "layer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_codebook_blocked_linear(small_blocks, bits, books, dtype):
+    n, k = 29, 61  # k fills no whole number of words
+    idx = torch.randint(0, 2**bits, (n, k))
+    book = torch.randn(n if books == "channel" else 1, 2**bits)
+    packed = CodebookWeight.from_indices(idx, book, bits, dtype)
+    ref = book.to(dtype).gather(1, idx) if books == "channel" else book[0].to(dtype)[idx]  # independent of the packing
+    assert torch.equal(packed.dequantize(), ref)
+    check(packed, k, dtype)
+
+
+def test_large_layer_takes_blocks_bitwise_like_f_linear(monkeypatch):
+    calls = []
+    real = Int8Weight.dequantize_block
+    monkeypatch.setattr(Int8Weight, "dequantize_block", lambda self, *a: (calls.append(a[:2]), real(self, *a))[1])
+    packed = Int8Weight.from_float(torch.randn(640, 2048))  # 1.3M weights: over BLOCK
+    x = torch.randn(4, 2048)
+    got = packed.linear(x)
+    assert calls == [(0, 512), (512, 640)]
+    assert torch.allclose(got, F.linear(x, packed.dequantize()), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_large_layer_has_no_graph_break():
+    packed = Int8Weight.from_float(torch.randn(1100, 1024))  # over BLOCK: eager takes blocks
+    x = torch.randn(3, 1024)
+    compiled = torch.compile(lambda inp: packed.linear(inp), fullgraph=True)
+    assert torch.allclose(compiled(x), F.linear(x, packed.dequantize()), rtol=1e-4, atol=1e-4)
