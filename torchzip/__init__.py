@@ -10,7 +10,7 @@ Extension points: :func:`register_pass` (a new pass, nameable in YAML), :func:`r
 
 from torchzip import export, schedule  # noqa: F401  (tz.export is the package, callable as the function)
 from torchzip.api import compress, plan_recipe
-from torchzip.errors import DistillationError, FormatError, RecipeError, TorchzipError, UnsupportedLayerError
+from torchzip.errors import CalibrationError, DistillationError, FormatError, RecipeError, TorchzipError, UnsupportedLayerError
 from torchzip.export import load, read_manifest
 from torchzip.freeze import freeze
 from torchzip.packed import LayerKind, PackedWeight, WeightState, register_format, register_layer_kind
@@ -31,5 +31,5 @@ __all__ = [
     "Prune", "Quantize", "QuantizeBias", "Codebook", "Distill", "finetune", "Callback", "DistillationCallback", "kd_loss",
     "Pass", "LayerPass", "register_pass", "PackedWeight", "WeightState", "register_format", "LayerKind",
     "register_layer_kind",
-    "TorchzipError", "RecipeError", "UnsupportedLayerError", "FormatError", "DistillationError",
+    "TorchzipError", "RecipeError", "UnsupportedLayerError", "FormatError", "DistillationError", "CalibrationError",
 ]

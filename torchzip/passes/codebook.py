@@ -25,6 +25,7 @@ from torchzip.progress import bar
 
 INITS = ("linear", "kmeans++")
 GRANULARITIES = ("auto", "channel", "layer")
+METHODS = ("auto", "kmeans", "weighted", "gptq")
 
 
 def _seed_linear(x: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
@@ -129,8 +130,13 @@ class CodebookQuant(nn.Module):
         valid = torch.ones_like(w2, dtype=torch.bool) if keep is None else self.view.matrix(keep)
         x, v = (w2, valid) if self.granularity == "channel" else (w2.reshape(1, -1), valid.reshape(1, -1))
         centroids, assign = kmeans_1d(x, v, 2**self.bits, init=self.init, iterations=self.iterations, seed=self.seed)
+        self.set_codes(centroids, assign.reshape(w2.shape))
+
+    @torch.no_grad()
+    def set_codes(self, centroids: torch.Tensor, assign: torch.Tensor) -> None:
+        """Fix the codebook (``[groups, 2**bits]``) and assignments (``[N, K]``, -1: no centroid)."""
         self.centroids.copy_(centroids)
-        self.assign.copy_(assign.reshape(w2.shape))
+        self.assign.copy_(assign)
         self.clustered.fill_(True)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -208,6 +214,7 @@ class Codebook(LayerPass):
     iterations: int = 25
     start_step: int = 0
     seed: int = 0
+    method: str = "auto"
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` for argument values that cannot work."""
@@ -218,9 +225,74 @@ class Codebook(LayerPass):
         check_int(where, "iterations", self.iterations, low=1)
         for key in ("start_step", "seed"):
             check_int(where, key, getattr(self, key))
+        check_choice(where, "method", self.method, METHODS)
+        if self.needs_calibration() and self.start_step:
+            raise RecipeError(f"codebook method '{self.method}' clusters on calibration data when compressing: it needs "
+                              f"start_step 0 in {where}")
 
     def fixes_at(self) -> int:
         return self.start_step
+
+    def needs_calibration(self) -> bool:
+        """Activation-weighted k-means and GPTQ need calibration data."""
+        return self.method in ("weighted", "gptq")
+
+    def uses_calibration(self) -> bool:
+        """Uses data when given, for codebooks clustered at once, unless ``method`` is ``kmeans``."""
+        return self.method != "kmeans" and self.start_step == 0
+
+    def _quant(self, module: nn.Module, tensor: str, view: WeightView) -> tuple[CodebookQuant, bool]:
+        """An unclustered codebook for one tensor, and whether ``auto`` chose one per layer."""
+        w = getattr(module, tensor)
+        opts = {k: getattr(self, k) for k in ("bits", "granularity", "init", "iterations", "start_step", "seed")}
+        short = False
+        if self.granularity == "auto":
+            short = tables_outweigh(view.matrix_shape(w.shape)[1], self.bits, w.dtype)
+            opts["granularity"] = "layer" if short else "channel"
+        return CodebookQuant(w, view=view, tensor=tensor, **opts), short
+
+    def apply_calibrated(self, model: nn.Module, plan: list, group: str, progress: bool, batches: list) -> None:
+        """As :meth:`LayerPass.apply_calibrated`, with one warning for rows too short (``auto``)."""
+        super().apply_calibrated(model, plan, group, progress, batches)
+        short = [name for name, m, _ in plan if getattr(codebook_of(m), "auto_layer", False)]
+        if short:
+            warnings.warn(f"codebook (granularity auto): {len(short)} tensor(s) have rows too short for per-channel "
+                          f"codebooks, clustered per layer: {', '.join(short[:8])}" + (" ..." if len(short) > 8 else ""),
+                          stacklevel=4)
+
+    def compress_calibrated(self, name: str, module: nn.Module, h: torch.Tensor, group: str) -> None:
+        """Cluster one layer by k-means weighted by its inputs' second moments (the diagonal of
+        ``h``), then (``gptq``) assign columns in order with error feedback onto that codebook."""
+        from torchzip.passes.calibrated import gptq, nearest_centroid
+
+        (tensor, view), = self.tensors(module)
+        quant, short = self._quant(module, tensor, view)
+        quant.auto_layer = short  # for apply_calibrated's one warning
+        w = view.matrix(getattr(module, tensor).detach()).float()
+        keep = _keep_mask(module, tensor)
+        valid = torch.ones_like(w, dtype=torch.bool) if keep is None else view.matrix(keep)
+        weights = torch.diagonal(h).float().clamp(min=0).expand_as(w)
+        k = 2**self.bits
+        if quant.granularity == "channel":
+            centroids, assign = kmeans_1d(w, valid, k, init=self.init, iterations=self.iterations, seed=self.seed,
+                                          weights=weights)
+        else:
+            centroids, flat = kmeans_1d(w.reshape(1, -1), valid.reshape(1, -1), k, init=self.init,
+                                        iterations=self.iterations, seed=self.seed, weights=weights.reshape(1, -1))
+            assign = flat.reshape(w.shape)
+        if self.method != "weighted":  # auto and gptq: error feedback onto the codebook
+            book = centroids.double()
+            assign = torch.zeros_like(assign)
+
+            def nearest(j: int, col: torch.Tensor) -> torch.Tensor:
+                idx = nearest_centroid(col, book)
+                assign[:, j] = idx
+                return book.gather(1, idx.unsqueeze(1)).squeeze(1) if book.shape[0] > 1 else book[0][idx]
+
+            gptq(w, h, nearest, keep=valid if keep is not None else None)
+            assign = torch.where(valid, assign, -1)
+        quant.set_codes(centroids, assign)
+        attach([(name, module, self)], lambda own, mod, t, v: quant)
 
     def apply(self, model: nn.Module, plan: list, group: str, progress: bool = False) -> None:
         """Attach codebooks to the planned layers, clustering now unless ``start_step`` > 0."""
@@ -230,13 +302,10 @@ class Codebook(LayerPass):
 
         def make(own: "Codebook", module: nn.Module, tensor: str, view: WeightView) -> CodebookQuant:
             w = getattr(module, tensor)
-            opts = {k: getattr(own, k) for k in ("bits", "granularity", "init", "iterations", "start_step", "seed")}
-            k = view.matrix_shape(w.shape)[1]
-            if own.granularity == "auto":
-                opts["granularity"] = "layer" if tables_outweigh(k, own.bits, w.dtype) else "channel"
-                if opts["granularity"] == "layer":
-                    short.append(f"{next(n for n, m, _ in plan if m is module)}.{tensor} ({k})")
-            quant = CodebookQuant(w, view=view, tensor=tensor, **opts)
+            quant, is_short = own._quant(module, tensor, view)
+            if is_short:
+                k = view.matrix_shape(w.shape)[1]
+                short.append(f"{next(n for n, m, _ in plan if m is module)}.{tensor} ({k})")
             if own.start_step == 0:
                 quant.cluster(w, _keep_mask(module, tensor))
             progress_bar.update()

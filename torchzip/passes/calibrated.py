@@ -1,0 +1,155 @@
+"""Data-aware primitives: SparseGPT pruning, GPTQ error feedback, int8 scale search.
+
+Every function takes a weight as its ``[N, K]`` matrix (rows: output channels) and ``H``, the
+``[K, K]`` second moment of the layer's inputs summed over calibration rows (``X^T X``, from
+:mod:`torchzip.calibrate`). The output error of a change ``E`` to the weight is
+``sum_i E_i H E_i^T``: these functions minimise that rather than the weight error.
+
+GPTQ (Frantar et al., 2022) and SparseGPT (Frantar & Alistarh, 2023) walk the columns in order;
+each column is rounded (or pruned) and its error is spread over the columns not yet processed,
+weighted by the inverse Hessian, so later columns compensate. Work is in float64 (the updates
+accumulate over thousands of columns), in blocks of columns with lazy updates.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+BLOCK = 128
+DAMP = 0.01
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (float64).
+
+    Inputs that never fired (zero diagonal) get a unit diagonal, so their columns are rounded
+    without feedback. Damping grows tenfold until the factorisation succeeds.
+    """
+    h = h.double().clone()
+    dead = torch.diagonal(h) <= 0
+    h[dead, dead] = 1.0
+    mean = float(torch.diagonal(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(8):
+        factor, info = torch.linalg.cholesky_ex(h + (damp * 10**attempt) * mean * eye)
+        if int(info) == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+    raise ValueError("the input second moment is not positive definite even with heavy damping")
+
+
+def _block(k: int, multiple: int) -> int:
+    multiple = max(1, multiple)
+    return multiple * max(1, BLOCK // multiple) if multiple <= k else k
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, quantize: Callable[[int, torch.Tensor], torch.Tensor], *,
+         keep: torch.Tensor | None = None, group_size: int = 0,
+         fit_group: Callable[[int, torch.Tensor], None] | None = None, damp: float = DAMP) -> torch.Tensor:
+    """GPTQ: round the columns of ``w`` ``[N, K]`` in order with ``quantize(j, column) -> column``
+    (values on the grid), spreading each column's error over the later columns.
+
+    ``keep`` (``[N, K]`` bool): weights outside it are pruned and become exactly zero.
+    ``fit_group(j, columns)``: called when column ``j`` starts a group of ``group_size`` columns,
+    with those columns as the earlier feedback has made them (to choose their scales).
+    Returns the rounded weight (float64).
+    """
+    n, k = w.shape
+    w = w.double().clone()
+    if keep is not None:
+        w = torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
+    u = inverse_hessian_factor(h, damp)
+    out = torch.zeros_like(w)
+    block = _block(k, group_size)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, err1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype, device=w.device)
+        for i in range(i2 - i1):
+            j = i1 + i
+            if fit_group is not None and group_size and j % group_size == 0:
+                fit_group(j, w1[:, i:i + group_size])
+            col = w1[:, i]
+            q = quantize(j, col).double()
+            if keep is not None:
+                q = torch.where(keep[:, j], q, torch.zeros((), dtype=q.dtype, device=q.device))
+            out[:, j] = q
+            err = (col - q) / u[j, j]
+            w1[:, i:] -= err.unsqueeze(1) * u[j, j:i2].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return out
+
+
+def sparsegpt(w: torch.Tensor, h: torch.Tensor, *, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
+              damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT: prune ``w`` ``[N, K]`` (unstructured to exactly ``round(sparsity * N * K)``
+    zeros, or ``nm = (n, m)``: keep ``n`` of every ``m`` consecutive inputs) and update the kept
+    weights to compensate. Weights are chosen within each block of columns by ``w² / [H⁻¹]_jj²``
+    (the output error of removing one). Returns ``(new weight float64, keep-mask)``."""
+    n_rows, k = w.shape
+    w = w.double().clone()
+    u = inverse_hessian_factor(h, damp)
+    keep = torch.ones(n_rows, k, dtype=torch.bool, device=w.device)
+    total = round(sparsity * n_rows * k)
+    block = _block(k, nm[1] if nm else 1)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, err1 = w[:, i1:i2].clone(), torch.zeros(n_rows, i2 - i1, dtype=w.dtype, device=w.device)
+        d = torch.diagonal(u)[i1:i2]
+        pruned = torch.zeros_like(w1, dtype=torch.bool)
+        if nm is None:
+            count = round(total * i2 / k) - round(total * i1 / k)  # exact in total, even per block
+            if count:
+                score = (w1**2 / d**2).flatten()
+                pruned.view(-1)[torch.topk(score, count, largest=False).indices] = True
+        for i in range(i2 - i1):
+            j = i1 + i
+            if nm is not None and i % nm[1] == 0:
+                score = w1[:, i:i + nm[1]] ** 2 / d[i:i + nm[1]] ** 2
+                pruned[:, i:i + nm[1]].scatter_(1, torch.topk(score, nm[1] - nm[0], dim=1, largest=False).indices, True)
+            col = w1[:, i]
+            q = torch.where(pruned[:, i], torch.zeros((), dtype=col.dtype, device=col.device), col)
+            err = (col - q) / u[j, j]
+            w1[:, i:] -= err.unsqueeze(1) * u[j, j:i2].unsqueeze(0)
+            w1[:, i] = q
+            err1[:, i] = err
+        w[:, i1:i2] = w1
+        keep[:, i1:i2] = ~pruned
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device)), keep
+
+
+def output_error(e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Per-row output error ``E_i H E_i^T`` of a weight change ``e`` ``[N, K]`` (float64)."""
+    e = e.double()
+    return ((e @ h.double()) * e).sum(1)
+
+
+def int8_round(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``w`` ``[N, g]`` rounded to the symmetric int8 grid of per-row ``scales`` ``[N]``."""
+    s = scales.unsqueeze(1).to(w.dtype)
+    return torch.round(w / s).clamp(-127, 127) * s
+
+
+def search_int8_scales(w: torch.Tensor, h: torch.Tensor, ratios: int = 20, low: float = 0.5) -> torch.Tensor:
+    """Per-row int8 scales for ``w`` ``[N, g]`` (``h``: the ``[g, g]`` block of its inputs):
+    ``max|w| / 127`` shrunk by the ratio in ``[low, 1]`` that minimises the output error of
+    rounding (clipping a few large weights can pay for finer steps elsewhere)."""
+    w = w.double()
+    amax = w.abs().amax(1)
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+    best_err = torch.full_like(amax, float("inf"))
+    best = amax / 127
+    for r in torch.linspace(1.0, low, ratios, dtype=torch.float64).tolist():
+        s = amax * r / 127
+        err = output_error(w - int8_round(w, s), h)
+        better = err < best_err
+        best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+    return best
+
+
+def nearest_centroid(col: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of ``centroids`` (``[N, k]`` per row, or ``[1, k]`` shared) for each
+    value of ``col`` ``[N]``."""
+    return (col.unsqueeze(1) - centroids.to(col.dtype)).abs().argmin(1)
