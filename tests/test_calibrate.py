@@ -69,8 +69,12 @@ def test_gptq_int8_matches_float64_reference(group_size):
         s = scales[:, j // g]
         return torch.round(col / s).clamp(-127, 127) * s
 
-    # The reference chooses nothing: it rounds onto the scales the pass chose (checked below).
-    ref = reference_gptq(layer.weight.detach(), h, grid)
+    # The reference chooses nothing: it rounds onto the scales the pass chose (checked below), in
+    # the pass's column order: by decreasing input energy per channel, as they come with groups.
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if not group_size else torch.arange(k)
+    inverse = torch.argsort(order)
+    ref = reference_gptq(layer.weight.detach()[:, order], h[order][:, order], lambda j, col: grid(int(order[j]), col))
+    ref = ref[:, inverse]
     got = packed.qweight.double() * scales.repeat_interleave(g, dim=1)
     assert (got == ref).double().mean() > 0.995  # a rare flip at an exact tie may differ
     assert torch.allclose(got, ref, atol=1e-5 * float(scales.max()) * 127)
@@ -84,26 +88,50 @@ def test_gptq_int8_matches_float64_reference(group_size):
     assert output_mse(model, nn.Sequential(layer), x) < output_mse(plain, nn.Sequential(layer), x)
 
 
-def test_gptq_codebook_matches_float64_reference():
+def test_gptq_codebook_assignment_matches_float64_reference():
+    from torchzip.passes.codebook import _gptq_assign
+
     k, n = 40, 9
     data = correlated(n, k, seed=2)
-    batches = [data(64) for _ in range(2)]
-    layer = nn.Linear(k, n)
-    model = tz.compress(nn.Sequential(layer), [tz.Codebook(bits=3, granularity="channel", method="gptq")],
-                        progress=False, calibration=batches)
-    quant = model[0].parametrizations.weight[0]
-    book = quant.centroids.detach().double()
+    h = second_moment([data(64), data(64)])
+    w = torch.randn(n, k)
+    book = torch.sort(torch.randn(n, 8) * 0.7, dim=1).values.double()
+    got = _gptq_assign(w, h, book, None)
 
     def grid(j, col):
         return book.gather(1, (col.unsqueeze(1) - book).abs().argmin(1, keepdim=True)).squeeze(1)
 
-    ref = reference_gptq(layer.weight.detach(), second_moment(batches), grid)
-    got = book.gather(1, quant.assign.long())
-    assert (got == ref).double().mean() > 0.99
-    x = data(300)
-    kmeans = tz.compress(nn.Sequential(layer), [tz.Codebook(bits=3, granularity="channel", method="kmeans")],
-                         progress=False)
-    assert output_mse(model, nn.Sequential(layer), x) < output_mse(kmeans, nn.Sequential(layer), x)
+    order = torch.argsort(torch.diagonal(h), descending=True)
+    ref = reference_gptq(w[:, order], h[order][:, order], grid)[:, torch.argsort(order)]
+    assert (book.gather(1, got) == ref).double().mean() > 0.99
+
+
+def test_calibrated_codebook_is_the_least_squares_codebook_of_its_assignments():
+    k, n = 40, 9
+    data = correlated(n, k, seed=2)
+    batches = [data(64) for _ in range(2)]
+    layer = nn.Linear(k, n)
+    for granularity in ("channel", "layer"):
+        model = tz.compress(nn.Sequential(layer), [tz.Codebook(bits=3, granularity=granularity, method="gptq")],
+                            progress=False, calibration=batches)
+        quant = model[0].parametrizations.weight[0]
+        assign, book = quant.assign.long(), quant.centroids.detach().double()
+        h, w = second_moment(batches), layer.weight.detach().double()
+        # Normal equations, row by row, in float64: for each row's one-hot A, (A^T H A) c = A^T H w.
+        lhs, rhs = torch.zeros(n, 8, 8, dtype=torch.float64), torch.zeros(n, 8, dtype=torch.float64)
+        for i in range(n):
+            a = torch.nn.functional.one_hot(assign[i], 8).double()
+            lhs[i], rhs[i] = a.T @ h @ a, a.T @ h @ w[i]
+        if granularity == "layer":
+            lhs, rhs = lhs.sum(0, keepdim=True), rhs.sum(0, keepdim=True)
+        used = torch.diagonal(lhs, dim1=1, dim2=2) > 0
+        # At the least-squares codebook the gradient A^T H (w - A c) vanishes for every used centroid.
+        grad = rhs - (lhs @ book.unsqueeze(-1)).squeeze(-1)
+        assert float(grad[used].abs().max()) < 1e-4 * float(rhs.abs().max())
+        x = data(300)
+        kmeans = tz.compress(nn.Sequential(layer), [tz.Codebook(bits=3, granularity=granularity, method="kmeans")],
+                             progress=False)
+        assert output_mse(model, nn.Sequential(layer), x) < output_mse(kmeans, nn.Sequential(layer), x)
 
 
 def test_weighted_kmeans_reduces_output_error():

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 BLOCK = 128
 DAMP = 0.01
@@ -44,17 +45,34 @@ def _block(k: int, multiple: int) -> int:
     return multiple * max(1, BLOCK // multiple) if multiple <= k else k
 
 
+def act_order(h: torch.Tensor) -> torch.Tensor:
+    """Columns by decreasing input energy (GPTQ's "act order"): the columns that matter most are
+    rounded first, while the most columns are left to absorb their error."""
+    return torch.argsort(torch.diagonal(h), descending=True, stable=True)
+
+
 def gptq(w: torch.Tensor, h: torch.Tensor, quantize: Callable[[int, torch.Tensor], torch.Tensor], *,
          keep: torch.Tensor | None = None, group_size: int = 0,
-         fit_group: Callable[[int, torch.Tensor], None] | None = None, damp: float = DAMP) -> torch.Tensor:
+         fit_group: Callable[[int, torch.Tensor], None] | None = None, damp: float = DAMP,
+         order: torch.Tensor | None = None) -> torch.Tensor:
     """GPTQ: round the columns of ``w`` ``[N, K]`` in order with ``quantize(j, column) -> column``
     (values on the grid), spreading each column's error over the later columns.
 
     ``keep`` (``[N, K]`` bool): weights outside it are pruned and become exactly zero.
     ``fit_group(j, columns)``: called when column ``j`` starts a group of ``group_size`` columns,
     with those columns as the earlier feedback has made them (to choose their scales).
+    ``order``: a permutation of the columns to visit them in (e.g. :func:`act_order`; not with
+    groups); ``quantize`` still receives each column's own index.
     Returns the rounded weight (float64).
     """
+    if order is not None:
+        if fit_group is not None and group_size and group_size < w.shape[1]:
+            raise ValueError("gptq: a column order cannot be combined with groups of columns")
+        inverse = torch.argsort(order)
+        out = gptq(w[:, order], h[order][:, order], lambda j, col: quantize(int(order[j]), col),
+                   keep=None if keep is None else keep[:, order], group_size=group_size,
+                   fit_group=None if fit_group is None else (lambda j, cols: fit_group(int(order[j]), cols)), damp=damp)
+        return out[:, inverse]
     n, k = w.shape
     w = w.double().clone()
     if keep is not None:
@@ -147,6 +165,40 @@ def search_int8_scales(w: torch.Tensor, h: torch.Tensor, ratios: int = 20, low: 
         better = err < best_err
         best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
     return best
+
+
+def refit_codebook(w: torch.Tensor, h: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor,
+                   rows: int = 256) -> torch.Tensor:
+    """Centroids that minimise the output error ``Σ_i (w_i - c[assign_i]) H (w_i - c[assign_i])^T``
+    for fixed assignments (``-1``: none), by least squares: one codebook per row
+    (``centroids`` ``[N, k]``) or one shared (``[1, k]``). Centroids no weight uses keep their value."""
+    n, k = assign.shape[0], centroids.shape[1]
+    h, w = h.double(), w.double()
+    shared = centroids.shape[0] == 1
+    lhs_sum = torch.zeros(k, k, dtype=torch.float64, device=w.device)
+    rhs_sum = torch.zeros(k, dtype=torch.float64, device=w.device)
+    out = centroids.double().clone()
+    for r0 in range(0, n, rows):
+        a = assign[r0:r0 + rows].long()
+        onehot = F.one_hot(a.clamp(min=0), k).double() * (a >= 0).unsqueeze(-1)  # [b, K, k]
+        hw = w[r0:r0 + rows] @ h  # [b, K]
+        lhs = onehot.transpose(1, 2) @ (h @ onehot)  # [b, k, k]: A^T H A
+        rhs = (onehot.transpose(1, 2) @ hw.unsqueeze(-1)).squeeze(-1)  # [b, k]: A^T H w
+        if shared:
+            lhs_sum += lhs.sum(0)
+            rhs_sum += rhs.sum(0)
+        else:
+            out[r0:r0 + rows] = _solve(lhs, rhs, out[r0:r0 + rows])
+    if shared:
+        out = _solve(lhs_sum.unsqueeze(0), rhs_sum.unsqueeze(0), out)
+    return out.to(centroids.dtype)
+
+
+def _solve(lhs: torch.Tensor, rhs: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    # A small ridge towards the old centroids: unused ones stay put, the system stays solvable.
+    ridge = 1e-6 * torch.diagonal(lhs, dim1=1, dim2=2).mean(1).clamp(min=1e-30).view(-1, 1, 1)
+    eye = torch.eye(lhs.shape[1], dtype=lhs.dtype, device=lhs.device)
+    return torch.linalg.solve(lhs + ridge * eye, rhs + ridge.view(-1, 1) * old)
 
 
 def nearest_centroid(col: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

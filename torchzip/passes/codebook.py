@@ -99,6 +99,26 @@ def kmeans_1d(x: torch.Tensor, valid: torch.Tensor, k: int, *, init: str = "line
     return centroids, torch.where(valid, assign, -1)
 
 
+REFITS = 2  # rounds of (GPTQ assignment, least-squares codebook) after weighted k-means
+
+
+def _gptq_assign(w: torch.Tensor, h: torch.Tensor, centroids: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Assignments ``[N, K]`` (-1 outside ``keep``) chosen column by column with GPTQ's error
+    feedback (columns in act order), each weight taking the centroid nearest to its updated value."""
+    from torchzip.passes.calibrated import act_order, gptq, nearest_centroid
+
+    book = centroids.double()
+    assign = torch.zeros(w.shape, dtype=torch.long, device=w.device)
+
+    def nearest(j: int, col: torch.Tensor) -> torch.Tensor:
+        idx = nearest_centroid(col, book)
+        assign[:, j] = idx
+        return book.gather(1, idx.unsqueeze(1)).squeeze(1) if book.shape[0] > 1 else book[0][idx]
+
+    gptq(w, h, nearest, keep=keep, order=act_order(h))
+    return assign if keep is None else torch.where(keep, assign, -1)
+
+
 class CodebookQuant(nn.Module):
     """Parametrization: each weight becomes ``centroids[group, assign]`` (0 where pruned).
 
@@ -263,7 +283,7 @@ class Codebook(LayerPass):
     def compress_calibrated(self, name: str, module: nn.Module, h: torch.Tensor, group: str) -> None:
         """Cluster one layer by k-means weighted by its inputs' second moments (the diagonal of
         ``h``), then (``gptq``) assign columns in order with error feedback onto that codebook."""
-        from torchzip.passes.calibrated import gptq, nearest_centroid
+        from torchzip.passes.calibrated import refit_codebook
 
         (tensor, view), = self.tensors(module)
         quant, short = self._quant(module, tensor, view)
@@ -280,17 +300,10 @@ class Codebook(LayerPass):
             centroids, flat = kmeans_1d(w.reshape(1, -1), valid.reshape(1, -1), k, init=self.init,
                                         iterations=self.iterations, seed=self.seed, weights=weights.reshape(1, -1))
             assign = flat.reshape(w.shape)
-        if self.method != "weighted":  # auto and gptq: error feedback onto the codebook
-            book = centroids.double()
-            assign = torch.zeros_like(assign)
-
-            def nearest(j: int, col: torch.Tensor) -> torch.Tensor:
-                idx = nearest_centroid(col, book)
-                assign[:, j] = idx
-                return book.gather(1, idx.unsqueeze(1)).squeeze(1) if book.shape[0] > 1 else book[0][idx]
-
-            gptq(w, h, nearest, keep=valid if keep is not None else None)
-            assign = torch.where(valid, assign, -1)
+        if self.method != "weighted":  # auto and gptq: error feedback onto the codebook, then refit it
+            for _ in range(REFITS):
+                assign = _gptq_assign(w, h, centroids, valid if keep is not None else None)
+                centroids = refit_codebook(w, h, assign, centroids)
         quant.set_codes(centroids, assign)
         attach([(name, module, self)], lambda own, mod, t, v: quant)
 

@@ -15,7 +15,7 @@ from torchzip.errors import RecipeError
 from torchzip.packed.values import HALF_DTYPES, Int8Values, int8_quantize, round_up_to
 from torchzip.passes.base import check_choice, register_pass
 from torchzip.packed.layers import WeightView
-from torchzip.passes.calibrated import gptq, int8_round, search_int8_scales
+from torchzip.passes.calibrated import act_order, gptq, int8_round, search_int8_scales
 from torchzip.passes.layer import LayerPass, attach, raw_tensor
 from torchzip.passes.prune import masks_of
 
@@ -112,8 +112,14 @@ class Quantize(LayerPass):
             s = search_int8_scales(cols, h[j:j + g, j:j + g]).float()
             scales[:, j // g] = (round_up_to(s, w.dtype) if w.dtype in HALF_DTYPES else s).double()
 
-        new = gptq(m, h, lambda j, col: int8_round(col.unsqueeze(1), scales[:, j // g]).squeeze(1), keep=keep,
-                   group_size=g, fit_group=fit)
+        def rounded(j: int, col: torch.Tensor) -> torch.Tensor:
+            return int8_round(col.unsqueeze(1), scales[:, j // g]).squeeze(1)
+
+        if self.group_size:  # group scales fitted as the feedback reaches each group, in column order
+            new = gptq(m, h, rounded, keep=keep, group_size=g, fit_group=fit)
+        else:  # row scales from the weight as it is, then columns in act order
+            fit(0, m)
+            new = gptq(m, h, rounded, keep=keep, order=act_order(h))
         with torch.no_grad():
             raw_tensor(module, tensor).copy_(view.tensor(new.to(w.dtype), w.shape))
         fixed = scales.float()
