@@ -167,6 +167,7 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=256)
     parser.add_argument("--held", type=int, default=256)
     parser.add_argument("--distill-epochs", type=int, default=3)
+    parser.add_argument("--name", default=None, help="results file name (default calibrate or calibrate-quick)")
     args = parser.parse_args()
     n_cal = 64 if args.quick else args.calibration
     workdir = Path(tempfile.mkdtemp(prefix="tz-calibrate-"))
@@ -199,7 +200,7 @@ def main() -> None:
               "rows": rows}
     if args.big:
         result["big"] = big_timing(128, 128)
-    path = write_json("calibrate-quick" if args.quick else "calibrate", result)
+    path = write_json(args.name or ("calibrate-quick" if args.quick else "calibrate"), result)
     print(f"wrote {path}")
     print(json.dumps({r["recipe"] + " / " + r["kind"]: round(r["cos_mean"], 4) for r in rows}, indent=1))
 
