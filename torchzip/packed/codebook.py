@@ -16,16 +16,18 @@ class CodebookWeight(PackedWeight):
     format_name = "codebook"
     priority = 30
 
-    def __init__(self, packed: torch.Tensor, codebook: torch.Tensor, bits: int, shape, dtype: torch.dtype) -> None:
+    def __init__(self, packed: torch.Tensor, codebook: torch.Tensor, bits: int, shape, dtype: torch.dtype,
+                 half_table: bool = False) -> None:
         super().__init__(shape, dtype)
-        self.bits = int(bits)
+        self.bits, self.half_table = int(bits), bool(half_table)  # half_table: store the codebook in float16
         self.register_buffer("packed", packed.to(torch.int32).contiguous())
         self.register_buffer("codebook", codebook.float().contiguous())
 
     @classmethod
-    def from_indices(cls, indices: torch.Tensor, codebook: torch.Tensor, bits: int, dtype: torch.dtype) -> "CodebookWeight":
+    def from_indices(cls, indices: torch.Tensor, codebook: torch.Tensor, bits: int, dtype: torch.dtype,
+                     half_table: bool = False) -> "CodebookWeight":
         """Pack ``[N, K]`` integer indices into a codebook weight."""
-        return cls(pack_bits(indices, bits), codebook, bits, tuple(indices.shape), dtype)
+        return cls(pack_bits(indices, bits), codebook, bits, tuple(indices.shape), dtype, half_table)
 
     @classmethod
     def pack(cls, state: WeightState) -> "CodebookWeight | None":
@@ -33,7 +35,7 @@ class CodebookWeight(PackedWeight):
         v = state.values
         if not isinstance(v, CodebookValues) or not bool((v.indices >= 0).all()):
             return None
-        return cls.from_indices(v.indices, v.codebook, v.bits, state.dtype)
+        return cls.from_indices(v.indices, v.codebook, v.bits, state.dtype, v.half_table)
 
     def indices(self) -> torch.Tensor:
         """The ``[N, K]`` centroid indices (int64)."""
@@ -52,7 +54,8 @@ class CodebookWeight(PackedWeight):
 
     def row_view(self, start: int, stop: int) -> "CodebookWeight":
         book = self.codebook[start:stop] if self.codebook.shape[0] > 1 else self.codebook
-        return CodebookWeight(self.packed[start:stop], book, self.bits, (stop - start, self.shape[1]), self.dtype)
+        return CodebookWeight(self.packed[start:stop], book, self.bits, (stop - start, self.shape[1]), self.dtype,
+                              self.half_table)
 
     def kernel_linear(self, x, bias):
         from torchzip.kernels import codebook
@@ -61,7 +64,7 @@ class CodebookWeight(PackedWeight):
 
     def encode(self, out):
         return {"bits": self.bits,
-                "tensors": {"indices": out.symbols(self.indices(), 2**self.bits), "codebook": out.raw(table(self.codebook, self.dtype))}}
+                "tensors": {"indices": out.symbols(self.indices(), 2**self.bits), "codebook": out.raw(table(self.codebook, self.dtype, self.half_table))}}
 
     @classmethod
     def decode(cls, entry, src, shape, dtype):
@@ -69,12 +72,14 @@ class CodebookWeight(PackedWeight):
         bits = entry.get("bits")
         src.need(type(bits) is int and 1 <= bits <= 8, f"bad bits {bits!r}")
         t = entry["tensors"]
-        codebook = read_table(src, t.get("codebook"), "codebook", dtype)
+        spec = t.get("codebook")
+        codebook = read_table(src, spec, "codebook", dtype, half=True)
+        half = isinstance(spec, dict) and spec.get("dtype") == "float16" and dtype != torch.float16
         src.need(codebook.dim() == 2 and codebook.shape[0] in (1, n) and codebook.shape[1] == 2**bits,
                  f"codebook shape {tuple(codebook.shape)} does not fit {n} rows of {2**bits} entries")
         idx = src.symbols(t.get("indices"), "indices", 2**bits, on_device=True)
         src.need(idx.numel() == n * k, f"{idx.numel()} indices for a {n}x{k} weight")
-        return cls(pack_bits(idx.reshape(n, k), bits), codebook, bits, (n, k), dtype)
+        return cls(pack_bits(idx.reshape(n, k), bits), codebook, bits, (n, k), dtype, half)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, codebooks={self.codebook.shape[0]}"

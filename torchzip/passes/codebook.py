@@ -26,6 +26,7 @@ from torchzip.progress import bar
 INITS = ("linear", "kmeans++")
 GRANULARITIES = ("auto", "channel", "layer")
 METHODS = ("auto", "kmeans", "weighted", "gptq")
+CENTROID_DTYPES = ("float32", "float16")
 
 
 def _seed_linear(x: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
@@ -128,8 +129,10 @@ class CodebookQuant(nn.Module):
     role, key, schedule_key = "quantized", "codebook", "codebook"
 
     def __init__(self, weight: torch.Tensor, *, bits: int, granularity: str, init: str, iterations: int,
-                 start_step: int, seed: int, view: WeightView | None = None, tensor: str = "weight") -> None:
+                 start_step: int, seed: int, view: WeightView | None = None, tensor: str = "weight",
+                 centroid_dtype: str = "float32") -> None:
         super().__init__()
+        self.centroid_dtype = centroid_dtype
         self.view, self.tensor = view or WeightView(), tensor
         rows, cols = self.view.matrix_shape(weight.shape)
         groups = rows if granularity == "channel" else 1
@@ -155,7 +158,7 @@ class CodebookQuant(nn.Module):
     @torch.no_grad()
     def set_codes(self, centroids: torch.Tensor, assign: torch.Tensor) -> None:
         """Fix the codebook (``[groups, 2**bits]``) and assignments (``[N, K]``, -1: no centroid)."""
-        self.centroids.copy_(centroids)
+        self.centroids.copy_(centroids.half().float() if self.centroid_dtype == "float16" else centroids)
         self.assign.copy_(assign)
         self.clustered.fill_(True)
 
@@ -164,10 +167,13 @@ class CodebookQuant(nn.Module):
             # The exact zero keeps the centroids in the graph, so DDP needs no unused-parameter search.
             return w + 0.0 * self.centroids.sum()
         assign = self.assign.long()
-        if self.centroids.shape[0] > 1:
-            values = self.centroids.gather(1, assign.clamp(min=0))
+        book = self.centroids
+        if self.centroid_dtype == "float16":  # what the file stores, with a straight-through gradient
+            book = book + (book.detach().half().float() - book.detach())
+        if book.shape[0] > 1:
+            values = book.gather(1, assign.clamp(min=0))
         else:
-            values = self.centroids[0][assign.clamp(min=0)]
+            values = book[0][assign.clamp(min=0)]
         values = torch.where(assign >= 0, values, torch.zeros((), device=values.device)).to(w.dtype)
         # + an exact zero that keeps the master weight in the graph, so DDP sees every parameter used.
         # contiguous: a transposed view (HF Conv1D) must reach the layer in the layout it stores.
@@ -183,9 +189,12 @@ class CodebookQuant(nn.Module):
         if not bool((idx >= 0).all()):
             state.mask = idx >= 0 if state.mask is None else state.mask & (idx >= 0)
         book = self.centroids.detach().float()
+        half = self.centroid_dtype == "float16"
+        if half:
+            book = book.half().float()
         if state.dtype in HALF_DTYPES:  # what the layer computes anyway; the file then stores 16 bits
             book = book.to(state.dtype).float()
-        state.values = CodebookValues(idx, book, self.bits)
+        state.values = CodebookValues(idx, book, self.bits, half_table=half)
 
     @classmethod
     @torch.no_grad()
@@ -235,6 +244,7 @@ class Codebook(LayerPass):
     start_step: int = 0
     seed: int = 0
     method: str = "auto"
+    centroid_dtype: str = "float32"
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` for argument values that cannot work."""
@@ -246,6 +256,7 @@ class Codebook(LayerPass):
         for key in ("start_step", "seed"):
             check_int(where, key, getattr(self, key))
         check_choice(where, "method", self.method, METHODS)
+        check_choice(where, "centroid_dtype", self.centroid_dtype, CENTROID_DTYPES)
         if self.needs_calibration() and self.start_step:
             raise RecipeError(f"codebook method '{self.method}' clusters on calibration data when compressing: it needs "
                               f"start_step 0 in {where}")
@@ -264,10 +275,12 @@ class Codebook(LayerPass):
     def _quant(self, module: nn.Module, tensor: str, view: WeightView) -> tuple[CodebookQuant, bool]:
         """An unclustered codebook for one tensor, and whether ``auto`` chose one per layer."""
         w = getattr(module, tensor)
-        opts = {k: getattr(self, k) for k in ("bits", "granularity", "init", "iterations", "start_step", "seed")}
+        opts = {k: getattr(self, k) for k in ("bits", "granularity", "init", "iterations", "start_step", "seed",
+                                              "centroid_dtype")}
         short = False
         if self.granularity == "auto":
-            short = tables_outweigh(view.matrix_shape(w.shape)[1], self.bits, w.dtype)
+            short = tables_outweigh(view.matrix_shape(w.shape)[1], self.bits,
+                                    torch.float16 if self.centroid_dtype == "float16" else w.dtype)
             opts["granularity"] = "layer" if short else "channel"
         return CodebookQuant(w, view=view, tensor=tensor, **opts), short
 
