@@ -260,10 +260,13 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=256)
     parser.add_argument("--held", type=int, default=256)
     parser.add_argument("--distill-epochs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--conv", action="store_true", help="only the conv-net table (CREPE)")
     parser.add_argument("--name", default=None, help="results file name (default calibrate or calibrate-quick)")
     args = parser.parse_args()
     n_cal = 64 if args.quick else args.calibration
+    if args.threads:
+        torch.set_num_threads(args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="tz-calibrate-"))
     if args.conv:
         print(f"wrote {write_json(args.name or 'calibrate-conv', conv_table(workdir))}")

@@ -14,6 +14,7 @@ leaves such BatchNorms as they are).
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -35,8 +36,12 @@ def batchnorm_pairs(model: nn.Module, exclude: tuple = ()) -> list[tuple[str, st
     norms = [n for n, m in modules.items() if type(m) in BATCHNORMS and not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
     if not norms:
         return []
+    # Optional arguments are traced at their defaults (a flag such as ``embed=False`` picks a branch).
+    params = inspect.signature(model.forward).parameters.values()
+    concrete = {p.name: p.default for p in params
+                if p.default is not inspect.Parameter.empty and isinstance(p.default, (bool, int, float, str, type(None)))}
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = torch.fx.symbolic_trace(model, concrete_args=concrete or None).graph
     except Exception as err:  # noqa: BLE001  (fx fails in many ways on dynamic models)
         raise RecipeError(f"fold_batchnorm needs a model torch.fx can trace, to find the layer before each BatchNorm; "
                           f"tracing failed ({type(err).__name__}: {err}); exclude the BatchNorms or fold them yourself") from None
