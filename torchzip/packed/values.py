@@ -41,6 +41,7 @@ class CodebookValues:
     codebook: torch.Tensor
     bits: int
     half_table: bool = False  # the pass rounded the codebook to float16: store it in 16 bits
+    group_rows: int = 1  # codebook rows repeat in groups of this many rows: store one per group
 
     kind = "codebook"
 

@@ -196,15 +196,19 @@ def search_int8_scales(w: torch.Tensor, h: torch.Tensor, ratios: int = 20, low: 
 
 
 def refit_codebook(w: torch.Tensor, h: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor,
-                   rows: int = 256) -> torch.Tensor:
+                   rows: int = 256, group_rows: int = 1) -> torch.Tensor:
     """Centroids that minimise the output error ``Σ_i (w_i - c[assign_i]) H (w_i - c[assign_i])^T``
     for fixed assignments (``-1``: none), by least squares: one codebook per row
-    (``centroids`` ``[N, k]``) or one shared (``[1, k]``). Centroids no weight uses keep their value."""
+    (``centroids`` ``[N, k]``), per group of ``group_rows`` rows (``[ceil(N / group_rows), k]``) or
+    one shared (``[1, k]``). Centroids no weight uses keep their value."""
     n, k = assign.shape[0], centroids.shape[1]
     h32, w = h.float(), w.double()  # A^T H A in float32 (k x k sums of H), solved in float64
     shared = centroids.shape[0] == 1
-    lhs_sum = torch.zeros(k, k, dtype=torch.float64, device=w.device)
-    rhs_sum = torch.zeros(k, dtype=torch.float64, device=w.device)
+    if shared:
+        group_rows = n
+    groups = centroids.shape[0]
+    lhs_sum = torch.zeros(groups, k, k, dtype=torch.float64, device=w.device)
+    rhs_sum = torch.zeros(groups, k, dtype=torch.float64, device=w.device)
     out = centroids.double().clone()
     for r0 in range(0, n, rows):
         a = assign[r0:r0 + rows].long()
@@ -212,13 +216,14 @@ def refit_codebook(w: torch.Tensor, h: torch.Tensor, assign: torch.Tensor, centr
         at_h = onehot.transpose(1, 2) @ h32  # [b, k, K]
         lhs = (at_h @ onehot).double()  # [b, k, k]: A^T H A
         rhs = (at_h.double() @ w[r0:r0 + rows].unsqueeze(-1)).squeeze(-1)  # [b, k]: A^T H w
-        if shared:
-            lhs_sum += lhs.sum(0)
-            rhs_sum += rhs.sum(0)
+        if group_rows > 1:
+            which = torch.arange(r0, r0 + a.shape[0], device=w.device) // group_rows
+            lhs_sum.index_add_(0, which, lhs)
+            rhs_sum.index_add_(0, which, rhs)
         else:
             out[r0:r0 + rows] = _solve(lhs, rhs, out[r0:r0 + rows])
-    if shared:
-        out = _solve(lhs_sum.unsqueeze(0), rhs_sum.unsqueeze(0), out)
+    if group_rows > 1:
+        out = _solve(lhs_sum, rhs_sum, out)
     return out.to(centroids.dtype)
 
 

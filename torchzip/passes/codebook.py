@@ -24,7 +24,7 @@ from torchzip.passes.prune import masks_of
 from torchzip.progress import bar
 
 INITS = ("linear", "kmeans++")
-GRANULARITIES = ("auto", "channel", "layer")
+GRANULARITIES = ("auto", "channel", "layer", "group")
 METHODS = ("auto", "kmeans", "weighted", "gptq")
 CENTROID_DTYPES = ("float32", "float16")
 
@@ -100,6 +100,27 @@ def kmeans_1d(x: torch.Tensor, valid: torch.Tensor, k: int, *, init: str = "line
     return centroids, torch.where(valid, assign, -1)
 
 
+def grouped(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` ``[N, K]`` as ``[ceil(N / rows), rows * K]``: one line per group of ``rows`` rows (the
+    last group padded with False for a bool ``x``, 0 otherwise; pad with an invalid mask)."""
+    n, k = x.shape
+    groups = -(-n // rows)
+    pad = groups * rows - n
+    if pad:
+        x = torch.cat([x, torch.zeros(pad, k, dtype=x.dtype, device=x.device)])
+    return x.reshape(groups, rows * k)
+
+
+def ungrouped(x: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`grouped`: ``[G, rows * K]`` back to ``[n, K]``."""
+    return x.reshape(-1, k)[:n]
+
+
+def row_books(centroids: torch.Tensor, group_rows: int, n: int) -> torch.Tensor:
+    """Per-row codebooks ``[n, k]`` from one codebook per group of ``group_rows`` rows."""
+    return centroids.repeat_interleave(group_rows, 0)[:n]
+
+
 REFITS = 2  # rounds of (GPTQ assignment, least-squares codebook) after weighted k-means
 
 
@@ -130,12 +151,14 @@ class CodebookQuant(nn.Module):
 
     def __init__(self, weight: torch.Tensor, *, bits: int, granularity: str, init: str, iterations: int,
                  start_step: int, seed: int, view: WeightView | None = None, tensor: str = "weight",
-                 centroid_dtype: str = "float32") -> None:
+                 centroid_dtype: str = "float32", group_rows: int = 1) -> None:
         super().__init__()
         self.centroid_dtype = centroid_dtype
         self.view, self.tensor = view or WeightView(), tensor
         rows, cols = self.view.matrix_shape(weight.shape)
-        groups = rows if granularity == "channel" else 1
+        # Rows sharing one codebook: 1 per channel, all for a layer, group_rows for groups.
+        self.group_rows = {"channel": 1, "layer": rows}.get(granularity, min(group_rows, rows))
+        groups = -(-rows // self.group_rows)
         self.bits, self.granularity, self.init, self.iterations = bits, granularity, init, iterations
         self.start_step, self.seed = start_step, seed
         self.centroids = nn.Parameter(torch.zeros(groups, 2**bits, device=weight.device))
@@ -151,9 +174,10 @@ class CodebookQuant(nn.Module):
         """Run k-means on ``w`` (entries where ``keep`` is False take no centroid)."""
         w2 = self.view.matrix(w.detach())
         valid = torch.ones_like(w2, dtype=torch.bool) if keep is None else self.view.matrix(keep)
-        x, v = (w2, valid) if self.granularity == "channel" else (w2.reshape(1, -1), valid.reshape(1, -1))
+        g = self.group_rows
+        x, v = grouped(w2, g), grouped(valid, g)
         centroids, assign = kmeans_1d(x, v, 2**self.bits, init=self.init, iterations=self.iterations, seed=self.seed)
-        self.set_codes(centroids, assign.reshape(w2.shape))
+        self.set_codes(centroids, ungrouped(assign, w2.shape[0], w2.shape[1]))
 
     @torch.no_grad()
     def set_codes(self, centroids: torch.Tensor, assign: torch.Tensor) -> None:
@@ -171,7 +195,7 @@ class CodebookQuant(nn.Module):
         if self.centroid_dtype == "float16":  # what the file stores, with a straight-through gradient
             book = book + (book.detach().half().float() - book.detach())
         if book.shape[0] > 1:
-            values = book.gather(1, assign.clamp(min=0))
+            values = row_books(book, self.group_rows, assign.shape[0]).gather(1, assign.clamp(min=0))
         else:
             values = book[0][assign.clamp(min=0)]
         values = torch.where(assign >= 0, values, torch.zeros((), device=values.device)).to(w.dtype)
@@ -194,7 +218,10 @@ class CodebookQuant(nn.Module):
             book = book.half().float()
         if state.dtype in HALF_DTYPES:  # what the layer computes anyway; the file then stores 16 bits
             book = book.to(state.dtype).float()
-        state.values = CodebookValues(idx, book, self.bits, half_table=half)
+        rows = 1
+        if 1 < book.shape[0] < idx.shape[0]:  # groups: per-row tables in memory, one per group in the file
+            book, rows = row_books(book, self.group_rows, idx.shape[0]), self.group_rows
+        state.values = CodebookValues(idx, book, self.bits, half_table=half, group_rows=rows)
 
     @classmethod
     @torch.no_grad()
@@ -245,6 +272,7 @@ class Codebook(LayerPass):
     seed: int = 0
     method: str = "auto"
     centroid_dtype: str = "float32"
+    group_rows: int = 16
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` for argument values that cannot work."""
@@ -257,6 +285,7 @@ class Codebook(LayerPass):
             check_int(where, key, getattr(self, key))
         check_choice(where, "method", self.method, METHODS)
         check_choice(where, "centroid_dtype", self.centroid_dtype, CENTROID_DTYPES)
+        check_int(where, "group_rows", self.group_rows, low=1)
         if self.needs_calibration() and self.start_step:
             raise RecipeError(f"codebook method '{self.method}' clusters on calibration data when compressing: it needs "
                               f"start_step 0 in {where}")
@@ -276,7 +305,7 @@ class Codebook(LayerPass):
         """An unclustered codebook for one tensor, and whether ``auto`` chose one per layer."""
         w = getattr(module, tensor)
         opts = {k: getattr(self, k) for k in ("bits", "granularity", "init", "iterations", "start_step", "seed",
-                                              "centroid_dtype")}
+                                              "centroid_dtype", "group_rows")}
         short = False
         if self.granularity == "auto":
             short = tables_outweigh(view.matrix_shape(w.shape)[1], self.bits,
@@ -306,17 +335,15 @@ class Codebook(LayerPass):
         valid = torch.ones_like(w, dtype=torch.bool) if keep is None else view.matrix(keep)
         weights = torch.diagonal(h).float().clamp(min=0).expand_as(w)
         k = 2**self.bits
-        if quant.granularity == "channel":
-            centroids, assign = kmeans_1d(w, valid, k, init=self.init, iterations=self.iterations, seed=self.seed,
-                                          weights=weights)
-        else:
-            centroids, flat = kmeans_1d(w.reshape(1, -1), valid.reshape(1, -1), k, init=self.init,
-                                        iterations=self.iterations, seed=self.seed, weights=weights.reshape(1, -1))
-            assign = flat.reshape(w.shape)
+        g, n = quant.group_rows, w.shape[0]
+        centroids, flat = kmeans_1d(grouped(w, g), grouped(valid, g), k, init=self.init, iterations=self.iterations,
+                                    seed=self.seed, weights=grouped(weights.contiguous(), g))
+        assign = ungrouped(flat, n, w.shape[1])
         if self.method != "weighted":  # auto and gptq: error feedback onto the codebook, then refit it
             for _ in range(REFITS):
-                assign = _gptq_assign(w, h, centroids, valid if keep is not None else None)
-                centroids = refit_codebook(w, h, assign, centroids)
+                books = centroids if centroids.shape[0] == 1 else row_books(centroids, g, n)
+                assign = _gptq_assign(w, h, books, valid if keep is not None else None)
+                centroids = refit_codebook(w, h, assign, centroids, group_rows=g)
         quant.set_codes(centroids, assign)
         attach([(name, module, self)], lambda own, mod, t, v: quant)
 
