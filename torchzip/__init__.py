@@ -10,13 +10,14 @@ Extension points: :func:`register_pass` (a new pass, nameable in YAML), :func:`r
 
 from torchzip import export, schedule  # noqa: F401  (tz.export is the package, callable as the function)
 from torchzip.api import compress, plan_recipe
-from torchzip.errors import DistillationError, FormatError, RecipeError, TorchzipError, UnsupportedLayerError
+from torchzip.errors import CalibrationError, DistillationError, FormatError, RecipeError, TorchzipError, UnsupportedLayerError
 from torchzip.export import load, read_manifest
 from torchzip.freeze import freeze
 from torchzip.packed import LayerKind, PackedWeight, WeightState, register_format, register_layer_kind
 from torchzip.passes.base import Pass, register_pass
 from torchzip.passes.codebook import Codebook
 from torchzip.passes.distill import Distill
+from torchzip.passes.fold_bn import FoldBatchNorm, fold_batchnorm
 from torchzip.passes.layer import LayerPass
 from torchzip.passes.prune import Prune
 from torchzip.passes.quantize import Quantize, QuantizeBias
@@ -28,8 +29,8 @@ from torchzip.version import __version__  # noqa: F401
 
 __all__ = [
     "compress", "step", "freeze", "summary", "export", "load", "read_manifest", "plan_recipe", "Recipe", "Summary",
-    "Prune", "Quantize", "QuantizeBias", "Codebook", "Distill", "finetune", "Callback", "DistillationCallback", "kd_loss",
+    "Prune", "Quantize", "QuantizeBias", "Codebook", "Distill", "FoldBatchNorm", "fold_batchnorm", "finetune", "Callback", "DistillationCallback", "kd_loss",
     "Pass", "LayerPass", "register_pass", "PackedWeight", "WeightState", "register_format", "LayerKind",
     "register_layer_kind",
-    "TorchzipError", "RecipeError", "UnsupportedLayerError", "FormatError", "DistillationError",
+    "TorchzipError", "RecipeError", "UnsupportedLayerError", "FormatError", "DistillationError", "CalibrationError",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
@@ -24,7 +25,7 @@ def plan_recipe(recipe: Any, model: nn.Module) -> list[tuple[Plan | None, list[s
 
 
 def compress(model: nn.Module, recipe: Recipe | Any, *, inplace: bool = False, progress: bool | None = None,
-             **context: Any) -> nn.Module:
+             calibration: Iterable | None = None, **context: Any) -> nn.Module:
     """Apply ``recipe`` (a Recipe, YAML path, dict, or list of passes) to ``model``, in order.
 
     The recipe is checked against the model first; on any error nothing is modified. Returns a
@@ -33,5 +34,10 @@ def compress(model: nn.Module, recipe: Recipe | Any, *, inplace: bool = False, p
     ``recipe.callbacks(model, ...)`` to the training loop (distillation). Extra keyword
     arguments reach passes that declare them (``context_keys``): objects a recipe file cannot hold.
     ``progress``: bars for slow passes such as k-means (None: only when stderr is a terminal).
+    ``calibration``: batches of model inputs (tensors, tuples, dicts: ``model(x)``, ``model(*x)``,
+    ``model(**x)``) for the passes that use data (Wanda/SparseGPT pruning, GPTQ int8, activation-
+    weighted codebooks); every batch is run once before anything changes, and layers are then
+    calibrated in order on the outputs of the layers already compressed (:mod:`torchzip.calibrate`).
     """
-    return run_passes(model, as_recipe(recipe).passes, inplace=inplace, progress=enabled(progress), context=context)
+    return run_passes(model, as_recipe(recipe).passes, inplace=inplace, progress=enabled(progress), context=context,
+                      calibration=calibration)

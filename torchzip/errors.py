@@ -23,3 +23,7 @@ class FormatError(TorchzipError):
 
 class DistillationError(TorchzipError):
     """A distillation set-up (teacher, features, temperature) cannot work."""
+
+
+class CalibrationError(TorchzipError):
+    """Calibration data is missing, empty, or cannot run through the model."""

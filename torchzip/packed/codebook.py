@@ -22,20 +22,23 @@ class CodebookWeight(PackedWeight):
     format_name = "codebook"
     priority = 30
 
-    def __init__(self, packed: torch.Tensor, codebook: torch.Tensor, bits: int, shape, dtype: torch.dtype) -> None:
+    def __init__(self, packed: torch.Tensor, codebook: torch.Tensor, bits: int, shape, dtype: torch.dtype,
+                 half_table: bool = False, group_rows: int = 1) -> None:
         super().__init__(shape, dtype)
-        self.bits = int(bits)
+        self.bits, self.half_table = int(bits), bool(half_table)  # half_table: store the codebook in float16
+        self.group_rows = int(group_rows)  # rows of the (per-row) codebook repeat in groups: stored once each
         self.register_buffer("packed", packed.to(torch.int32).contiguous())
         self.register_buffer("codebook", codebook.float().contiguous())
 
     @classmethod
-    def from_indices(cls, indices: torch.Tensor, codebook: torch.Tensor, bits: int, dtype: torch.dtype) -> "CodebookWeight":
+    def from_indices(cls, indices: torch.Tensor, codebook: torch.Tensor, bits: int, dtype: torch.dtype,
+                     half_table: bool = False, group_rows: int = 1) -> "CodebookWeight":
         """Pack ``[N, K]`` integer indices into a codebook weight (a block of rows at a time, so a
         big layer's indices never widen to int64 whole)."""
         n, k = indices.shape
         rows = max(1, (1 << 20) // max(k, 1))
         packed = torch.cat([pack_bits(indices[r:r + rows], bits) for r in range(0, n, rows)]) if n else pack_bits(indices, bits)
-        return cls(packed, codebook, bits, (n, k), dtype)
+        return cls(packed, codebook, bits, (n, k), dtype, half_table, group_rows)
 
     @classmethod
     def pack(cls, state: WeightState) -> "CodebookWeight | None":
@@ -43,7 +46,7 @@ class CodebookWeight(PackedWeight):
         v = state.values
         if not isinstance(v, CodebookValues) or not bool((v.indices >= 0).all()):
             return None
-        return cls.from_indices(v.indices, v.codebook, v.bits, state.dtype)
+        return cls.from_indices(v.indices, v.codebook, v.bits, state.dtype, v.half_table, v.group_rows)
 
     def indices(self) -> torch.Tensor:
         """The ``[N, K]`` centroid indices (int64)."""
@@ -79,7 +82,8 @@ class CodebookWeight(PackedWeight):
 
     def row_view(self, start: int, stop: int) -> "CodebookWeight":
         book = self.codebook[start:stop] if self.codebook.shape[0] > 1 else self.codebook
-        return CodebookWeight(self.packed[start:stop], book, self.bits, (stop - start, self.shape[1]), self.dtype)
+        return CodebookWeight(self.packed[start:stop], book, self.bits, (stop - start, self.shape[1]), self.dtype,
+                              self.half_table, self.group_rows if start % self.group_rows == 0 else 1)
 
     def kernel_linear(self, x, bias):
         from torchzip.kernels import codebook
@@ -87,8 +91,13 @@ class CodebookWeight(PackedWeight):
         return codebook.codebook_linear(x, self.packed, self.codebook, bias, self.bits, self.shape[1])
 
     def encode(self, out):
-        return {"bits": self.bits,
-                "tensors": {"indices": out.symbols(self._indices_u8(), 2**self.bits), "codebook": out.raw(table(self.codebook, self.dtype))}}
+        book, g = self.codebook, self.group_rows
+        entry = {"bits": self.bits}
+        if g > 1 and book.shape[0] > 1 and torch.equal(book[::g].repeat_interleave(g, 0)[:book.shape[0]], book):
+            book, entry["group_rows"] = book[::g], g  # one table per group of rows
+        entry["tensors"] = {"indices": out.symbols(self._indices_u8(), 2**self.bits),
+                            "codebook": out.raw(table(book, self.dtype, self.half_table))}
+        return entry
 
     def _indices_u8(self) -> torch.Tensor:
         # One byte an index, unpacked a block of rows at a time (int64 only for a block).
@@ -105,12 +114,20 @@ class CodebookWeight(PackedWeight):
         bits = entry.get("bits")
         src.need(type(bits) is int and 1 <= bits <= 8, f"bad bits {bits!r}")
         t = entry["tensors"]
-        codebook = read_table(src, t.get("codebook"), "codebook", dtype)
-        src.need(codebook.dim() == 2 and codebook.shape[0] in (1, n) and codebook.shape[1] == 2**bits,
-                 f"codebook shape {tuple(codebook.shape)} does not fit {n} rows of {2**bits} entries")
+        spec = t.get("codebook")
+        codebook = read_table(src, spec, "codebook", dtype, half=True)
+        half = isinstance(spec, dict) and spec.get("dtype") == "float16" and dtype != torch.float16
+        g = entry.get("group_rows", 1)
+        src.need(type(g) is int and 1 <= g <= max(1, n), f"bad group_rows {g!r}")
+        groups = -(-n // g) if g > 1 else n
+        src.need(codebook.dim() == 2 and codebook.shape[0] in (1, groups) and codebook.shape[1] == 2**bits,
+                 f"codebook shape {tuple(codebook.shape)} does not fit {n} rows of {2**bits} entries"
+                 + (f" in groups of {g}" if g > 1 else ""))
+        if g > 1 and codebook.shape[0] > 1:
+            codebook = codebook.repeat_interleave(g, 0)[:n]  # kernels read one table per row
         idx = src.symbols(t.get("indices"), "indices", 2**bits, on_device=True)
         src.need(idx.numel() == n * k, f"{idx.numel()} indices for a {n}x{k} weight")
-        return cls.from_indices(idx.reshape(n, k), codebook, bits, dtype)
+        return cls.from_indices(idx.reshape(n, k), codebook, bits, dtype, half, g)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, codebooks={self.codebook.shape[0]}"

@@ -40,6 +40,8 @@ class CodebookValues:
     indices: torch.Tensor
     codebook: torch.Tensor
     bits: int
+    half_table: bool = False  # the pass rounded the codebook to float16: store it in 16 bits
+    group_rows: int = 1  # codebook rows repeat in groups of this many rows: store one per group
 
     kind = "codebook"
 
@@ -144,11 +146,14 @@ def round_up_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return up.float()
 
 
-def table(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def table(t: torch.Tensor, dtype: torch.dtype, half: bool = False) -> torch.Tensor:
     """A float32 side table (scales, codebook) as the file should store it: in the weight's 16-bit
-    dtype when every value survives that exactly, else float32."""
+    dtype when every value survives that exactly (``half``: float16 too, for codebooks a pass
+    rounded to it), else float32."""
     if dtype in HALF_DTYPES and torch.equal(t.to(dtype).float(), t):
         return t.to(dtype)
+    if half and torch.equal(t.half().float(), t):
+        return t.half()
     return t
 
 
@@ -172,9 +177,10 @@ def encode_values(out: Any, kind: str, values: torch.Tensor, scales: torch.Tenso
     return t
 
 
-def read_table(src: Any, spec: Any, what: str, dtype: torch.dtype) -> torch.Tensor:
-    """A scales or codebook table: float32, or the weight's 16-bit dtype (widened to float32)."""
-    allowed = ("float32",) + ((dtype_name(dtype),) if dtype in HALF_DTYPES else ())
+def read_table(src: Any, spec: Any, what: str, dtype: torch.dtype, half: bool = False) -> torch.Tensor:
+    """A scales or codebook table: float32, or the weight's 16-bit dtype (``half``: or float16),
+    widened to float32."""
+    allowed = ("float32",) + ((dtype_name(dtype),) if dtype in HALF_DTYPES else ()) + (("float16",) if half else ())
     return src.raw(spec, what, allowed).float()
 
 

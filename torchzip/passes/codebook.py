@@ -24,7 +24,9 @@ from torchzip.passes.prune import masks_of
 from torchzip.progress import bar
 
 INITS = ("linear", "kmeans++")
-GRANULARITIES = ("auto", "channel", "layer")
+GRANULARITIES = ("auto", "channel", "layer", "group")
+METHODS = ("auto", "kmeans", "weighted", "gptq")
+CENTROID_DTYPES = ("float32", "float16")
 
 
 def _seed_linear(lo: torch.Tensor, hi: torch.Tensor, k: int) -> torch.Tensor:
@@ -171,6 +173,47 @@ def kmeans_1d(x: torch.Tensor, valid: torch.Tensor, k: int, *, init: str = "line
 _CHUNK = 1 << 22  # values per chunk of rows (one row may be longer)
 
 
+def grouped(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` ``[N, K]`` as ``[ceil(N / rows), rows * K]``: one line per group of ``rows`` rows (the
+    last group padded with False for a bool ``x``, 0 otherwise; pad with an invalid mask)."""
+    n, k = x.shape
+    groups = -(-n // rows)
+    pad = groups * rows - n
+    if pad:
+        x = torch.cat([x, torch.zeros(pad, k, dtype=x.dtype, device=x.device)])
+    return x.reshape(groups, rows * k)
+
+
+def ungrouped(x: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`grouped`: ``[G, rows * K]`` back to ``[n, K]``."""
+    return x.reshape(-1, k)[:n]
+
+
+def row_books(centroids: torch.Tensor, group_rows: int, n: int) -> torch.Tensor:
+    """Per-row codebooks ``[n, k]`` from one codebook per group of ``group_rows`` rows."""
+    return centroids.repeat_interleave(group_rows, 0)[:n]
+
+
+REFITS = 2  # rounds of (GPTQ assignment, least-squares codebook) after weighted k-means
+
+
+def _gptq_assign(w: torch.Tensor, h: torch.Tensor, centroids: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Assignments ``[N, K]`` (-1 outside ``keep``) chosen column by column with GPTQ's error
+    feedback (columns in act order), each weight taking the centroid nearest to its updated value."""
+    from torchzip.passes.calibrated import act_order, gptq, nearest_centroid
+
+    book = centroids.double()
+    assign = torch.zeros(w.shape, dtype=torch.long, device=w.device)
+
+    def nearest(j: int, col: torch.Tensor) -> torch.Tensor:
+        idx = nearest_centroid(col, book)
+        assign[:, j] = idx
+        return book.gather(1, idx.unsqueeze(1)).squeeze(1) if book.shape[0] > 1 else book[0][idx]
+
+    gptq(w, h, nearest, keep=keep, order=act_order(h))
+    return assign if keep is None else torch.where(keep, assign, -1)
+
+
 class CodebookQuant(nn.Module):
     """Parametrization: each weight becomes ``centroids[group, assign]`` (0 where pruned).
 
@@ -180,11 +223,15 @@ class CodebookQuant(nn.Module):
     role, key, schedule_key = "quantized", "codebook", "codebook"
 
     def __init__(self, weight: torch.Tensor, *, bits: int, granularity: str, init: str, iterations: int,
-                 start_step: int, seed: int, view: WeightView | None = None, tensor: str = "weight") -> None:
+                 start_step: int, seed: int, view: WeightView | None = None, tensor: str = "weight",
+                 centroid_dtype: str = "float32", group_rows: int = 1) -> None:
         super().__init__()
+        self.centroid_dtype = centroid_dtype
         self.view, self.tensor = view or WeightView(), tensor
         rows, cols = self.view.matrix_shape(weight.shape)
-        groups = rows if granularity == "channel" else 1
+        # Rows sharing one codebook: 1 per channel, all for a layer, group_rows for groups.
+        self.group_rows = {"channel": 1, "layer": rows}.get(granularity, min(group_rows, rows))
+        groups = -(-rows // self.group_rows)
         self.bits, self.granularity, self.init, self.iterations = bits, granularity, init, iterations
         self.start_step, self.seed = start_step, seed
         self.centroids = nn.Parameter(torch.zeros(groups, 2**bits, device=weight.device))
@@ -202,10 +249,16 @@ class CodebookQuant(nn.Module):
         """Run k-means on ``w`` (entries where ``keep`` is False take no centroid)."""
         w2 = self.view.matrix(w.detach())
         valid = torch.ones_like(w2, dtype=torch.bool) if keep is None else self.view.matrix(keep)
-        x, v = (w2, valid) if self.granularity == "channel" else (w2.reshape(1, -1), valid.reshape(1, -1))
+        g = self.group_rows
+        x, v = grouped(w2, g), grouped(valid, g)
         centroids, assign = kmeans_1d(x, v, 2**self.bits, init=self.init, iterations=self.iterations, seed=self.seed)
-        self.centroids.copy_(centroids)
-        self.assign.copy_(assign.reshape(w2.shape))
+        self.set_codes(centroids, ungrouped(assign, w2.shape[0], w2.shape[1]))
+
+    @torch.no_grad()
+    def set_codes(self, centroids: torch.Tensor, assign: torch.Tensor) -> None:
+        """Fix the codebook (``[groups, 2**bits]``) and assignments (``[N, K]``, -1: no centroid)."""
+        self.centroids.copy_(centroids.half().float() if self.centroid_dtype == "float16" else centroids)
+        self.assign.copy_(assign)
         self.clustered.fill_(True)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -213,10 +266,13 @@ class CodebookQuant(nn.Module):
             # The exact zero keeps the centroids in the graph, so DDP needs no unused-parameter search.
             return w + 0.0 * self.centroids.sum()
         assign = self.assign.long()
-        if self.centroids.shape[0] > 1:
-            values = self.centroids.gather(1, assign.clamp(min=0))
+        book = self.centroids
+        if self.centroid_dtype == "float16":  # what the file stores, with a straight-through gradient
+            book = book + (book.detach().half().float() - book.detach())
+        if book.shape[0] > 1:
+            values = row_books(book, self.group_rows, assign.shape[0]).gather(1, assign.clamp(min=0))
         else:
-            values = self.centroids[0][assign.clamp(min=0)]
+            values = book[0][assign.clamp(min=0)]
         values = torch.where(assign >= 0, values, torch.zeros((), device=values.device)).to(w.dtype)
         # + an exact zero that keeps the master weight in the graph, so DDP sees every parameter used.
         # contiguous: a transposed view (HF Conv1D) must reach the layer in the layout it stores.
@@ -232,9 +288,15 @@ class CodebookQuant(nn.Module):
         if not bool((idx >= 0).all()):
             state.mask = idx >= 0 if state.mask is None else state.mask & (idx >= 0)
         book = self.centroids.detach().float()
+        half = self.centroid_dtype == "float16"
+        if half:
+            book = book.half().float()
         if state.dtype in HALF_DTYPES:  # what the layer computes anyway; the file then stores 16 bits
             book = book.to(state.dtype).float()
-        state.values = CodebookValues(idx, book, self.bits)
+        rows = 1
+        if 1 < book.shape[0] < idx.shape[0]:  # groups: per-row tables in memory, one per group in the file
+            book, rows = row_books(book, self.group_rows, idx.shape[0]), self.group_rows
+        state.values = CodebookValues(idx, book, self.bits, half_table=half, group_rows=rows)
 
     @classmethod
     @torch.no_grad()
@@ -283,6 +345,9 @@ class Codebook(LayerPass):
     iterations: int = 25
     start_step: int = 0
     seed: int = 0
+    method: str = "auto"
+    centroid_dtype: str = "float32"
+    group_rows: int = 16
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` for argument values that cannot work."""
@@ -293,9 +358,69 @@ class Codebook(LayerPass):
         check_int(where, "iterations", self.iterations, low=1)
         for key in ("start_step", "seed"):
             check_int(where, key, getattr(self, key))
+        check_choice(where, "method", self.method, METHODS)
+        check_choice(where, "centroid_dtype", self.centroid_dtype, CENTROID_DTYPES)
+        check_int(where, "group_rows", self.group_rows, low=1)
+        if self.needs_calibration() and self.start_step:
+            raise RecipeError(f"codebook method '{self.method}' clusters on calibration data when compressing: it needs "
+                              f"start_step 0 in {where}")
 
     def fixes_at(self) -> int:
         return self.start_step
+
+    def needs_calibration(self) -> bool:
+        """Activation-weighted k-means and GPTQ need calibration data."""
+        return self.method in ("weighted", "gptq")
+
+    def uses_calibration(self) -> bool:
+        """Uses data when given, for codebooks clustered at once, unless ``method`` is ``kmeans``."""
+        return self.method != "kmeans" and self.start_step == 0
+
+    def _quant(self, module: nn.Module, tensor: str, view: WeightView) -> tuple[CodebookQuant, bool]:
+        """An unclustered codebook for one tensor, and whether ``auto`` chose one per layer."""
+        w = getattr(module, tensor)
+        opts = {k: getattr(self, k) for k in ("bits", "granularity", "init", "iterations", "start_step", "seed",
+                                              "centroid_dtype", "group_rows")}
+        short = False
+        if self.granularity == "auto":
+            short = tables_outweigh(view.matrix_shape(w.shape)[1], self.bits,
+                                    torch.float16 if self.centroid_dtype == "float16" else w.dtype)
+            opts["granularity"] = "layer" if short else "channel"
+        return CodebookQuant(w, view=view, tensor=tensor, **opts), short
+
+    def apply_calibrated(self, model: nn.Module, plan: list, group: str, progress: bool, batches: list) -> None:
+        """As :meth:`LayerPass.apply_calibrated`, with one warning for rows too short (``auto``)."""
+        super().apply_calibrated(model, plan, group, progress, batches)
+        short = [name for name, m, _ in plan if getattr(codebook_of(m), "auto_layer", False)]
+        if short:
+            warnings.warn(f"codebook (granularity auto): {len(short)} tensor(s) have rows too short for per-channel "
+                          f"codebooks, clustered per layer: {', '.join(short[:8])}" + (" ..." if len(short) > 8 else ""),
+                          stacklevel=4)
+
+    def compress_calibrated(self, name: str, module: nn.Module, h: torch.Tensor, group: str) -> None:
+        """Cluster one layer by k-means weighted by its inputs' second moments (the diagonal of
+        ``h``), then (``gptq``) assign columns in order with error feedback onto that codebook."""
+        from torchzip.passes.calibrated import refit_codebook
+
+        (tensor, view), = self.tensors(module)
+        quant, short = self._quant(module, tensor, view)
+        quant.auto_layer = short  # for apply_calibrated's one warning
+        w = view.matrix(getattr(module, tensor).detach()).float()
+        keep = _keep_mask(module, tensor)
+        valid = torch.ones_like(w, dtype=torch.bool) if keep is None else view.matrix(keep)
+        weights = torch.diagonal(h).float().clamp(min=0).expand_as(w)
+        k = 2**self.bits
+        g, n = quant.group_rows, w.shape[0]
+        centroids, flat = kmeans_1d(grouped(w, g), grouped(valid, g), k, init=self.init, iterations=self.iterations,
+                                    seed=self.seed, weights=grouped(weights.contiguous(), g))
+        assign = ungrouped(flat, n, w.shape[1])
+        if self.method != "weighted":  # auto and gptq: error feedback onto the codebook, then refit it
+            for _ in range(REFITS):
+                books = centroids if centroids.shape[0] == 1 else row_books(centroids, g, n)
+                assign = _gptq_assign(w, h, books, valid if keep is not None else None)
+                centroids = refit_codebook(w, h, assign, centroids, group_rows=g)
+        quant.set_codes(centroids, assign)
+        attach([(name, module, self)], lambda own, mod, t, v: quant)
 
     def apply(self, model: nn.Module, plan: list, group: str, progress: bool = False) -> None:
         """Attach codebooks to the planned layers, clustering now unless ``start_step`` > 0."""
@@ -305,13 +430,10 @@ class Codebook(LayerPass):
 
         def make(own: "Codebook", module: nn.Module, tensor: str, view: WeightView) -> CodebookQuant:
             w = getattr(module, tensor)
-            opts = {k: getattr(own, k) for k in ("bits", "granularity", "init", "iterations", "start_step", "seed")}
-            k = view.matrix_shape(w.shape)[1]
-            if own.granularity == "auto":
-                opts["granularity"] = "layer" if tables_outweigh(k, own.bits, w.dtype) else "channel"
-                if opts["granularity"] == "layer":
-                    short.append(f"{next(n for n, m, _ in plan if m is module)}.{tensor} ({k})")
-            quant = CodebookQuant(w, view=view, tensor=tensor, **opts)
+            quant, is_short = own._quant(module, tensor, view)
+            if is_short:
+                k = view.matrix_shape(w.shape)[1]
+                short.append(f"{next(n for n, m, _ in plan if m is module)}.{tensor} ({k})")
             if own.start_step == 0:
                 quant.cluster(w, _keep_mask(module, tensor))
             progress_bar.update()

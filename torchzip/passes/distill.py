@@ -23,9 +23,10 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from torchzip.errors import RecipeError
+from torchzip.errors import DistillationError, RecipeError
 from torchzip.passes.base import Pass, register_pass
-from torchzip.train.distill import DistillationCallback, check_settings, find_module, normalize_features
+from torchzip.train.distill import (DistillationCallback, check_features_mode, check_settings, find_module,
+                                    normalize_features)
 
 
 @register_pass
@@ -35,7 +36,8 @@ class Distill(Pass):
 
     ``temperature`` (> 0), ``alpha`` (in [0, 1]), ``features`` (student layer name -> teacher
     layer name, or a list of names both models have), ``logits`` (field name or index of the
-    logits in the outputs; None finds them), ``feature_weight`` (>= 0). See
+    logits in the outputs; None finds them), ``feature_weight`` (>= 0), ``features_only`` (no
+    logits, no task loss: encoders), ``feature_loss`` (``mse`` or ``cosine``). See
     :class:`~torchzip.DistillationCallback`.
     """
 
@@ -45,11 +47,17 @@ class Distill(Pass):
     features: dict = field(default_factory=dict)
     logits: str | int | None = None
     feature_weight: float = 1.0
+    features_only: bool = False
+    feature_loss: str = "mse"
 
     def __post_init__(self) -> None:
         # Bad values fail when the recipe is read, before any model is touched.
         check_settings(self.temperature, self.alpha, self.feature_weight, self.logits)
         self.features = normalize_features(self.features)
+        try:
+            check_features_mode(self.features_only, self.feature_loss, self.features)
+        except DistillationError as err:
+            raise RecipeError(f"distill: {err}") from None
 
     def check(self, model: nn.Module, context: dict[str, Any]) -> None:
         """Before any pass runs: the feature layers exist in the student."""
@@ -61,4 +69,5 @@ class Distill(Pass):
         if teacher is None:
             raise RecipeError("the 'distill' pass needs a teacher: call recipe.callbacks(student, teacher=teacher_model)")
         return [DistillationCallback(teacher, temperature=self.temperature, alpha=self.alpha, features=self.features,
-                                     logits=self.logits, feature_weight=self.feature_weight, student=model)]
+                                     logits=self.logits, feature_weight=self.feature_weight, student=model,
+                                     features_only=self.features_only, feature_loss=self.feature_loss)]

@@ -33,7 +33,7 @@ from typing import Any, Callable, ClassVar
 from torch import nn
 from torch.nn.utils import parametrize
 
-from torchzip.errors import RecipeError, UnsupportedLayerError
+from torchzip.errors import CalibrationError, RecipeError, UnsupportedLayerError
 from torchzip.packed.layers import DEFAULT_TARGETS, LAYER_KINDS, WeightView, kind_of
 from torchzip.passes.base import PASSES, Pass
 
@@ -156,6 +156,54 @@ class LayerPass(Pass):
         """Attach this pass's parametrizations to the planned layers. ``group`` is unique to this
         pass in this ``compress`` call (e.g. to find the members of a global pruning group)."""
         raise NotImplementedError
+
+    # -- calibration (compress(..., calibration=batches)) ------------------------------------
+
+    def needs_calibration(self) -> bool:
+        """Whether these arguments ask for calibration data (an error without it)."""
+        return False
+
+    def uses_calibration(self) -> bool:
+        """Whether this pass uses calibration data when ``compress`` is given some."""
+        return False
+
+    def compress_calibrated(self, name: str, module: nn.Module, h, group: str) -> None:
+        """Compress one layer whose inputs have second moment ``h`` (``[K, K]`` float64, summed
+        over calibration rows) and attach its parametrization (passes that use data override it)."""
+        raise NotImplementedError
+
+    def apply_calibrated(self, model: nn.Module, plan: Plan, group: str, progress: bool, batches: list) -> None:
+        """Apply this pass layer by layer on calibration data (:func:`torchzip.calibrate.sweep`);
+        layers that cannot be calibrated (kind, tied weights, never called) are compressed from
+        their weights alone, with one warning."""
+        from torchzip.calibrate import sweep, why_not_calibrated
+
+        held = holders(model)
+        calibrated, rest, notes = [], [], []
+        for name, module, own in plan:
+            reason = why_not_calibrated(module) if own.uses_calibration() else "its arguments use no data"
+            if reason is None and self.tensor != "weight":
+                reason = "only weights are calibrated"
+            if reason is None and any(len(held.get(id(raw_tensor(module, t)), [])) > 1 for t, _ in own.tensors(module)):
+                reason = "its weight is tied to another layer's"
+            if reason is None:
+                calibrated.append((name, module, own))
+            else:
+                rest.append((name, module, own))
+                if own.uses_calibration():
+                    notes.append(f"{name} ({reason})")
+        if calibrated:
+            missed = sweep(model, [(n, m) for n, m, _ in calibrated], batches,
+                           lambda i, h: calibrated[i][2].compress_calibrated(calibrated[i][0], calibrated[i][1], h, group),
+                           progress=progress, desc=f"calibrate {self.key}")
+            for i in missed:
+                rest.append(calibrated[i])
+                notes.append(f"{calibrated[i][0]} (the calibration batches never call it)")
+        if notes:
+            warnings.warn(f"pass '{self.key}': {len(notes)} layer(s) compressed from their weights alone, without "
+                          f"calibration: {'; '.join(notes[:8])}" + (" ..." if len(notes) > 8 else ""), stacklevel=4)
+        if rest:
+            self.apply(model, rest, group, progress)
 
 
 # ---- planning: what each pass takes, checked before anything changes ------------------------
@@ -333,8 +381,10 @@ def context_keys() -> list[str]:
 
 
 def run_passes(model: nn.Module, passes: list[Pass], *, inplace: bool, progress: bool,
-               context: dict[str, Any]) -> nn.Module:
+               context: dict[str, Any], calibration: Any = None) -> nn.Module:
     """Check ``passes`` against ``model``, then apply them in order (see :func:`torchzip.compress`)."""
+    from torchzip.calibrate import as_batches, check_batches
+
     if not isinstance(model, nn.Module):
         raise RecipeError(f"compress needs an nn.Module, got {type(model).__name__}")
     if not passes:
@@ -347,6 +397,21 @@ def run_passes(model: nn.Module, passes: list[Pass], *, inplace: bool, progress:
     for p in passes:
         p.check(model, dict(context, inplace=inplace))
     plans = plan_passes(passes, model)
+    for index, p in enumerate(passes):
+        if getattr(p, "first", False) and any(isinstance(q, LayerPass) for q in passes[:index]):
+            raise RecipeError(f"pass #{index + 1} '{p.key}' must come before every pass that compresses layers")
+    batches = None if calibration is None else as_batches(calibration)
+    wanting = [f"'{own.key}' on {name}" for plan, _ in plans if plan for name, _, own in plan if own.needs_calibration()]
+    if batches is None and wanting:
+        raise CalibrationError(f"{len(wanting)} layer(s) need calibration data ({', '.join(wanting[:4])}"
+                               + (" ..." if len(wanting) > 4 else "") + "): pass compress(model, recipe, "
+                               "calibration=batches), or use the data-free choices (prune score: magnitude, "
+                               "quantize method: round, codebook method: kmeans)")
+    uses = [any(own.uses_calibration() for _, _, own in plan) if plan else False for plan, _ in plans]
+    if batches is not None:
+        if not any(uses):
+            warnings.warn("calibration data was given but no pass of the recipe uses it", stacklevel=3)
+        check_batches(model, batches)
     for index, (p, (_, skipped)) in enumerate(zip(passes, plans)):
         if skipped:
             warnings.warn(f"pass #{index + 1} '{p.key}' skipped {len(skipped)} layer(s) it cannot take: "
@@ -358,6 +423,9 @@ def run_passes(model: nn.Module, passes: list[Pass], *, inplace: bool, progress:
     for index, (p, (plan, _)) in enumerate(zip(passes, plans)):
         if plan is None:
             p(model, **context)
+        elif batches is not None and uses[index]:
+            p.apply_calibrated(model, [(name, modules[name], own) for name, _, own in plan], f"{p.key}{index}-{call}",
+                               progress, batches)
         else:
             p.apply(model, [(name, modules[name], own) for name, _, own in plan], f"{p.key}{index}-{call}", progress)
     return model

@@ -16,11 +16,13 @@ from torch.nn.utils import parametrize
 
 from torchzip.errors import RecipeError
 from torchzip.passes.base import check_choice, check_int, register_pass
+from torchzip.passes.calibrated import sparsegpt
 from torchzip.packed.layers import WeightView
 from torchzip.passes.layer import LayerPass, attach, raw_tensor
 
 PATTERNS = ("unstructured", "channel", "N:M (e.g. 2:4)")
 NORMS = ("l1", "l2")
+SCORES = ("auto", "magnitude", "wanda", "sparsegpt")
 
 
 def parse_nm(pattern: str) -> tuple[int, int] | None:
@@ -74,6 +76,24 @@ def channel_mask(w: torch.Tensor, sparsity: float, norm: str = "l2", mask: torch
         score = torch.where(mask.reshape(w.shape[0], -1).any(1), score, torch.full_like(score, -1.0))
     keep = _keep_all_but_lowest(score, round(sparsity * w.shape[0]))
     return keep.view(-1, *([1] * (w.dim() - 1))).expand(w.shape).clone()
+
+
+def wanda_scores(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Wanda (Sun et al., 2023): ``|w_ij| * ||x_j||``, the norm over calibration rows of input ``j``."""
+    return w.detach().double().abs() * torch.diagonal(h).double().clamp(min=0).sqrt().unsqueeze(0)
+
+
+def wanda_mask(w: torch.Tensor, h: torch.Tensor, *, pattern: str, sparsity: float, nm: tuple[int, int] | None,
+               norm: str = "l2", mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep-mask of ``w`` ``[N, K]`` by Wanda scores: the magnitude rules applied to the scores
+    (unstructured: the ``round(sparsity * N * K)`` lowest; ``nm``: the ``n`` highest of every
+    ``m``; channel: rows by the ``norm`` of their scores)."""
+    score = wanda_scores(w, h)
+    if nm:
+        return nm_mask(score, *nm)
+    if pattern == "channel":
+        return channel_mask(score, sparsity, norm, mask)
+    return unstructured_mask(score, sparsity, mask)
 
 
 def cubic_sparsity(step: int, final: float, initial: float, start: int, end: int | None) -> float:
@@ -189,6 +209,11 @@ class Prune(LayerPass):
     magnitude threshold across all targeted layers; unstructured only). With ``end_step`` set,
     sparsity grows from ``initial_sparsity`` at ``start_step`` to ``sparsity`` at ``end_step`` on
     Zhu & Gupta's cubic schedule, the mask recomputed every ``frequency`` steps.
+
+    ``score``: ``magnitude``; ``wanda`` (``|w| * ||x||`` over calibration inputs); ``sparsegpt``
+    (output-error pruning that also updates the kept weights; unstructured and N:M); ``auto``:
+    ``sparsegpt`` (``wanda`` for channels) when ``compress`` is given calibration data and the
+    prune is one-shot and per layer, else ``magnitude``.
     """
 
     key = "prune"
@@ -202,6 +227,7 @@ class Prune(LayerPass):
     start_step: int = 0
     end_step: int | None = None
     frequency: int = 1
+    score: str = "auto"
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` for argument values that cannot work."""
@@ -225,6 +251,13 @@ class Prune(LayerPass):
         if self.initial_sparsity > self.sparsity:
             raise RecipeError(f"initial_sparsity {self.initial_sparsity} exceeds sparsity {self.sparsity} in {where}: masks only grow")
         check_int(where, "frequency", self.frequency, low=1)
+        check_choice(where, "score", self.score, SCORES)
+        if self.score in ("wanda", "sparsegpt") and (self.end_step is not None or self.scope != "layer"):
+            raise RecipeError(f"score '{self.score}' prunes once per layer on calibration data: it needs end_step null "
+                              f"and scope 'layer' in {where} (gradual and global pruning use score magnitude)")
+        if self.score == "sparsegpt" and pattern == "channel":
+            raise RecipeError(f"score 'sparsegpt' prunes weights, not channels, in {where}; use wanda or magnitude "
+                              "for pattern 'channel'")
         end, start = self.end_step, self.start_step
         check_int(where, "start_step", start)
         if end is not None:
@@ -260,6 +293,34 @@ class Prune(LayerPass):
             keep = unstructured_mask(m, self._initial())
         return view.tensor(keep, w.shape)
 
+    def needs_calibration(self) -> bool:
+        """Wanda and SparseGPT scores need calibration data."""
+        return self.score in ("wanda", "sparsegpt")
+
+    def uses_calibration(self) -> bool:
+        """One-shot per-layer pruning uses data when given (``score`` other than magnitude)."""
+        return self.score != "magnitude" and self.end_step is None and self.scope == "layer"
+
+    def compress_calibrated(self, name: str, module: nn.Module, h: torch.Tensor, group: str) -> None:
+        """Prune one layer by Wanda scores or SparseGPT (which also rewrites its kept weights)."""
+        (tensor, view), = self.tensors(module)
+        w = getattr(module, tensor)
+        m, nm = view.matrix(w.detach()), parse_nm(self.pattern)
+        score = self.score if self.score != "auto" else ("wanda" if self.pattern == "channel" else "sparsegpt")
+        if score == "sparsegpt":
+            new, keep = sparsegpt(m, h, sparsity=self.sparsity, nm=nm)
+            with torch.no_grad():
+                raw_tensor(module, tensor).copy_(view.tensor(new.to(w.dtype), w.shape))
+        else:
+            keep = wanda_mask(m, h, pattern=self.pattern, sparsity=self.sparsity, nm=nm, norm=self.norm)
+        keep = view.tensor(keep, w.shape).clone()
+        attach([(name, module, self)], lambda own, mod, t, v: self._mask(keep, group, v, t))
+
+    def _mask(self, keep: torch.Tensor, group: str, view: WeightView, tensor: str) -> Mask:
+        opts = {k: getattr(self, k) for k in ("pattern", "sparsity", "scope", "norm", "initial_sparsity", "start_step",
+                                              "end_step", "frequency")}
+        return Mask(keep, group=group, view=view, tensor=tensor, **opts)
+
     def apply(self, model: nn.Module, plan: list, group: str, progress: bool = False) -> None:
         """Attach masks to the planned layers at the schedule's starting sparsity."""
         keeps: dict[int, torch.Tensor] = {}
@@ -270,8 +331,6 @@ class Prune(LayerPass):
         def make(own: "Prune", module: nn.Module, tensor: str, view: WeightView) -> Mask:
             w = getattr(module, tensor)
             keep = keeps[id(raw_tensor(module, tensor))] if own.scope == "global" else own.keep(w, view)
-            opts = {k: getattr(own, k) for k in ("pattern", "sparsity", "scope", "norm", "initial_sparsity", "start_step",
-                                                 "end_step", "frequency")}
-            return Mask(keep, group=group, view=view, tensor=tensor, **opts)
+            return own._mask(keep, group, view, tensor)
 
         attach(plan, make)

@@ -12,26 +12,46 @@ import torch
 from torch import nn
 
 from torchzip.errors import RecipeError
-from torchzip.packed.values import Int8Values, int8_quantize
-from torchzip.passes.base import register_pass
+from torchzip.packed.values import HALF_DTYPES, Int8Values, int8_quantize, round_up_to
+from torchzip.passes.base import check_choice, register_pass
 from torchzip.packed.layers import WeightView
-from torchzip.passes.layer import LayerPass, attach
+from torchzip.passes.calibrated import act_order, gptq, int8_round, search_int8_scales
+from torchzip.passes.layer import LayerPass, attach, raw_tensor
+from torchzip.passes.prune import masks_of
+
+METHODS = ("auto", "round", "gptq")
+
+
+def int8_quantize_fixed(w: torch.Tensor, scales: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 of a 2-D weight on given ``scales`` ``[N, G]`` (calibrated ones): ``(q, scales)``."""
+    n, k = w.shape
+    g = group_size or k
+    q = torch.round(w.detach().float().reshape(n, k // g, g) / scales.unsqueeze(-1)).clamp_(-127, 127)
+    return q.reshape(n, k).to(torch.int8), scales
 
 
 class Int8FakeQuant(nn.Module):
     """Parametrization: the tensor rounded to int8 with dynamic scales, one per output channel
-    (or per group of ``group_size`` columns), or one for the whole tensor (``per_tensor``)."""
+    (or per group of ``group_size`` columns), or one for the whole tensor (``per_tensor``).
+    ``scales`` (``[N, G]`` float32): fixed scales chosen on calibration data instead."""
 
     role = "quantized"
 
-    def __init__(self, group_size: int, per_tensor: bool = False, view: WeightView | None = None) -> None:
+    def __init__(self, group_size: int, per_tensor: bool = False, view: WeightView | None = None,
+                 scales: torch.Tensor | None = None) -> None:
         super().__init__()
         self.group_size, self.per_tensor, self.view = group_size, per_tensor, view or WeightView()
         self.key = "quantize_bias" if per_tensor else "quantize"
+        self.register_buffer("scales", scales)
+
+    def _quantize(self, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.scales is None:
+            return int8_quantize(w2, self.group_size)
+        return int8_quantize_fixed(w2, self.scales, self.group_size)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         w2 = w.reshape(1, -1) if self.per_tensor else self.view.matrix(w)
-        q, scales = int8_quantize(w2, self.group_size)
+        q, scales = self._quantize(w2)
         n, k = w2.shape
         g = self.group_size or k
         deq = (q.float().view(n, k // g, g) * scales.unsqueeze(-1)).view(n, k).to(w.dtype)
@@ -41,7 +61,7 @@ class Int8FakeQuant(nn.Module):
 
     def describe(self, state, w: torch.Tensor) -> None:
         """For ``freeze``: quantize what this parametrization saw (not its output), exactly as it did."""
-        q, scales = int8_quantize(self.view.matrix(w.detach()), self.group_size)
+        q, scales = self._quantize(self.view.matrix(w.detach()))
         state.values = Int8Values(q, scales, self.group_size)
 
 
@@ -49,12 +69,16 @@ class Int8FakeQuant(nn.Module):
 @dataclass
 class Quantize(LayerPass):
     """int8 weight-only quantization (``bits`` must be 8). ``group_size`` 0: one scale per output
-    channel; otherwise one scale per ``group_size`` consecutive input weights."""
+    channel; otherwise one scale per ``group_size`` consecutive input weights. ``method``:
+    ``round`` (to nearest, scales from ``max|w|``), ``gptq`` (scales and rounding chosen for the
+    least output error on calibration data), ``auto``: ``gptq`` when ``compress`` is given
+    calibration data, else ``round``."""
 
     key = "quantize"
     role = "quantized"
     bits: int = 8
     group_size: int = 0
+    method: str = "auto"
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` for argument values that cannot work."""
@@ -62,6 +86,44 @@ class Quantize(LayerPass):
             raise RecipeError(f"quantize supports bits=8 only, got {self.bits!r} in {where}; use 'codebook' for 1..8-bit weight sharing")
         if type(self.group_size) is not int or self.group_size < 0:
             raise RecipeError(f"group_size must be 0 (per channel) or a positive integer, got {self.group_size!r} in {where}")
+        check_choice(where, "method", self.method, METHODS)
+
+    def needs_calibration(self) -> bool:
+        """GPTQ needs calibration data."""
+        return self.method == "gptq"
+
+    def uses_calibration(self) -> bool:
+        """Uses data when given unless ``method`` is ``round``."""
+        return self.method != "round"
+
+    def compress_calibrated(self, name: str, module: nn.Module, h: torch.Tensor, group: str) -> None:
+        """GPTQ int8 of one layer: per-row (or per-group) scales searched for the least output
+        error, then rounding with error feedback; the master weight becomes the rounded one."""
+        (tensor, view), = self.tensors(module)
+        w = getattr(module, tensor)
+        m = view.matrix(w.detach())
+        n, k = m.shape
+        g = self.group_size or k
+        mask = masks_of(module, tensor)
+        keep = None if mask is None else view.matrix(mask.mask)
+        scales = torch.zeros(n, k // g, dtype=torch.float64, device=m.device)
+
+        def fit(j: int, cols: torch.Tensor) -> None:
+            s = search_int8_scales(cols, h[j:j + g, j:j + g]).float()
+            scales[:, j // g] = (round_up_to(s, w.dtype) if w.dtype in HALF_DTYPES else s).double()
+
+        def rounded(j: int, col: torch.Tensor) -> torch.Tensor:
+            return int8_round(col.unsqueeze(1), scales[:, j // g]).squeeze(1)
+
+        if self.group_size:  # group scales fitted as the feedback reaches each group, in column order
+            new = gptq(m, h, rounded, keep=keep, group_size=g, fit_group=fit)
+        else:  # row scales from the weight as it is, then columns in act order
+            fit(0, m)
+            new = gptq(m, h, rounded, keep=keep, order=act_order(h))
+        with torch.no_grad():
+            raw_tensor(module, tensor).copy_(view.tensor(new.to(w.dtype), w.shape))
+        fixed = scales.float()
+        attach([(name, module, self)], lambda own, mod, t, v: Int8FakeQuant(self.group_size, view=v, scales=fixed))
 
     def unfit(self, name: str, module: nn.Module) -> str | None:
         """Why ``module`` cannot take this quantization, or None."""

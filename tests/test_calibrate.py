@@ -1,0 +1,386 @@
+"""Calibration: statistics gathered layer by layer, and the passes that use them (GPTQ int8 and
+codebooks, activation-weighted k-means, Wanda, SparseGPT), against float64 references."""
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import torchzip as tz
+import torchzip.passes.quantize as quantize_module
+from torchzip import calibrate
+from torchzip.packed import Int8Weight
+
+
+def correlated(n, k, seed):
+    """Inputs with a known covariance: a random mixing of features with very different scales."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=gen) * torch.logspace(-1.5, 1.0, k).unsqueeze(1)
+    return lambda m: torch.randn(m, k, generator=gen) @ mix
+
+
+def second_moment(batches):
+    x = torch.cat([b.double() for b in batches])
+    return x.T @ x
+
+
+def output_mse(model, ref, x):
+    with torch.no_grad():
+        return float((model(x).double() - ref(x).double()).pow(2).mean())
+
+
+# ---- references written here, in float64 ----------------------------------------------------
+
+
+def reference_gptq(w, h, grid):
+    """GPTQ as Frantar et al. state it (OBQ's column order, no blocks, no Cholesky): round column
+    j onto its grid, spread its error over the later columns with the inverse Hessian, then
+    drop j from the inverse."""
+    w = w.double().clone()
+    h = h.double() + 0.01 * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    hinv = torch.linalg.inv(h)
+    out = torch.zeros_like(w)
+    for j in range(w.shape[1]):
+        q = grid(j, w[:, j])
+        out[:, j] = q
+        err = (w[:, j] - q) / hinv[j, j]
+        w[:, j + 1:] -= err.unsqueeze(1) * hinv[j, j + 1:].unsqueeze(0)
+        hinv = hinv - hinv[:, j:j + 1] @ hinv[j:j + 1, :] / hinv[j, j]
+    return out
+
+
+@pytest.mark.parametrize("group_size", [0, 16])
+def test_gptq_int8_matches_float64_reference(group_size):
+    k, n = 144, 37  # more columns than one block of 128
+    data = correlated(n, k, seed=1)
+    batches = [data(100) for _ in range(3)]
+    layer = nn.Linear(k, n)
+    model = tz.compress(nn.Sequential(layer), [tz.Quantize(method="gptq", group_size=group_size)], progress=False,
+                        calibration=batches)
+    packed = tz.freeze(model)[0].packed
+    assert isinstance(packed, Int8Weight)
+    scales = packed.scales.double()
+    g = group_size or k
+    h = second_moment(batches)
+
+    def grid(j, col):
+        s = scales[:, j // g]
+        return torch.round(col / s).clamp(-127, 127) * s
+
+    # The reference chooses nothing: it rounds onto the scales the pass chose (checked below), in
+    # the pass's column order: by decreasing input energy per channel, as they come with groups.
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if not group_size else torch.arange(k)
+    inverse = torch.argsort(order)
+    ref = reference_gptq(layer.weight.detach()[:, order], h[order][:, order], lambda j, col: grid(int(order[j]), col))
+    ref = ref[:, inverse]
+    got = packed.qweight.double() * scales.repeat_interleave(g, dim=1)
+    assert (got == ref).double().mean() > 0.995  # a rare flip at an exact tie may differ
+    assert torch.allclose(got, ref, atol=1e-5 * float(scales.max()) * 127)
+    if not group_size:  # per channel: max|w| / 127 of the row, shrunk by at most half, never grown
+        # (group scales are fitted to the columns as the feedback has changed them)
+        amax = layer.weight.detach().double().abs().amax(1, keepdim=True) / 127
+        assert bool((scales <= amax * (1 + 1e-6)).all()) and bool((scales >= amax * 0.5 * (1 - 1e-6)).all())
+    # Less output error on fresh inputs than rounding to nearest.
+    plain = tz.compress(nn.Sequential(layer), [tz.Quantize(method="round", group_size=group_size)], progress=False)
+    x = data(400)
+    assert output_mse(model, nn.Sequential(layer), x) < output_mse(plain, nn.Sequential(layer), x)
+
+
+def test_gptq_codebook_assignment_matches_float64_reference():
+    from torchzip.passes.codebook import _gptq_assign
+
+    k, n = 40, 9
+    data = correlated(n, k, seed=2)
+    h = second_moment([data(64), data(64)])
+    w = torch.randn(n, k)
+    book = torch.sort(torch.randn(n, 8) * 0.7, dim=1).values.double()
+    got = _gptq_assign(w, h, book, None)
+
+    def grid(j, col):
+        return book.gather(1, (col.unsqueeze(1) - book).abs().argmin(1, keepdim=True)).squeeze(1)
+
+    order = torch.argsort(torch.diagonal(h), descending=True)
+    ref = reference_gptq(w[:, order], h[order][:, order], grid)[:, torch.argsort(order)]
+    assert (book.gather(1, got) == ref).double().mean() > 0.99
+
+
+def test_calibrated_codebook_is_the_least_squares_codebook_of_its_assignments():
+    k, n = 40, 9
+    data = correlated(n, k, seed=2)
+    batches = [data(64) for _ in range(2)]
+    layer = nn.Linear(k, n)
+    for granularity in ("channel", "layer"):
+        model = tz.compress(nn.Sequential(layer), [tz.Codebook(bits=3, granularity=granularity, method="gptq")],
+                            progress=False, calibration=batches)
+        quant = model[0].parametrizations.weight[0]
+        assign, book = quant.assign.long(), quant.centroids.detach().double()
+        h, w = second_moment(batches), layer.weight.detach().double()
+        # Normal equations, row by row, in float64: for each row's one-hot A, (A^T H A) c = A^T H w.
+        lhs, rhs = torch.zeros(n, 8, 8, dtype=torch.float64), torch.zeros(n, 8, dtype=torch.float64)
+        for i in range(n):
+            a = torch.nn.functional.one_hot(assign[i], 8).double()
+            lhs[i], rhs[i] = a.T @ h @ a, a.T @ h @ w[i]
+        if granularity == "layer":
+            lhs, rhs = lhs.sum(0, keepdim=True), rhs.sum(0, keepdim=True)
+        used = torch.diagonal(lhs, dim1=1, dim2=2) > 0
+        # At the least-squares codebook the gradient A^T H (w - A c) vanishes for every used centroid.
+        grad = rhs - (lhs @ book.unsqueeze(-1)).squeeze(-1)
+        assert float(grad[used].abs().max()) < 1e-4 * float(rhs.abs().max())
+        x = data(300)
+        kmeans = tz.compress(nn.Sequential(layer), [tz.Codebook(bits=3, granularity=granularity, method="kmeans")],
+                             progress=False)
+        assert output_mse(model, nn.Sequential(layer), x) < output_mse(kmeans, nn.Sequential(layer), x)
+
+
+def test_weighted_kmeans_reduces_output_error():
+    k, n = 64, 23
+    # Known, diagonal input covariance: feature j has standard deviation scale[j].
+    gen = torch.Generator().manual_seed(3)
+    scale = torch.logspace(-1.5, 1.0, k)[torch.randperm(k, generator=gen)]
+
+    def data(m):
+        return torch.randn(m, k, generator=gen) * scale
+    batches = [data(128) for _ in range(2)]
+    layer = nn.Linear(k, n)
+    x = data(512)
+    errors = {}
+    for method in ("kmeans", "weighted"):
+        # Per channel: each row's centroids follow the weights on the inputs that matter. (One
+        # codebook per layer gains little here: every column holds the same distribution.)
+        recipe = [tz.Codebook(bits=3, granularity="channel", method=method)]
+        model = tz.compress(nn.Sequential(layer), recipe, progress=False, calibration=batches if method != "kmeans" else None)
+        errors[method] = output_mse(model, nn.Sequential(layer), x)
+    assert errors["weighted"] < 0.8 * errors["kmeans"], errors
+
+
+# ---- pruning --------------------------------------------------------------------------------
+
+
+def brute_force_wanda(w, x, pattern, sparsity):
+    w, x = w.double(), x.double()
+    n, k = w.shape
+    norms = [float(sum(x[r, j] ** 2 for r in range(x.shape[0])) ** 0.5) for j in range(k)]
+    score = [[abs(float(w[i, j])) * norms[j] for j in range(k)] for i in range(n)]
+    keep = torch.ones(n, k, dtype=torch.bool)
+    if pattern == "unstructured":
+        order = sorted(((score[i][j], i, j) for i in range(n) for j in range(k)))
+        for _, i, j in order[:round(sparsity * n * k)]:
+            keep[i, j] = False
+    elif pattern == "channel":
+        rows = sorted((sum(s * s for s in score[i]), i) for i in range(n))
+        for _, i in rows[:round(sparsity * n)]:
+            keep[i] = False
+    else:
+        nn_, m = map(int, pattern.split(":"))
+        for i in range(n):
+            for g in range(0, k, m):
+                best = max(itertools.combinations(range(g, g + m), nn_), key=lambda c: sum(score[i][j] for j in c))
+                for j in range(g, g + m):
+                    keep[i, j] = j in best
+    return keep
+
+
+@pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.6), ("2:4", 0.5), ("1:3", 0.5), ("channel", 0.3)])
+def test_wanda_masks_equal_brute_force(pattern, sparsity):
+    k, n = 12, 7
+    data = correlated(n, k, seed=4)
+    batches = [data(9), data(5)]
+    layer = nn.Linear(k, n)
+    model = tz.compress(nn.Sequential(layer), [tz.Prune(sparsity=sparsity, pattern=pattern, score="wanda")],
+                        progress=False, calibration=batches)
+    mask = model[0].parametrizations.weight[0].mask
+    assert torch.equal(mask, brute_force_wanda(layer.weight.detach(), torch.cat(batches), pattern, sparsity))
+    assert torch.equal(model[0].parametrizations.weight.original, layer.weight)  # Wanda changes no kept weight
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_beats_magnitude(pattern):
+    k, n = 32, 11
+    data = correlated(n, k, seed=5)
+    batches = [data(96) for _ in range(2)]
+    layer = nn.Linear(k, n)
+    ref = nn.Sequential(layer)
+    sgpt = tz.compress(ref, [tz.Prune(sparsity=0.5, pattern=pattern, score="sparsegpt")], progress=False,
+                       calibration=batches)
+    mag = tz.compress(ref, [tz.Prune(sparsity=0.5, pattern=pattern)], progress=False)
+    weight = sgpt[0].weight.detach()
+    assert int((weight == 0).sum()) == n * k // 2  # exactly the sparsity asked for
+    if pattern == "2:4":
+        assert bool(((weight.view(n, -1, 4) != 0).sum(-1) <= 2).all())
+    for x in (torch.cat(batches), data(400)):  # the objective, and fresh inputs
+        assert output_mse(sgpt, ref, x) < 0.7 * output_mse(mag, ref, x)
+    frozen = tz.freeze(sgpt)
+    x = data(5)
+    assert torch.allclose(frozen(x), sgpt(x), atol=1e-5)
+
+
+def test_sparsegpt_then_gptq_int8_keeps_zeros_and_round_trips(tmp_path):
+    data = correlated(16, 24, seed=6)
+    batches = [data(64)]
+    model = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 8))
+    out = tz.compress(model, [tz.Prune(pattern="2:4"), tz.Quantize()], progress=False, calibration=batches)
+    assert out[0].parametrizations.weight[1].scales is not None  # auto chose GPTQ with data
+    w = out[0].weight.detach()
+    assert bool(((w.view(16, -1, 4) != 0).sum(-1) <= 2).all())
+    frozen = tz.freeze(out)
+    x = data(7)
+    assert torch.equal(frozen(x), tz.freeze(out)(x))
+    assert torch.allclose(frozen(x), out(x), atol=1e-5)
+    path = tmp_path / "m.tzip"
+    tz.export(out, path, progress=False)
+    loaded = tz.load(path, nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 8)), progress=False)
+    assert torch.equal(loaded(x), frozen(x))
+
+
+# ---- the sequential sweep ------------------------------------------------------------------
+
+
+def test_sequential_calibration_feeds_compressed_outputs_forward(monkeypatch):
+    data = correlated(0, 20, seed=7)
+    batches = [data(50) for _ in range(3)]
+    model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 25), nn.Tanh(), nn.Linear(25, 5))
+    seen = []
+    real = quantize_module.gptq
+    monkeypatch.setattr(quantize_module, "gptq", lambda w, h, *a, **kw: (seen.append(h.clone()), real(w, h, *a, **kw))[1])
+    out = tz.compress(model, [tz.Quantize(method="gptq")], progress=False, calibration=batches)
+    assert len(seen) == 3
+
+    def inputs_of(net, index):
+        rows = []
+        handle = net[index].register_forward_pre_hook(lambda m, args: rows.append(args[0].double()))
+        with torch.no_grad():
+            for b in batches:
+                net(b)
+        handle.remove()
+        x = torch.cat(rows)
+        return x.T @ x
+
+    for index, h in zip((0, 2, 4), seen):
+        compressed, original = inputs_of(out, index), inputs_of(model, index)
+        assert torch.allclose(h, compressed, rtol=1e-5, atol=1e-5 * float(compressed.abs().max()))
+        if index:  # what the compressed layers before it produce, not the float model's activations
+            assert not torch.allclose(h, original, rtol=1e-5, atol=1e-5 * float(original.abs().max()))
+
+
+class Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.out = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.out_calls = 0
+
+    def forward(self, x):
+        self.out_calls += 1
+        return self.out(self.q(x) * self.k(x))
+
+
+def test_sweep_groups_shared_inputs_and_stops_early():
+    model = Branches()
+    layers = [("out", model.out), ("k", model.k), ("q", model.q)]
+    batches = [torch.randn(4, 6) for _ in range(5)]
+    order = []
+    hs = {}
+
+    def compress_layer(i, h):
+        order.append(layers[i][0])
+        hs[layers[i][0]] = h
+
+    counted = []
+    model.out.register_forward_pre_hook(lambda m, a: counted.append(1))
+    missed = calibrate.sweep(model, layers, batches, compress_layer)
+    assert missed == []
+    assert order == ["q", "k", "out"]  # call order; q and k share one pass over the batches
+    assert len(counted) == 1 + len(batches)  # the order-finding call, then only out's own group
+    ref = second_moment(batches)
+    assert torch.allclose(hs["q"], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert torch.equal(hs["q"], hs["k"])
+
+
+def test_conv_statistics_are_unfolded_patches():
+    conv = nn.Conv2d(3, 4, 3, padding=1, stride=2)
+    x = torch.randn(2, 3, 7, 5)
+    rows = calibrate.input_rows(conv, x)
+    # Each row times the flattened weight is one output pixel.
+    out = (rows @ conv.weight.detach().reshape(4, -1).T + conv.bias.detach()).view(2, -1, 4).transpose(1, 2)
+    assert torch.allclose(out.reshape(2, 4, 4, 3), conv(x).detach(), atol=1e-5)
+    conv1 = nn.Conv1d(3, 4, 3, padding=2, dilation=2)
+    x1 = torch.randn(2, 3, 9)
+    rows = calibrate.input_rows(conv1, x1)
+    out = (rows @ conv1.weight.detach().reshape(4, -1).T + conv1.bias.detach()).view(2, -1, 4).transpose(1, 2)
+    assert torch.allclose(out, conv1(x1).detach(), atol=1e-5)
+
+
+def test_calibrated_conv_net_beats_data_free():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 25, 4))
+    batches = [torch.randn(8, 3, 7, 7) * torch.tensor([3.0, 0.1, 1.0]).view(1, 3, 1, 1) for _ in range(2)]
+    x = torch.randn(16, 3, 7, 7) * torch.tensor([3.0, 0.1, 1.0]).view(1, 3, 1, 1)
+    recipe = [tz.Codebook(bits=2, granularity="channel")]
+    free = tz.compress(model, recipe, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every layer is calibrated: no fallback warning
+        cal = tz.compress(model, recipe, progress=False, calibration=batches)
+    assert output_mse(cal, model, x) < output_mse(free, model, x)
+
+
+# ---- bad input: named errors before anything changes ---------------------------------------
+
+
+def untouched(model, state):
+    return not any(hasattr(m, "parametrizations") for m in model.modules()) and all(
+        torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("calibration, match", [
+    ([], "empty"),
+    (iter(()), "empty"),
+    (torch.randn(4, 8), "iterable of batches"),
+    (5, "iterable of batches"),
+    ([torch.randn(4, 8), torch.randn(4, 7)], "batch #1 cannot run"),
+    ([{"input": torch.randn(2, 8), "extra": 1}], "batch #0 cannot run"),
+])
+def test_bad_calibration_data_is_refused_before_any_change(calibration, match):
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(tz.CalibrationError, match=match):
+        tz.compress(model, [tz.Prune(pattern="2:4"), tz.Quantize()], inplace=True, progress=False, calibration=calibration)
+    assert untouched(model, state)
+
+
+@pytest.mark.parametrize("recipe", [[tz.Prune(score="wanda")], [tz.Prune(pattern="2:4", score="sparsegpt")],
+                                    [tz.Quantize(method="gptq")], [tz.Codebook(method="weighted")],
+                                    {"passes": [{"codebook": {"bits": 3, "method": "gptq"}}]}])
+def test_data_methods_without_calibration_are_refused(recipe):
+    model = nn.Sequential(nn.Linear(8, 6))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(tz.CalibrationError, match="calibration=batches"):
+        tz.compress(model, recipe, inplace=True, progress=False)
+    assert untouched(model, state)
+
+
+@pytest.mark.parametrize("args, match", [
+    ({"score": "wanda", "end_step": 10}, "end_step null"),
+    ({"score": "sparsegpt", "pattern": "channel"}, "not channels"),
+    ({"score": "sparsegpt", "scope": "global"}, "scope 'layer'"),
+    ({"score": "best"}, "score must be one of"),
+])
+def test_prune_score_arguments(args, match):
+    with pytest.raises(tz.RecipeError, match=match):
+        tz.Prune(**args)
+
+
+def test_method_arguments():
+    with pytest.raises(tz.RecipeError, match="method must be one of"):
+        tz.Quantize(method="awq")
+    with pytest.raises(tz.RecipeError, match="start_step 0"):
+        tz.Codebook(method="gptq", start_step=5)
+    assert tz.Recipe.from_yaml("passes:\n  - prune: {pattern: '2:4', score: sparsegpt}\n  - quantize: {method: gptq}\n"
+                               ).passes[1].method == "gptq"
+
+
+def test_unused_calibration_warns_and_data_free_choices_ignore_it():
+    model = nn.Sequential(nn.Linear(8, 6))
+    with pytest.warns(UserWarning, match="no pass of the recipe uses it"):
+        out = tz.compress(model, [tz.Quantize(method="round")], progress=False, calibration=[torch.randn(3, 8)])
+    assert out[0].parametrizations.weight[0].scales is None

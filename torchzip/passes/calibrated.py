@@ -1,0 +1,240 @@
+"""Data-aware primitives: SparseGPT pruning, GPTQ error feedback, int8 scale search.
+
+Every function takes a weight as its ``[N, K]`` matrix (rows: output channels) and ``H``, the
+``[K, K]`` second moment of the layer's inputs summed over calibration rows (``X^T X``, from
+:mod:`torchzip.calibrate`). The output error of a change ``E`` to the weight is
+``sum_i E_i H E_i^T``: these functions minimise that rather than the weight error.
+
+GPTQ (Frantar et al., 2022) and SparseGPT (Frantar & Alistarh, 2023) walk the columns in order;
+each column is rounded (or pruned) and its error is spread over the columns not yet processed,
+weighted by the inverse Hessian, so later columns compensate. Work is in float64 (the updates
+accumulate over thousands of columns), in blocks of columns with lazy updates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+BLOCK = 128
+DAMP = 0.01
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the column loops on one thread: their operations are small, and on a busy machine
+    extra threads waiting for each other cost ten times the work (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (float64).
+
+    Inputs that never fired (zero diagonal) get a unit diagonal, so their columns are rounded
+    without feedback. Damping grows tenfold until the factorisation succeeds.
+    """
+    h = h.double().clone()
+    dead = torch.diagonal(h) <= 0
+    h[dead, dead] = 1.0
+    mean = float(torch.diagonal(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(8):
+        factor, info = torch.linalg.cholesky_ex(h + (damp * 10**attempt) * mean * eye)
+        if int(info) == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+    raise ValueError("the input second moment is not positive definite even with heavy damping")
+
+
+def _block(k: int, multiple: int) -> int:
+    multiple = max(1, multiple)
+    return multiple * max(1, BLOCK // multiple) if multiple <= k else k
+
+
+def act_order(h: torch.Tensor) -> torch.Tensor:
+    """Columns by decreasing input energy (GPTQ's "act order"): the columns that matter most are
+    rounded first, while the most columns are left to absorb their error."""
+    return torch.argsort(torch.diagonal(h), descending=True, stable=True)
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, quantize: Callable[[int, torch.Tensor], torch.Tensor], *,
+         keep: torch.Tensor | None = None, group_size: int = 0,
+         fit_group: Callable[[int, torch.Tensor], None] | None = None, damp: float = DAMP,
+         order: torch.Tensor | None = None) -> torch.Tensor:
+    """GPTQ: round the columns of ``w`` ``[N, K]`` in order with ``quantize(j, column) -> column``
+    (values on the grid), spreading each column's error over the later columns.
+
+    ``keep`` (``[N, K]`` bool): weights outside it are pruned and become exactly zero.
+    ``fit_group(j, columns)``: called when column ``j`` starts a group of ``group_size`` columns,
+    with those columns as the earlier feedback has made them (to choose their scales).
+    ``order``: a permutation of the columns to visit them in (e.g. :func:`act_order`; not with
+    groups); ``quantize`` still receives each column's own index.
+    Returns the rounded weight (float64).
+    """
+    if order is not None:
+        if fit_group is not None and group_size and group_size < w.shape[1]:
+            raise ValueError("gptq: a column order cannot be combined with groups of columns")
+        inverse = torch.argsort(order)
+        out = gptq(w[:, order], h[order][:, order], lambda j, col: quantize(int(order[j]), col),
+                   keep=None if keep is None else keep[:, order], group_size=group_size,
+                   fit_group=None if fit_group is None else (lambda j, cols: fit_group(int(order[j]), cols)), damp=damp)
+        return out[:, inverse]
+    n, k = w.shape
+    w = w.double().clone()
+    if keep is not None:
+        w = torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
+    u = inverse_hessian_factor(h, damp)
+    out = torch.zeros_like(w)
+    block = _block(k, group_size)
+    with one_thread():
+        _gptq_blocks(w, u, out, quantize, keep, group_size, fit_group, block)
+    return out
+
+
+def _gptq_blocks(w, u, out, quantize, keep, group_size, fit_group, block) -> None:
+    n, k = w.shape
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, err1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype, device=w.device)
+        for i in range(i2 - i1):
+            j = i1 + i
+            if fit_group is not None and group_size and j % group_size == 0:
+                fit_group(j, w1[:, i:i + group_size])
+            col = w1[:, i]
+            q = quantize(j, col).double()
+            if keep is not None:
+                q = torch.where(keep[:, j], q, torch.zeros((), dtype=q.dtype, device=q.device))
+            out[:, j] = q
+            err = (col - q) / u[j, j]
+            w1[:, i:] -= err.unsqueeze(1) * u[j, j:i2].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+
+
+def sparsegpt(w: torch.Tensor, h: torch.Tensor, *, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
+              damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT: prune ``w`` ``[N, K]`` (unstructured to exactly ``round(sparsity * N * K)``
+    zeros, or ``nm = (n, m)``: keep ``n`` of every ``m`` consecutive inputs) and update the kept
+    weights to compensate. Weights are chosen within each block of columns by ``w² / [H⁻¹]_jj²``
+    (the output error of removing one). Returns ``(new weight float64, keep-mask)``."""
+    n_rows, k = w.shape
+    w = w.double().clone()
+    u = inverse_hessian_factor(h, damp)
+    keep = torch.ones(n_rows, k, dtype=torch.bool, device=w.device)
+    total = round(sparsity * n_rows * k)
+    block = _block(k, nm[1] if nm else 1)
+    with one_thread():
+        _sparsegpt_blocks(w, u, keep, total, nm, block)
+    return torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device)), keep
+
+
+def _sparsegpt_blocks(w, u, keep, total, nm, block) -> None:
+    n_rows, k = w.shape
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, err1 = w[:, i1:i2].clone(), torch.zeros(n_rows, i2 - i1, dtype=w.dtype, device=w.device)
+        d = torch.diagonal(u)[i1:i2]
+        pruned = torch.zeros_like(w1, dtype=torch.bool)
+        if nm is None:
+            count = round(total * i2 / k) - round(total * i1 / k)  # exact in total, even per block
+            if count:
+                score = (w1**2 / d**2).flatten()
+                pruned.view(-1)[torch.topk(score, count, largest=False).indices] = True
+        for i in range(i2 - i1):
+            j = i1 + i
+            if nm is not None and i % nm[1] == 0:
+                score = w1[:, i:i + nm[1]] ** 2 / d[i:i + nm[1]] ** 2
+                pruned[:, i:i + nm[1]].scatter_(1, torch.topk(score, nm[1] - nm[0], dim=1, largest=False).indices, True)
+            col = w1[:, i]
+            q = torch.where(pruned[:, i], torch.zeros((), dtype=col.dtype, device=col.device), col)
+            err = (col - q) / u[j, j]
+            w1[:, i:] -= err.unsqueeze(1) * u[j, j:i2].unsqueeze(0)
+            w1[:, i] = q
+            err1[:, i] = err
+        w[:, i1:i2] = w1
+        keep[:, i1:i2] = ~pruned
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+
+
+def output_error(e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Per-row output error ``E_i H E_i^T`` of a weight change ``e`` ``[N, K]`` (float64)."""
+    e = e.double()
+    return ((e @ h.double()) * e).sum(1)
+
+
+def int8_round(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``w`` ``[N, g]`` rounded to the symmetric int8 grid of per-row ``scales`` ``[N]``."""
+    s = scales.unsqueeze(1).to(w.dtype)
+    return torch.round(w / s).clamp(-127, 127) * s
+
+
+def search_int8_scales(w: torch.Tensor, h: torch.Tensor, ratios: int = 20, low: float = 0.5) -> torch.Tensor:
+    """Per-row int8 scales for ``w`` ``[N, g]`` (``h``: the ``[g, g]`` block of its inputs):
+    ``max|w| / 127`` shrunk by the ratio in ``[low, 1]`` that minimises the output error of
+    rounding (clipping a few large weights can pay for finer steps elsewhere)."""
+    w = w.double()
+    amax = w.abs().amax(1)
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+    best_err = torch.full_like(amax, float("inf"))
+    best = amax / 127
+    h32 = h.float()  # the errors only rank the ratios: float32 is plenty, and several times faster
+    for r in torch.linspace(1.0, low, ratios, dtype=torch.float64).tolist():
+        s = amax * r / 127
+        e = (w - int8_round(w, s)).float()
+        err = ((e @ h32) * e).sum(1).double()
+        better = err < best_err
+        best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+    return best
+
+
+def refit_codebook(w: torch.Tensor, h: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor,
+                   rows: int = 256, group_rows: int = 1) -> torch.Tensor:
+    """Centroids that minimise the output error ``Σ_i (w_i - c[assign_i]) H (w_i - c[assign_i])^T``
+    for fixed assignments (``-1``: none), by least squares: one codebook per row
+    (``centroids`` ``[N, k]``), per group of ``group_rows`` rows (``[ceil(N / group_rows), k]``) or
+    one shared (``[1, k]``). Centroids no weight uses keep their value."""
+    n, k = assign.shape[0], centroids.shape[1]
+    h32, w = h.float(), w.double()  # A^T H A in float32 (k x k sums of H), solved in float64
+    shared = centroids.shape[0] == 1
+    if shared:
+        group_rows = n
+    groups = centroids.shape[0]
+    lhs_sum = torch.zeros(groups, k, k, dtype=torch.float64, device=w.device)
+    rhs_sum = torch.zeros(groups, k, dtype=torch.float64, device=w.device)
+    out = centroids.double().clone()
+    for r0 in range(0, n, rows):
+        a = assign[r0:r0 + rows].long()
+        onehot = F.one_hot(a.clamp(min=0), k).float() * (a >= 0).unsqueeze(-1)  # [b, K, k]
+        at_h = onehot.transpose(1, 2) @ h32  # [b, k, K]
+        lhs = (at_h @ onehot).double()  # [b, k, k]: A^T H A
+        rhs = (at_h.double() @ w[r0:r0 + rows].unsqueeze(-1)).squeeze(-1)  # [b, k]: A^T H w
+        if group_rows > 1:
+            which = torch.arange(r0, r0 + a.shape[0], device=w.device) // group_rows
+            lhs_sum.index_add_(0, which, lhs)
+            rhs_sum.index_add_(0, which, rhs)
+        else:
+            out[r0:r0 + rows] = _solve(lhs, rhs, out[r0:r0 + rows])
+    if group_rows > 1:
+        out = _solve(lhs_sum, rhs_sum, out)
+    return out.to(centroids.dtype)
+
+
+def _solve(lhs: torch.Tensor, rhs: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    # A small ridge towards the old centroids: unused ones stay put, the system stays solvable.
+    ridge = 1e-6 * torch.diagonal(lhs, dim1=1, dim2=2).mean(1).clamp(min=1e-30).view(-1, 1, 1)
+    eye = torch.eye(lhs.shape[1], dtype=lhs.dtype, device=lhs.device)
+    return torch.linalg.solve(lhs + ridge * eye, rhs + ridge.view(-1, 1) * old)
+
+
+def nearest_centroid(col: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of ``centroids`` (``[N, k]`` per row, or ``[1, k]`` shared) for each
+    value of ``col`` ``[N]``."""
+    return (col.unsqueeze(1) - centroids.to(col.dtype)).abs().argmin(1)
