@@ -107,6 +107,11 @@ def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, MN, N, SPLIT_K, HAS_BIAS: tl.c
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def configs(names: tuple[str, str], rows: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """Autotune configs from ``(block_a, block_b, num_warps, num_stages)`` rows."""
+    return [triton.Config(dict(zip(names, (a, b))), num_warps=w, num_stages=s) for a, b, w, s in rows]
+
+
 @triton.jit
 def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """``(pid_m, pid_n)`` of this program in grouped order: neighbouring programs share weight
@@ -117,6 +122,13 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     first_m = (pid // width) * GROUP_M
     rows = tl.minimum(grid_m - first_m, GROUP_M)
     return first_m + (pid % width) % rows, (pid % width) // rows
+
+
+@triton.jit
+def gemm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(rm, rn)``: the output rows and columns of this GEMM program (grouped order)."""
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
 
 @triton.jit

@@ -20,13 +20,10 @@ from torchzip.kernels import _common as C
 from torchzip.kernels import dispatch
 
 # BLOCK_W words of one row per step: 64 words is 512 4-bit weights, 256 bytes of indices a row.
-GEMV_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w, num_stages=s)
-    for bn, bw, w, s in [
-        (4, 64, 4, 2), (8, 64, 4, 2), (8, 32, 4, 3), (16, 32, 4, 2),
-        (4, 128, 4, 2), (8, 128, 8, 2), (16, 64, 8, 2), (2, 128, 4, 2),
-    ]
-]
+GEMV_CONFIGS = C.configs(("BLOCK_N", "BLOCK_W"), [
+    (4, 64, 4, 2), (8, 64, 4, 2), (8, 32, 4, 3), (16, 32, 4, 2),
+    (4, 128, 4, 2), (8, 128, 8, 2), (16, 64, 8, 2), (2, 128, 4, 2),
+])
 INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_W": 8})
 # The GEMM's tiles: the shared list's BLOCK_K x BLOCK_N >= 16K tiles (and most 4-warp ones) spill
 # registers under Triton 3.6 (the unpacked [words, fields, N] index tile is large); these compile
@@ -100,11 +97,8 @@ def _codebook_gemm_kernel(
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = C.grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm, rn = C.gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rm < M, rn < N
     # A step covers BLOCK_W whole words: each word is loaded once and unpacked into PER_P2 rows
     # of the [BLOCK_K, BLOCK_N] weight tile (padding rows of 3/5/6/7-bit words meet x = 0).

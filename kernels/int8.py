@@ -21,13 +21,10 @@ from torchzip.kernels import dispatch
 # columns of BLOCK_N // 1 rows (8-byte weight loads); BLOCK_K spans 256 columns per warp, so the
 # activations' own 16-byte loads land in the same threads as the weights they meet (no shared-memory
 # round trip, no barrier) and each converted activation serves all of the thread's rows.
-GEMV_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bn, bk, w, s in [
-        (8, 256, 1, 2), (8, 512, 2, 2), (4, 1024, 4, 2), (8, 1024, 4, 2),
-        (4, 2048, 8, 2), (8, 2048, 8, 2), (2, 1024, 4, 3), (4, 512, 2, 2),
-    ]
-]
+GEMV_CONFIGS = C.configs(("BLOCK_N", "BLOCK_K"), [
+    (8, 256, 1, 2), (8, 512, 2, 2), (4, 1024, 4, 2), (8, 1024, 4, 2),
+    (4, 2048, 8, 2), (8, 2048, 8, 2), (2, 1024, 4, 3), (4, 512, 2, 2),
+])
 # The interpreter runs programs one after another in Python: few, mid-sized blocks are fastest
 # there, and they still leave ragged edges in the test shapes.
 INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_K": 64})
@@ -145,11 +142,8 @@ def _int8_gemm_kernel(
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = C.grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm, rn = C.gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rm < M, rn < N
     k_lo, k_hi = C.k_range(K, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)

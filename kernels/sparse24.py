@@ -19,13 +19,10 @@ from torchzip.kernels import _common as C
 from torchzip.kernels import dispatch
 
 # BLOCK_W position words (16 kept values, 32 dense columns each) of BLOCK_N rows per step.
-S24_GEMV_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w, num_stages=s)
-    for bn, bw, w, s in [
-        (4, 16, 4, 2), (8, 16, 4, 2), (8, 8, 4, 3), (16, 8, 4, 2),
-        (4, 32, 4, 2), (8, 32, 8, 2), (16, 16, 8, 2), (2, 32, 4, 2),
-    ]
-]
+S24_GEMV_CONFIGS = C.configs(("BLOCK_N", "BLOCK_W"), [
+    (4, 16, 4, 2), (8, 16, 4, 2), (8, 8, 4, 3), (16, 8, 4, 2),
+    (4, 32, 4, 2), (8, 32, 8, 2), (16, 16, 8, 2), (2, 32, 4, 2),
+])
 S24_INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_W": 4})
 # From this M on, dequantize + cuBLAS beats the fused kernel (see kernels.dispatch).
 dispatch.DENSE_MIN_M.setdefault("sparse24", 256)
@@ -130,11 +127,8 @@ def _sparse24_gemm_kernel(
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = C.grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm, rn = C.gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rm < M, rn < N
     k_lo, k_hi = C.k_range(K, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
