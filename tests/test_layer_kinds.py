@@ -185,6 +185,8 @@ def test_frozen_model_follows_to_dtype(kind):
         for g, r in zip(got, reference):
             if g is not None:
                 assert g.dtype == dtype
+                if r.dim() == 0:  # a signed sum cancels: its relative error says nothing about the layers
+                    continue
                 err = ((g.float() - r).norm() / r.norm().clamp_min(1e-6)).item()
                 assert err < 2e-2, (kind, dtype, err)
 
