@@ -47,9 +47,36 @@ def test_folding_conv1d_conv3d_linear_with_and_without_bias_and_affine():
     model = randomize_norms(Mixed(), seed=1).double().eval()
     x = torch.randn(4, 3, 11, dtype=torch.float64)
     ref = model(x)
-    tz.fold_batchnorm(model)
+    with pytest.raises(tz.RecipeError, match="BatchNorm 'b4' follows a Linear.*example input"):
+        tz.fold_batchnorm(model)  # a trace cannot show that b4 sees 2-D input
+    tz.fold_batchnorm(model, example=x[:1])
     assert model.c1.bias is not None and isinstance(model.b4, nn.Identity)
     assert torch.allclose(model(x), ref, rtol=1e-10, atol=1e-10)
+
+
+class TokensNorm(nn.Module):
+    """BatchNorm1d over dim 1 of a Linear's [B, T, F] output: it normalises tokens, not features."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(4, 5), nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+def test_linear_then_batchnorm1d_on_3d_input_is_refused_and_2d_folds_through_compress():
+    model = randomize_norms(TokensNorm(), seed=3).eval()
+    tokens = torch.randn(2, 5, 4)  # T == out_features: shapes alone cannot tell the two apart
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(tz.RecipeError, match=r"BatchNorm 'bn' after a Linear sees \[3\]-D input"):
+        tz.compress(model, [tz.FoldBatchNorm(), tz.Quantize()], calibration=[tokens], inplace=True, progress=False)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    rows = torch.randn(6, 4, dtype=torch.float64)
+    model = model.double()
+    ref = model(rows)
+    folded = tz.compress(model, [tz.FoldBatchNorm()], calibration=[rows[:3]], progress=False)
+    assert isinstance(folded.bn, nn.Identity) and torch.allclose(folded(rows), ref, rtol=1e-10, atol=1e-10)
 
 
 class SharedNorm(nn.Module):

@@ -1,5 +1,8 @@
 """load into a meta-device skeleton, from a memory-mapped file: the same model, bit for bit."""
 
+import warnings
+
+import pytest
 import torch
 from torch import nn
 
@@ -39,3 +42,28 @@ def test_meta_skeleton_equals_ordinary_load(tmp_path, monkeypatch):
             assert torch.equal(lazy(idx), tz.freeze(model)(idx))
         _, sections = container.read(path)
         assert isinstance(sections[0].obj, container.mmap.mmap) == mapped
+
+
+class WithPositions(nn.Module):
+    """Like BERT's position_ids: a buffer outside the state_dict, so not in the file."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.register_buffer("positions", torch.arange(8.0), persistent=False)
+
+    def forward(self, x):
+        return self.fc(x + self.positions)
+
+
+def test_meta_skeleton_tensors_the_file_cannot_fill_are_named_in_a_warning(tmp_path):
+    path = tmp_path / "m.tzip"
+    tz.export(tz.compress(WithPositions(), [tz.Quantize()], progress=False), path, progress=False)
+    with torch.device("meta"):
+        skeleton = WithPositions()
+    with pytest.warns(UserWarning, match=r"1 tensor\(s\) of the skeleton are not in the file and stay on the meta device \(positions\)"):
+        loaded = tz.load(path, skeleton, progress=False)
+    assert loaded.positions.is_meta
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an ordinary skeleton: nothing to say
+        tz.load(path, WithPositions(), progress=False)

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -549,4 +550,16 @@ def load(path: str | os.PathLike, model_skeleton: nn.Module, *, device: str | to
         raise TorchzipError(f"bad device {device!r}: {err}") from None
     on = target if decode == "triton" or (decode == "auto" and target.type == "cuda") else None
     model = _commit(model_skeleton, _plan_load(path, model_skeleton, on, progress))
+    _warn_left_on_meta(model)
     return model.to(device) if device is not None else model
+
+
+def _warn_left_on_meta(model: nn.Module) -> None:
+    # Tensors outside the state_dict (non-persistent buffers: position ids, rotary tables) are not
+    # in the file; on a meta skeleton they stay empty and the model would compute garbage or fail.
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+        warnings.warn(f"load: {len(left)} tensor(s) of the skeleton are not in the file and stay on the meta device "
+                      f"({shown}); fill them before running the model, or build the skeleton so that buffers are real "
+                      "(e.g. accelerate's init_empty_weights(), which puts only parameters on meta)", stacklevel=2)

@@ -29,9 +29,29 @@ BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def batchnorm_pairs(model: nn.Module, exclude: tuple = ()) -> list[tuple[str, str]]:
+def _input_ranks(model: nn.Module, names: list[str], example: Any) -> dict[str, set[int]]:
+    """The ranks of the inputs each named module sees when ``model`` runs ``example`` (eval mode,
+    no gradients, nothing changed)."""
+    from torchzip.train.batches import call_model, eval_mode
+
+    ranks: dict[str, set[int]] = {n: set() for n in names}
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_pre_hook(lambda m, args, n=n: ranks[n].add(args[0].dim())) for n in names]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            call_model(model, example)
+    except Exception as err:  # noqa: BLE001  (the example does not fit the model)
+        raise RecipeError(f"fold_batchnorm: the example input cannot run through the model ({type(err).__name__}: {err})") from None
+    finally:
+        for h in hooks:
+            h.remove()
+    return ranks
+
+
+def batchnorm_pairs(model: nn.Module, exclude: tuple = (), example: Any = None) -> list[tuple[str, str]]:
     """``(layer name, BatchNorm name)`` for every BatchNorm of ``model`` not excluded; raises
-    :class:`RecipeError` naming a BatchNorm that cannot be folded, and why."""
+    :class:`RecipeError` naming a BatchNorm that cannot be folded, and why. ``example`` (a batch
+    the model runs) shows which BatchNorm1d after a Linear sees 2-D input (the only foldable case)."""
     modules = dict(model.named_modules())
     norms = [n for n, m in modules.items() if type(m) in BATCHNORMS and not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
     if not norms:
@@ -76,17 +96,31 @@ def batchnorm_pairs(model: nn.Module, exclude: tuple = ()) -> list[tuple[str, st
         if parametrize.is_parametrized(layer):
             raise RecipeError(f"{where}: '{layer_name}' is already compressed; fold BatchNorms before compressing")
         pairs.append((layer_name, name))
+    # After a Linear, BatchNorm1d normalises the Linear's features only on [batch, features] input;
+    # on [B, C, L] it normalises dim 1 (tokens, say). A trace has no shapes: an example run tells.
+    linear = [norm for layer, norm in pairs if isinstance(modules[layer], nn.Linear)]
+    if linear:
+        if example is None:
+            raise RecipeError(f"fold_batchnorm: BatchNorm '{linear[0]}' follows a Linear, which folds only if it sees "
+                              "2-D [batch, features] input, and a trace cannot tell: give an example input "
+                              "(fold_batchnorm(model, example=x), or compress(..., calibration=batches)), or exclude it")
+        for norm, ranks in _input_ranks(model, linear, example).items():
+            if ranks != {2}:
+                seen = "is not called by the example" if not ranks else f"sees {sorted(ranks)}-D input"
+                raise RecipeError(f"fold_batchnorm: BatchNorm '{norm}' after a Linear {seen}; only 2-D [batch, "
+                                  "features] input folds (on [B, C, L] it normalises dim 1): exclude it")
     return pairs
 
 
 @torch.no_grad()
-def fold_batchnorm(model: nn.Module, exclude: tuple | list = ()) -> nn.Module:
+def fold_batchnorm(model: nn.Module, exclude: tuple | list = (), example: Any = None) -> nn.Module:
     """Fold every BatchNorm of ``model`` (those not matching an ``exclude`` glob) into the layer
     before it, in place, replacing the BatchNorm by ``nn.Identity``; returns ``model``. Exact in
     eval mode (the running statistics are folded). Also prepares a fresh skeleton for
-    :func:`torchzip.load` of a file written from a folded model. Raises :class:`RecipeError`
-    before changing anything if a BatchNorm cannot be folded."""
-    pairs = batchnorm_pairs(model, tuple(exclude))
+    :func:`torchzip.load` of a file written from a folded model. ``example``: a batch the model
+    runs (tensor, tuple or dict), needed only when a BatchNorm1d follows a Linear. Raises
+    :class:`RecipeError` before changing anything if a BatchNorm cannot be folded."""
+    pairs = batchnorm_pairs(model, tuple(exclude), example)
     modules = dict(model.named_modules())
     for layer_name, norm_name in pairs:
         layer, norm = modules[layer_name], modules[norm_name]
@@ -115,6 +149,7 @@ class FoldBatchNorm(Pass):
 
     key: ClassVar[str] = "fold_batchnorm"
     first: ClassVar[bool] = True  # run_passes: before every layer pass
+    takes_calibration: ClassVar[bool] = True  # run_passes hands it compress's batches (an example input)
     exclude: tuple = ()
 
     def __post_init__(self) -> None:
@@ -125,7 +160,12 @@ class FoldBatchNorm(Pass):
 
     def check(self, model: nn.Module, context: dict[str, Any]) -> None:
         """Refuse, before anything changes, BatchNorms that cannot be folded."""
-        batchnorm_pairs(model, self.exclude)
+        batchnorm_pairs(model, self.exclude, _example(context))
 
     def __call__(self, model: nn.Module, **context: Any) -> nn.Module:
-        return fold_batchnorm(model, self.exclude)
+        return fold_batchnorm(model, self.exclude, _example(context))
+
+
+def _example(context: dict[str, Any]) -> Any:
+    batches = context.get("calibration")
+    return batches[0] if batches else None

@@ -383,7 +383,7 @@ def context_keys() -> list[str]:
 def run_passes(model: nn.Module, passes: list[Pass], *, inplace: bool, progress: bool,
                context: dict[str, Any], calibration: Any = None) -> nn.Module:
     """Check ``passes`` against ``model``, then apply them in order (see :func:`torchzip.compress`)."""
-    from torchzip.calibrate import as_batches, check_batches
+    from torchzip.calibrate import as_batches, check_batches, why_not_calibrated
 
     if not isinstance(model, nn.Module):
         raise RecipeError(f"compress needs an nn.Module, got {type(model).__name__}")
@@ -394,14 +394,22 @@ def run_passes(model: nn.Module, passes: list[Pass], *, inplace: bool, progress:
     if unknown:
         raise RecipeError(f"unknown keyword argument(s) {unknown} for compress; allowed: inplace, progress"
                           + "".join(f", {k}" for k in allowed))
+    batches = None if calibration is None else as_batches(calibration)
+    if batches is not None:
+        check_batches(model, batches)  # before any pass looks at them
+
+    def given(p: Pass) -> dict[str, Any]:  # passes that want an example input get the batches
+        return {"calibration": batches} if getattr(p, "takes_calibration", False) else {}
+
     for p in passes:
-        p.check(model, dict(context, inplace=inplace))
+        p.check(model, dict(context, inplace=inplace, **given(p)))
     plans = plan_passes(passes, model)
     for index, p in enumerate(passes):
         if getattr(p, "first", False) and any(isinstance(q, LayerPass) for q in passes[:index]):
             raise RecipeError(f"pass #{index + 1} '{p.key}' must come before every pass that compresses layers")
-    batches = None if calibration is None else as_batches(calibration)
-    wanting = [f"'{own.key}' on {name}" for plan, _ in plans if plan for name, _, own in plan if own.needs_calibration()]
+    # Layers no data could calibrate (embeddings, say) are compressed from their weights either way.
+    wanting = [f"'{own.key}' on {name}" for plan, _ in plans if plan for name, module, own in plan
+               if own.needs_calibration() and why_not_calibrated(module) is None]
     if batches is None and wanting:
         raise CalibrationError(f"{len(wanting)} layer(s) need calibration data ({', '.join(wanting[:4])}"
                                + (" ..." if len(wanting) > 4 else "") + "): pass compress(model, recipe, "
@@ -409,9 +417,8 @@ def run_passes(model: nn.Module, passes: list[Pass], *, inplace: bool, progress:
                                "quantize method: round, codebook method: kmeans)")
     uses = [any(own.uses_calibration() for _, _, own in plan) if plan else False for plan, _ in plans]
     if batches is not None:
-        if not any(uses):
+        if not any(uses) and not any(getattr(p, "takes_calibration", False) for p in passes):
             warnings.warn("calibration data was given but no pass of the recipe uses it", stacklevel=3)
-        check_batches(model, batches)
     for index, (p, (_, skipped)) in enumerate(zip(passes, plans)):
         if skipped:
             warnings.warn(f"pass #{index + 1} '{p.key}' skipped {len(skipped)} layer(s) it cannot take: "
@@ -422,7 +429,7 @@ def run_passes(model: nn.Module, passes: list[Pass], *, inplace: bool, progress:
     call = uuid.uuid4().hex[:8]  # group names must not collide with an earlier compress call's
     for index, (p, (plan, _)) in enumerate(zip(passes, plans)):
         if plan is None:
-            p(model, **context)
+            p(model, **context, **given(p))
         elif batches is not None and uses[index]:
             p.apply_calibrated(model, [(name, modules[name], own) for name, _, own in plan], f"{p.key}{index}-{call}",
                                progress, batches)
