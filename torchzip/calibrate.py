@@ -60,26 +60,18 @@ def check_batches(model: nn.Module, batches: list) -> None:
                     "called as model(x) for a tensor, model(*x) for a tuple/list, model(**x) for a dict") from None
 
 
-def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The rows ``[M, K]`` the weight matrix of ``module`` multiplies, from its input ``x``
-    (convolutions: the unfolded patches, in the order of ``weight.reshape(out, -1)``)."""
-    name = kind_of(module).name
-    if name in ("Linear", "Conv1D"):
+    (convolutions: the unfolded patches, in the order of ``weight.reshape(out, -1)``). Only for
+    layers :func:`why_not_calibrated` accepts."""
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d)):  # Linear, Conv1D
         return x.reshape(-1, x.shape[-1])
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        pad = module.padding
-        if isinstance(pad, str):  # "same"/"valid": pad as the conv does
-            return None
-        if module.padding_mode != "zeros" and any(pad):
-            return None
-        if isinstance(module, nn.Conv1d):
-            x = x.unsqueeze(-2)
-            cols = F.unfold(x, (1, module.kernel_size[0]), dilation=(1, module.dilation[0]), padding=(0, pad[0]),
-                            stride=(1, module.stride[0]))
-        else:
-            cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=pad, stride=module.stride)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return None
+    if isinstance(module, nn.Conv1d):
+        cols = F.unfold(x.unsqueeze(-2), (1, module.kernel_size[0]), dilation=(1, module.dilation[0]),
+                        padding=(0, module.padding[0]), stride=(1, module.stride[0]))
+    else:
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 def why_not_calibrated(module: nn.Module) -> str | None:

@@ -121,20 +121,23 @@ def decode_values(
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def int8_quantize(w: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_quantize(w: torch.Tensor, group_size: int = 0,
+                  scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 of a 2-D weight: per output channel, or per ``group_size`` columns.
 
     Returns ``(q, scales)`` with ``q`` int8 in [-127, 127] and ``scales`` float32 ``[N, G]``;
     ``q * scale`` differs from ``w`` by at most ``scale / 2``. For an fp16/bf16 weight the scales
     are rounded up to values of that dtype, so a file can store them in it without loss.
+    ``scales`` given (e.g. chosen on calibration data): round on those instead.
     """
     n, k = w.shape
     g = group_size or k
     grouped = w.detach().float().reshape(n, k // g, g)
-    amax = grouped.abs().amax(-1)
-    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    if w.dtype in HALF_DTYPES:
-        scales = round_up_to(scales, w.dtype)
+    if scales is None:
+        amax = grouped.abs().amax(-1)
+        scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        if w.dtype in HALF_DTYPES:
+            scales = round_up_to(scales, w.dtype)
     q = torch.round(grouped / scales.unsqueeze(-1)).clamp_(-127, 127)
     return q.reshape(n, k).to(torch.int8), scales
 

@@ -22,14 +22,6 @@ from torchzip.passes.prune import masks_of
 METHODS = ("auto", "round", "gptq")
 
 
-def int8_quantize_fixed(w: torch.Tensor, scales: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 of a 2-D weight on given ``scales`` ``[N, G]`` (calibrated ones): ``(q, scales)``."""
-    n, k = w.shape
-    g = group_size or k
-    q = torch.round(w.detach().float().reshape(n, k // g, g) / scales.unsqueeze(-1)).clamp_(-127, 127)
-    return q.reshape(n, k).to(torch.int8), scales
-
-
 class Int8FakeQuant(nn.Module):
     """Parametrization: the tensor rounded to int8 with dynamic scales, one per output channel
     (or per group of ``group_size`` columns), or one for the whole tensor (``per_tensor``).
@@ -44,14 +36,10 @@ class Int8FakeQuant(nn.Module):
         self.key = "quantize_bias" if per_tensor else "quantize"
         self.register_buffer("scales", scales)
 
-    def _quantize(self, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.scales is None:
-            return int8_quantize(w2, self.group_size)
-        return int8_quantize_fixed(w2, self.scales, self.group_size)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         w2 = w.reshape(1, -1) if self.per_tensor else self.view.matrix(w)
-        q, scales = self._quantize(w2)
+        q, scales = int8_quantize(w2, self.group_size, self.scales)
         n, k = w2.shape
         g = self.group_size or k
         deq = (q.float().view(n, k // g, g) * scales.unsqueeze(-1)).view(n, k).to(w.dtype)
@@ -61,7 +49,7 @@ class Int8FakeQuant(nn.Module):
 
     def describe(self, state, w: torch.Tensor) -> None:
         """For ``freeze``: quantize what this parametrization saw (not its output), exactly as it did."""
-        q, scales = self._quantize(self.view.matrix(w.detach()))
+        q, scales = int8_quantize(self.view.matrix(w.detach()), self.group_size, self.scales)
         state.values = Int8Values(q, scales, self.group_size)
 
 
