@@ -12,7 +12,6 @@ puts them in. A file that fails any check leaves the skeleton exactly as it was.
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import json
 import math
