@@ -76,8 +76,12 @@ def _csr_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_NZ), tl.float32)
     for i in range(0, tl.max(span, 0), BLOCK_NZ):
         ri = i + tl.arange(0, BLOCK_NZ)
-        # Loads are masked by the padded span (whole runs of ALIGN: wide loads), the activation
-        # gather by the true length (padding meets x = 0).
+        # Loads are masked by the padded span (whole runs of ALIGN: wide loads). At M = 1 the
+        # activation gather is not masked at all (a compare and a zeroing move a nonzero saved):
+        # padding and masked slots have weight 0 at a column the row reads anyway (or column 0),
+        # so they add exactly 0 for finite x; an inf/NaN activation gives NaN, as it does in the
+        # dense path. Codebook padding (index 0) decodes to a real centroid: there the gather
+        # stays masked by the true length, and so does every M > 1 gather.
         seg_mask = ri[None, :] < span[:, None]
         nz_mask = ri[None, :] < length[:, None]
         offs = start[:, None] + ri[None, :]
@@ -85,7 +89,8 @@ def _csr_kernel(
         v = tl.load(v_ptr + offs, mask=seg_mask, other=0)
         w = C.decode(v, rr[:, None], cols, seg_mask, s_ptr, stride_sn, book_ptr, stride_b, KIND, GROUP)
         if BLOCK_M == 1:
-            x = tl.load(x_ptr + tl.program_id(1) * stride_xm + cols, mask=nz_mask & (tl.program_id(1) < M), other=0.0)
+            x_ptrs = x_ptr + tl.program_id(1) * stride_xm + cols
+            x = tl.load(x_ptrs, mask=nz_mask, other=0.0) if KIND == 2 else tl.load(x_ptrs)
             acc2 += x.to(tl.float32) * w
         else:
             x = tl.load(x_ptr + rm[:, None, None] * stride_xm + cols[None, :, :],
@@ -126,8 +131,10 @@ _csr_tuned = C.tuned(_csr_kernel, CSR_CONFIGS, key=["M_BUCKET", "N", "KIND", "GR
 
 def aligned_segments(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor) -> list[torch.Tensor] | None:
     """The CSR kernel's aligned copy: ``[seg_ptr, lengths, cols, values]`` with every row's nonzeros
-    moved to a start that is a multiple of ``ALIGN`` and padded (column 0, value 0) to a multiple
-    of it, so the kernel loads whole 16-byte runs; None if that copy would pass int32 offsets.
+    moved to a start that is a multiple of ``ALIGN`` and padded (value 0, the row's last column)
+    to a multiple of it, so the kernel loads whole 16-byte runs; None if that copy would pass
+    int32 offsets. Costs ``2 * 2 + bytes(value)`` bytes (int16 columns) per padding slot, at most
+    ``ALIGN - 1`` a row, besides the copy itself.
 
     ``seg_ptr`` int32 ``[N+1]`` (padded offsets), ``lengths`` int32 ``[N]`` (true counts).
     """
@@ -140,7 +147,10 @@ def aligned_segments(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch
         return None
     rows = torch.repeat_interleave(torch.arange(n, device=col_idx.device), lens, output_size=nnz)
     dst = seg[:-1][rows] + torch.arange(nnz, device=col_idx.device) - row_ptr[:-1].long()[rows]
-    cols = torch.zeros(total, dtype=col_idx.dtype, device=col_idx.device)
+    # Padding repeats the row's last column: the kernel gathers x unmasked there (times weight
+    # 0), so a padded slot reads no activation the row does not read anyway.
+    last = col_idx[(row_ptr[1:].long() - 1).clamp(min=0)] if nnz else torch.zeros(n, dtype=col_idx.dtype)
+    cols = torch.repeat_interleave(last.to(col_idx.device), seg[1:] - seg[:-1], output_size=total)
     vals = torch.zeros(total, dtype=values.dtype, device=values.device)
     cols[dst], vals[dst] = col_idx, values
     return [seg.to(torch.int32), lens.to(torch.int32), cols, vals]
