@@ -108,7 +108,7 @@ def variants() -> list[Variant]:
         s24 = {"x_ptr": bf16, "v_ptr": values, "p_ptr": "*i32", **side, **out}
         for c in S24.S24_GEMV_CONFIGS:
             res.append(Variant(f"sparse24_gemv_kind{kind}", S24._sparse24_gemv_kernel, s24,
-                               {"KIND": kind, "GROUP": 0, "HAS_BIAS": True, **S24.gemv_constexprs(c)},
+                               {"KIND": kind, "GROUP": 0, "HAS_BIAS": True, **S24.gemv_constexprs(c, kind)},
                                c.num_warps, c.num_stages, S24.gemv_values_per_iter, vbytes + 0.25, unit="kept value"))
         for c in gemms:
             res.append(Variant(f"sparse24_gemm_kind{kind}", S24._sparse24_gemm_kernel, s24,

@@ -20,17 +20,18 @@ from torchzip.kernels import dispatch
 
 # BLOCK_W position words (16 kept values, 32 dense columns each) of BLOCK_N rows per step.
 S24_GEMV_CONFIGS = C.configs(("BLOCK_N", "BLOCK_W"), [
-    (4, 16, 4, 2), (8, 16, 4, 2), (8, 8, 4, 3), (16, 8, 4, 2),
-    (4, 32, 4, 2), (8, 32, 8, 2), (16, 16, 8, 2), (2, 32, 4, 2),
+    (8, 8, 4, 2), (4, 16, 4, 2), (16, 4, 4, 2), (2, 32, 4, 2),
+    (16, 8, 8, 2), (8, 16, 8, 2), (32, 4, 8, 2), (8, 8, 4, 3),
 ])
 S24_INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_W": 4})
 # From this M on, dequantize + cuBLAS beats the fused kernel (see kernels.dispatch).
 dispatch.DENSE_MIN_M.setdefault("sparse24", 256)
 
 
-def gemv_constexprs(config: triton.Config) -> dict:
-    """Constexprs of the GEMV for a launch config (benchmarks/sass_report.py compiles these)."""
-    return {"SPLIT_K": 1, **config.kwargs}
+def gemv_constexprs(config: triton.Config, kind: int) -> dict:
+    """Constexprs of the GEMV for a launch config with 16-bit activations (and, ``kind`` 0,
+    16-bit values) on a GPU (benchmarks/sass_report.py compiles these)."""
+    return {"SPLIT_K": 1, "X16": True, "V16": kind == 0, "FAST": True, **config.kwargs}
 
 
 def gemv_values_per_iter(constexprs: dict) -> int:
@@ -86,33 +87,142 @@ def dense24_tile(v_ptr, p_ptr, s_ptr, book_ptr, rn, n_mask, k0, k_hi, stride_vn,
     return tl.reshape(dense, (BLOCK_K, BN))
 
 
+def gemv_words(positions: torch.Tensor) -> torch.Tensor:
+    """The GEMV's copy of the 2:4 positions: each int32 word's 16 two-bit fields moved so the
+    kernel turns them into byte-permute selectors with two instructions per pair of groups.
+
+    Word ``w`` still covers groups ``8w .. 8w+7``; group ``2q + h``'s first position goes to bits
+    ``16h + 2q``, its second to ``16h + 8 + 2q``. Then ``(word >> 2q) & 0x03030303`` holds pair
+    ``q``'s four positions one per byte, and times 0x22 plus 0x10101010 it is the ``prmt``
+    selector (bytes ``2p, 2p + 1`` per position) of group ``2q`` in its low half and of group
+    ``2q + 1`` in its high half. Same size as ``positions``.
+    """
+    w = positions.to(torch.int64) & 0xFFFFFFFF
+    out = torch.zeros_like(w)
+    for g in range(8):
+        for which in range(2):
+            field = (w >> (4 * g + 2 * which)) & 3
+            out |= field << (8 * (2 * (g % 2) + which) + 2 * (g // 2))
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+@triton.jit
+def prmt(a, b, sel, FAST: tl.constexpr):
+    """PTX ``prmt.b32`` (default mode): byte i of the result is byte ``sel[4i:4i+3]`` of ``b:a``
+    (selectors here never set the sign-replicate bit). The interpreter computes the same bytes."""
+    if FAST:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    a, b, sel = a.to(tl.uint32, bitcast=True), b.to(tl.uint32, bitcast=True), sel.to(tl.uint32, bitcast=True)
+    out = tl.zeros(sel.shape, tl.uint32)
+    for i in tl.static_range(4):
+        nib = (sel >> (4 * i)) & 7
+        byte = tl.where(nib < 4, a >> ((nib & 3) * 8), b >> ((nib & 3) * 8)) & 0xFF
+        out |= byte << (8 * i)
+    return out.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def halves_as_f32(h, dtype: tl.constexpr):
+    """The two 16-bit floats (``dtype``) packed in int32 ``h`` as fp32, low half first (bf16: one
+    integer op each)."""
+    if dtype == tl.bfloat16:
+        return (h << 16).to(tl.float32, bitcast=True), (h & -65536).to(tl.float32, bitcast=True)
+    return (h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32),
+            (h >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32))
+
+
+@triton.jit
+def _load(ptrs, mask, MASKED: tl.constexpr, EVICT: tl.constexpr = ""):
+    """``tl.load`` with ``mask`` (0 elsewhere) on a masked step, without one on the others."""
+    if MASKED:
+        return tl.load(ptrs, mask=mask, other=0, eviction_policy=EVICT)
+    return tl.load(ptrs, eviction_policy=EVICT)
+
+
+@triton.jit
+def _gemv_step(acc, x_row, v_ptr, p_ptr, s_ptr, book_ptr, rn, w0, w_hi, J, stride_vn, stride_pn, stride_sn, stride_b,
+               KIND: tl.constexpr, GROUP: tl.constexpr, X16: tl.constexpr, V16: tl.constexpr, FAST: tl.constexpr,
+               MASKED: tl.constexpr, BLOCK_W: tl.constexpr):
+    """One step of the 2:4 GEMV: ``acc`` ``[rows, BLOCK_W words, 8 groups]`` plus the products of
+    words ``w0 ..`` (each element one group of 4 columns, its 2 kept values). MASKED: the last,
+    partial step; the others need no masks (rows past N were clamped by the caller)."""
+    rw = w0 + tl.arange(0, BLOCK_W)
+    rg = tl.arange(0, 8)
+    g = rw[:, None] * 8 + rg[None, :]  # group index, [BLOCK_W, 8]
+    rows = rn[:, None, None]
+    if MASKED:
+        g_mask = (g < J // 2) & (rw < w_hi)[:, None]
+        mask = g_mask[None, :, :] & (rows >= 0)
+    else:
+        g_mask = None
+        mask = None
+    words = _load(p_ptr + rows * stride_pn + rw[None, :, None], (rw < w_hi)[None, :, None] & (rows >= 0), MASKED)
+    shift = (rg // 2) * 2  # pair q = g // 2 sits at bit 2q of every byte
+    half = (rg % 2) * 16  # group 2q + 1's selector is the high half
+    if V16:  # 16-bit float values: a group's pair is one int32, 4 groups a 128-bit load
+        vw = _load(v_ptr.to(tl.pointer_type(tl.int32)) + rows * (stride_vn // 2) + g[None, :, :], mask, MASKED,
+                   "evict_first")
+        wa, wb = halves_as_f32(vw, v_ptr.dtype.element_ty)
+    else:  # 8-bit values: [.., 16] loads (16 values, 128 bits), split into the groups' pairs
+        j = rw[:, None] * 16 + tl.arange(0, 16)[None, :]  # kept-value index, [BLOCK_W, 16]
+        if MASKED:
+            v_mask = ((j < J) & (rw < w_hi)[:, None])[None, :, :] & (rows >= 0)
+        else:
+            v_mask = None
+        v = _load(v_ptr + rows * stride_vn + j[None, :, :], v_mask, MASKED, "evict_first")
+        va, vb = tl.split(tl.reshape(v, (rn.shape[0], BLOCK_W, 8, 2)))
+    if X16:
+        # x of a group: 4 16-bit values, one 64-bit load (two groups a 128-bit load); the kept
+        # pair comes out of one byte permute whose selector costs two integer ops per two groups.
+        xg = _load(x_row.to(tl.pointer_type(tl.int64)) + g, g_mask, MASKED)
+        sel = (((words >> shift) & 0x03030303) * 0x22 + 0x10101010) >> half
+        pair = prmt(xg.to(tl.int32)[None, :, :], (xg >> 32).to(tl.int32)[None, :, :], sel, FAST)
+        xa, xb = halves_as_f32(pair, x_row.dtype.element_ty)
+    if (KIND == 1 and GROUP % 4 != 0) or not X16:  # the kept values' own columns
+        cols_a = 4 * g[None, :, :] + ((words >> (shift + half)) & 3)
+        cols_b = 4 * g[None, :, :] + ((words >> (shift + half + 8)) & 3)
+    else:  # a scale group holds whole groups of 4: the group's first column will do
+        cols_a = 4 * g[None, :, :] + 0 * rows
+        cols_b = cols_a
+    if not X16:  # fp32 activations: gathered
+        xa = _load(x_row + cols_a, mask, MASKED)
+        xb = _load(x_row + cols_b, mask, MASKED)
+    if not V16:
+        dmask = cols_a >= 0 if mask is None else mask
+        wa = C.decode(va, rows, cols_a, dmask, s_ptr, stride_sn, book_ptr, stride_b, KIND, GROUP)
+        wb = C.decode(vb, rows, cols_b, dmask, s_ptr, stride_sn, book_ptr, stride_b, KIND, GROUP)
+    acc += wa * xa  # two FFMAs (not FMUL + FFMA + FADD)
+    acc += wb * xb
+    return acc
+
+
 @triton.jit
 def _sparse24_gemv_kernel(
     x_ptr, v_ptr, p_ptr, s_ptr, book_ptr, b_ptr, out_ptr, M, N, J, PW,
     stride_xm, stride_vn, stride_pn, stride_sn, stride_b,
-    KIND: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
-    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    KIND: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K, X16: tl.constexpr,
+    V16: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
+    # p_ptr: gemv_words. A step covers BLOCK_W words = 8 * BLOCK_W groups of 4 columns of
+    # BLOCK_N rows; X16: 16-bit activations, V16: 16-bit float values (see _gemv_step).
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     w_span = tl.cdiv(PW, SPLIT_K * BLOCK_W) * BLOCK_W
     w_lo = pid_k * w_span
     w_hi = tl.minimum(w_lo + w_span, PW)
-    rf = tl.arange(0, 16)
-    acc = tl.zeros((BLOCK_N, BLOCK_W, 16), tl.float32)
-    for w0 in range(w_lo, w_hi, BLOCK_W):
-        rw = w0 + tl.arange(0, BLOCK_W)
-        w_mask = rw < w_hi
-        words = tl.load(p_ptr + rn[:, None] * stride_pn + rw[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)
-        pos = (words[:, :, None] >> (rf * 2)[None, None, :]) & 3
-        j = rw[:, None] * 16 + rf[None, :]  # kept-value index, [BLOCK_W, 16]
-        mask = n_mask[:, None, None] & ((j < J) & w_mask[:, None])[None, :, :]
-        v = tl.load(v_ptr + rn[:, None, None] * stride_vn + j[None, :, :], mask=mask, other=0)
-        cols = (4 * (j // 2))[None, :, :] + pos
-        x = tl.load(x_ptr + m * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
-        w = C.decode(v, rn[:, None, None], cols, mask, s_ptr, stride_sn, book_ptr, stride_b, KIND, GROUP)
-        acc += w * x
+    # Whole steps of whole words (16 kept values each) run unmasked; the rest is one masked step.
+    w_full = w_lo + (tl.maximum(tl.minimum(w_hi, J // 16) - w_lo, 0) // BLOCK_W) * BLOCK_W
+    rn_in = tl.minimum(rn, N - 1)  # rows past N read row N - 1; their sums are not stored
+    x_row = x_ptr + m * stride_xm
+    acc = tl.zeros((BLOCK_N, BLOCK_W, 8), tl.float32)
+    for w0 in range(w_lo, w_full, BLOCK_W):
+        acc = _gemv_step(acc, x_row, v_ptr, p_ptr, s_ptr, book_ptr, rn_in, w0, w_hi, J, stride_vn, stride_pn,
+                         stride_sn, stride_b, KIND, GROUP, X16, V16, FAST, False, BLOCK_W)
+    if w_full < w_hi:
+        acc = _gemv_step(acc, x_row, v_ptr, p_ptr, s_ptr, book_ptr, rn_in, w_full, w_hi, J, stride_vn, stride_pn,
+                         stride_sn, stride_b, KIND, GROUP, X16, V16, FAST, True, BLOCK_W)
     out = tl.sum(tl.sum(acc, 2), 1)
     if KIND == 1 and GROUP == 0:
         out *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0)
@@ -175,13 +285,24 @@ def _prepare24(x, values, positions, k):
 
 def sparse24_gemv(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor | None,
                   codebook: torch.Tensor | None, bias: torch.Tensor | None, group_size: int, k: int,
-                  split_k: int | None = None, config: triton.Config | None = None) -> torch.Tensor:
+                  split_k: int | None = None, config: triton.Config | None = None,
+                  words: torch.Tensor | None = None) -> torch.Tensor:
     """2:4 GEMV (one program per (row block, activation row); meant for M == 1).
 
     ``values`` ``[N, k/2]`` (floats, int8 with ``scales``, or indices into ``codebook``),
-    ``positions`` int32 ``[N, ceil(k/32)]``; returns ``[..., N]`` in ``x.dtype``.
+    ``positions`` int32 ``[N, ceil(k/32)]``; returns ``[..., N]`` in ``x.dtype``. ``words``:
+    :func:`gemv_words` of ``positions`` (``Sparse24Weight`` caches it), else built here.
     """
     x2, values, positions = _prepare24(x, values, positions, k)
+    words = gemv_words(positions) if words is None else words.contiguous()
+    if words.shape != positions.shape or words.dtype != torch.int32:
+        raise ValueError(f"words must be int32 {tuple(positions.shape)}, got {words.dtype} {tuple(words.shape)}")
+    x16 = x2.dtype in (torch.float16, torch.bfloat16)
+    if x16 and (x2.data_ptr() % 8 or x2.stride(0) % 4):  # the kernel reads x 8 bytes (a group) at a time
+        x2 = x2.clone(memory_format=torch.contiguous_format)  # fresh: aligned, stride k (k % 4 == 0)
+    v16 = values.dtype in (torch.float16, torch.bfloat16)
+    if v16 and values.data_ptr() % 4:  # and 16-bit values as int32 pairs (k / 2 is even)
+        values = values.clone()
     m, n = x2.shape[0], values.shape[0]
     kind, scales, stride_s, codebook, stride_b = C.value_args(scales, codebook, n)
     pw = positions.shape[1]
@@ -190,9 +311,10 @@ def sparse24_gemv(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
     if m and n:
         C.launch(
             _sparse24_gemv_kernel, _s24_gemv_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, split),
-            (x2, values, positions, scales, codebook, bias, ws, m, n, k // 2, pw,
-             x2.stride(0), values.stride(0), positions.stride(0), stride_s, stride_b),
+            (x2, values, words, scales, codebook, bias, ws, m, n, k // 2, pw,
+             x2.stride(0), values.stride(0), words.stride(0), stride_s, stride_b),
             config, S24_INTERP_GEMV, KIND=kind, GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split,
+            X16=x16, V16=v16, FAST=not C.interpreting(),
         )
         C.finish_split_k(out, ws, bias, split)
     return out.view(*x.shape[:-1], n)
