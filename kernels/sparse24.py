@@ -19,8 +19,11 @@ from torchzip.kernels import _common as C
 from torchzip.kernels import dispatch
 
 # BLOCK_W position words (16 kept values, 32 dense columns each) of BLOCK_N rows per step.
+# Each thread holds 4 groups (2 x 64-bit x loads, one 128-bit load of 16-bit values) of one word;
+# the x tile (8 * BLOCK_W groups) stays smaller than the program, or Triton routes it through
+# shared memory.
 S24_GEMV_CONFIGS = C.configs(("BLOCK_N", "BLOCK_W"), [
-    (8, 8, 4, 2), (4, 16, 4, 2), (16, 4, 4, 2), (2, 32, 4, 2),
+    (8, 8, 4, 2), (16, 4, 4, 2), (32, 2, 4, 2), (8, 4, 2, 2),
     (16, 8, 8, 2), (8, 16, 8, 2), (32, 4, 8, 2), (8, 8, 4, 3),
 ])
 S24_INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_W": 4})
@@ -35,8 +38,8 @@ def gemv_constexprs(config: triton.Config, kind: int) -> dict:
 
 
 def gemv_values_per_iter(constexprs: dict) -> int:
-    """Kept values one iteration of the GEMV's loop consumes."""
-    return constexprs["BLOCK_N"] * constexprs["BLOCK_W"] * 16
+    """Kept values one iteration of the GEMV's main loop consumes (two steps)."""
+    return 2 * constexprs["BLOCK_N"] * constexprs["BLOCK_W"] * 16
 
 
 @triton.jit
@@ -133,11 +136,15 @@ def halves_as_f32(h, dtype: tl.constexpr):
 
 
 @triton.jit
-def _load(ptrs, mask, MASKED: tl.constexpr, EVICT: tl.constexpr = ""):
-    """``tl.load`` with ``mask`` (0 elsewhere) on a masked step, without one on the others."""
+def _load(ptrs, mask, MASKED: tl.constexpr, CACHE: tl.constexpr = ""):
+    """``tl.load`` with ``mask`` (0 elsewhere) on a masked step, without one on the others.
+
+    Weights are read once: CACHE ``.cs`` (streaming, evict first). Unlike
+    ``eviction_policy="evict_first"`` it needs no L2 policy register, which ptxas rebuilt every
+    iteration (6 instructions)."""
     if MASKED:
-        return tl.load(ptrs, mask=mask, other=0, eviction_policy=EVICT)
-    return tl.load(ptrs, eviction_policy=EVICT)
+        return tl.load(ptrs, mask=mask, other=0, cache_modifier=CACHE)
+    return tl.load(ptrs, cache_modifier=CACHE)
 
 
 @triton.jit
@@ -157,21 +164,22 @@ def _gemv_step(acc, x_row, v_ptr, p_ptr, s_ptr, book_ptr, rn, w0, w_hi, J, strid
     else:
         g_mask = None
         mask = None
-    words = _load(p_ptr + rows * stride_pn + rw[None, :, None], (rw < w_hi)[None, :, None] & (rows >= 0), MASKED)
+    words = _load(p_ptr + rows * stride_pn + rw[None, :, None], (rw < w_hi)[None, :, None] & (rows >= 0), MASKED,
+                  ".cs")
     shift = (rg // 2) * 2  # pair q = g // 2 sits at bit 2q of every byte
     half = (rg % 2) * 16  # group 2q + 1's selector is the high half
     if V16:  # 16-bit float values: a group's pair is one int32, 4 groups a 128-bit load
         vw = _load(v_ptr.to(tl.pointer_type(tl.int32)) + rows * (stride_vn // 2) + g[None, :, :], mask, MASKED,
-                   "evict_first")
+                   ".cs")
         wa, wb = halves_as_f32(vw, v_ptr.dtype.element_ty)
-    else:  # 8-bit values: [.., 16] loads (16 values, 128 bits), split into the groups' pairs
-        j = rw[:, None] * 16 + tl.arange(0, 16)[None, :]  # kept-value index, [BLOCK_W, 16]
-        if MASKED:
-            v_mask = ((j < J) & (rw < w_hi)[:, None])[None, :, :] & (rows >= 0)
-        else:
-            v_mask = None
-        v = _load(v_ptr + rows * stride_vn + j[None, :, :], v_mask, MASKED, "evict_first")
-        va, vb = tl.split(tl.reshape(v, (rn.shape[0], BLOCK_W, 8, 2)))
+    elif v_ptr.dtype.element_ty == tl.float32:  # a group's pair is one 64-bit load
+        j = g[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]
+        jmask = None if mask is None else mask[:, :, :, None]
+        va, vb = tl.split(_load(v_ptr + rows[:, :, :, None] * stride_vn + j[None, :, :, :], jmask, MASKED, ".cs"))
+    else:  # 8-bit values (int8, codebook indices): a group's pair is one int16, split in registers
+        vv = _load(v_ptr.to(tl.pointer_type(tl.int16)) + rows * (stride_vn // 2) + g[None, :, :], mask, MASKED,
+                   ".cs")
+        va, vb = vv.to(v_ptr.dtype.element_ty), (vv >> 8).to(v_ptr.dtype.element_ty)  # truncations: bytes 0, 1
     if X16:
         # x of a group: 4 16-bit values, one 64-bit load (two groups a 128-bit load); the kept
         # pair comes out of one byte permute whose selector costs two integer ops per two groups.
@@ -212,16 +220,20 @@ def _sparse24_gemv_kernel(
     w_span = tl.cdiv(PW, SPLIT_K * BLOCK_W) * BLOCK_W
     w_lo = pid_k * w_span
     w_hi = tl.minimum(w_lo + w_span, PW)
-    # Whole steps of whole words (16 kept values each) run unmasked; the rest is one masked step.
-    w_full = w_lo + (tl.maximum(tl.minimum(w_hi, J // 16) - w_lo, 0) // BLOCK_W) * BLOCK_W
+    # Pairs of whole steps of whole words (16 kept values each) run unmasked, two steps an
+    # iteration (the loop's own instructions, and the tiles a thread holds, stay small: bigger
+    # tiles make Triton move x and the words through shared memory); the rest runs masked.
+    w_full = w_lo + (tl.maximum(tl.minimum(w_hi, J // 16) - w_lo, 0) // (2 * BLOCK_W)) * (2 * BLOCK_W)
     rn_in = tl.minimum(rn, N - 1)  # rows past N read row N - 1; their sums are not stored
     x_row = x_ptr + m * stride_xm
     acc = tl.zeros((BLOCK_N, BLOCK_W, 8), tl.float32)
-    for w0 in range(w_lo, w_full, BLOCK_W):
+    for w0 in range(w_lo, w_full, 2 * BLOCK_W):
         acc = _gemv_step(acc, x_row, v_ptr, p_ptr, s_ptr, book_ptr, rn_in, w0, w_hi, J, stride_vn, stride_pn,
                          stride_sn, stride_b, KIND, GROUP, X16, V16, FAST, False, BLOCK_W)
-    if w_full < w_hi:
-        acc = _gemv_step(acc, x_row, v_ptr, p_ptr, s_ptr, book_ptr, rn_in, w_full, w_hi, J, stride_vn, stride_pn,
+        acc = _gemv_step(acc, x_row, v_ptr, p_ptr, s_ptr, book_ptr, rn_in, w0 + BLOCK_W, w_hi, J, stride_vn,
+                         stride_pn, stride_sn, stride_b, KIND, GROUP, X16, V16, FAST, False, BLOCK_W)
+    for w0 in range(w_full, w_hi, BLOCK_W):
+        acc = _gemv_step(acc, x_row, v_ptr, p_ptr, s_ptr, book_ptr, rn_in, w0, w_hi, J, stride_vn, stride_pn,
                          stride_sn, stride_b, KIND, GROUP, X16, V16, FAST, True, BLOCK_W)
     out = tl.sum(tl.sum(acc, 2), 1)
     if KIND == 1 and GROUP == 0:
@@ -301,8 +313,8 @@ def sparse24_gemv(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
     if x16 and (x2.data_ptr() % 8 or x2.stride(0) % 4):  # the kernel reads x 8 bytes (a group) at a time
         x2 = x2.clone(memory_format=torch.contiguous_format)  # fresh: aligned, stride k (k % 4 == 0)
     v16 = values.dtype in (torch.float16, torch.bfloat16)
-    if v16 and values.data_ptr() % 4:  # and 16-bit values as int32 pairs (k / 2 is even)
-        values = values.clone()
+    if values.element_size() < 4 and values.data_ptr() % (2 * values.element_size()):
+        values = values.clone()  # it reads a group's two values as one int32 (16-bit) or int16 (8-bit)
     m, n = x2.shape[0], values.shape[0]
     kind, scales, stride_s, codebook, stride_b = C.value_args(scales, codebook, n)
     pw = positions.shape[1]

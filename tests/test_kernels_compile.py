@@ -54,8 +54,17 @@ def variants():
     for kind, values in ((0, bf16), (1, "*i8"), (2, "*u8")):
         s24 = {"x_ptr": bf16, "v_ptr": values, "p_ptr": "*i32", **side, "b_ptr": bf16, "out_ptr": bf16}
         group = 64 if kind == 1 else 0
-        out.append((S24._sparse24_gemv_kernel, s24, {"KIND": kind, "GROUP": group, "HAS_BIAS": True, "SPLIT_K": 1,
-                                                    **S24.S24_GEMV_CONFIGS[0].kwargs}, 4, 2))
+        out.append((S24._sparse24_gemv_kernel, s24, {"KIND": kind, "GROUP": group, "HAS_BIAS": True,
+                                                    **S24.gemv_constexprs(S24.S24_GEMV_CONFIGS[0], kind)}, 4, 2))
+        if kind == 1:  # scale groups that split groups of 4: the kept values' own columns
+            out.append((S24._sparse24_gemv_kernel, s24, {"KIND": 1, "GROUP": 6, "HAS_BIAS": True,
+                                                        **S24.gemv_constexprs(S24.S24_GEMV_CONFIGS[0], 1)}, 4, 2))
+        # fp32 activations (x gathered) with 16-bit values
+        fp32x = {**s24, "x_ptr": "*fp32", "v_ptr": "*fp16", "b_ptr": "*fp32", "out_ptr": "*fp32"}
+        if kind == 0:
+            out.append((S24._sparse24_gemv_kernel, fp32x, {"KIND": 0, "GROUP": 0, "HAS_BIAS": False,
+                                                          **S24.gemv_constexprs(S24.S24_GEMV_CONFIGS[0], 0),
+                                                          "X16": False}, 4, 2))
         out.append((S24._sparse24_gemm_kernel, s24, {"KIND": kind, "GROUP": 0, **dot, **small.kwargs}, 4, 4))
         csr = {"x_ptr": bf16, "rp_ptr": "*i32", "len_ptr": "*i32", "col_ptr": "*i16", "v_ptr": values, **side,
                "b_ptr": bf16, "out_ptr": bf16}
