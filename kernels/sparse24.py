@@ -1,8 +1,10 @@
 """2:4 sparse matmul (``torchzip.packed.sparse24``), with float, int8 or codebook values.
 
 Kept value ``j`` of row ``n`` sits at column ``4 * (j // 2) + pos``, the 2-bit ``pos`` packed 16
-to an int32 word. The GEMV walks the kept values (half the columns) and gathers the activations
-they need; the GEMM rebuilds a dense ``[K, N]`` weight tile in registers for ``tl.dot`` from the
+to an int32 word. The GEMV works a group of 4 columns at a time: the group's two kept values
+(one int32 for 16-bit values), its 4 activations (one 64-bit load) and one byte permute that
+picks the two activations the positions name, from a copy of the position words with their bits
+rearranged (:func:`gemv_words`, same size; ``Sparse24Weight`` caches it). The GEMM rebuilds a dense ``[K, N]`` weight tile in registers for ``tl.dot`` from the
 kept values, each loaded and decoded once (each column picks the kept value of its group whose
 position matches, or 0); a dequantize kernel
 writes the dense weight for cuBLAS at large M. The ``torchzip::sparse24_linear`` op picks.
@@ -385,31 +387,35 @@ def sparse24_reference(x, values, positions, scales, codebook, bias, group_size,
 # ---- the op the packed format calls ------------------------------------------------------------
 @torch.library.custom_op("torchzip::sparse24_linear", mutates_args=())
 def _sparse24_linear(x: Tensor, values: Tensor, positions: Tensor, scales: Tensor | None, codebook: Tensor | None,
-                     bias: Tensor | None, group_size: int, k: int) -> Tensor:
+                     bias: Tensor | None, group_size: int, k: int, words: Tensor | None = None) -> Tensor:
     dispatch.require_triton()
-    return dispatch.by_rows(_sparse24_impl, values.shape[0], k, x, values, positions, scales, codebook, bias, group_size, k)
+    return dispatch.by_rows(_sparse24_impl, values.shape[0], k, x, values, positions, scales, codebook, bias, group_size, k,
+                            words)
 
 
 def _sparse24_impl(x: Tensor, values: Tensor, positions: Tensor, scales: Tensor | None, codebook: Tensor | None,
-                   bias: Tensor | None, group_size: int, k: int) -> Tensor:
+                   bias: Tensor | None, group_size: int, k: int, words: Tensor | None = None) -> Tensor:
     path = dispatch.pick_path("sparse24", x)
     if path == "dense":
         w = dequantize_sparse24(values, positions, scales, codebook, group_size, k, x.dtype)
         return dispatch.dense(x, w, bias)
-    kernel = sparse24_gemv if path == "gemv" else sparse24_gemm
-    return kernel(x, values, positions, scales, codebook, bias, group_size, k)
+    if path == "gemv":
+        return sparse24_gemv(x, values, positions, scales, codebook, bias, group_size, k, words=words)
+    return sparse24_gemm(x, values, positions, scales, codebook, bias, group_size, k)
 
 
 @_sparse24_linear.register_fake
-def _(x, values, positions, scales, codebook, bias, group_size, k):
+def _(x, values, positions, scales, codebook, bias, group_size, k, words=None):
     return dispatch.out_like(x, values.shape[0])
 
 
 def sparse24_linear(x: Tensor, values: Tensor, positions: Tensor, scales: Tensor | None, codebook: Tensor | None,
-                    bias: Tensor | None, group_size: int, k: int) -> Tensor:
+                    bias: Tensor | None, group_size: int, k: int, words: Tensor | None = None) -> Tensor:
     """``x @ W.T + bias`` for a 2:4 weight (``torchzip.packed.sparse24`` layout).
 
     ``values`` ``[N, k/2]``: floats, int8 (with ``scales`` ``[N, G]``) or codebook indices (with
     ``codebook`` ``[N or 1, E]``); ``positions`` int32 ``[N, ceil(k/32)]``, 2-bit packed.
+    ``words``: :func:`gemv_words` of ``positions`` (``Sparse24Weight`` caches it) for the GEMV.
     """
-    return torch.ops.torchzip.sparse24_linear(x, values, positions, scales, codebook, bias, int(group_size), int(k))
+    return torch.ops.torchzip.sparse24_linear(x, values, positions, scales, codebook, bias, int(group_size), int(k),
+                                              words)

@@ -21,6 +21,7 @@ import torch
 from torchzip.kernels import codebook, csr, dispatch, int8, sparse24
 from torchzip.packed import CodebookWeight, CsrWeight, Int8Weight, PackedLinear, Sparse24Weight
 from torchzip.packed.values import int8_quantize
+from torchzip.packed.bits import pack_bits
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ||out - ref|| / ||ref|| bounds: output rounding plus (for the tl.dot paths) rounding the weight
@@ -439,3 +440,24 @@ def test_benchmark_script_without_cuda_exits_with_a_message():
     with pytest.raises(SystemExit) as exc:
         _benchmark_module().main([])
     assert "CUDA" in str(exc.value.code)
+
+
+def test_sparse24_gemv_words_select_the_kept_activations(seed):
+    """gemv_words + the GEMV's selector formula + PTX prmt (emulated) pick, for every group, the
+    activations at its two kept positions: checked on every position pair and random words."""
+    n, k = 3, 4 * 8 * 5
+    rng = torch.Generator().manual_seed(seed)
+    pairs = torch.tensor([(a, b) for a in range(4) for b in range(4) if a < b])
+    pos = pairs[torch.randint(0, len(pairs), (n, k // 4), generator=rng)].reshape(n, k // 2)
+    positions = pack_bits(pos, 2)
+    words = sparse24.gemv_words(positions).long() & 0xFFFFFFFF
+    x = torch.randint(0, 2**16, (k,), generator=rng)  # 16-bit patterns
+    for row in range(n):
+        for g in range(k // 4):
+            q, h = (g % 8) // 2, g % 2
+            sel = ((((int(words[row, g // 8]) >> (2 * q)) & 0x03030303) * 0x22 + 0x10101010) >> (16 * h)) & 0xFFFF
+            pool = b"".join(int(v).to_bytes(2, "little") for v in x[4 * g: 4 * g + 4])
+            out = bytes(pool[(sel >> (4 * i)) & 7] for i in range(4))
+            got = (int.from_bytes(out[:2], "little"), int.from_bytes(out[2:], "little"))
+            want = tuple(int(x[4 * g + int(p)]) for p in pos[row, 2 * g: 2 * g + 2])
+            assert got == want, f"row {row} group {g}: {got} != {want} (seed={seed})"

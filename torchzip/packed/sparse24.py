@@ -9,6 +9,8 @@ positions is one of 6 symbols (:mod:`torchzip.export.streams`).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from torchzip.export.streams import pairs24_decode, pairs24_encode
@@ -84,8 +86,31 @@ class Sparse24Weight(SparseValues, PackedWeight):
         from torchzip.kernels import sparse24
 
         return sparse24.sparse24_linear(
-            x, self.values, self.positions, self.scales, self.codebook, bias, self.group_size, self.shape[1]
+            x, self.values, self.positions, self.scales, self.codebook, bias, self.group_size, self.shape[1],
+            self._gemv_words(),
         )
+
+    def _gemv_words(self) -> torch.Tensor | None:
+        """The GEMV's rearranged copy of ``positions`` (``kernels.sparse24.gemv_words``, same size):
+        built on first use, rebuilt when ``positions`` is replaced or changed in place. A
+        torch.compile trace uses the cached copy or none (the kernel then builds it per call)."""
+        cached = self.__dict__.get("_words")
+        if torch.compiler.is_compiling():
+            return cached[2] if cached is not None else None
+        if cached is not None and cached[0]() is self.positions and cached[1] == self.positions._version:
+            return cached[2]
+        from torchzip.kernels import sparse24
+
+        words = sparse24.gemv_words(self.positions)
+        # A weak reference: the cache must not keep positions alive after .to() replaces them.
+        self.__dict__["_words"] = (weakref.ref(self.positions), self.positions._version, words)
+        return words
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_words", None)  # weak references do not pickle; the cache rebuilds itself
+        return state
 
     def encode(self, out):
         cols = self.columns().cpu().numpy()
