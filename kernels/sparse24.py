@@ -137,16 +137,21 @@ def halves_as_f32(h, dtype: tl.constexpr):
             (h >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32))
 
 
-@triton.jit
-def _load(ptrs, mask, MASKED: tl.constexpr, CACHE: tl.constexpr = ""):
-    """``tl.load`` with ``mask`` (0 elsewhere) on a masked step, without one on the others.
+# Weights are read once: streaming loads (``.cs``, evict first). Unlike
+# eviction_policy="evict_first" they need no L2 policy register, which ptxas rebuilt every
+# iteration (7 instructions, 0.44 a kept value: over the target). Triton 3.6 has no ``.cs``
+# loads, so there the weights load without a hint.
+STREAM_CACHE = tl.constexpr(".cs" if tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 8) else "")
 
-    Weights are read once: CACHE ``.cs`` (streaming, evict first). Unlike
-    ``eviction_policy="evict_first"`` it needs no L2 policy register, which ptxas rebuilt every
-    iteration (6 instructions)."""
+
+@triton.jit
+def _load(ptrs, mask, MASKED: tl.constexpr, STREAM: tl.constexpr = False):
+    """``tl.load`` with ``mask`` (0 elsewhere) on a masked step, without one on the others;
+    STREAM: a weight load (streaming, see STREAM_CACHE)."""
+    cache: tl.constexpr = STREAM_CACHE if STREAM else ""
     if MASKED:
-        return tl.load(ptrs, mask=mask, other=0, cache_modifier=CACHE)
-    return tl.load(ptrs, cache_modifier=CACHE)
+        return tl.load(ptrs, mask=mask, other=0, cache_modifier=cache)
+    return tl.load(ptrs, cache_modifier=cache)
 
 
 @triton.jit
@@ -167,20 +172,20 @@ def _gemv_step(acc, x_row, v_ptr, p_ptr, s_ptr, book_ptr, rn, w0, w_hi, J, strid
         g_mask = None
         mask = None
     words = _load(p_ptr + rows * stride_pn + rw[None, :, None], (rw < w_hi)[None, :, None] & (rows >= 0), MASKED,
-                  ".cs")
+                  True)
     shift = (rg // 2) * 2  # pair q = g // 2 sits at bit 2q of every byte
     half = (rg % 2) * 16  # group 2q + 1's selector is the high half
     if V16:  # 16-bit float values: a group's pair is one int32, 4 groups a 128-bit load
         vw = _load(v_ptr.to(tl.pointer_type(tl.int32)) + rows * (stride_vn // 2) + g[None, :, :], mask, MASKED,
-                   ".cs")
+                   True)
         wa, wb = halves_as_f32(vw, v_ptr.dtype.element_ty)
     elif v_ptr.dtype.element_ty == tl.float32:  # a group's pair is one 64-bit load
         j = g[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]
         jmask = None if mask is None else mask[:, :, :, None]
-        va, vb = tl.split(_load(v_ptr + rows[:, :, :, None] * stride_vn + j[None, :, :, :], jmask, MASKED, ".cs"))
+        va, vb = tl.split(_load(v_ptr + rows[:, :, :, None] * stride_vn + j[None, :, :, :], jmask, MASKED, True))
     else:  # 8-bit values (int8, codebook indices): a group's pair is one int16, split in registers
         vv = _load(v_ptr.to(tl.pointer_type(tl.int16)) + rows * (stride_vn // 2) + g[None, :, :], mask, MASKED,
-                   ".cs")
+                   True)
         va, vb = vv.to(v_ptr.dtype.element_ty), (vv >> 8).to(v_ptr.dtype.element_ty)  # truncations: bytes 0, 1
     if X16:
         # x of a group: 4 16-bit values, one 64-bit load (two groups a 128-bit load); the kept

@@ -95,3 +95,31 @@ def test_int8_inline_ptx_bit_trick_is_exact():
     exact = np.concatenate([g[1] for g in got])
     np.testing.assert_array_equal(exact, values.astype(np.float64))
     np.testing.assert_array_equal(biased, values.astype(np.float64) + MAGIC_BIAS)
+
+
+def test_sparse24_gemv_loop_selects_x_in_registers(report):
+    """2:4 GEMV (float and int8 values): at most 7 thread-instructions per kept value, activations
+    read a group (64 bits) at a time instead of gathered 16 bits per kept value, no shared memory
+    or barrier, streaming (evict-first) weight loads, 128-bit loads of 16-bit values."""
+    rows = [r for r in report["variants"] if r["family"] in ("sparse24_gemv_kind0", "sparse24_gemv_kind1")]
+    assert len(rows) == 2
+    for r in rows:
+        m = r["mix"]
+        assert r["per_weight"] <= 7.0, f"{r['variant']}: {r['per_weight']} per kept value"
+        assert m.get("LDG.U16", 0) + m.get("LDG.S16", 0) == 0, f"{r['variant']}: 16-bit gathers"
+        assert m.get("barrier", 0) == 0 and m.get("shared_ld", 0) + m.get("shared_st", 0) == 0, r["variant"]
+        assert m.get("LDG.evict_hint", 0) >= 2, f"{r['variant']}: weight loads without an eviction hint"
+        assert r["registers"] <= 128, f"{r['variant']}: {r['registers']} registers"
+    float_row = next(r for r in rows if r["family"] == "sparse24_gemv_kind0")
+    assert float_row["mix"].get("LDG.128", 0) >= 3  # values and x
+
+
+def test_csr_loop_per_nonzero(report):
+    """CSR at M = 1 (float and int8 values, aligned segments): at most 10 thread-instructions per
+    nonzero, 128-bit column loads, no barrier."""
+    rows = [r for r in report["variants"] if r["family"] in ("csr_kind0", "csr_kind1")]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["per_weight"] <= 10.0, f"{r['variant']}: {r['per_weight']} per nonzero"
+        assert r["mix"].get("LDG.128", 0) >= 1 and r["mix"].get("barrier", 0) == 0, r["variant"]
+        assert r["registers"] <= 128, f"{r['variant']}: {r['registers']} registers"
