@@ -1,7 +1,8 @@
 """CSR sparse matmul (``torchzip.packed.csr``), with float, int8 or codebook values.
 
 Each program owns a few rows and walks their nonzeros in blocks (up to the longest row's
-count), gathering ``x[:, col]`` from L1/L2. Suits 80-95% sparsity and small M; the
+count), gathering ``x[:, col]`` from L1/L2; packed weights pass an aligned, padded copy
+(:func:`aligned_segments`) so column and value loads are 128 bits wide. Suits 80-95% sparsity and small M; the
 ``torchzip::csr_linear`` op turns to the dequantize kernel + cuBLAS for large M.
 """
 
