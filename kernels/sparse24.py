@@ -94,7 +94,8 @@ def dense24_tile(v_ptr, p_ptr, s_ptr, book_ptr, rn, n_mask, k0, k_hi, stride_vn,
 
 def gemv_words(positions: torch.Tensor) -> torch.Tensor:
     """The GEMV's copy of the 2:4 positions: each int32 word's 16 two-bit fields moved so the
-    kernel turns them into byte-permute selectors with two instructions per pair of groups.
+    kernel turns them into byte-permute selectors with four instructions per pair of groups
+    (shift, mask, multiply-add; a shift for the second group) instead of about eight.
 
     Word ``w`` still covers groups ``8w .. 8w+7``; group ``2q + h``'s first position goes to bits
     ``16h + 2q``, its second to ``16h + 8 + 2q``. Then ``(word >> 2q) & 0x03030303`` holds pair
@@ -189,7 +190,7 @@ def _gemv_step(acc, x_row, v_ptr, p_ptr, s_ptr, book_ptr, rn, w0, w_hi, J, strid
         va, vb = vv.to(v_ptr.dtype.element_ty), (vv >> 8).to(v_ptr.dtype.element_ty)  # truncations: bytes 0, 1
     if X16:
         # x of a group: 4 16-bit values, one 64-bit load (two groups a 128-bit load); the kept
-        # pair comes out of one byte permute whose selector costs two integer ops per two groups.
+        # pair comes out of one byte permute whose selector costs two integer ops a group.
         xg = _load(x_row.to(tl.pointer_type(tl.int64)) + g, g_mask, MASKED)
         sel = (((words >> shift) & 0x03030303) * 0x22 + 0x10101010) >> half
         pair = prmt(xg.to(tl.int32)[None, :, :], (xg >> 32).to(tl.int32)[None, :, :], sel, FAST)
