@@ -82,11 +82,15 @@ def variants() -> list[Variant]:
     res: list[Variant] = []
 
     int8 = {"x_ptr": bf16, "q_ptr": "*i8", "s_ptr": "*fp32", **out}
-    for group in (0, 128):
-        for c in I8.GEMV_CONFIGS:
-            res.append(Variant("int8_gemv" if group == 0 else f"int8_gemv_g{group}", I8._int8_gemv_kernel, int8,
-                               {"GROUP": group, "HAS_BIAS": True, **I8.gemv_constexprs(c), "FOLD": group == 0},
-                               c.num_warps, c.num_stages, I8.gemv_weights_per_iter, 1.0))
+    # Per channel on 16-bit x (the decode path): the int32-word kernel; groups: the tile kernel.
+    words = {**int8, "q_ptr": "*i32"}
+    for c in I8.WORD_CONFIGS:
+        res.append(Variant("int8_gemv", I8._int8_gemv_words_kernel, words, {"HAS_BIAS": True, **I8.words_constexprs(c)},
+                           c.num_warps, c.num_stages, I8.words_weights_per_iter, 1.0))
+    for c in I8.GEMV_CONFIGS:
+        res.append(Variant("int8_gemv_g128", I8._int8_gemv_kernel, int8,
+                           {"GROUP": 128, "HAS_BIAS": True, **I8.gemv_constexprs(c), "FOLD": False},
+                           c.num_warps, c.num_stages, I8.gemv_weights_per_iter, 1.0))
     for c in gemms:
         res.append(Variant("int8_gemm", I8._int8_gemm_kernel, int8, {"GROUP": 0, **dot, **c.kwargs},
                            c.num_warps, c.num_stages, lambda k: k["BLOCK_N"] * k["BLOCK_K"], 1.0))

@@ -108,10 +108,11 @@ def load_x_pair(addr, ok, KIND: tl.constexpr, MASKED: tl.constexpr):
     elif KIND == 1:
         asm: tl.constexpr = ("{ .reg .b32 v; .reg .b16 h0, h1; " + head + "ld.global.nc.b32 v, [$2]; "
                              "mov.b32 {h0, h1}, v; cvt.f32.f16 $0, h0; cvt.f32.f16 $1, h1; }")
+    elif MASKED:
+        asm: tl.constexpr = ("{ .reg .pred p; setp.ne.s32 p, $3, 0; mov.b32 $0, 0; mov.b32 $1, 0; "
+                             "@p ld.global.nc.b32 $0, [$2]; @p ld.global.nc.b32 $1, [$2+4]; }")
     else:
-        asm: tl.constexpr = ("{ .reg .b32 v, u; " + head + "ld.global.nc.b32 v, [$2]; mov.b32 u, 0; "
-                             + head.replace("mov.b32 v, 0; ", "") + "ld.global.nc.b32 u, [$2+4]; "
-                             "mov.b32 $0, v; mov.b32 $1, u; }")
+        asm: tl.constexpr = "{ ld.global.nc.b32 $0, [$2]; ld.global.nc.b32 $1, [$2+4]; }"
     return tl.inline_asm_elementwise(asm, "=r,=r,l,r", [addr, ok], dtype=(tl.float32, tl.float32),
                                      is_pure=True, pack=1)
 
