@@ -23,8 +23,8 @@ from torchzip.kernels import dispatch
 # 128 words of one row per register slot: each 2**BITS-lane segment then works on a single row,
 # which the register-held codebook's shuffles need. BLOCK_N // num_warps rows a thread.
 GEMV_CONFIGS = C.configs(("BLOCK_N", "BLOCK_W"), [
-    (16, 128, 4, 2), (8, 128, 2, 2), (32, 128, 8, 2), (8, 128, 4, 2),
-    (8, 256, 4, 2), (4, 128, 1, 2), (16, 256, 8, 2), (4, 256, 2, 2),
+    (16, 128, 4, 2), (8, 128, 2, 2), (32, 128, 4, 2), (16, 256, 4, 2),
+    (8, 256, 4, 2), (4, 128, 1, 2), (8, 128, 1, 2), (4, 256, 2, 2),
 ])
 INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_W": 8})
 # Widest index the register-held codebook serves (32 entries, one per lane); wider ones gather
@@ -118,7 +118,7 @@ def load_x_pair(addr, ok, KIND: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _gemv_words(acc, x_row, words, rw, w_mask, K, table, book_rows, n_mask, zero, BITS: tl.constexpr,
+def _gemv_words(acc, x_row, words, rw, w_mask, K, table, book_rows, zero, BITS: tl.constexpr,
                 PER: tl.constexpr, LANES: tl.constexpr, SEG: tl.constexpr, X_KIND: tl.constexpr,
                 MASKED: tl.constexpr):
     """``acc`` plus the products of one step's words (a ``[rows, words]`` tile) with x."""
@@ -136,7 +136,7 @@ def _gemv_words(acc, x_row, words, rw, w_mask, K, table, book_rows, n_mask, zero
             col = rw * PER + j
             x = tl.load(x_row + col, mask=w_mask & (col < K), other=0.0).to(tl.float32)
             idx = (words >> (j * BITS)) & ((1 << BITS) - 1)
-            acc += tl.load(book_rows + idx, mask=n_mask[:, None], other=0.0) * x[None, :]
+            acc += tl.load(book_rows + idx) * x[None, :]
     return acc
 
 
@@ -153,7 +153,9 @@ def _codebook_gemv_kernel(
 ):
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
+    # Rows past N repeat the last one (their sums are not stored), so no load needs a row mask
+    # (a masked load also costs the zeroing of its registers).
+    rows = tl.minimum(rn, N - 1)
     w_span = tl.cdiv(W, SPLIT_K * BLOCK_W) * BLOCK_W
     w_lo = pid_k * w_span
     w_hi = tl.minimum(w_lo + w_span, W)
@@ -162,29 +164,27 @@ def _codebook_gemv_kernel(
         # The codebook lives in registers: lane l of each 2**BITS-lane segment holds centroid
         # l % 2**BITS of every row it works on (the [1, 32]-threads-per-warp layout puts one row
         # per register slot across the warp), and lookups are shuffles, not global gathers.
-        table = tl.load(book_ptr + rn[:, None] * stride_b + (lane_ids(zero) & ((1 << BITS) - 1)),
-                        mask=n_mask[:, None], other=0.0)
+        table = tl.load(book_ptr + rows[:, None] * stride_b + (lane_ids(zero) & ((1 << BITS) - 1)))
     else:
         table = 0.0
     acc = tl.zeros((BLOCK_N, BLOCK_W), tl.float32)
     x_row = x_ptr + m * stride_xm
-    book_rows = book_ptr + rn[:, None] * stride_b
+    book_rows = book_ptr + rows[:, None] * stride_b
     # Whole steps whose words all lie inside K need no masks along K; the rest (at most one step)
     # does.
     w_full = w_lo + tl.maximum(tl.minimum(w_hi, K // PER) - w_lo, 0) // BLOCK_W * BLOCK_W
     cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_W), 4), 4)
     for w0 in range(w_lo, w_full, BLOCK_W):
         rw = w0 + cols
-        words = tl.load(p_ptr + rn[:, None] * stride_pn + rw[None, :], mask=n_mask[:, None], other=0,
-                        eviction_policy="evict_first")
-        acc = _gemv_words(acc, x_row, words, rw, rw < w_hi, K, table, book_rows, n_mask, zero, BITS, PER, LANES,
+        words = tl.load(p_ptr + rows[:, None] * stride_pn + rw[None, :], eviction_policy="evict_first")
+        acc = _gemv_words(acc, x_row, words, rw, rw < w_hi, K, table, book_rows, zero, BITS, PER, LANES,
                           SEG, X_KIND, False)
     if w_full < w_hi:  # one step, not a loop: the steady-state loop above is the hot one
         rw = w_full + cols
         w_mask = rw < w_hi
-        words = tl.load(p_ptr + rn[:, None] * stride_pn + rw[None, :], mask=n_mask[:, None] & w_mask[None, :],
-                        other=0, eviction_policy="evict_first")
-        acc = _gemv_words(acc, x_row, words, rw, w_mask, K, table, book_rows, n_mask, zero, BITS, PER, LANES,
+        words = tl.load(p_ptr + rows[:, None] * stride_pn + rw[None, :], mask=w_mask[None, :], other=0,
+                        eviction_policy="evict_first")
+        acc = _gemv_words(acc, x_row, words, rw, w_mask, K, table, book_rows, zero, BITS, PER, LANES,
                           SEG, X_KIND, True)
     out = tl.sum(acc, 1)
     C.store_tile(out[None, :], m + tl.arange(0, 1), rn, M, N, out_ptr, b_ptr, pid_k, HAS_BIAS, SPLIT_K)
