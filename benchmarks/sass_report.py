@@ -222,6 +222,10 @@ def mix(ops: list[str]) -> dict:
         counts[key] = counts.get(key, 0) + 1
 
     for op in ops:
+        if ".FTZ" in op:
+            add("FTZ")
+        if op.startswith("SHFL"):
+            add("shuffle")
         if op.startswith("LDG"):
             width = next((w for w in ("128", "64", "U8", "S8", "U16", "S16") if f".{w}" in op), "32")
             add(f"LDG.{width}")
@@ -260,8 +264,14 @@ def analyse(v: Variant, gpu: str = "H200") -> dict:
     i2f_per_weight = mix(ops).get("I2F", 0) * threads / per_iter
     if i2f_per_weight:
         issue_gbs = min(issue_gbs, I2F_PER_SM_CYCLE * sms * ghz / i2f_per_weight * v.bytes_per_weight)
+    # Layout (threads per warp) of every global load of 32-bit integers (packed weights): the
+    # codebook GEMV's register-held table needs one row per warp register slot.
+    ttgir = compiled.asm.get("ttgir", "")
+    layouts = dict(re.findall(r"^#(\w+) = #ttg\.blocked<\{[^}]*threadsPerWarp = \[([\d, ]+)\]", ttgir, re.M))
+    i32_loads = sorted({layouts.get(lay, "?") for lay in re.findall(
+        r"tt\.load .*: tensor<[\dx]+x!tt\.ptr<i32>, #(\w+)>", ttgir)})
     row = {
-        "variant": v.name(), "family": v.family, "unit": v.unit, "found_loop": lp is not None or not v.loop,
+        "variant": v.name(), "i32_load_threads_per_warp": i32_loads, "family": v.family, "unit": v.unit, "found_loop": lp is not None or not v.loop,
         "per_weight": round(per_weight, 3), "loop_instructions": len(ops), "units_per_iteration": per_iter,
         "threads": threads, "mix": mix(ops),
         "registers": res.get("reg"), "stack": res.get("stack", 0), "local": res.get("local", 0),
