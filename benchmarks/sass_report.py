@@ -15,7 +15,8 @@ core ops); registers, stack and shared memory; and a modelled M = 1 bandwidth ce
 issues at most one warp-instruction per scheduler per cycle (4 per SM), so a loop of ``I``
 thread-instructions per weight streams at most ``4 * SMs * clock * 32 / I`` weights a second,
 times the bytes each weight takes; int -> float conversions (I2F) have a second ceiling, 16 a
-cycle per SM. Where the lower of the two is below HBM bandwidth, the loop, not memory, is the limit.
+cycle per SM, and warp shuffles (the codebook GEMV's lookups) a third, 32 a cycle per SM. Where
+the lowest is below HBM bandwidth, the loop, not memory, is the limit.
 Works with Triton 3.6 (the GPU machines) and 3.8.
 """
 
@@ -40,6 +41,7 @@ TARGET = ("cuda", 90, 32)
 # (SMs, boost clock GHz, HBM TB/s) for the modelled ceiling.
 GPUS = {"H100-SXM": (132, 1.98, 3.35), "H200": (132, 1.98, 4.8)}
 I2F_PER_SM_CYCLE = 16  # sm_90 throughput of 8/16/32-bit integer -> fp32 conversions
+SHFL_PER_SM_CYCLE = 32  # sm_90 throughput of warp shuffles (threads a cycle per SM)
 
 
 @dataclass
@@ -264,6 +266,9 @@ def analyse(v: Variant, gpu: str = "H200") -> dict:
     i2f_per_weight = mix(ops).get("I2F", 0) * threads / per_iter
     if i2f_per_weight:
         issue_gbs = min(issue_gbs, I2F_PER_SM_CYCLE * sms * ghz / i2f_per_weight * v.bytes_per_weight)
+    shfl_per_weight = mix(ops).get("shuffle", 0) * threads / per_iter
+    if shfl_per_weight:
+        issue_gbs = min(issue_gbs, SHFL_PER_SM_CYCLE * sms * ghz / shfl_per_weight * v.bytes_per_weight)
     # Layout (threads per warp) of every global load of 32-bit integers (packed weights): the
     # codebook GEMV's register-held table needs one row per warp register slot.
     ttgir = compiled.asm.get("ttgir", "")

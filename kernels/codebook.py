@@ -1,12 +1,14 @@
 """Codebook (LUT) matmul: bit-packed centroid indices, codebook looked up in registers.
 
 ``W[n, k] = codebook[n or 0, field k of row n of packed]`` (fields ``bits`` wide, ``32 // bits``
-per int32 word, LSB first; see ``torchzip.packed.bits``). The GEMV reads each packed word once
-and unpacks it into a ``[words, fields]`` tile (fields padded to a power of two, so 3-bit rows
-with 10 fields a word need no special case); the GEMM does the same per ``[words, fields, N]``
-tile and reshapes it into the ``[K, N]`` operand of ``tl.dot``. Codebook lookups are gathers that hit L1: per layer it is ``2**bits`` floats, per
-channel one row of them per output row. The ``torchzip::codebook_linear`` op picks the GEMV, the GEMM
-or the dequantize kernel + cuBLAS by M.
+per int32 word, LSB first; see ``torchzip.packed.bits``). The GEMV reads 4 packed words of a row a
+thread (16-byte loads, a warp on 128 words of one row) and, for indices of up to 5 bits, holds
+the codebook in registers: lane l has centroid ``l % 2**bits`` of each of its rows, and a weight
+is one warp shuffle from the lane that holds its centroid plus one FMA (wider indices gather from
+the codebook in L1). The GEMM unpacks each ``[words, fields, N]`` tile and reshapes it into the
+``[K, N]`` operand of ``tl.dot`` (fields padded to a power of two, so 3-bit rows with 10 fields a
+word need no special case). The ``torchzip::codebook_linear`` op picks the GEMV, the GEMM or the
+dequantize kernel + cuBLAS by M.
 """
 
 from __future__ import annotations

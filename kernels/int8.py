@@ -1,10 +1,13 @@
 """int8 weight-only matmul: ``x @ (qweight * scales).T + bias`` with fp32 accumulation.
 
-Two kernels: a GEMV for one activation row (weight streamed once, int8 -> fp32 through fp16 bit
-patterns instead of I2F, products kept in a 2-D fp32 accumulator and reduced once at the end) and a tiled ``tl.dot`` GEMM for
-more rows (weight tile converted to the activation dtype in registers). Both can split K across
-programs when the grid is too small to keep every SM loading. A dequantize kernel writes the
-dense weight for large M (then cuBLAS); the ``torchzip::int8_linear`` op picks among them.
+Three kernels: GEMVs for one activation row, a tiled ``tl.dot`` GEMM for more rows (weight tile
+converted to the activation dtype in registers) and a dequantize kernel that writes the dense
+weight for large M (then cuBLAS); the ``torchzip::int8_linear`` op picks among them. The
+per-channel GEMV on fp16/bf16 reads the weight as int32 words and turns each int8 into an fp32
+subnormal with one byte permute (no I2F, see ``_int8_gemv_words_kernel``); grouped scales, fp32
+activations and unaligned shapes take the tile GEMV (int8 -> fp32 through fp16 bit patterns,
+products kept in a 2-D fp32 accumulator and reduced once at the end). GEMVs and GEMM split K
+across programs when the grid is too small to keep every SM loading.
 """
 
 from __future__ import annotations
