@@ -25,7 +25,7 @@ from torchzip.kernels import dispatch
 # 128 words of one row per register slot: each 2**BITS-lane segment then works on a single row,
 # which the register-held codebook's shuffles need. BLOCK_N // num_warps rows a thread.
 GEMV_CONFIGS = C.configs(("BLOCK_N", "BLOCK_W"), [
-    (16, 128, 2, 2), (16, 128, 4, 2), (8, 128, 2, 2), (16, 256, 4, 2),
+    (8, 256, 2, 2), (16, 128, 4, 2), (8, 128, 2, 2), (16, 256, 4, 2),
     (8, 256, 4, 2), (4, 128, 1, 2), (8, 128, 1, 2), (4, 256, 2, 2),
 ])
 INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_W": 8})
