@@ -84,15 +84,15 @@ def variants() -> list[Variant]:
     res: list[Variant] = []
 
     int8 = {"x_ptr": bf16, "q_ptr": "*i8", "s_ptr": "*fp32", **out}
-    # Per channel on 16-bit x (the decode path): the int32-word kernel; groups: the tile kernel.
+    # 16-bit x (the decode path): the int32-word kernel, per channel and in groups of 128.
     words = {**int8, "q_ptr": "*i32"}
     for c in I8.WORD_CONFIGS:
         res.append(Variant("int8_gemv", I8._int8_gemv_words_kernel, words, {"HAS_BIAS": True, **I8.words_constexprs(c)},
                            c.num_warps, c.num_stages, I8.words_weights_per_iter, 1.0))
-    for c in I8.GEMV_CONFIGS:
-        res.append(Variant("int8_gemv_g128", I8._int8_gemv_kernel, int8,
-                           {"GROUP": 128, "HAS_BIAS": True, **I8.gemv_constexprs(c), "FOLD": False},
-                           c.num_warps, c.num_stages, I8.gemv_weights_per_iter, 1.0))
+    for c in I8.WORD_CONFIGS:
+        res.append(Variant("int8_gemv_g128", I8._int8_gemv_words_kernel, words,
+                           {"HAS_BIAS": True, **I8.words_constexprs(c, 128)},
+                           c.num_warps, c.num_stages, I8.words_weights_per_iter, 1.0))
     for c in gemms:
         res.append(Variant("int8_gemm", I8._int8_gemm_kernel, int8, {"GROUP": 0, **dot, **c.kwargs},
                            c.num_warps, c.num_stages, lambda k: k["BLOCK_N"] * k["BLOCK_K"], 1.0))

@@ -3,9 +3,9 @@
 Three kernels: GEMVs for one activation row, a tiled ``tl.dot`` GEMM for more rows (weight tile
 converted to the activation dtype in registers) and a dequantize kernel that writes the dense
 weight for large M (then cuBLAS); the ``torchzip::int8_linear`` op picks among them. The
-per-channel GEMV on fp16/bf16 reads the weight as int32 words and turns each int8 into an fp32
-subnormal with one byte permute (no I2F, see ``_int8_gemv_words_kernel``); grouped scales, fp32
-activations and unaligned shapes take the tile GEMV (int8 -> fp32 through fp16 bit patterns,
+GEMV on fp16/bf16 (per channel, or groups of a multiple of 4 columns) reads the weight as int32
+words and turns each int8 into an fp32 subnormal with one byte permute (no I2F, see
+``_int8_gemv_words_kernel``); fp32 activations and unaligned shapes take the tile GEMV (int8 -> fp32 through fp16 bit patterns,
 products kept in a 2-D fp32 accumulator and reduced once at the end). GEMVs and GEMM split K
 across programs when the grid is too small to keep every SM loading.
 """
@@ -95,7 +95,7 @@ X_SHIFT = 64
 # 4 words (16 bytes) of a row a thread, a warp on 128 words of one row; BLOCK_N // num_warps rows
 # a thread (8: more would pass 128 registers).
 WORD_CONFIGS = C.configs(("BLOCK_N", "BLOCK_W"), [
-    (8, 128, 1, 2), (16, 128, 2, 2), (32, 128, 4, 2), (64, 128, 8, 2),
+    (8, 128, 1, 2), (16, 128, 2, 2), (32, 128, 4, 2), (16, 128, 4, 2),
     (8, 256, 2, 2), (16, 256, 4, 2), (4, 128, 1, 2), (8, 128, 2, 2),
 ])
 INTERP_WORDS = triton.Config({"BLOCK_N": 16, "BLOCK_W": 8})
@@ -103,9 +103,9 @@ XS_BLOCK = 1024  # x elements a step of the sum(x) pass
 EVICT = True  # evict_first on weight loads (streamed once)
 
 
-def words_constexprs(config: triton.Config) -> dict:
+def words_constexprs(config: triton.Config, group: int = 0) -> dict:
     """Constexprs of the word GEMV for a launch config (bf16 x; benchmarks/sass_report.py)."""
-    return {"SPLIT_K": 1, "FAST": True, "X_KIND": 0, "XS_BLOCK": XS_BLOCK, "EVICT": EVICT, **config.kwargs}
+    return {"GROUP": group, "SPLIT_K": 1, "FAST": True, "X_KIND": 0, "XS_BLOCK": XS_BLOCK, "EVICT": EVICT, **config.kwargs}
 
 
 def words_weights_per_iter(constexprs: dict) -> int:
@@ -142,6 +142,16 @@ def x_pair(x_ptr, col, ok, X_KIND: tl.constexpr, FAST: tl.constexpr, MASKED: tl.
 
 
 @triton.jit
+def load_f32(ptr, FAST: tl.constexpr):
+    """fp32 at ``ptr`` (in bounds); FAST: a load in inline PTX marked pure, so the identical loads
+    of a thread's words merge into one."""
+    if FAST:
+        return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=f,l", [ptr.to(tl.int64)], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return tl.load(ptr)
+
+
+@triton.jit
 def int8x4_fma(word, x0, x1, x2, x3, acc, FAST: tl.constexpr):
     """``acc + sum_j (q_j + 128) * 2**-149 * x_j`` over the 4 int8 ``q_j`` of an int32 word.
 
@@ -168,8 +178,8 @@ def int8x4_fma(word, x0, x1, x2, x3, acc, FAST: tl.constexpr):
 
 
 @triton.jit
-def _gemv_step(acc, x_ptr, q_ptr, rn, rw, w_mask, stride_qn, K, zero_row, X_KIND: tl.constexpr,
-               FAST: tl.constexpr, MASKED: tl.constexpr, EVICT: tl.constexpr):
+def _gemv_step(acc, x_ptr, q_ptr, s_ptr, rn, rw, w_mask, stride_qn, stride_sn, K, zero_row, GROUP: tl.constexpr,
+               X_KIND: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr, EVICT: tl.constexpr):
     # rn is clamped to real rows, so only the ragged step needs a mask (a masked load also costs
     # the zeroing of its registers).
     if MASKED:
@@ -185,16 +195,26 @@ def _gemv_step(acc, x_ptr, q_ptr, rn, rw, w_mask, stride_qn, K, zero_row, X_KIND
     ok = w_mask[None, :] & (col < K)
     x0, x1 = x_pair(x_ptr, col, ok, X_KIND, FAST, MASKED)
     x2, x3 = x_pair(x_ptr, col + 2, ok, X_KIND, FAST, MASKED)
-    return int8x4_fma(words, x0, x1, x2, x3, acc, FAST)
+    if GROUP == 0:
+        return int8x4_fma(words, x0, x1, x2, x3, acc, FAST)
+    # Groups: a thread's 4 words (16 columns) lie in one group, so each word's sum is scaled once:
+    # (sum (q + 128) x) - 128 sum(x) per word (two FMAs for 4 weights), times its group's scale,
+    # loaded once per thread and row. The group index is clamped: past K, x is 0 anyway.
+    part = int8x4_fma(words, x0, x1, x2, x3, tl.zeros_like(acc), FAST)
+    x_off = ((x0 + x1) + (x2 + x3)) * 6.938893903907228e-18  # 128 * 2**-X_SHIFT
+    g = tl.minimum(col // GROUP, K // GROUP - 1)
+    scale = load_f32(s_ptr + rn[:, None] * stride_sn + g, FAST)
+    return acc + (part * 3.8685626227668134e25 - x_off) * scale  # 2**(149 - X_SHIFT)
 
 
 @triton.jit
 def _int8_gemv_words_kernel(
     x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn,
-    HAS_BIAS: tl.constexpr, SPLIT_K, FAST: tl.constexpr, X_KIND: tl.constexpr,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K, FAST: tl.constexpr, X_KIND: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, XS_BLOCK: tl.constexpr, EVICT: tl.constexpr,
 ):
-    """Per-channel int8 GEMV on 16-bit x; ``q_ptr`` the weight as int32 words, ``stride_qn`` in words."""
+    """int8 GEMV on 16-bit x, per channel (GROUP 0) or in groups; ``q_ptr`` the weight as int32
+    words, ``stride_qn`` in words."""
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
@@ -209,21 +229,24 @@ def _int8_gemv_words_kernel(
     cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_W), 4), 4)
     w_full = w_lo + (w_hi - w_lo) // BLOCK_W * BLOCK_W
     for w0 in range(w_lo, w_full, BLOCK_W):
-        acc = _gemv_step(acc, x_row, q_ptr, rows, w0 + cols, w0 + cols < w_hi, stride_qn, K, zero_row,
-                         X_KIND, FAST, False, EVICT)
+        acc = _gemv_step(acc, x_row, q_ptr, s_ptr, rows, w0 + cols, w0 + cols < w_hi, stride_qn, stride_sn, K,
+                         zero_row, GROUP, X_KIND, FAST, False, EVICT)
     if w_full < w_hi:  # the ragged last step, not a loop: the loop above is the hot one
-        acc = _gemv_step(acc, x_row, q_ptr, rows, w_full + cols, w_full + cols < w_hi, stride_qn, K,
-                         zero_row, X_KIND, FAST, True, EVICT)
-    # sum(x) over this program's columns, for the +128 of every weight: its own short pass, as a
-    # sum inside the loop would be laid out apart from the weights and load x twice.
-    xs = tl.zeros((XS_BLOCK,), tl.float32)
-    for k0 in range(4 * w_lo, 4 * w_hi, XS_BLOCK):
-        rk = k0 + tl.arange(0, XS_BLOCK)
-        xs += tl.load(x_row + rk, mask=rk < 4 * w_hi, other=0.0).to(tl.float32)
-    # sum (q + 128) x 2**(X_SHIFT - 149) -> sum q x: scale back (an exact power of two), take off
-    # 128 sum(x).
-    out = tl.sum(acc, 1) * 3.8685626227668134e25 - 128.0 * tl.sum(xs, 0)
-    out *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0)
+        acc = _gemv_step(acc, x_row, q_ptr, s_ptr, rows, w_full + cols, w_full + cols < w_hi, stride_qn,
+                         stride_sn, K, zero_row, GROUP, X_KIND, FAST, True, EVICT)
+    if GROUP == 0:
+        # sum(x) over this program's columns, for the +128 of every weight: its own short pass, as
+        # a sum inside the loop would be laid out apart from the weights and load x twice.
+        xs = tl.zeros((XS_BLOCK,), tl.float32)
+        for k0 in range(4 * w_lo, 4 * w_hi, XS_BLOCK):
+            rk = k0 + tl.arange(0, XS_BLOCK)
+            xs += tl.load(x_row + rk, mask=rk < 4 * w_hi, other=0.0).to(tl.float32)
+        # sum (q + 128) x 2**(X_SHIFT - 149) -> sum q x: scale back (an exact power of two), take
+        # off 128 sum(x), scale the row.
+        out = tl.sum(acc, 1) * 3.8685626227668134e25 - 128.0 * tl.sum(xs, 0)
+        out *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0)
+    else:
+        out = tl.sum(acc, 1)
     C.store_tile(out[None, :], m + tl.arange(0, 1), rn, M, N, out_ptr, b_ptr, pid_k, HAS_BIAS, SPLIT_K)
 
 
@@ -329,7 +352,7 @@ def _int8_dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, stride_qn, stride_sn, GROU
 
 
 _gemv_tuned = C.tuned(_int8_gemv_kernel, GEMV_CONFIGS, key=["N", "K", "GROUP", "SPLIT_K", "FOLD"])
-_words_tuned = C.tuned(_int8_gemv_words_kernel, WORD_CONFIGS, key=["N", "K", "SPLIT_K", "X_KIND"])
+_words_tuned = C.tuned(_int8_gemv_words_kernel, WORD_CONFIGS, key=["N", "K", "GROUP", "SPLIT_K", "X_KIND"])
 _gemm_tuned = C.tuned(_int8_gemm_kernel, C.GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "SPLIT_K"], prune=C.prune_gemm)
 
 
@@ -343,10 +366,11 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_s
 
 
 def words_path(x2: torch.Tensor, qweight: torch.Tensor, group_size: int) -> bool:
-    """Whether the GEMV takes the int32-word kernel: per channel, 16-bit x, K a multiple of 4 and
-    4-byte aligned weight rows and x pairs."""
+    """Whether the GEMV takes the int32-word kernel: per channel or groups of a multiple of 4
+    columns (a word in one group), 16-bit x, K a multiple of 4 and 4-byte aligned weight rows and
+    x pairs."""
     k = qweight.shape[1]
-    return (group_size == 0 and x2.dtype in (torch.bfloat16, torch.float16) and k % 4 == 0
+    return (group_size % 4 == 0 and x2.dtype in (torch.bfloat16, torch.float16) and k % 4 == 0
             and qweight.data_ptr() % 4 == 0 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0)
 
 
@@ -368,7 +392,7 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
             _int8_gemv_words_kernel, _words_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, split),
             (x2, qweight.view(torch.int32), scales, bias, ws, m, n, k, x2.stride(0), qweight.stride(0) // 4,
              scales.stride(0)),
-            config, INTERP_WORDS, HAS_BIAS=bias is not None, SPLIT_K=split, FAST=not C.interpreting(),
+            config, INTERP_WORDS, GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split, FAST=not C.interpreting(),
             X_KIND=0 if x.dtype == torch.bfloat16 else 1, XS_BLOCK=XS_BLOCK, EVICT=EVICT,
         )
         C.finish_split_k(out, ws, bias, split)

@@ -35,7 +35,7 @@ def report(tmp_path_factory) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     rows = []
-    every = ["int8_gemv", "codebook4_gemv", "codebook3_gemv"]
+    every = ["int8_gemv", "int8_gemv_g128", "codebook4_gemv", "codebook3_gemv"]
     rest = [f for f in GEMV_FAMILIES + SPILL_FREE_GEMMS if f not in every]
     for only, per_family in ((",".join(every), 0), (",".join(rest), 1)):
         proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sass_report.py"), "--only", only,
@@ -48,7 +48,7 @@ def report(tmp_path_factory) -> dict:
 
 def test_hot_loops_found_and_no_spills(report):
     families = {r["family"] for r in report["variants"]}
-    assert families == set(GEMV_FAMILIES + SPILL_FREE_GEMMS)
+    assert families == set(GEMV_FAMILIES + SPILL_FREE_GEMMS + ["int8_gemv_g128"])
     for r in report["variants"]:
         assert r["found_loop"], f"{r['variant']}: no loop found"
         assert r["loop_instructions"] > 0 and r["per_weight"] > 0
@@ -63,8 +63,9 @@ def _weights_in_128bit_loads(r) -> None:
     assert m.get("LDG.evict_hint", 0) >= m["LDG.128"], f"{r['variant']}: weight loads without a hint"
 
 
-def test_int8_gemv_loop_has_no_i2f_and_no_barrier(report):
-    rows = [r for r in report["variants"] if r["family"] == "int8_gemv"]
+@pytest.mark.parametrize("family,best", [("int8_gemv", 3.1), ("int8_gemv_g128", 4.5)])
+def test_int8_gemv_loop_has_no_i2f_and_no_barrier(report, family, best):
+    rows = [r for r in report["variants"] if r["family"] == family]
     assert len(rows) >= 8
     for r in rows:
         assert r["mix"].get("I2F", 0) == 0, f"{r['variant']}: I2F in the loop"
@@ -74,8 +75,9 @@ def test_int8_gemv_loop_has_no_i2f_and_no_barrier(report):
         assert r["mix"].get("shared_ld", 0) + r["mix"].get("shared_st", 0) == 0, r["variant"]
         assert r["registers"] <= 128, f"{r['variant']}: {r['registers']} registers"
         _weights_in_128bit_loads(r)
-    # The baseline's best was 4.09 instructions a weight, the fp16-magic kernel's 3.89.
-    assert min(r["per_weight"] for r in rows) < 3.1
+    # The baseline's best was 4.09 instructions a weight (groups of 128: 5.92 with I2F), the
+    # fp16-magic kernel's 3.89.
+    assert min(r["per_weight"] for r in rows) < best
 
 
 @pytest.mark.parametrize("bits", (4, 3))
