@@ -15,7 +15,8 @@ core ops); registers, stack and shared memory; and a modelled M = 1 bandwidth ce
 issues at most one warp-instruction per scheduler per cycle (4 per SM), so a loop of ``I``
 thread-instructions per weight streams at most ``4 * SMs * clock * 32 / I`` weights a second,
 times the bytes each weight takes; int -> float conversions (I2F) have a second ceiling, 16 a
-cycle per SM. Where the lower of the two is below HBM bandwidth, the loop, not memory, is the limit.
+cycle per SM, and warp shuffles (the codebook GEMV's lookups) a third, 32 a cycle per SM. Where
+the lowest is below HBM bandwidth, the loop, not memory, is the limit.
 Works with Triton 3.6 (the GPU machines) and 3.8.
 """
 
@@ -40,6 +41,7 @@ TARGET = ("cuda", 90, 32)
 # (SMs, boost clock GHz, HBM TB/s) for the modelled ceiling.
 GPUS = {"H100-SXM": (132, 1.98, 3.35), "H200": (132, 1.98, 4.8)}
 I2F_PER_SM_CYCLE = 16  # sm_90 throughput of 8/16/32-bit integer -> fp32 conversions
+SHFL_PER_SM_CYCLE = 32  # sm_90 throughput of warp shuffles (threads a cycle per SM)
 
 
 @dataclass
@@ -82,11 +84,15 @@ def variants() -> list[Variant]:
     res: list[Variant] = []
 
     int8 = {"x_ptr": bf16, "q_ptr": "*i8", "s_ptr": "*fp32", **out}
-    for group in (0, 128):
-        for c in I8.GEMV_CONFIGS:
-            res.append(Variant("int8_gemv" if group == 0 else f"int8_gemv_g{group}", I8._int8_gemv_kernel, int8,
-                               {"GROUP": group, "HAS_BIAS": True, **I8.gemv_constexprs(c), "FOLD": group == 0},
-                               c.num_warps, c.num_stages, I8.gemv_weights_per_iter, 1.0))
+    # 16-bit x (the decode path): the int32-word kernel, per channel and in groups of 128.
+    words = {**int8, "q_ptr": "*i32"}
+    for c in I8.WORD_CONFIGS:
+        res.append(Variant("int8_gemv", I8._int8_gemv_words_kernel, words, {"HAS_BIAS": True, **I8.words_constexprs(c)},
+                           c.num_warps, c.num_stages, I8.words_weights_per_iter, 1.0))
+    for c in I8.WORD_CONFIGS:
+        res.append(Variant("int8_gemv_g128", I8._int8_gemv_words_kernel, words,
+                           {"HAS_BIAS": True, **I8.words_constexprs(c, 128)},
+                           c.num_warps, c.num_stages, I8.words_weights_per_iter, 1.0))
     for c in gemms:
         res.append(Variant("int8_gemm", I8._int8_gemm_kernel, int8, {"GROUP": 0, **dot, **c.kwargs},
                            c.num_warps, c.num_stages, lambda k: k["BLOCK_N"] * k["BLOCK_K"], 1.0))
@@ -218,6 +224,10 @@ def mix(ops: list[str]) -> dict:
         counts[key] = counts.get(key, 0) + 1
 
     for op in ops:
+        if ".FTZ" in op:
+            add("FTZ")
+        if op.startswith("SHFL"):
+            add("shuffle")
         if op.startswith("LDG"):
             width = next((w for w in ("128", "64", "U8", "S8", "U16", "S16") if f".{w}" in op), "32")
             add(f"LDG.{width}")
@@ -256,8 +266,17 @@ def analyse(v: Variant, gpu: str = "H200") -> dict:
     i2f_per_weight = mix(ops).get("I2F", 0) * threads / per_iter
     if i2f_per_weight:
         issue_gbs = min(issue_gbs, I2F_PER_SM_CYCLE * sms * ghz / i2f_per_weight * v.bytes_per_weight)
+    shfl_per_weight = mix(ops).get("shuffle", 0) * threads / per_iter
+    if shfl_per_weight:
+        issue_gbs = min(issue_gbs, SHFL_PER_SM_CYCLE * sms * ghz / shfl_per_weight * v.bytes_per_weight)
+    # Layout (threads per warp) of every global load of 32-bit integers (packed weights): the
+    # codebook GEMV's register-held table needs one row per warp register slot.
+    ttgir = compiled.asm.get("ttgir", "")
+    layouts = dict(re.findall(r"^#(\w+) = #ttg\.blocked<\{[^}]*threadsPerWarp = \[([\d, ]+)\]", ttgir, re.M))
+    i32_loads = sorted({layouts.get(lay, "?") for lay in re.findall(
+        r"tt\.load .*: tensor<[\dx]+x!tt\.ptr<i32>, #(\w+)>", ttgir)})
     row = {
-        "variant": v.name(), "family": v.family, "unit": v.unit, "found_loop": lp is not None or not v.loop,
+        "variant": v.name(), "i32_load_threads_per_warp": i32_loads, "family": v.family, "unit": v.unit, "found_loop": lp is not None or not v.loop,
         "per_weight": round(per_weight, 3), "loop_instructions": len(ops), "units_per_iteration": per_iter,
         "threads": threads, "mix": mix(ops),
         "registers": res.get("reg"), "stack": res.get("stack", 0), "local": res.get("local", 0),

@@ -1,12 +1,14 @@
 """Codebook (LUT) matmul: bit-packed centroid indices, codebook looked up in registers.
 
 ``W[n, k] = codebook[n or 0, field k of row n of packed]`` (fields ``bits`` wide, ``32 // bits``
-per int32 word, LSB first; see ``torchzip.packed.bits``). The GEMV reads each packed word once
-and unpacks it into a ``[words, fields]`` tile (fields padded to a power of two, so 3-bit rows
-with 10 fields a word need no special case); the GEMM does the same per ``[words, fields, N]``
-tile and reshapes it into the ``[K, N]`` operand of ``tl.dot``. Codebook lookups are gathers that hit L1: per layer it is ``2**bits`` floats, per
-channel one row of them per output row. The ``torchzip::codebook_linear`` op picks the GEMV, the GEMM
-or the dequantize kernel + cuBLAS by M.
+per int32 word, LSB first; see ``torchzip.packed.bits``). The GEMV reads 4 packed words of a row a
+thread (16-byte loads, a warp on 128 words of one row) and, for indices of up to 5 bits, holds
+the codebook in registers: lane l has centroid ``l % 2**bits`` of each of its rows, and a weight
+is one warp shuffle from the lane that holds its centroid plus one FMA (wider indices gather from
+the codebook in L1). The GEMM unpacks each ``[words, fields, N]`` tile and reshapes it into the
+``[K, N]`` operand of ``tl.dot`` (fields padded to a power of two, so 3-bit rows with 10 fields a
+word need no special case). The ``torchzip::codebook_linear`` op picks the GEMV, the GEMM or the
+dequantize kernel + cuBLAS by M.
 """
 
 from __future__ import annotations
@@ -19,12 +21,18 @@ from torch import Tensor
 from torchzip.kernels import _common as C
 from torchzip.kernels import dispatch
 
-# BLOCK_W words of one row per step: 64 words is 512 4-bit weights, 256 bytes of indices a row.
+# BLOCK_W words of a row per step, 4 consecutive words a thread (16-byte loads), so a warp spans
+# 128 words of one row per register slot: each 2**BITS-lane segment then works on a single row,
+# which the register-held codebook's shuffles need. BLOCK_N // num_warps rows a thread.
 GEMV_CONFIGS = C.configs(("BLOCK_N", "BLOCK_W"), [
-    (4, 64, 4, 2), (8, 64, 4, 2), (8, 32, 4, 3), (16, 32, 4, 2),
-    (4, 128, 4, 2), (8, 128, 8, 2), (16, 64, 8, 2), (2, 128, 4, 2),
+    (8, 256, 2, 2), (16, 128, 4, 2), (8, 128, 2, 2), (16, 256, 4, 2),
+    (8, 256, 4, 2), (4, 128, 1, 2), (8, 128, 1, 2), (4, 256, 2, 2),
 ])
 INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_W": 8})
+# Widest index the register-held codebook serves (32 entries, one per lane); wider ones gather
+# from the codebook in global memory (L1).
+LANE_MAX_BITS = 5
+X_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # load_x_pair's KIND
 # The GEMM's tiles: the shared list's BLOCK_K x BLOCK_N >= 16K tiles (and most 4-warp ones) spill
 # registers under Triton 3.6 (the unpacked [words, fields, N] index tile is large); these compile
 # without spills under 3.6 and 3.8 (benchmarks/sass_report.py).
@@ -39,9 +47,14 @@ GEMM_CONFIGS = [
 dispatch.DENSE_MIN_M.setdefault("codebook", 512)
 
 
-def gemv_constexprs(bits: int, config: triton.Config) -> dict:
-    """Constexprs of the GEMV for ``bits`` and a launch config (benchmarks/sass_report.py)."""
-    return {"BITS": bits, "PER": 32 // bits, "PER_P2": C.next_pow2(32 // bits), "SPLIT_K": 1, **config.kwargs}
+def gemv_constexprs(bits: int, config: triton.Config, lanes: bool = True) -> dict:
+    """Constexprs of the GEMV for ``bits`` and a launch config (benchmarks/sass_report.py).
+
+    ``lanes``: the codebook in registers (a GPU, ``bits <= LANE_MAX_BITS``), else gathered.
+    """
+    lanes = lanes and bits <= LANE_MAX_BITS and min(32, config.kwargs["BLOCK_W"] // 4) >= 2**bits
+    return {"BITS": bits, "PER": 32 // bits, "SPLIT_K": 1, "LANES": lanes, "X_KIND": 0,
+            "SEG": shuffle_control(bits) if lanes else 0, **config.kwargs}
 
 
 def gemv_weights_per_iter(constexprs: dict) -> int:
@@ -61,32 +74,121 @@ def codebook_tile(p_ptr, book_ptr, rows, cols, mask, stride_pn, stride_b, BITS: 
 
 
 @triton.jit
+def lane_ids(like):
+    """This thread's lane in its warp, for every element of ``like`` (a GPU-only register read)."""
+    return tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def lane_lookup_fma(code, table, x, acc, seg):
+    """``acc + table_of_lane(code & (2**BITS - 1)) * x``: one warp shuffle reads the centroid from
+    the lane of this thread's 2**BITS-lane segment that holds it (``seg``: the shuffle's segment
+    control, see :func:`shuffle_control`); shfl ignores the code's bits above the segment width, so
+    the caller shifts but need not mask."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 c; shfl.sync.idx.b32 c, $2, $1, $5, -1; fma.rn.f32 $0, c, $3, $4; }",
+        "=f,r,f,f,f,r", [code, table, x, acc, seg], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def load_x_pair(addr, ok, KIND: tl.constexpr, MASKED: tl.constexpr):
+    """Activations at ``addr`` and the next element as fp32, 0 where not ``ok`` (if MASKED).
+
+    A load in inline PTX marked pure, so the identical loads of a thread's rows merge into one
+    (Triton's own loads of a row-broadcast tensor repeat per row, and a 1-D tensor would be laid
+    out apart from the weights and reach them through shared memory). KIND: 0 bf16, 1 fp16, 2 fp32.
+    """
+    if MASKED:
+        head: tl.constexpr = ".reg .pred p; setp.ne.s32 p, $3, 0; mov.b32 v, 0; @p "
+        ok = ok.to(tl.int32)
+    else:
+        head: tl.constexpr = ""
+        ok = addr.to(tl.int32)  # unused
+    if KIND == 0:
+        asm: tl.constexpr = ("{ .reg .b32 v; " + head + "ld.global.nc.b32 v, [$2]; "
+                             "shl.b32 $0, v, 16; and.b32 $1, v, 0xffff0000; }")
+    elif KIND == 1:
+        asm: tl.constexpr = ("{ .reg .b32 v; .reg .b16 h0, h1; " + head + "ld.global.nc.b32 v, [$2]; "
+                             "mov.b32 {h0, h1}, v; cvt.f32.f16 $0, h0; cvt.f32.f16 $1, h1; }")
+    elif MASKED:
+        asm: tl.constexpr = ("{ .reg .pred p; setp.ne.s32 p, $3, 0; mov.b32 $0, 0; mov.b32 $1, 0; "
+                             "@p ld.global.nc.b32 $0, [$2]; @p ld.global.nc.b32 $1, [$2+4]; }")
+    else:
+        asm: tl.constexpr = "{ ld.global.nc.b32 $0, [$2]; ld.global.nc.b32 $1, [$2+4]; }"
+    return tl.inline_asm_elementwise(asm, "=r,=r,l,r", [addr, ok], dtype=(tl.float32, tl.float32),
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _gemv_words(acc, x_row, words, rw, w_mask, K, table, book_rows, zero, BITS: tl.constexpr,
+                PER: tl.constexpr, LANES: tl.constexpr, SEG: tl.constexpr, X_KIND: tl.constexpr,
+                MASKED: tl.constexpr):
+    """``acc`` plus the products of one step's words (a ``[rows, words]`` tile) with x."""
+    if LANES:
+        for j in tl.static_range(0, PER, 2):
+            # Fields j, j + 1 of every word meet columns w * PER + j, + 1 (PER is even and so is
+            # K here, so a pair is in range or not as a whole); loaded and converted once per
+            # thread, for all of its rows.
+            col = rw[None, :] * PER + j + zero
+            x0, x1 = load_x_pair((x_row + col).to(tl.int64), w_mask[None, :] & (col < K), X_KIND, MASKED)
+            acc = lane_lookup_fma(words >> (j * BITS), table, x0, acc, zero + SEG)
+            acc = lane_lookup_fma(words >> ((j + 1) * BITS), table, x1, acc, zero + SEG)
+    else:
+        for j in tl.static_range(PER):
+            col = rw * PER + j
+            x = tl.load(x_row + col, mask=w_mask & (col < K), other=0.0).to(tl.float32)
+            idx = (words >> (j * BITS)) & ((1 << BITS) - 1)
+            acc += tl.load(book_rows + idx) * x[None, :]
+    return acc
+
+
+def shuffle_control(bits: int) -> int:
+    """``c`` operand of ``shfl.sync.idx`` for segments of ``2**bits`` lanes (segment mask, clamp)."""
+    return ((32 - 2**bits) << 8) | 0x1F
+
+
+@triton.jit
 def _codebook_gemv_kernel(
     x_ptr, p_ptr, book_ptr, b_ptr, out_ptr, M, N, K, W, stride_xm, stride_pn, stride_b,
-    BITS: tl.constexpr, PER: tl.constexpr, PER_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
-    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    BITS: tl.constexpr, PER: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
+    LANES: tl.constexpr, SEG: tl.constexpr, X_KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
+    # Rows past N repeat the last one (their sums are not stored), so no load needs a row mask
+    # (a masked load also costs the zeroing of its registers).
+    rows = tl.minimum(rn, N - 1)
     w_span = tl.cdiv(W, SPLIT_K * BLOCK_W) * BLOCK_W
     w_lo = pid_k * w_span
     w_hi = tl.minimum(w_lo + w_span, W)
-    rf = tl.arange(0, PER_P2)
-    # Padding fields (rf >= PER) get shift 0: shifting by >= 32 is undefined on the GPU.
-    shifts = tl.where(rf < PER, rf * BITS, 0)
-    acc = tl.zeros((BLOCK_N, BLOCK_W, PER_P2), tl.float32)
-    for w0 in range(w_lo, w_hi, BLOCK_W):
-        rw = w0 + tl.arange(0, BLOCK_W)
+    zero = tl.zeros((BLOCK_N, BLOCK_W), tl.int32)
+    if LANES:
+        # The codebook lives in registers: lane l of each 2**BITS-lane segment holds centroid
+        # l % 2**BITS of every row it works on (the [1, 32]-threads-per-warp layout puts one row
+        # per register slot across the warp), and lookups are shuffles, not global gathers.
+        table = tl.load(book_ptr + rows[:, None] * stride_b + (lane_ids(zero) & ((1 << BITS) - 1)))
+    else:
+        table = 0.0
+    acc = tl.zeros((BLOCK_N, BLOCK_W), tl.float32)
+    x_row = x_ptr + m * stride_xm
+    book_rows = book_ptr + rows[:, None] * stride_b
+    # Whole steps whose words all lie inside K need no masks along K; the rest (at most one step)
+    # does.
+    w_full = w_lo + tl.maximum(tl.minimum(w_hi, K // PER) - w_lo, 0) // BLOCK_W * BLOCK_W
+    cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_W), 4), 4)
+    for w0 in range(w_lo, w_full, BLOCK_W):
+        rw = w0 + cols
+        words = tl.load(p_ptr + rows[:, None] * stride_pn + rw[None, :], eviction_policy="evict_first")
+        acc = _gemv_words(acc, x_row, words, rw, rw < w_hi, K, table, book_rows, zero, BITS, PER, LANES,
+                          SEG, X_KIND, False)
+    if w_full < w_hi:  # one step, not a loop: the steady-state loop above is the hot one
+        rw = w_full + cols
         w_mask = rw < w_hi
-        words = tl.load(p_ptr + rn[:, None] * stride_pn + rw[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)
-        # Arithmetic shift of the signed word, then mask: the sign bits never reach a field.
-        idx = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-        cols = rw[:, None] * PER + rf[None, :]
-        x = tl.load(x_ptr + m * stride_xm + cols, mask=(rf[None, :] < PER) & (cols < K) & w_mask[:, None], other=0.0)
-        w = tl.load(book_ptr + rn[:, None, None] * stride_b + idx, mask=n_mask[:, None, None], other=0.0)
-        acc += w * x.to(tl.float32)[None, :, :]
-    out = tl.sum(tl.sum(acc, 2), 1)
+        words = tl.load(p_ptr + rows[:, None] * stride_pn + rw[None, :], mask=w_mask[None, :], other=0,
+                        eviction_policy="evict_first")
+        acc = _gemv_words(acc, x_row, words, rw, w_mask, K, table, book_rows, zero, BITS, PER, LANES,
+                          SEG, X_KIND, True)
+    out = tl.sum(acc, 1)
     C.store_tile(out[None, :], m + tl.arange(0, 1), rn, M, N, out_ptr, b_ptr, pid_k, HAS_BIAS, SPLIT_K)
 
 
@@ -165,15 +267,19 @@ def codebook_gemv(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor,
     """
     x2, packed, codebook, stride_b = _prepare(x, packed, codebook, bits, k)
     m, (n, words) = x2.shape[0], packed.shape
-    per = 32 // bits
-    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 8) * m, k, n)
+    # The shuffles need a warp's 2**bits-lane segments on one row: every GEMV_CONFIGS entry does that.
+    # Pair loads of x need an even K and (16-bit x) 4-byte aligned pairs.
+    lanes = (bits <= LANE_MAX_BITS and not C.interpreting()
+             and (config is None or min(32, config.kwargs["BLOCK_W"] // 4) >= 2**bits)
+             and k % 2 == 0 and (x2.element_size() == 4 or (x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0)))
+    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 16) * m, k, n)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
     if m and n:
         C.launch(
             _codebook_gemv_kernel, _gemv_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, split),
             (x2, packed, codebook, bias, ws, m, n, k, words, x2.stride(0), packed.stride(0), stride_b),
-            config, INTERP_GEMV, BITS=bits, PER=per, PER_P2=C.next_pow2(per), HAS_BIAS=bias is not None,
-            SPLIT_K=split,
+            config, INTERP_GEMV, BITS=bits, PER=32 // bits, HAS_BIAS=bias is not None, SPLIT_K=split,
+            LANES=lanes, SEG=shuffle_control(bits) if lanes else 0, X_KIND=X_KINDS[x.dtype],
         )
         C.finish_split_k(out, ws, bias, split)
     return out.view(*x.shape[:-1], n)

@@ -1,10 +1,13 @@
 """int8 weight-only matmul: ``x @ (qweight * scales).T + bias`` with fp32 accumulation.
 
-Two kernels: a GEMV for one activation row (weight streamed once, int8 -> fp32 through fp16 bit
-patterns instead of I2F, products kept in a 2-D fp32 accumulator and reduced once at the end) and a tiled ``tl.dot`` GEMM for
-more rows (weight tile converted to the activation dtype in registers). Both can split K across
-programs when the grid is too small to keep every SM loading. A dequantize kernel writes the
-dense weight for large M (then cuBLAS); the ``torchzip::int8_linear`` op picks among them.
+Three kernels: GEMVs for one activation row, a tiled ``tl.dot`` GEMM for more rows (weight tile
+converted to the activation dtype in registers) and a dequantize kernel that writes the dense
+weight for large M (then cuBLAS); the ``torchzip::int8_linear`` op picks among them. The
+GEMV on fp16/bf16 (per channel, or groups of a multiple of 4 columns) reads the weight as int32
+words and turns each int8 into an fp32 subnormal with one byte permute (no I2F, see
+``_int8_gemv_words_kernel``); fp32 activations and unaligned shapes take the tile GEMV (int8 -> fp32 through fp16 bit patterns,
+products kept in a 2-D fp32 accumulator and reduced once at the end). GEMVs and GEMM split K
+across programs when the grid is too small to keep every SM loading.
 """
 
 from __future__ import annotations
@@ -80,6 +83,171 @@ def int8_as_f32(q, FAST: tl.constexpr, EXACT: tl.constexpr):
     if EXACT:
         return q.to(tl.float32)
     return q.to(tl.float32) + 1152.0  # MAGIC_BIAS
+
+
+# The per-channel GEMV on 16-bit activations (the M = 1 decode path) reads the weight as int32
+# words of 4 int8 and turns each into an fp32 *subnormal*, (q + 128) * 2**-149: one byte permute
+# a weight and no conversion instruction, bias-free but for the +128 (taken off once per row as
+# 128 * sum(x)). x is scaled by 2**X_SHIFT so every product stays a normal fp32 number; the row
+# sum is scaled back at the end. The FMA does not flush subnormals (Triton's fp32 math is IEEE;
+# tests/test_sass.py checks there is no FTZ in the loop).
+X_SHIFT = 64
+# 4 words (16 bytes) of a row a thread, a warp on 128 words of one row; BLOCK_N // num_warps rows
+# a thread (8: more would pass 128 registers).
+WORD_CONFIGS = C.configs(("BLOCK_N", "BLOCK_W"), [
+    (8, 128, 1, 2), (16, 128, 2, 2), (32, 128, 4, 2), (16, 128, 4, 2),
+    (8, 256, 2, 2), (16, 256, 4, 2), (4, 128, 1, 2), (8, 128, 2, 2),
+])
+INTERP_WORDS = triton.Config({"BLOCK_N": 16, "BLOCK_W": 8})
+XS_BLOCK = 1024  # x elements a step of the sum(x) pass
+EVICT = True  # evict_first on weight loads (streamed once)
+
+
+def words_constexprs(config: triton.Config, group: int = 0) -> dict:
+    """Constexprs of the word GEMV for a launch config (bf16 x; benchmarks/sass_report.py)."""
+    return {"GROUP": group, "SPLIT_K": 1, "FAST": True, "X_KIND": 0, "XS_BLOCK": XS_BLOCK, "EVICT": EVICT, **config.kwargs}
+
+
+def words_weights_per_iter(constexprs: dict) -> int:
+    """Weights one iteration of the word GEMV's loop consumes."""
+    return constexprs["BLOCK_N"] * constexprs["BLOCK_W"] * 4
+
+
+@triton.jit
+def x_pair(x_ptr, col, ok, X_KIND: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr):
+    """x at ``col`` and ``col + 1`` as fp32 times 2**X_SHIFT (0 where not ``ok``).
+
+    FAST: one 4-byte load in inline PTX marked pure (so it is laid out with the weights it
+    meets); bf16 pairs are scaled by one bf16x2 multiply, fp16 after conversion. X_KIND: 0 bf16, 1 fp16.
+    """
+    if FAST:
+        if MASKED:
+            head: tl.constexpr = ".reg .pred p; setp.ne.s32 p, $3, 0; mov.b32 v, 0; @p "
+            flag = ok.to(tl.int32)
+        else:
+            head: tl.constexpr = ""
+            flag = col
+        if X_KIND == 0:  # 0x5f80 is 2**64 in bf16
+            asm: tl.constexpr = ("{ .reg .b32 v, s; " + head + "ld.global.nc.b32 v, [$2]; mov.b32 s, 0x5f805f80; "
+                                 "mul.rn.bf16x2 v, v, s; shl.b32 $0, v, 16; and.b32 $1, v, 0xffff0000; }")
+        else:
+            asm: tl.constexpr = ("{ .reg .b32 v; .reg .b16 h0, h1; .reg .f32 a, b; " + head
+                                 + "ld.global.nc.b32 v, [$2]; mov.b32 {h0, h1}, v; cvt.f32.f16 a, h0; "
+                                 "cvt.f32.f16 b, h1; mul.rn.f32 $0, a, 0f5F800000; mul.rn.f32 $1, b, 0f5F800000; }")
+        return tl.inline_asm_elementwise(asm, "=r,=r,l,r", [(x_ptr + col).to(tl.int64), flag],
+                                         dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    x0 = tl.load(x_ptr + col, mask=ok, other=0.0).to(tl.float32) * 18446744073709551616.0  # 2**X_SHIFT
+    x1 = tl.load(x_ptr + col + 1, mask=ok, other=0.0).to(tl.float32) * 18446744073709551616.0
+    return x0, x1
+
+
+@triton.jit
+def load_f32(ptr, FAST: tl.constexpr):
+    """fp32 at ``ptr`` (in bounds); FAST: a load in inline PTX marked pure, so the identical loads
+    of a thread's words merge into one."""
+    if FAST:
+        return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=f,l", [ptr.to(tl.int64)], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return tl.load(ptr)
+
+
+@triton.jit
+def int8x4_fma(word, x0, x1, x2, x3, acc, FAST: tl.constexpr):
+    """``acc + sum_j (q_j + 128) * 2**-149 * x_j`` over the 4 int8 ``q_j`` of an int32 word.
+
+    FAST: one XOR (q + 128 as unsigned bytes) and per weight one byte permute that places the byte
+    under a zero exponent (the subnormal u * 2**-149) and one FMA. The interpreter computes the
+    same numbers with integer ops.
+    """
+    if FAST:
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 t, w; xor.b32 t, $1, 0x80808080;
+            prmt.b32 w, t, 0, 0x4440; fma.rn.f32 $0, w, $2, $6;
+            prmt.b32 w, t, 0, 0x4441; fma.rn.f32 $0, w, $3, $0;
+            prmt.b32 w, t, 0, 0x4442; fma.rn.f32 $0, w, $4, $0;
+            prmt.b32 w, t, 0, 0x4443; fma.rn.f32 $0, w, $5, $0; }""",
+            "=f,r,f,f,f,f,f", [word, x0, x1, x2, x3, acc], dtype=tl.float32, is_pure=True, pack=1)
+    t = word ^ -2139062144  # 0x80808080 as int32
+    # u * 2**-149 as (u * 2**-75) * 2**-74, both exact (a literal below fp32's normal range would
+    # be taken as fp64).
+    acc += ((t & 0xFF).to(tl.float32) * 2.6469779601696886e-23 * 5.293955920339377e-23) * x0
+    acc += (((t >> 8) & 0xFF).to(tl.float32) * 2.6469779601696886e-23 * 5.293955920339377e-23) * x1
+    acc += (((t >> 16) & 0xFF).to(tl.float32) * 2.6469779601696886e-23 * 5.293955920339377e-23) * x2
+    acc += (((t >> 24) & 0xFF).to(tl.float32) * 2.6469779601696886e-23 * 5.293955920339377e-23) * x3
+    return acc
+
+
+@triton.jit
+def _gemv_step(acc, x_ptr, q_ptr, s_ptr, rn, rw, w_mask, stride_qn, stride_sn, K, zero_row, GROUP: tl.constexpr,
+               X_KIND: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr, EVICT: tl.constexpr):
+    # rn is clamped to real rows, so only the ragged step needs a mask (a masked load also costs
+    # the zeroing of its registers).
+    if MASKED:
+        words = tl.load(q_ptr + rn[:, None] * stride_qn + rw[None, :], mask=w_mask[None, :], other=0,
+                        eviction_policy="evict_first")
+    elif EVICT:
+        words = tl.load(q_ptr + rn[:, None] * stride_qn + rw[None, :], eviction_policy="evict_first")
+    else:
+        words = tl.load(q_ptr + rn[:, None] * stride_qn + rw[None, :])
+    # x as a [1, words] tile: one copy per thread, broadcast over its rows; word w meets columns
+    # 4w .. 4w + 3 (K is a multiple of 4, so a word is in range or not as a whole).
+    col = rw[None, :] * 4 + zero_row
+    ok = w_mask[None, :] & (col < K)
+    x0, x1 = x_pair(x_ptr, col, ok, X_KIND, FAST, MASKED)
+    x2, x3 = x_pair(x_ptr, col + 2, ok, X_KIND, FAST, MASKED)
+    if GROUP == 0:
+        return int8x4_fma(words, x0, x1, x2, x3, acc, FAST)
+    # Groups: a thread's 4 words (16 columns) lie in one group, so each word's sum is scaled once:
+    # (sum (q + 128) x) - 128 sum(x) per word (two FMAs for 4 weights), times its group's scale,
+    # loaded once per thread and row. The group index is clamped: past K, x is 0 anyway.
+    part = int8x4_fma(words, x0, x1, x2, x3, tl.zeros_like(acc), FAST)
+    x_off = ((x0 + x1) + (x2 + x3)) * 6.938893903907228e-18  # 128 * 2**-X_SHIFT
+    g = tl.minimum(col // GROUP, K // GROUP - 1)
+    scale = load_f32(s_ptr + rn[:, None] * stride_sn + g, FAST)
+    return acc + (part * 3.8685626227668134e25 - x_off) * scale  # 2**(149 - X_SHIFT)
+
+
+@triton.jit
+def _int8_gemv_words_kernel(
+    x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K, FAST: tl.constexpr, X_KIND: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, XS_BLOCK: tl.constexpr, EVICT: tl.constexpr,
+):
+    """int8 GEMV on 16-bit x, per channel (GROUP 0) or in groups; ``q_ptr`` the weight as int32
+    words, ``stride_qn`` in words."""
+    pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    KW = K // 4
+    w_span = tl.cdiv(KW, SPLIT_K * BLOCK_W) * BLOCK_W
+    w_lo = pid_k * w_span
+    w_hi = tl.minimum(w_lo + w_span, KW)
+    x_row = x_ptr + m * stride_xm
+    zero_row = tl.zeros((1, BLOCK_W), tl.int32)
+    acc = tl.zeros((BLOCK_N, BLOCK_W), tl.float32)
+    rows = tl.minimum(rn, N - 1)  # rows past N repeat the last one; their sums are not stored
+    cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_W), 4), 4)
+    w_full = w_lo + (w_hi - w_lo) // BLOCK_W * BLOCK_W
+    for w0 in range(w_lo, w_full, BLOCK_W):
+        acc = _gemv_step(acc, x_row, q_ptr, s_ptr, rows, w0 + cols, w0 + cols < w_hi, stride_qn, stride_sn, K,
+                         zero_row, GROUP, X_KIND, FAST, False, EVICT)
+    if w_full < w_hi:  # the ragged last step, not a loop: the loop above is the hot one
+        acc = _gemv_step(acc, x_row, q_ptr, s_ptr, rows, w_full + cols, w_full + cols < w_hi, stride_qn,
+                         stride_sn, K, zero_row, GROUP, X_KIND, FAST, True, EVICT)
+    if GROUP == 0:
+        # sum(x) over this program's columns, for the +128 of every weight: its own short pass, as
+        # a sum inside the loop would be laid out apart from the weights and load x twice.
+        xs = tl.zeros((XS_BLOCK,), tl.float32)
+        for k0 in range(4 * w_lo, 4 * w_hi, XS_BLOCK):
+            rk = k0 + tl.arange(0, XS_BLOCK)
+            xs += tl.load(x_row + rk, mask=rk < 4 * w_hi, other=0.0).to(tl.float32)
+        # sum (q + 128) x 2**(X_SHIFT - 149) -> sum q x: scale back (an exact power of two), take
+        # off 128 sum(x), scale the row.
+        out = tl.sum(acc, 1) * 3.8685626227668134e25 - 128.0 * tl.sum(xs, 0)
+        out *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0)
+    else:
+        out = tl.sum(acc, 1)
+    C.store_tile(out[None, :], m + tl.arange(0, 1), rn, M, N, out_ptr, b_ptr, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -184,6 +352,7 @@ def _int8_dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, stride_qn, stride_sn, GROU
 
 
 _gemv_tuned = C.tuned(_int8_gemv_kernel, GEMV_CONFIGS, key=["N", "K", "GROUP", "SPLIT_K", "FOLD"])
+_words_tuned = C.tuned(_int8_gemv_words_kernel, WORD_CONFIGS, key=["N", "K", "GROUP", "SPLIT_K", "X_KIND"])
 _gemm_tuned = C.tuned(_int8_gemm_kernel, C.GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "SPLIT_K"], prune=C.prune_gemm)
 
 
@@ -194,6 +363,15 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_s
     g = 1 if group_size == 0 else k // group_size
     if scales.shape != (n, g) or scales.dtype != torch.float32:
         raise ValueError(f"scales must be float32 {(n, g)}, got {scales.dtype} {tuple(scales.shape)}")
+
+
+def words_path(x2: torch.Tensor, qweight: torch.Tensor, group_size: int) -> bool:
+    """Whether the GEMV takes the int32-word kernel: per channel or groups of a multiple of 4
+    columns (a word in one group), 16-bit x, K a multiple of 4 and 4-byte aligned weight rows and
+    x pairs."""
+    k = qweight.shape[1]
+    return (group_size % 4 == 0 and x2.dtype in (torch.bfloat16, torch.float16) and k % 4 == 0
+            and qweight.data_ptr() % 4 == 0 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0)
 
 
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
@@ -209,7 +387,16 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
     qweight, scales = qweight.contiguous(), scales.contiguous()
     split = split_k or C.pick_split_k(x2, triton.cdiv(n, 8) * m, k, n)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
-    if m and n:
+    if m and n and words_path(x2, qweight, group_size) and (config is None or "BLOCK_W" in config.kwargs):
+        C.launch(
+            _int8_gemv_words_kernel, _words_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, split),
+            (x2, qweight.view(torch.int32), scales, bias, ws, m, n, k, x2.stride(0), qweight.stride(0) // 4,
+             scales.stride(0)),
+            config, INTERP_WORDS, GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split, FAST=not C.interpreting(),
+            X_KIND=0 if x.dtype == torch.bfloat16 else 1, XS_BLOCK=XS_BLOCK, EVICT=EVICT,
+        )
+        C.finish_split_k(out, ws, bias, split)
+    elif m and n:
         C.launch(
             _int8_gemv_kernel, _gemv_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, split),
             (x2, qweight, scales, bias, ws, m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0)),

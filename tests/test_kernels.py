@@ -111,6 +111,27 @@ def test_int8_kernels(seed, group_size, dtype, m, with_bias):
         check(int8.int8_gemv(x, w.qweight, w.scales, bias, group_size), ref, dtype, seed, "gemv " + what)
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("split", (None, 2, 3))
+def test_int8_word_gemv(seed, dtype, split):
+    """The per-channel word GEMV (weights as fp32 subnormals, x scaled by 2**64, 128 * sum(x) taken
+    off) at K = 4 * odd (a ragged last step), with x of large and tiny magnitude; an x row that
+    starts off a 4-byte boundary takes the tile GEMV instead."""
+    n, k = pick_n(), 4 * (randint(17, 100) | 1)
+    w = Int8Weight.from_float(torch.randn(n, k), 0)
+    bias = torch.randn(n).to(dtype)
+    for scale in (1.0, 1e3, 1e-5):
+        x = (torch.randn(randint(1, 3), k) * scale).to(dtype)
+        assert int8.words_path(x, w.qweight, 0)
+        ref = int8.reference(x, w.qweight, w.scales, bias, 0)
+        check(int8.int8_gemv(x, w.qweight, w.scales, bias, 0, split_k=split), ref, dtype, seed,
+              f"word gemv {dtype} N={n} K={k} x*{scale} split={split}")
+    x = torch.randn(1, k + 1).to(dtype)[:, 1:]
+    assert not int8.words_path(x, w.qweight, 0)
+    check(int8.int8_gemv(x, w.qweight, w.scales, None, 0), int8.reference(x, w.qweight, w.scales, None, 0), dtype,
+          seed, "unaligned x")
+
+
 # ---- codebook ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bits,books,dtype,m,with_bias", cases((2, 3, 4, 8), ("layer", "channel"), DTYPES))

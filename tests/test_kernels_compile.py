@@ -45,10 +45,20 @@ def variants():
     out.append((C._splitk_reduce_kernel, {"ws_ptr": "*fp32", "b_ptr": bf16, "out_ptr": bf16},
                 {"SPLIT_K": 4, "HAS_BIAS": True, "BLOCK": 1024}, 4, 1))
     cb = {"x_ptr": bf16, "p_ptr": "*i32", "book_ptr": "*fp32", "b_ptr": bf16, "out_ptr": bf16}
+    words = {**int8, "q_ptr": "*i32"}
+    for c in (I8.WORD_CONFIGS[0], I8.WORD_CONFIGS[3]):
+        for x_kind, x_type in ((0, bf16), (1, "*fp16")):
+            for g in (0, 128):
+                out.append((I8._int8_gemv_words_kernel, {**words, "x_ptr": x_type},
+                            {"HAS_BIAS": True, **I8.words_constexprs(c, g), "X_KIND": x_kind}, c.num_warps,
+                            c.num_stages))
     for bits in (3, 4):
         per = {"BITS": bits, "PER": 32 // bits, "PER_P2": C.next_pow2(32 // bits)}
-        out.append((CB._codebook_gemv_kernel, cb, {**per, "HAS_BIAS": False, "SPLIT_K": 1,
-                                                   **CB.GEMV_CONFIGS[0].kwargs}, 4, 2))
+        c = CB.GEMV_CONFIGS[0]
+        for lanes, x_kind, x_type in ((True, 0, bf16), (True, 1, "*fp16"), (True, 2, "*fp32"), (False, 0, bf16)):
+            out.append((CB._codebook_gemv_kernel, {**cb, "x_ptr": x_type},
+                        {**CB.gemv_constexprs(bits, c, lanes), "X_KIND": x_kind, "HAS_BIAS": False},
+                        c.num_warps, c.num_stages))
         out += [(CB._codebook_gemm_kernel, cb, {**per, **dot, **c.kwargs}, c.num_warps, c.num_stages)
                 for c in (CB.GEMM_CONFIGS[1], CB.GEMM_CONFIGS[-1])]
     for kind, values in ((0, bf16), (1, "*i8"), (2, "*u8")):
