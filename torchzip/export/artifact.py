@@ -122,7 +122,7 @@ def export(model: nn.Module, path: str | os.PathLike, *, progress: bool | None =
             for tensor in layer.packed_weights():
                 if out.section.size >= SECTION_BYTES:
                     n_sections += 1
-                    yield out.section.getvalue()
+                    yield out.section
                     out = StreamWriter()
                 entry, keys = _encode_weight(name, layer, tensor, out, first, len(layers))
                 entry["section"] = n_sections
@@ -140,7 +140,7 @@ def export(model: nn.Module, path: str | os.PathLike, *, progress: bool | None =
             if same is not None:
                 stored.setdefault(same, dense[key])
         n_sections += 1
-        yield out.section.getvalue()
+        yield out.section
 
     def manifest() -> dict:
         return {"format": "torchzip", "torchzip_version": __version__, "layers": layers,

@@ -101,7 +101,7 @@ class StreamWriter:
 
     def int8(self, q: torch.Tensor, **extra: Any) -> dict:
         """int8 values: Huffman-coded bytes, or raw when that is smaller (short streams)."""
-        data = q.detach().cpu().numpy().astype(np.int8).reshape(-1)
+        data = q.detach().cpu().numpy().astype(np.int8, copy=False).reshape(-1)
         stream = self.code(data.view(np.uint8), 256)
         if huffman.stored_bytes(stream) >= data.size:
             return self.raw(torch.from_numpy(data.copy()), **extra)

@@ -225,6 +225,16 @@ def group_codes(symbols: np.ndarray, alphabet: int, group: int) -> np.ndarray:
     return rows.astype(np.int64) @ (np.int64(alphabet) ** np.arange(group, dtype=np.int64))
 
 
+def _bincount(codes: np.ndarray, values: int) -> np.ndarray:
+    """``np.bincount(codes, minlength=values)`` a slab at a time (bincount widens its input to
+    int64: eight bytes a code for a whole stream)."""
+    counts = np.zeros(values, np.int64)
+    for first in range(0, codes.size, _ENCODE_SLAB):
+        counts += np.bincount(codes[first: first + _ENCODE_SLAB], minlength=values)[:values] \
+            if values else 0
+    return counts
+
+
 def _choose_group(symbols: np.ndarray, alphabet: int, max_len: int) -> tuple[int, np.ndarray]:
     """The group size whose payload plus stored lengths table is smallest (1 unless A <= 16),
     with the stream's code values for it."""
@@ -233,7 +243,7 @@ def _choose_group(symbols: np.ndarray, alphabet: int, max_len: int) -> tuple[int
         if g > 1 and alphabet**g > 256:
             break
         codes = group_codes(symbols, alphabet, g)
-        counts = np.bincount(codes, minlength=alphabet**g)
+        counts = _bincount(codes, alphabet**g)
         if np.count_nonzero(counts) > 1 << max_len:  # more used values than codes that short
             continue
         size = int((counts * code_lengths(counts, max_len)).sum()) / 8 + alphabet**g / 2
@@ -259,10 +269,14 @@ def _in_lane_order(codes: np.ndarray, lanes: int) -> np.ndarray:
     m = codes.size
     rows = -(-m // lanes)
     full = m - (rows - 1) * lanes  # lanes 0 .. full-1 hold `rows` codes, the others one fewer
-    padded = np.zeros(rows * lanes, codes.dtype)
-    padded[:m] = codes
-    by_lane = padded.reshape(rows, lanes).T
-    return np.concatenate([by_lane[:full].reshape(-1), by_lane[full:, : rows - 1].reshape(-1)])
+    out = np.empty(m, codes.dtype)
+    # Copied straight into place: no padded copy and no per-part copies of a big stream.
+    grid = codes[: (rows - 1) * lanes].reshape(rows - 1, lanes)  # the complete rows
+    head = out[: full * rows].reshape(full, rows)
+    head[:, : rows - 1] = grid[:, :full].T
+    head[:, rows - 1] = codes[(rows - 1) * lanes:]
+    out[full * rows:].reshape(lanes - full, rows - 1)[...] = grid[:, full:].T
+    return out
 
 
 def lane_counts(m: int, lanes: int) -> np.ndarray:
@@ -317,7 +331,7 @@ def encode(
     if codes is None:
         codes = group_codes(symbols, alphabet_size, group)
     values = max(alphabet_size**group, 1) if group > 1 else alphabet_size
-    counts = np.bincount(codes, minlength=values)
+    counts = _bincount(codes, values)
     lengths = code_lengths(counts, max_len)
     m = codes.size
     if m == 0:
@@ -331,7 +345,12 @@ def encode(
     codes = _in_lane_order(codes, lanes)
     # Bits per lane, then lane starts: no running offset per code is held for the whole stream.
     firsts = np.concatenate(([0], np.cumsum(lane_counts(m, lanes))[:-1]))  # payload index of each lane's first code
-    lane_bits = np.add.reduceat(lengths[codes], firsts, dtype=np.int64)
+    # Summed a slab of whole lanes at a time: reduceat would widen every code's length to int64.
+    lane_bits = np.empty(lanes, np.int64)
+    step = max(1, _ENCODE_SLAB // min(chunk_size, m))
+    for j in range(0, lanes, step):
+        a, b = int(firsts[j]), int(firsts[j + step]) if j + step < lanes else m
+        lane_bits[j: j + step] = np.add.reduceat(sym_len[codes[a:b]], firsts[j: j + step] - a)
     total_bits = int(lane_bits.sum())
     chunk_bits = np.concatenate(([0], np.cumsum(lane_bits)[:-1])).astype(np.int64)
     return HuffmanStream(lengths, _pack_codes(codes, sym_len, canonical_codes(lengths, max_len), total_bits),
@@ -361,7 +380,9 @@ def _pack_codes(codes: np.ndarray, sym_len: np.ndarray, table: np.ndarray, total
         words[base : base + first_in_word.size + 1] += np.add.reduceat(head, np.concatenate(([0], first_in_word)))
         spill = np.flatnonzero(room < 0)
         words[word[spill] + 1] += code[spill] << (64 + room[spill]).astype(np.uint64)
-    return words.astype(">u8").tobytes()[: (total_bits + 7) // 8]
+    if words.dtype.byteorder != ">" and np.little_endian:
+        words.byteswap(inplace=True)  # big-endian words, in place: no second copy of the stream
+    return words.view(np.uint8)[: (total_bits + 7) // 8].tobytes()
 
 
 def decode_table(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
