@@ -30,6 +30,7 @@ Format of a coded stream (what :class:`HuffmanStream` holds; docs/FORMAT.md says
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -521,8 +522,11 @@ def check_chunk_ends(end: np.ndarray, chunk_bits: np.ndarray, payload: np.ndarra
         )
 
 
-def decode(stream: HuffmanStream) -> np.ndarray:
+def decode(stream: HuffmanStream, release: Callable[[], None] | None = None) -> np.ndarray:
     """Decode a :class:`HuffmanStream` back to its symbols.
+
+    ``release``: called after each slab of lanes is decoded (a reader of a memory-mapped file
+    hands back the payload pages read so far, so a big stream's pages do not pile up).
 
     Returns uint8 symbols when the alphabet has at most 256 entries, else uint16. Works on all
     lanes at once: each step decodes the next code of every lane with a table lookup. Checks that
@@ -549,7 +553,7 @@ def decode(stream: HuffmanStream) -> np.ndarray:
         check_group_padding(out[n:], n)
         return out[:n]
     chunk_bits = np.asarray(stream.chunk_bits).astype(np.int64)
-    _decode_lanes(payload, chunk_bits, m, packed, sizes, width, out.view(packed.dtype))
+    _decode_lanes(payload, chunk_bits, m, packed, sizes, width, out.view(packed.dtype), release)
     check_group_padding(out[n:], n)
     return out[:n]
 
@@ -561,6 +565,28 @@ def check_group_padding(past_end: np.ndarray, n: int) -> None:
         raise FormatError(f"Huffman stream's last code adds non-zero symbols past its {n} symbols")
 
 
+def _windows(payload: np.ndarray, n_words: int) -> np.ndarray:
+    """``win[i]``: the 64 bits at byte ``4 * i`` of ``payload`` (zero padded to ``4 * n_words``
+    bytes), big-endian. Filled a 32-bit half at a time straight from the payload: no padded copy
+    of it and no array of its words (each would be another payload or two of memory)."""
+    win = np.zeros(n_words - 1, np.uint64)
+    k = payload.size // 4  # whole words; n_words >= k + 2, so the partial one and its successor fit
+    tail = np.zeros(4, np.uint8)
+    tail[: payload.size - 4 * k] = payload[4 * k:]
+    words, last = payload[: 4 * k].view(">u4"), tail.view(">u4")[0]
+    if np.little_endian:
+        halves = win.view(np.uint32).reshape(-1, 2)
+        high, low = halves[:, 1], halves[:, 0]
+        high[:k], high[k] = words, last
+        if k:
+            low[: k - 1], low[k - 1] = words[1:], last
+    else:  # pragma: no cover - big-endian hosts
+        padded = np.concatenate([words, [last]]).astype(np.uint64)
+        win[: k + 1] = padded << np.uint64(32)
+        win[:k] |= padded[1:]
+    return win
+
+
 def _decode_lanes(
     payload: np.ndarray,
     chunk_bits: np.ndarray,
@@ -569,25 +595,52 @@ def _decode_lanes(
     sizes: np.ndarray,
     width: int,
     out: np.ndarray,
+    release: Callable[[], None] | None = None,
 ) -> None:
-    """Decode all ``m`` codes into ``out`` (``packed[value]`` each), stepping every lane at once."""
+    """Decode all ``m`` codes into ``out`` (``packed[value]`` each), stepping every lane at once.
+
+    Lanes are taken :data:`_DECODE_LANES` at a time: each slab's windows cover only its own
+    bytes of the payload (a lane's codes lie in its own bits, so a slab needs nothing else), and
+    its working arrays stay in cache; memory beyond ``out`` is a few bytes a lane."""
     lanes = chunk_bits.size
     q, r = divmod(m, lanes)
+    rows = out[: q * lanes].reshape(q, lanes)
+    last = np.empty(lanes, out.dtype)  # the partial last step, for lanes < r
+    end = np.empty(lanes, np.int64)
+    for j0 in range(0, lanes, _DECODE_LANES):
+        j1 = min(lanes, j0 + _DECODE_LANES)
+        byte0 = int(chunk_bits[j0]) // 32 * 4  # windows start on 4-byte boundaries
+        stop = (int(chunk_bits[j1]) + 7) // 8 if j1 < lanes else payload.size
+        block = np.empty((q + (r > 0), j1 - j0), out.dtype)
+        _decode_slab(payload[byte0:stop], chunk_bits[j0:j1] - 8 * byte0, q, max(0, min(r, j1) - j0), packed, sizes,
+                     width, block, end[j0:j1])
+        rows[:, j0:j1] = block[:q]
+        if r > j0:
+            last[j0:j1] = block[q]
+        end[j0:j1] += 8 * byte0
+        if release is not None:
+            release()
+    if r:
+        out[q * lanes:] = last[:r]
+    check_chunk_ends(end, chunk_bits, payload)
+
+
+_DECODE_LANES = 8192  # lanes decoded together (see _decode_lanes)
+
+
+def _decode_slab(payload: np.ndarray, chunk_bits: np.ndarray, q: int, r: int, packed: np.ndarray, sizes: np.ndarray,
+                 width: int, block: np.ndarray, end: np.ndarray) -> None:
+    """Decode a slab of lanes (``chunk_bits``: their starts within ``payload``) into ``block``
+    (one row a step; the last row only for the first ``r`` lanes, which hold ``q + 1`` codes);
+    ``end`` gets each lane's final bit cursor."""
+    lanes = chunk_bits.size
     steps = q + (r > 0)
     # 64-bit big-endian windows starting at every 4-byte boundary. Lanes past their own codes
     # (in the last, partial step) read on into the next lane or past the payload: pad with zeros
     # as far as any lane can reach.
     reach = int(chunk_bits[-1]) + steps * width + 64
-    n_words = max(payload.size, reach // 8) // 4 + 2
-    buf = np.zeros(4 * n_words, np.uint8)
-    buf[: payload.size] = payload
-    words = np.frombuffer(buf, ">u4").astype(np.uint64)
-    win = (words[:-1] << np.uint64(32)) | words[1:]
-
-    rows = out[: q * lanes].reshape(q, lanes)
-    last = np.empty(lanes, out.dtype)  # the partial last step, for lanes < r
-    c = chunk_bits.copy()  # bit cursor of every lane
-    end = c
+    win = _windows(payload, max(payload.size, reach // 8) // 4 + 2)
+    c = chunk_bits.astype(np.int64)  # bit cursor of every lane
     word = np.empty(lanes, np.int64)
     offset = np.empty(lanes, np.uint64)
     w = np.empty(lanes, np.uint64)
@@ -612,29 +665,30 @@ def _decode_lanes(
         band(c_u, low5, offset)
         lshift(w, offset, w)
         rshift(w, shift, x)
-        code_take(xi, None, rows[t], "clip")
+        code_take(xi, None, block[t], "clip")
         size_take(xi, None, adv, "clip")
         add(c, adv, c)
         lshift(w, adv_u, w)
         rshift(w, shift, x)
-        code_take(xi, None, rows[t + 1], "clip")
+        code_take(xi, None, block[t + 1], "clip")
         size_take(xi, None, adv, "clip")
         add(c, adv, c)
+    end[:] = c
     for t in range(2 * pairs, steps):
         if t == q:  # lanes >= r hold only q codes: they end here
-            end = c.copy()
+            end[:] = c
         rshift(c, five, word)
         win_take(word, None, w, "clip")
         band(c_u, low5, offset)
         lshift(w, offset, w)
         rshift(w, shift, x)
-        code_take(xi, None, rows[t] if t < q else last, "clip")
+        code_take(xi, None, block[t], "clip")
         size_take(xi, None, adv, "clip")
         add(c, adv, c)
-    if r:
+    if steps == q:
+        end[:] = c
+    else:
         end[:r] = c[:r]
-        out[q * lanes :] = last[:r]
-    check_chunk_ends(end, chunk_bits, payload)
 
 
 # ---- how a stream's tables are stored (docs/FORMAT.md) -------------------------------------
