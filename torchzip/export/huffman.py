@@ -236,10 +236,10 @@ def _bincount(codes: np.ndarray, values: int) -> np.ndarray:
     return counts
 
 
-def _choose_group(symbols: np.ndarray, alphabet: int, max_len: int) -> tuple[int, np.ndarray]:
+def _choose_group(symbols: np.ndarray, alphabet: int, max_len: int) -> tuple[int, np.ndarray, np.ndarray]:
     """The group size whose payload plus stored lengths table is smallest (1 unless A <= 16),
-    with the stream's code values for it."""
-    best, best_bytes = (1, symbols), None
+    with the stream's code values and their counts for it."""
+    best, best_bytes = (1, symbols, None), None
     for g in GROUPS:
         if g > 1 and alphabet**g > 256:
             break
@@ -249,7 +249,7 @@ def _choose_group(symbols: np.ndarray, alphabet: int, max_len: int) -> tuple[int
             continue
         size = int((counts * code_lengths(counts, max_len)).sum()) / 8 + alphabet**g / 2
         if best_bytes is None or size < best_bytes:
-            best, best_bytes = (g, codes), size
+            best, best_bytes = (g, codes, counts), size
     return best
 
 
@@ -322,17 +322,19 @@ def encode(
     # The narrowest type that holds every symbol: the coder's temporaries scale with it.
     narrow = np.uint8 if alphabet_size <= 256 else np.uint16 if alphabet_size <= 1 << 16 else np.int64
     symbols = symbols.astype(narrow, copy=False)
-    codes = None
+    codes = counts = None
     if group is None:
-        group, codes = _choose_group(symbols, alphabet_size, max_len) if symbols.size else (1, symbols)
+        group, codes, counts = _choose_group(symbols, alphabet_size, max_len) if symbols.size else \
+            (1, symbols, np.zeros(alphabet_size, np.int64))
     if group not in GROUPS or (group > 1 and not 1 <= alphabet_size**group <= 256):
         raise ValueError(f"group must be one of {GROUPS} with alphabet_size**group <= 256 when above 1, "
                          f"got {group} for an alphabet of {alphabet_size}")
 
+    values = max(alphabet_size**group, 1) if group > 1 else alphabet_size
     if codes is None:
         codes = group_codes(symbols, alphabet_size, group)
-    values = max(alphabet_size**group, 1) if group > 1 else alphabet_size
-    counts = _bincount(codes, values)
+    if counts is None:
+        counts = _bincount(codes, values)
     lengths = code_lengths(counts, max_len)
     m = codes.size
     if m == 0:
@@ -360,20 +362,29 @@ def encode(
 
 def _pack_codes(codes: np.ndarray, sym_len: np.ndarray, table: np.ndarray, total_bits: int) -> bytes:
     """The MSB-first bit string of ``codes`` (``sym_len``, ``table``: length and code of each value)."""
-    # Build the stream as big-endian 64-bit words. Codes are at most 20 bits, so every word holds
-    # the start of at least one code, and a code spills into at most the next word.
+    # Build the stream as big-endian 64-bit words. Neighbouring codes are first joined into codes
+    # of at most 64 bits (two, then four at a time: each join halves the work below); a code of
+    # at most 64 bits spills into at most the next word, so every word holds the start of one.
     words = np.zeros(total_bits // 64 + 2, np.uint64)
     sym_code = table.astype(np.uint64)
+    longest = int(sym_len.max()) if sym_len.size else 0
     at = 0  # bits before this slab
     for first in range(0, codes.size, _ENCODE_SLAB):
         part = codes[first : first + _ENCODE_SLAB]
         lens = sym_len[part]
+        code = sym_code[part]
+        width = longest
+        while 0 < 2 * width <= 64 and lens.size > 1:
+            if lens.size % 2:  # an empty code (no bits) pairs with the last one
+                lens, code = np.append(lens, 0), np.append(code, np.uint64(0))
+            code = (code[0::2] << lens[1::2].astype(np.uint64)) | code[1::2]
+            lens = lens[0::2] + lens[1::2]
+            width *= 2
         ends = at + np.cumsum(lens)
         starts = ends - lens
         at = int(ends[-1])
         word = starts >> 6
         room = 64 - (starts & 63) - lens  # bits left in the word after the code; < 0 spills
-        code = sym_code[part]
         head = (code << np.maximum(room, 0).astype(np.uint64)) >> np.maximum(-room, 0).astype(np.uint64)
         # Codes never share bits, so summing a word's pieces is the same as OR-ing them.
         first_in_word = np.flatnonzero(np.diff(word)) + 1
@@ -599,7 +610,7 @@ def _decode_lanes(
 ) -> None:
     """Decode all ``m`` codes into ``out`` (``packed[value]`` each), stepping every lane at once.
 
-    Lanes are taken :data:`_DECODE_LANES` at a time: each slab's windows cover only its own
+    Lanes are taken a slab at a time: each slab's windows cover only its own
     bytes of the payload (a lane's codes lie in its own bits, so a slab needs nothing else), and
     its working arrays stay in cache; memory beyond ``out`` is a few bytes a lane."""
     lanes = chunk_bits.size
@@ -607,8 +618,11 @@ def _decode_lanes(
     rows = out[: q * lanes].reshape(q, lanes)
     last = np.empty(lanes, out.dtype)  # the partial last step, for lanes < r
     end = np.empty(lanes, np.int64)
-    for j0 in range(0, lanes, _DECODE_LANES):
-        j1 = min(lanes, j0 + _DECODE_LANES)
+    # Slabs of about _DECODE_BYTES of payload (their windows take twice that), of at least
+    # _DECODE_LANES lanes (fewer would make the loop's per-call cost show).
+    per = max(_DECODE_LANES, -(-lanes * _DECODE_BYTES // max(payload.size, 1)))
+    for j0 in range(0, lanes, per):
+        j1 = min(lanes, j0 + per)
         byte0 = int(chunk_bits[j0]) // 32 * 4  # windows start on 4-byte boundaries
         stop = (int(chunk_bits[j1]) + 7) // 8 if j1 < lanes else payload.size
         block = np.empty((q + (r > 0), j1 - j0), out.dtype)
@@ -625,7 +639,8 @@ def _decode_lanes(
     check_chunk_ends(end, chunk_bits, payload)
 
 
-_DECODE_LANES = 8192  # lanes decoded together (see _decode_lanes)
+_DECODE_LANES = 8192  # fewest lanes decoded together (see _decode_lanes)
+_DECODE_BYTES = 4 << 20  # payload bytes decoded together
 
 
 def _decode_slab(payload: np.ndarray, chunk_bits: np.ndarray, q: int, r: int, packed: np.ndarray, sizes: np.ndarray,
