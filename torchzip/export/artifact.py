@@ -480,6 +480,7 @@ def _plan_load(path: str | os.PathLike, skeleton: nn.Module, on: torch.device | 
         if head.tied is None:
             packed, bias = decode_layer(entry, section, on)
             container.release_pages(sections)  # a mapped file's pages: read once, then let go
+            trim_heap()  # and the decoder's freed temporaries, which lie between the kept tensors
         else:
             packed, bias = decoded[head.tied], decode_bias(entry, section)
         decoded.append(packed)

@@ -639,8 +639,8 @@ def _decode_lanes(
     check_chunk_ends(end, chunk_bits, payload)
 
 
-_DECODE_LANES = 8192  # fewest lanes decoded together (see _decode_lanes)
-_DECODE_BYTES = 4 << 20  # payload bytes decoded together
+_DECODE_LANES = 2048  # fewest lanes decoded together (see _decode_lanes)
+_DECODE_BYTES = 1 << 20  # payload bytes decoded together
 
 
 def _decode_slab(payload: np.ndarray, chunk_bits: np.ndarray, q: int, r: int, packed: np.ndarray, sizes: np.ndarray,
