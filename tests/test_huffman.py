@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from torchzip.errors import FormatError
+from torchzip.export import huffman
 from torchzip.export.huffman import (
     MAX_CODE_LEN,
     HuffmanStream,
@@ -630,3 +631,28 @@ def test_corrupt_chunk_table_raises(rng):
     for header in ((-1, median, k), (501, -5, k), (501, median, 41), (501, 2**63, k)):
         with pytest.raises(FormatError, match="chunk table header"):
             unpack_chunks(data, *header)
+
+
+@pytest.mark.parametrize("alphabet, group, max_len", [(300, 1, 20), (256, 1, 15), (16, 2, 15), (3, 4, 16)])
+def test_joined_codes_and_decoder_slabs_match_bit_by_bit_reference(rng, monkeypatch, alphabet, group, max_len):
+    # Tiny, odd slabs: codes are joined (15 -> 30 -> 60 bits, or 20 -> 40) within slabs that end
+    # anywhere, and the decoder runs many slabs of lanes whose windows cover only their own bytes.
+    monkeypatch.setattr(huffman, "_ENCODE_SLAB", int(rng.integers(3, 60)))
+    monkeypatch.setattr(huffman, "_DECODE_LANES", int(rng.integers(1, 5)))
+    monkeypatch.setattr(huffman, "_DECODE_BYTES", int(rng.integers(1, 40)))
+    n = int(rng.integers(500, 3000))
+    symbols = zipf(rng, n, alphabet, 1.6)  # skewed: long codes for the rare symbols
+    chunk_size = int(rng.integers(1, 60))
+    stream = encode(symbols, alphabet, chunk_size=chunk_size, group=group, max_len=max_len)
+    payload, starts = reference_payload(symbols, alphabet, group, stream.lengths, chunk_size)
+    assert bytes(stream.payload) == payload and stream.chunk_bits.tolist() == starts
+    assert stream.chunk_bits.size > 4 * huffman._DECODE_LANES  # several slabs
+    np.testing.assert_array_equal(decode(stream), symbols)
+    released = []
+    np.testing.assert_array_equal(decode(stream, release=lambda: released.append(1)), symbols)
+    assert len(released) > 1  # called after each slab
+    # A lane that ends one bit off is caught across slab boundaries too.
+    bad = stream.chunk_bits.copy()
+    bad[len(bad) // 2] += 1
+    with pytest.raises(FormatError):
+        decode(dataclasses.replace(stream, chunk_bits=bad))

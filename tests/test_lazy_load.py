@@ -67,3 +67,36 @@ def test_meta_skeleton_tensors_the_file_cannot_fill_are_named_in_a_warning(tmp_p
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an ordinary skeleton: nothing to say
         tz.load(path, WithPositions(), progress=False)
+
+
+def test_each_layer_goes_to_the_target_device_as_it_is_decoded(tmp_path, monkeypatch):
+    # No GPU here: the meta device stands in for "cuda". What matters is the order: a layer's
+    # tensors leave the CPU before the next layer is decoded, so the CPU never holds the model.
+    from torchzip.export import artifact
+
+    model = tz.compress(build(), [tz.Quantize(targets=["Linear"], exclude=["5"]), tz.Codebook(bits=4, targets=["Embedding"])],
+                        progress=False)
+    path = tmp_path / "m.tzip"
+    tz.export(model, path, progress=False)
+    returned, seen = [], []
+    real = artifact.decode_layer
+
+    def spy(*args, **kwargs):
+        seen.append([b.device.type for p in returned for b in p.buffers()])  # the layers decoded before this one
+        out = real(*args, **kwargs)
+        returned.append(out[0])
+        return out
+
+    monkeypatch.setattr(artifact, "decode_layer", spy)
+    with torch.device("meta"):
+        skeleton = build()
+    plan = artifact._plan_load(path, skeleton, None, False, torch.device("meta"))  # what load(device=...) runs
+    assert len(seen) == 3 and all(d == "meta" for devices in seen for d in devices) and len(seen[-1]) == 4
+    assert all(t.is_meta for layer in plan.modules.values() for t in layer.state_dict().values())
+    assert all(t.is_meta for t in plan.tensors.values())
+    # The same plan on the CPU holds the same tensors.
+    cpu = artifact._plan_load(path, build(), None, False)
+    assert plan.modules.keys() == cpu.modules.keys() and plan.tensors.keys() == cpu.tensors.keys()
+    for name, layer in plan.modules.items():
+        for (k, a), (k2, b) in zip(layer.state_dict().items(), cpu.modules[name].state_dict().items()):
+            assert k == k2 and a.shape == b.shape and a.dtype == b.dtype, (name, k)

@@ -23,16 +23,23 @@ NOTE = "torchzip_note"  # attribute on a module left dense by freeze, saying why
 
 
 def weight_state(module: nn.Module, tensor: str = "weight", view: WeightView | None = None) -> WeightState:
-    """What the parametrizations on ``module.<tensor>`` left, as one ``[N, K]`` description."""
+    """What the parametrizations on ``module.<tensor>`` left, as one ``[N, K]`` description.
+
+    The final float weight is computed only if a format asks for it (``state.weight``): the
+    int8 and codebook formats never do, and computing it costs several full-size temporaries.
+    """
     view = view or WeightView()
     chain = module.parametrizations[tensor]
     w = chain.original
-    final = getattr(module, tensor).detach()
-    state = WeightState(view.matrix(final), final.dtype)
-    for p in chain:
+    # Parametrizations keep the raw tensor's shape and dtype, so the state is sized without a forward.
+    state = WeightState(lambda: view.matrix(getattr(module, tensor).detach()), w.dtype,
+                        shape=tuple(view.matrix_shape(w.shape)))
+    last = len(chain) - 1
+    for i, p in enumerate(chain):
         if hasattr(p, "describe"):
             p.describe(state, w)
-        w = p(w)
+        if i < last:  # each describe sees what the ones before it made; the last output is not needed
+            w = p(w)
     return state
 
 
@@ -46,25 +53,30 @@ def pack_weight(module: nn.Module, tensor: str = "weight", view: WeightView | No
     return None
 
 
-def _bake(module: nn.Module, memo: dict[int, nn.Parameter]) -> None:
+def _bake(module: nn.Module, memo: dict[int, nn.Parameter], skip: frozenset[str] = frozenset()) -> None:
     """Make ``module`` a plain layer again, holding the current values of its parametrized tensors.
 
     ``parametrize.remove_parametrizations`` deletes properties from the module's class, and a
     deep copy of a parametrized module shares that class with the original: removing them there
     would break the caller's model (e.g. when ``summary`` freezes a copy). So restore the plain
-    class on this instance only. ``memo`` keeps tied tensors one parameter.
+    class on this instance only. ``memo`` keeps tied tensors one parameter. Tensors in ``skip``
+    (packed: the module is about to be replaced) keep their raw tensor instead of a computed
+    copy, which would be a full-size temporary nobody reads.
     """
     values = {}
     for n, chain in module.parametrizations.items():
-        if id(chain.original) not in memo:
-            memo[id(chain.original)] = nn.Parameter(getattr(module, n).detach().clone(),
-                                                    requires_grad=chain.original.requires_grad)
-        values[n] = memo[id(chain.original)]
+        key = id(chain.original)
+        if n in skip and key not in memo:
+            values[n] = chain.original
+            continue
+        if key not in memo:
+            memo[key] = nn.Parameter(getattr(module, n).detach().clone(), requires_grad=chain.original.requires_grad)
+        values[n] = memo[key]
     plain = parametrize.type_before_parametrizations(module)  # asked before the parametrizations go
     del module._modules["parametrizations"]
     module.__class__ = plain
     for n, value in values.items():
-        module.register_parameter(n, value)
+        module.register_parameter(n, value if isinstance(value, nn.Parameter) else nn.Parameter(value, value.requires_grad))
 
 
 def _names(model: nn.Module) -> dict[int, list[str]]:
@@ -106,8 +118,9 @@ class Freezer:
                     # The raw tensor has the final weight's shape and dtype: no second forward to size it.
                     self.packed_of[id(raw)] = _smaller(pack_weight(module, t, kind.view), raw, module, t)
                 packed[t] = self.packed_of[id(raw)]
-        _bake(module, self.baked)
-        if not (kind and packed and all(packed.get(t) is not None for t in kind.weights(module))):
+        whole = bool(kind and packed and all(packed.get(t) is not None for t in kind.weights(module)))
+        _bake(module, self.baked, frozenset(packed) if whole else frozenset())
+        if not whole:
             return module
         new = build_packed(module, packed)
         for raw in raws:  # packed: its dense values are no longer needed by anyone

@@ -122,7 +122,7 @@ def export(model: nn.Module, path: str | os.PathLike, *, progress: bool | None =
             for tensor in layer.packed_weights():
                 if out.section.size >= SECTION_BYTES:
                     n_sections += 1
-                    yield out.section.getvalue()
+                    yield out.section
                     out = StreamWriter()
                 entry, keys = _encode_weight(name, layer, tensor, out, first, len(layers))
                 entry["section"] = n_sections
@@ -140,7 +140,7 @@ def export(model: nn.Module, path: str | os.PathLike, *, progress: bool | None =
             if same is not None:
                 stored.setdefault(same, dense[key])
         n_sections += 1
-        yield out.section.getvalue()
+        yield out.section
 
     def manifest() -> dict:
         return {"format": "torchzip", "torchzip_version": __version__, "layers": layers,
@@ -347,9 +347,10 @@ def decode_layer(entry: dict, section: memoryview | Section, device: torch.devic
     return packed, bias
 
 
-def decode_dense(manifest: dict, sections: list[Section]) -> dict[str, torch.Tensor]:
+def decode_dense(manifest: dict, sections: list[Section], device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """Every dense tensor of a checked manifest, by ``state_dict`` key. Tied tensors (identical
-    entries, stored once) are decoded once and come back as one tensor under each key."""
+    entries, stored once) are decoded once and come back as one tensor under each key.
+    ``device``: each tensor is moved there as soon as it is read (None: stays on the CPU)."""
     dense = manifest["dense"]
     src = StreamReader(sections[dense["section"]], "dense tensor")
     out: dict[str, torch.Tensor] = {}
@@ -359,7 +360,8 @@ def decode_dense(manifest: dict, sections: list[Section]) -> dict[str, torch.Ten
         if same in first:
             out[key] = out[first[same]]
             continue
-        out[key] = src.raw(spec, repr(key))
+        t = src.raw(spec, repr(key))
+        out[key] = t if device is None else t.to(device)
         first[same] = key
     return out
 
@@ -442,9 +444,11 @@ def _check_dense(specs: dict, expected: dict[str, torch.Tensor], where: str) -> 
 
 
 def _plan_load(path: str | os.PathLike, skeleton: nn.Module, on: torch.device | None,
-               progress: bool | None) -> LoadPlan:
+               progress: bool | None, dest: torch.device | None = None) -> LoadPlan:
     """Check the file at ``path`` against ``skeleton`` and decode it, touching nothing of the
-    skeleton. Every check against the skeleton runs before anything is decoded."""
+    skeleton. Every check against the skeleton runs before anything is decoded. ``on``: where
+    Huffman streams are decoded (None: the CPU); ``dest``: where each layer's tensors go as
+    soon as it is decoded (None: the CPU), so the CPU never holds more than one layer of them."""
     manifest, sections = read_manifest(path)
     where = str(path)
     modules = dict(skeleton.named_modules())
@@ -479,9 +483,14 @@ def _plan_load(path: str | os.PathLike, skeleton: nn.Module, on: torch.device | 
         section = shared[entry["section"]]
         if head.tied is None:
             packed, bias = decode_layer(entry, section, on)
+            if dest is not None:  # side tables and CPU-decoded streams: moved now, not with the whole model
+                packed = packed.to(dest)
             container.release_pages(sections)  # a mapped file's pages: read once, then let go
+            trim_heap()  # and the decoder's freed temporaries, which lie between the kept tensors
         else:
             packed, bias = decoded[head.tied], decode_bias(entry, section)
+        if bias is not None and dest is not None:
+            bias = bias.to(dest)
         decoded.append(packed)
         if bias is not None:
             want = getattr(module, kind_of(module).weights(module)[head.tensor])
@@ -497,7 +506,7 @@ def _plan_load(path: str | os.PathLike, skeleton: nn.Module, on: torch.device | 
         layer = build_packed(module, packs, biases)
         for alias in aliases[id(module)]:
             new[alias] = layer
-    tensors = decode_dense(manifest, shared)
+    tensors = decode_dense(manifest, shared, dest)
     for section in shared:
         section.check_overlaps()
     return LoadPlan(new, tensors)
@@ -533,7 +542,9 @@ def load(path: str | os.PathLike, model_skeleton: nn.Module, *, device: str | to
     streams of values and indices are decoded — ``"auto"`` (the Triton decoder on ``device``
     when it is CUDA, so only the compressed bytes cross to the GPU; else the CPU), ``"cpu"``, or
     ``"triton"`` (on ``device``, or the CPU under ``TRITON_INTERPRET=1``). The result is
-    bit-identical either way. ``progress``: a bar per layer (None: only on a terminal).
+    bit-identical either way. With a ``device`` other than the CPU, each layer's tensors (and
+    each dense tensor) move there as soon as they are decoded, so the CPU holds one layer at a
+    time. ``progress``: a bar per layer (None: only on a terminal).
 
     All or nothing: raises :class:`torchzip.FormatError` for a damaged or hostile file, or a
     skeleton whose layer names, types (matched exactly: not subclasses), shapes or dtypes do not
@@ -548,7 +559,8 @@ def load(path: str | os.PathLike, model_skeleton: nn.Module, *, device: str | to
     except (RuntimeError, TypeError) as err:
         raise TorchzipError(f"bad device {device!r}: {err}") from None
     on = target if decode == "triton" or (decode == "auto" and target.type == "cuda") else None
-    model = _commit(model_skeleton, _plan_load(path, model_skeleton, on, progress))
+    moved = target if device is not None and target.type != "cpu" else None
+    model = _commit(model_skeleton, _plan_load(path, model_skeleton, on, progress, moved))
     _warn_left_on_meta(model)
     return model.to(device) if device is not None else model
 

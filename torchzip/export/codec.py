@@ -16,7 +16,7 @@ import torch
 
 from torchzip.errors import FormatError
 from torchzip.export import huffman
-from torchzip.export.container import SectionWriter, brief
+from torchzip.export.container import SectionWriter, brief, release_pages
 
 DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
@@ -101,7 +101,7 @@ class StreamWriter:
 
     def int8(self, q: torch.Tensor, **extra: Any) -> dict:
         """int8 values: Huffman-coded bytes, or raw when that is smaller (short streams)."""
-        data = q.detach().cpu().numpy().astype(np.int8).reshape(-1)
+        data = q.detach().cpu().numpy().astype(np.int8, copy=False).reshape(-1)
         stream = self.code(data.view(np.uint8), 256)
         if huffman.stored_bytes(stream) >= data.size:
             return self.raw(torch.from_numpy(data.copy()), **extra)
@@ -134,6 +134,11 @@ class Section:
                  "some overlap (pieces of a section may not overlap)")
             self.taken.append((start, start + length, what))
         return self.data[start: start + length]
+
+    def release(self) -> None:
+        """Hand back the pages of a memory-mapped file read so far (see
+        :func:`torchzip.export.container.release_pages`); nothing for bytes in memory."""
+        release_pages([self.data])
 
     def check_overlaps(self) -> None:
         """Raise :class:`FormatError` if two pieces taken share a byte."""
@@ -194,7 +199,9 @@ class StreamReader:
         return t
 
     def symbols(self, spec: Any, what: str, alphabet: int | None = None, on_device: bool = False) -> torch.Tensor:
-        """A Huffman stream decoded to int32 symbols (with ``on_device``, on :attr:`device`)."""
+        """A Huffman stream decoded to symbols (with ``on_device``, on :attr:`device`): uint8 for
+        alphabets of at most 256 symbols (one byte a symbol: a big layer's stream is never widened
+        on the CPU), else int32."""
         where = f"{self.where} {what}"
         need(isinstance(spec, dict) and spec.get("codec") == "huffman", where, "expected a Huffman stream entry")
         n, a, g, chunk = spec.get("n"), spec.get("alphabet"), spec.get("group"), spec.get("chunk_size")
@@ -215,8 +222,10 @@ class StreamReader:
             if on_device and self.device is not None and -(-n // g) < 1 << 31:  # the kernel indexes codes with int32
                 from torchzip.kernels.huffman_decode import decode_triton
 
-                return decode_triton(stream, self.device)
-            return torch.from_numpy(huffman.decode(stream).astype(np.int32))
+                out = decode_triton(stream, self.device)
+                return out.to(torch.uint8) if a <= 256 else out
+            decoded = huffman.decode(stream, self.section.release)
+            return torch.from_numpy(decoded if a <= 256 else decoded.astype(np.int32))
         except FormatError as err:
             raise FormatError(f"{where}: {err}") from None
 

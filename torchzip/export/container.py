@@ -120,9 +120,11 @@ def write(path: str | os.PathLike, manifest: dict, sections: list[bytes]) -> int
     return write_streamed(path, iter(sections), lambda: manifest)
 
 
-def write_streamed(path: str | os.PathLike, sections: Iterable[bytes], manifest: Callable[[], dict]) -> int:
+def write_streamed(path: str | os.PathLike, sections: Iterable[bytes | SectionWriter], manifest: Callable[[], dict]) -> int:
     """:func:`write` for sections made one at a time: each goes to the temporary file as
     ``sections`` yields it (nothing holds them all), and ``manifest()`` is asked after the last.
+    A section may be a :class:`SectionWriter`, whose pieces are written as they are (never
+    joined into one more copy of the section).
     The file is byte for byte what :func:`write` makes of the same sections and manifest: the
     sections are moved into place, in the file, once the manifest's length is known."""
     dest = check_destination(path)
@@ -136,10 +138,13 @@ def write_streamed(path: str | os.PathLike, sections: Iterable[bytes], manifest:
         for data in sections:
             f.write(b"\0" * (_align(at) - at))
             at = _align(at)
-            f.write(data)
-            at += len(data)
-            lengths.append(len(data))
-            crcs.append(zlib.crc32(data))
+            crc, length = 0, 0
+            for part in data.parts if isinstance(data, SectionWriter) else (data,):
+                f.write(part)
+                crc, length = zlib.crc32(part, crc), length + len(part)
+            at += length
+            lengths.append(length)
+            crcs.append(crc)
         if not lengths:
             raise ValueError("a .tzip file has at least one section")
         first, raw, size = _layout(path, manifest(), lengths, crcs)

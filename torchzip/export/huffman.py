@@ -30,6 +30,7 @@ Format of a coded stream (what :class:`HuffmanStream` holds; docs/FORMAT.md says
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -225,20 +226,30 @@ def group_codes(symbols: np.ndarray, alphabet: int, group: int) -> np.ndarray:
     return rows.astype(np.int64) @ (np.int64(alphabet) ** np.arange(group, dtype=np.int64))
 
 
-def _choose_group(symbols: np.ndarray, alphabet: int, max_len: int) -> tuple[int, np.ndarray]:
+def _bincount(codes: np.ndarray, values: int) -> np.ndarray:
+    """``np.bincount(codes, minlength=values)`` a slab at a time (bincount widens its input to
+    int64: eight bytes a code for a whole stream)."""
+    counts = np.zeros(values, np.int64)
+    for first in range(0, codes.size, _ENCODE_SLAB):
+        counts += np.bincount(codes[first: first + _ENCODE_SLAB], minlength=values)[:values] \
+            if values else 0
+    return counts
+
+
+def _choose_group(symbols: np.ndarray, alphabet: int, max_len: int) -> tuple[int, np.ndarray, np.ndarray]:
     """The group size whose payload plus stored lengths table is smallest (1 unless A <= 16),
-    with the stream's code values for it."""
-    best, best_bytes = (1, symbols), None
+    with the stream's code values and their counts for it."""
+    best, best_bytes = (1, symbols, None), None
     for g in GROUPS:
         if g > 1 and alphabet**g > 256:
             break
         codes = group_codes(symbols, alphabet, g)
-        counts = np.bincount(codes, minlength=alphabet**g)
+        counts = _bincount(codes, alphabet**g)
         if np.count_nonzero(counts) > 1 << max_len:  # more used values than codes that short
             continue
         size = int((counts * code_lengths(counts, max_len)).sum()) / 8 + alphabet**g / 2
         if best_bytes is None or size < best_bytes:
-            best, best_bytes = (g, codes), size
+            best, best_bytes = (g, codes, counts), size
     return best
 
 
@@ -259,10 +270,14 @@ def _in_lane_order(codes: np.ndarray, lanes: int) -> np.ndarray:
     m = codes.size
     rows = -(-m // lanes)
     full = m - (rows - 1) * lanes  # lanes 0 .. full-1 hold `rows` codes, the others one fewer
-    padded = np.zeros(rows * lanes, codes.dtype)
-    padded[:m] = codes
-    by_lane = padded.reshape(rows, lanes).T
-    return np.concatenate([by_lane[:full].reshape(-1), by_lane[full:, : rows - 1].reshape(-1)])
+    out = np.empty(m, codes.dtype)
+    # Copied straight into place: no padded copy and no per-part copies of a big stream.
+    grid = codes[: (rows - 1) * lanes].reshape(rows - 1, lanes)  # the complete rows
+    head = out[: full * rows].reshape(full, rows)
+    head[:, : rows - 1] = grid[:, :full].T
+    head[:, rows - 1] = codes[(rows - 1) * lanes:]
+    out[full * rows:].reshape(lanes - full, rows - 1)[...] = grid[:, full:].T
+    return out
 
 
 def lane_counts(m: int, lanes: int) -> np.ndarray:
@@ -307,17 +322,19 @@ def encode(
     # The narrowest type that holds every symbol: the coder's temporaries scale with it.
     narrow = np.uint8 if alphabet_size <= 256 else np.uint16 if alphabet_size <= 1 << 16 else np.int64
     symbols = symbols.astype(narrow, copy=False)
-    codes = None
+    codes = counts = None
     if group is None:
-        group, codes = _choose_group(symbols, alphabet_size, max_len) if symbols.size else (1, symbols)
+        group, codes, counts = _choose_group(symbols, alphabet_size, max_len) if symbols.size else \
+            (1, symbols, np.zeros(alphabet_size, np.int64))
     if group not in GROUPS or (group > 1 and not 1 <= alphabet_size**group <= 256):
         raise ValueError(f"group must be one of {GROUPS} with alphabet_size**group <= 256 when above 1, "
                          f"got {group} for an alphabet of {alphabet_size}")
 
+    values = max(alphabet_size**group, 1) if group > 1 else alphabet_size
     if codes is None:
         codes = group_codes(symbols, alphabet_size, group)
-    values = max(alphabet_size**group, 1) if group > 1 else alphabet_size
-    counts = np.bincount(codes, minlength=values)
+    if counts is None:
+        counts = _bincount(codes, values)
     lengths = code_lengths(counts, max_len)
     m = codes.size
     if m == 0:
@@ -331,7 +348,12 @@ def encode(
     codes = _in_lane_order(codes, lanes)
     # Bits per lane, then lane starts: no running offset per code is held for the whole stream.
     firsts = np.concatenate(([0], np.cumsum(lane_counts(m, lanes))[:-1]))  # payload index of each lane's first code
-    lane_bits = np.add.reduceat(lengths[codes], firsts, dtype=np.int64)
+    # Summed a slab of whole lanes at a time: reduceat would widen every code's length to int64.
+    lane_bits = np.empty(lanes, np.int64)
+    step = max(1, _ENCODE_SLAB // min(chunk_size, m))
+    for j in range(0, lanes, step):
+        a, b = int(firsts[j]), int(firsts[j + step]) if j + step < lanes else m
+        lane_bits[j: j + step] = np.add.reduceat(sym_len[codes[a:b]], firsts[j: j + step] - a)
     total_bits = int(lane_bits.sum())
     chunk_bits = np.concatenate(([0], np.cumsum(lane_bits)[:-1])).astype(np.int64)
     return HuffmanStream(lengths, _pack_codes(codes, sym_len, canonical_codes(lengths, max_len), total_bits),
@@ -340,20 +362,29 @@ def encode(
 
 def _pack_codes(codes: np.ndarray, sym_len: np.ndarray, table: np.ndarray, total_bits: int) -> bytes:
     """The MSB-first bit string of ``codes`` (``sym_len``, ``table``: length and code of each value)."""
-    # Build the stream as big-endian 64-bit words. Codes are at most 20 bits, so every word holds
-    # the start of at least one code, and a code spills into at most the next word.
+    # Build the stream as big-endian 64-bit words. Neighbouring codes are first joined into codes
+    # of at most 64 bits (two, then four at a time: each join halves the work below); a code of
+    # at most 64 bits spills into at most the next word, so every word holds the start of one.
     words = np.zeros(total_bits // 64 + 2, np.uint64)
     sym_code = table.astype(np.uint64)
+    longest = int(sym_len.max()) if sym_len.size else 0
     at = 0  # bits before this slab
     for first in range(0, codes.size, _ENCODE_SLAB):
         part = codes[first : first + _ENCODE_SLAB]
         lens = sym_len[part]
+        code = sym_code[part]
+        width = longest
+        while 0 < 2 * width <= 64 and lens.size > 1:
+            if lens.size % 2:  # an empty code (no bits) pairs with the last one
+                lens, code = np.append(lens, 0), np.append(code, np.uint64(0))
+            code = (code[0::2] << lens[1::2].astype(np.uint64)) | code[1::2]
+            lens = lens[0::2] + lens[1::2]
+            width *= 2
         ends = at + np.cumsum(lens)
         starts = ends - lens
         at = int(ends[-1])
         word = starts >> 6
         room = 64 - (starts & 63) - lens  # bits left in the word after the code; < 0 spills
-        code = sym_code[part]
         head = (code << np.maximum(room, 0).astype(np.uint64)) >> np.maximum(-room, 0).astype(np.uint64)
         # Codes never share bits, so summing a word's pieces is the same as OR-ing them.
         first_in_word = np.flatnonzero(np.diff(word)) + 1
@@ -361,7 +392,9 @@ def _pack_codes(codes: np.ndarray, sym_len: np.ndarray, table: np.ndarray, total
         words[base : base + first_in_word.size + 1] += np.add.reduceat(head, np.concatenate(([0], first_in_word)))
         spill = np.flatnonzero(room < 0)
         words[word[spill] + 1] += code[spill] << (64 + room[spill]).astype(np.uint64)
-    return words.astype(">u8").tobytes()[: (total_bits + 7) // 8]
+    if words.dtype.byteorder != ">" and np.little_endian:
+        words.byteswap(inplace=True)  # big-endian words, in place: no second copy of the stream
+    return words.view(np.uint8)[: (total_bits + 7) // 8].tobytes()
 
 
 def decode_table(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -500,8 +533,11 @@ def check_chunk_ends(end: np.ndarray, chunk_bits: np.ndarray, payload: np.ndarra
         )
 
 
-def decode(stream: HuffmanStream) -> np.ndarray:
+def decode(stream: HuffmanStream, release: Callable[[], None] | None = None) -> np.ndarray:
     """Decode a :class:`HuffmanStream` back to its symbols.
+
+    ``release``: called after each slab of lanes is decoded (a reader of a memory-mapped file
+    hands back the payload pages read so far, so a big stream's pages do not pile up).
 
     Returns uint8 symbols when the alphabet has at most 256 entries, else uint16. Works on all
     lanes at once: each step decodes the next code of every lane with a table lookup. Checks that
@@ -528,7 +564,7 @@ def decode(stream: HuffmanStream) -> np.ndarray:
         check_group_padding(out[n:], n)
         return out[:n]
     chunk_bits = np.asarray(stream.chunk_bits).astype(np.int64)
-    _decode_lanes(payload, chunk_bits, m, packed, sizes, width, out.view(packed.dtype))
+    _decode_lanes(payload, chunk_bits, m, packed, sizes, width, out.view(packed.dtype), release)
     check_group_padding(out[n:], n)
     return out[:n]
 
@@ -540,6 +576,28 @@ def check_group_padding(past_end: np.ndarray, n: int) -> None:
         raise FormatError(f"Huffman stream's last code adds non-zero symbols past its {n} symbols")
 
 
+def _windows(payload: np.ndarray, n_words: int) -> np.ndarray:
+    """``win[i]``: the 64 bits at byte ``4 * i`` of ``payload`` (zero padded to ``4 * n_words``
+    bytes), big-endian. Filled a 32-bit half at a time straight from the payload: no padded copy
+    of it and no array of its words (each would be another payload or two of memory)."""
+    win = np.zeros(n_words - 1, np.uint64)
+    k = payload.size // 4  # whole words; n_words >= k + 2, so the partial one and its successor fit
+    tail = np.zeros(4, np.uint8)
+    tail[: payload.size - 4 * k] = payload[4 * k:]
+    words, last = payload[: 4 * k].view(">u4"), tail.view(">u4")[0]
+    if np.little_endian:
+        halves = win.view(np.uint32).reshape(-1, 2)
+        high, low = halves[:, 1], halves[:, 0]
+        high[:k], high[k] = words, last
+        if k:
+            low[: k - 1], low[k - 1] = words[1:], last
+    else:  # pragma: no cover - big-endian hosts
+        padded = np.concatenate([words, [last]]).astype(np.uint64)
+        win[: k + 1] = padded << np.uint64(32)
+        win[:k] |= padded[1:]
+    return win
+
+
 def _decode_lanes(
     payload: np.ndarray,
     chunk_bits: np.ndarray,
@@ -548,25 +606,56 @@ def _decode_lanes(
     sizes: np.ndarray,
     width: int,
     out: np.ndarray,
+    release: Callable[[], None] | None = None,
 ) -> None:
-    """Decode all ``m`` codes into ``out`` (``packed[value]`` each), stepping every lane at once."""
+    """Decode all ``m`` codes into ``out`` (``packed[value]`` each), stepping every lane at once.
+
+    Lanes are taken a slab at a time: each slab's windows cover only its own
+    bytes of the payload (a lane's codes lie in its own bits, so a slab needs nothing else), and
+    its working arrays stay in cache; memory beyond ``out`` is a few bytes a lane."""
     lanes = chunk_bits.size
     q, r = divmod(m, lanes)
+    rows = out[: q * lanes].reshape(q, lanes)
+    last = np.empty(lanes, out.dtype)  # the partial last step, for lanes < r
+    end = np.empty(lanes, np.int64)
+    # Slabs of about _DECODE_BYTES of payload (their windows take twice that), of at least
+    # _DECODE_LANES lanes (fewer would make the loop's per-call cost show).
+    per = max(_DECODE_LANES, -(-lanes * _DECODE_BYTES // max(payload.size, 1)))
+    for j0 in range(0, lanes, per):
+        j1 = min(lanes, j0 + per)
+        byte0 = int(chunk_bits[j0]) // 32 * 4  # windows start on 4-byte boundaries
+        stop = (int(chunk_bits[j1]) + 7) // 8 if j1 < lanes else payload.size
+        block = np.empty((q + (r > 0), j1 - j0), out.dtype)
+        _decode_slab(payload[byte0:stop], chunk_bits[j0:j1] - 8 * byte0, q, max(0, min(r, j1) - j0), packed, sizes,
+                     width, block, end[j0:j1])
+        rows[:, j0:j1] = block[:q]
+        if r > j0:
+            last[j0:j1] = block[q]
+        end[j0:j1] += 8 * byte0
+        if release is not None:
+            release()
+    if r:
+        out[q * lanes:] = last[:r]
+    check_chunk_ends(end, chunk_bits, payload)
+
+
+_DECODE_LANES = 2048  # fewest lanes decoded together (see _decode_lanes)
+_DECODE_BYTES = 1 << 20  # payload bytes decoded together
+
+
+def _decode_slab(payload: np.ndarray, chunk_bits: np.ndarray, q: int, r: int, packed: np.ndarray, sizes: np.ndarray,
+                 width: int, block: np.ndarray, end: np.ndarray) -> None:
+    """Decode a slab of lanes (``chunk_bits``: their starts within ``payload``) into ``block``
+    (one row a step; the last row only for the first ``r`` lanes, which hold ``q + 1`` codes);
+    ``end`` gets each lane's final bit cursor."""
+    lanes = chunk_bits.size
     steps = q + (r > 0)
     # 64-bit big-endian windows starting at every 4-byte boundary. Lanes past their own codes
     # (in the last, partial step) read on into the next lane or past the payload: pad with zeros
     # as far as any lane can reach.
     reach = int(chunk_bits[-1]) + steps * width + 64
-    n_words = max(payload.size, reach // 8) // 4 + 2
-    buf = np.zeros(4 * n_words, np.uint8)
-    buf[: payload.size] = payload
-    words = np.frombuffer(buf, ">u4").astype(np.uint64)
-    win = (words[:-1] << np.uint64(32)) | words[1:]
-
-    rows = out[: q * lanes].reshape(q, lanes)
-    last = np.empty(lanes, out.dtype)  # the partial last step, for lanes < r
-    c = chunk_bits.copy()  # bit cursor of every lane
-    end = c
+    win = _windows(payload, max(payload.size, reach // 8) // 4 + 2)
+    c = chunk_bits.astype(np.int64)  # bit cursor of every lane
     word = np.empty(lanes, np.int64)
     offset = np.empty(lanes, np.uint64)
     w = np.empty(lanes, np.uint64)
@@ -591,29 +680,30 @@ def _decode_lanes(
         band(c_u, low5, offset)
         lshift(w, offset, w)
         rshift(w, shift, x)
-        code_take(xi, None, rows[t], "clip")
+        code_take(xi, None, block[t], "clip")
         size_take(xi, None, adv, "clip")
         add(c, adv, c)
         lshift(w, adv_u, w)
         rshift(w, shift, x)
-        code_take(xi, None, rows[t + 1], "clip")
+        code_take(xi, None, block[t + 1], "clip")
         size_take(xi, None, adv, "clip")
         add(c, adv, c)
+    end[:] = c
     for t in range(2 * pairs, steps):
         if t == q:  # lanes >= r hold only q codes: they end here
-            end = c.copy()
+            end[:] = c
         rshift(c, five, word)
         win_take(word, None, w, "clip")
         band(c_u, low5, offset)
         lshift(w, offset, w)
         rshift(w, shift, x)
-        code_take(xi, None, rows[t] if t < q else last, "clip")
+        code_take(xi, None, block[t], "clip")
         size_take(xi, None, adv, "clip")
         add(c, adv, c)
-    if r:
+    if steps == q:
+        end[:] = c
+    else:
         end[:r] = c[:r]
-        out[q * lanes :] = last[:r]
-    check_chunk_ends(end, chunk_bits, payload)
 
 
 # ---- how a stream's tables are stored (docs/FORMAT.md) -------------------------------------

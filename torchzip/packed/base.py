@@ -16,8 +16,7 @@ everything the rest of torchzip needs from it:
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -78,27 +77,38 @@ def formats_in_order() -> list[type["PackedWeight"]]:
     return sorted(FORMATS.values(), key=lambda cls: cls.priority)
 
 
-@dataclass
 class WeightState:
     """What the passes left on one weight, seen as a ``[N, K]`` matrix (rows: output channels).
 
-    ``weight``: the float weight ``forward`` sees. ``mask``: keep-mask (None: nothing pruned).
+    ``weight``: the float weight ``forward`` sees (given as a tensor, or as a function that
+    computes it on first use: ``freeze`` does so, since only formats that store float values
+    read it). ``mask``: keep-mask (None: nothing pruned).
     ``pattern``: the pruning pattern (``"2:4"``, ``"unstructured"``, ``"channel"``...).
     ``values``: how the weight's values are quantized (None: float; else an object such as
     :class:`~torchzip.packed.values.Int8Values` or :class:`~torchzip.packed.values.CodebookValues`).
     Parametrizations fill it in through a ``describe(state, w)`` method, ``w`` being the weight
-    as the parametrizations before them make it.
+    as the parametrizations before them make it. ``shape``: ``[N, K]``, needed only when
+    ``weight`` is a function.
     """
 
-    weight: torch.Tensor
-    dtype: torch.dtype
-    mask: torch.Tensor | None = None
-    pattern: str | None = None
-    values: Any = None
+    def __init__(self, weight: torch.Tensor | Callable[[], torch.Tensor], dtype: torch.dtype,
+                 mask: torch.Tensor | None = None, pattern: str | None = None, values: Any = None,
+                 shape: tuple[int, int] | None = None) -> None:
+        if callable(weight) and not isinstance(weight, torch.Tensor) and shape is None:
+            raise ValueError("WeightState: a weight given as a function needs its shape")
+        self._weight = weight
+        self._shape = tuple(shape) if shape is not None else tuple(weight.shape)
+        self.dtype, self.mask, self.pattern, self.values = dtype, mask, pattern, values
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if not isinstance(self._weight, torch.Tensor):
+            self._weight = self._weight()
+        return self._weight
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.weight.shape)  # type: ignore[return-value]
+        return self._shape  # type: ignore[return-value]
 
 
 class PackedWeight(nn.Module):

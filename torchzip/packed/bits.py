@@ -8,6 +8,7 @@ bits per word, a price paid for kernels that never split a field across words.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -29,6 +30,17 @@ def pack_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
     per = fields_per_word(bits)
     *lead, k = x.shape
     words = packed_words(k, bits)
+    if bits in (1, 2, 4, 8) and sys.byteorder == "little" and x.numel() and words:
+        # Fields that tile bytes: each byte is filled in uint8, and four bytes are the int32 word
+        # (little-endian), the same layout without int64 temporaries (8 bytes a field).
+        fields = 8 // bits
+        padded = torch.zeros(*lead, words * per, dtype=torch.uint8, device=x.device)
+        padded[..., :k] = x
+        parts = padded.view(*lead, words * 4, fields)
+        byte = parts[..., 0].clone(memory_format=torch.contiguous_format)
+        for j in range(1, fields):
+            byte |= parts[..., j] << (j * bits)
+        return byte.view(torch.int32)
     padded = torch.zeros(*lead, words * per, dtype=torch.int64, device=x.device)
     padded[..., :k] = x.to(torch.int64)
     shifts = torch.arange(per, device=x.device, dtype=torch.int64) * bits

@@ -54,7 +54,7 @@ class Sparse24Weight(SparseValues, PackedWeight):
     @classmethod
     def pack(cls, state: WeightState) -> "Sparse24Weight | None":
         """A 2:4 pruning mask, whatever the values."""
-        stored = stored_values(state.values, state.weight)
+        stored = stored_values(state.values, lambda: state.weight)
         if state.pattern != "2:4" or state.mask is None or stored is None:
             return None
         values, side = stored

@@ -13,7 +13,7 @@ their kept positions only, with the same side tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -53,11 +53,12 @@ def value_kind(scales: torch.Tensor | None, codebook: torch.Tensor | None) -> st
     return "int8" if scales is not None else "float"
 
 
-def stored_values(state_values: Any, weight: torch.Tensor) -> tuple[torch.Tensor, dict] | None:
+def stored_values(state_values: Any, weight: "torch.Tensor | Callable[[], torch.Tensor]") -> tuple[torch.Tensor, dict] | None:
     """``(full [N, K] tensor of stored values, side tensors)`` for a sparse format, or None when
-    the values are of a kind the sparse formats do not hold."""
+    the values are of a kind the sparse formats do not hold. ``weight``: the float weight, or a
+    function giving it (asked only for float values)."""
     if state_values is None:
-        return weight, {}
+        return (weight if isinstance(weight, torch.Tensor) else weight()), {}
     if isinstance(state_values, Int8Values):
         return state_values.q, {"scales": state_values.scales, "group_size": state_values.group_size}
     if isinstance(state_values, CodebookValues):
@@ -132,7 +133,26 @@ def int8_quantize(w: torch.Tensor, group_size: int = 0,
     """
     n, k = w.shape
     g = group_size or k
-    grouped = w.detach().float().reshape(n, k // g, g)
+    w = w.detach()
+    if n * k <= _QUANT_BLOCK or n <= 1:
+        return _int8_rows(w, g, scales)
+    # A block of rows at a time: each row is rounded on its own, so the result is the same, and a
+    # big layer (an embedding) needs float temporaries of one block, not of the whole weight.
+    rows = max(1, _QUANT_BLOCK // k)
+    q = torch.empty(n, k, dtype=torch.int8, device=w.device)
+    parts = []
+    for r in range(0, n, rows):
+        q[r:r + rows], s = _int8_rows(w[r:r + rows], g, None if scales is None else scales[r:r + rows])
+        parts.append(s)
+    return q, torch.cat(parts) if scales is None else scales
+
+
+_QUANT_BLOCK = 1 << 20  # elements rounded at once by int8_quantize
+
+
+def _int8_rows(w: torch.Tensor, g: int, scales: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    n, k = w.shape
+    grouped = w.float().reshape(n, k // g, g)
     if scales is None:
         amax = grouped.abs().amax(-1)
         scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
