@@ -214,12 +214,120 @@ void tz_codebook_linear(const float *x, int64_t m, int64_t k, const int32_t *pac
         free(row);
     }
 }
+
+/* ---- 1-D Lloyd's on sorted rows (torchzip.passes.codebook._lloyd_sorted, the same arithmetic) ---- */
+
+static int64_t count_at_most(const float *keys, int64_t n, float mid) {
+    int64_t lo = 0, hi = n; /* first position whose key is > mid */
+    while (lo < hi) {
+        const int64_t m = lo + (hi - lo) / 2;
+        if (keys[m] <= mid) lo = m + 1; else hi = m;
+    }
+    return lo;
+}
+
+/* The same count, searched outward from a guess (last iteration's edge: centroids move little,
+   so this takes a few probes where a binary search over the row takes log2(n)). */
+static int64_t count_near(const float *keys, int64_t n, float mid, int64_t h) {
+    int64_t lo, hi, step = 1;
+    if (h < n && keys[h] <= mid) { /* the count is past h */
+        lo = h + 1;
+        hi = lo;
+        while (hi < n && keys[hi] <= mid) { lo = hi + 1; hi += step; step *= 2; }
+        if (hi > n) hi = n;
+    } else { /* the count is at most h */
+        hi = h;
+        lo = h;
+        while (lo > 0 && keys[lo - 1] > mid) { hi = lo - 1; lo -= step; step *= 2; }
+        if (lo < 0) lo = 0;
+    }
+    while (lo < hi) {
+        const int64_t m = lo + (hi - lo) / 2;
+        if (keys[m] <= mid) lo = m + 1; else hi = m;
+    }
+    return lo;
+}
+
+static double run_end(const double *prefix, int64_t e) { return e > 0 ? prefix[e - 1] : 0.0; }
+
+static int cmp_i64(const void *a, const void *b) {
+    const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Rows of `keys` [g, n] sorted ascending, the first n_valid[r] valid; sum_x / sum_w: inclusive
+   float64 running sums of (weighted) values and weights (sum_w NULL: unweighted; sum_x NULL: the
+   running sum of the valid keys, summed here in order as torch's cumsum does). centroids
+   [g, kk] in/out. Then assign[r, order[r, p]] = cluster of sorted position p (-1 past n_valid). */
+void tz_lloyd_sorted(const float *keys, const double *sum_x, const double *sum_w, const int64_t *n_valid,
+                     int64_t g, int64_t n, int64_t kk, float *centroids, int iterations, const int64_t *order,
+                     int64_t *assign, int threads) {
+    const int64_t chunk = 1 << 16;
+    const int64_t pieces = (n + chunk - 1) / chunk;
+    int64_t *starts = (int64_t *)malloc((size_t)(g * (kk > 1 ? kk - 1 : 1)) * sizeof(int64_t));
+    #pragma omp parallel num_threads(threads)
+    {
+        int64_t *edges = (int64_t *)malloc((size_t)(2 * (kk + 1)) * sizeof(int64_t)), *prev = edges + kk + 1;
+        double *own = sum_x ? NULL : (double *)malloc((size_t)(n > 0 ? n : 1) * sizeof(double));
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t r = 0; r < g; r++) {
+            const float *key = keys + r * n;
+            const int64_t nv = n_valid[r];
+            if (own) {
+                double acc = 0.0;
+                for (int64_t p = 0; p < nv; p++) { acc += (double)key[p]; own[p] = acc; }
+            }
+            const double *sx = own ? own : sum_x + r * n, *sw = sum_w ? sum_w + r * n : NULL;
+            float *c = centroids + r * kk;
+            for (int it = 0; it < iterations; it++) {
+                edges[0] = 0;
+                edges[kk] = nv;
+                for (int64_t j = 0; j + 1 < kk; j++) {
+                    const float mid = (c[j + 1] + c[j]) / 2.0f;
+                    const int64_t e = it ? count_near(key, n, mid, prev[j + 1]) : count_at_most(key, n, mid);
+                    edges[j + 1] = e < nv ? e : nv;
+                }
+                if (it > 0 && memcmp(edges, prev, (size_t)(kk + 1) * sizeof(int64_t)) == 0) break;
+                memcpy(prev, edges, (size_t)(kk + 1) * sizeof(int64_t));
+                for (int64_t j = 0; j < kk; j++) {
+                    const double sums = run_end(sx, edges[j + 1]) - run_end(sx, edges[j]);
+                    const double counts = sw ? run_end(sw, edges[j + 1]) - run_end(sw, edges[j])
+                                             : (double)(edges[j + 1] - edges[j]);
+                    if (counts > 0) c[j] = (float)(sums / (counts < 1e-300 ? 1e-300 : counts));
+                }
+            }
+            int64_t *st = starts + r * (kk > 1 ? kk - 1 : 1);
+            for (int64_t j = 0; j + 1 < kk; j++)
+                st[j] = iterations ? count_near(key, n, (c[j + 1] + c[j]) / 2.0f, prev[j + 1])
+                                   : count_at_most(key, n, (c[j + 1] + c[j]) / 2.0f);
+            qsort(st, (size_t)(kk > 1 ? kk - 1 : 0), sizeof(int64_t), cmp_i64);
+        }
+        free(edges);
+        free(own);
+        /* Cluster of sorted position p: how many cluster starts are <= p. Pieces of rows, so a
+           single long row (one codebook per layer) is spread over the threads too. */
+        #pragma omp for schedule(static)
+        for (int64_t u = 0; u < g * pieces; u++) {
+            const int64_t r = u / pieces, p0 = (u % pieces) * chunk, p1 = p0 + chunk < n ? p0 + chunk : n;
+            const int64_t ns = kk > 1 ? kk - 1 : 0, nv = n_valid[r];
+            const int64_t *st = starts + r * (kk > 1 ? kk - 1 : 1), *ord = order + r * n;
+            int64_t *out = assign + r * n;
+            int64_t idx = 0;
+            while (idx < ns && st[idx] <= p0) idx++;
+            for (int64_t p = p0; p < p1; p++) {
+                while (idx < ns && st[idx] <= p) idx++;
+                out[ord[p]] = p < nv ? idx : -1;
+            }
+        }
+    }
+    free(starts);
+}
 """
 
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 # Rows of x the fused linear takes; above it, dequantize into a buffer + BLAS wins (measured by
 # benchmarks/scale.py: one pass over the weight per four rows of x).
-LINEAR_MAX_M = 8
+LINEAR_MAX_M = 32
 
 _lib: ctypes.CDLL | None = None
 _state = "unknown"  # "unknown" until first use, then "ok" or why not
@@ -256,6 +364,8 @@ def _build() -> ctypes.CDLL:
     lib.tz_codebook_dequantize.restype = None
     lib.tz_codebook_linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i32, i64, ptr, i32]
     lib.tz_codebook_linear.restype = None
+    lib.tz_lloyd_sorted.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr, i32, ptr, ptr, i32]
+    lib.tz_lloyd_sorted.restype = None
     return lib
 
 
@@ -335,3 +445,23 @@ def linear(x: torch.Tensor, packed: torch.Tensor, book: torch.Tensor, bits: int,
     _lib.tz_codebook_linear(x.data_ptr(), x.shape[0], k, packed.data_ptr(), packed.shape[1], book.data_ptr(),
                             bstride, bits, n, y.data_ptr(), torch.get_num_threads())
     return y
+
+
+def lloyd_sorted(keys: torch.Tensor, order: torch.Tensor, n_valid: torch.Tensor, sum_x: torch.Tensor | None,
+                 sum_w: torch.Tensor | None, centroids: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's iterations and the final assignment of ``torchzip.passes.codebook._lloyd_sorted``
+    from its sorted rows and running sums (``sum_x`` None: the running sums of the valid keys,
+    summed here), bit for bit, a row per thread. Returns ``(centroids
+    [G, k] fp32, assign [G, n] int64 in the input's order, -1 past each row's valid count)``."""
+    assert _lib is not None
+    g, n = keys.shape
+    keys, order = keys.contiguous(), order.contiguous()
+    sum_x = None if sum_x is None else sum_x.contiguous()
+    sum_w = None if sum_w is None else sum_w.contiguous()
+    n_valid = n_valid.reshape(g).to(torch.int64).contiguous()
+    centroids = centroids.float().contiguous().clone()
+    assign = torch.empty(g, n, dtype=torch.int64)
+    _lib.tz_lloyd_sorted(keys.data_ptr(), None if sum_x is None else sum_x.data_ptr(), None if sum_w is None else sum_w.data_ptr(),
+                         n_valid.data_ptr(), g, n, centroids.shape[1], centroids.data_ptr(), iterations,
+                         order.data_ptr(), assign.data_ptr(), torch.get_num_threads())
+    return centroids, assign
