@@ -5,8 +5,9 @@ lazy load, CPU forward of packed layers, export/load throughput vs torch.save an
     python benchmarks/scale.py --setting medium   # hidden 1024, 8 layers: 0.5 GB of fp32
     python benchmarks/scale.py             # hidden 2048, 16 layers, ~1B parameters (slow on 2 cores)
 
-Every memory figure is VmHWM growth in a fresh subprocess (it resets at exec). Timings are best
-of a few runs, side by side in one process. Prints a table and writes
+CPU forward and k-means run at one thread and at torch's thread count. Every memory figure is
+VmHWM growth in a fresh subprocess (it resets at exec). Timings are best of a few runs, side by
+side in one process. Prints a table and writes
 benchmarks/results/scale[-quick|-medium].json.
 """
 
@@ -29,6 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torchzip as tz  # noqa: E402
 from common import write_json  # noqa: E402
+from torchzip.kernels import codebook_cpu  # noqa: E402
 from torchzip.packed import CodebookWeight, Int8Weight  # noqa: E402
 from torchzip.passes.codebook import kmeans_1d  # noqa: E402
 
@@ -169,25 +171,39 @@ def kmeans_vs_sort(s: dict) -> list[dict]:
 
 
 def cpu_forward(s: dict) -> list[dict]:
-    """Four n x n layers, one thread: dense fp32 / bf16 vs packed int8 / 4-bit codebook."""
+    """Four n x n layers at one thread and at all threads: dense fp32 / bf16 vs packed int8 and
+    4-bit codebook (the compiled CPU kernels where they build, and the torch fallback)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     n = s["gemm"]
     dense = [torch.randn(n, n) * 0.02 for _ in range(4)]
     int8 = [Int8Weight.from_float(w) for w in dense]
     book = [CodebookWeight.from_indices(torch.randint(0, 16, (n, n)), torch.randn(n, 16) * 0.02, 4, torch.float32)
             for _ in range(4)]
     bf16 = [w.bfloat16() for w in dense]
+    compiled = codebook_cpu.available()
+
+    def torch_route():
+        codebook_cpu.available = lambda: False
+        try:
+            return [p.linear(x) for p in book]
+        finally:
+            codebook_cpu.available = real
+
+    real = codebook_cpu.available
     rows = []
-    for m in (1, 8, 64):
-        x = torch.randn(m, n)
-        xb = x.bfloat16()
-        t = {"fp32": best(lambda: [F.linear(x, w) for w in dense]),
-             "bf16": best(lambda: [F.linear(xb, w) for w in bf16]),
-             "int8": best(lambda: [p.linear(x) for p in int8]),
-             "codebook4": best(lambda: [p.linear(x) for p in book])}
-        rows.append({"M": m, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
-                     **{f"{k}_speed_vs_fp32": t["fp32"] / t[k] for k in ("bf16", "int8", "codebook4")}})
+    for n_threads in sorted({1, threads}):
+        torch.set_num_threads(n_threads)
+        for m in (1, 8, 64):
+            x = torch.randn(m, n)
+            xb = x.bfloat16()
+            t = {"fp32": best(lambda: [F.linear(x, w) for w in dense]),
+                 "bf16": best(lambda: [F.linear(xb, w) for w in bf16]),
+                 "int8": best(lambda: [p.linear(x) for p in int8]),
+                 "codebook4": best(lambda: [p.linear(x) for p in book]),
+                 "codebook4_torch": best(torch_route, repeat=1)}
+            rows.append({"M": m, "threads": n_threads, "compiled_kernels": compiled,
+                         **{f"{k}_ms": v * 1e3 for k, v in t.items()},
+                         **{f"{k}_speed_vs_fp32": t["fp32"] / t[k] for k in ("bf16", "int8", "codebook4", "codebook4_torch")}})
     torch.set_num_threads(threads)
     return rows
 
@@ -225,10 +241,12 @@ def main() -> int:
         print(f"k-means 16 centroids per {r['granularity']:7s} {r['shape']}, {r['threads']} thread(s): {r['kmeans_s']:.3f} s, "
               f"sort {r['sort_s']:.3f} s, "
               f"ratio {r['ratio']:.2f}x (target <= 1.5)")
-    print("CPU forward, 4 layers, 1 thread (speed vs fp32; targets int8 >= 1.0 at M 1, 8; codebook >= 0.8)")
+    print(f"CPU forward, 4 layers of {s['gemm']}x{s['gemm']} (speed vs fp32; targets int8 >= 1.0 at M 1, 8; codebook >= 0.8); "
+          f"compiled CPU kernels: {codebook_cpu.why_not()}")
     for r in results["cpu_forward"]:
-        print(f"  M={r['M']:3d}: fp32 {r['fp32_ms']:7.2f} ms | bf16 {r['bf16_speed_vs_fp32']:.2f}x | "
-              f"int8 {r['int8_speed_vs_fp32']:.2f}x | codebook4 {r['codebook4_speed_vs_fp32']:.2f}x")
+        print(f"  {r['threads']} thread(s), M={r['M']:3d}: fp32 {r['fp32_ms']:7.2f} ms | bf16 {r['bf16_speed_vs_fp32']:.2f}x | "
+              f"int8 {r['int8_speed_vs_fp32']:.2f}x | codebook4 {r['codebook4_speed_vs_fp32']:.2f}x "
+              f"(torch route {r['codebook4_torch_speed_vs_fp32']:.2f}x)")
     for recipe, r in results["pipeline"].items():
         ld = results["load"][recipe]
         print(f"{recipe:9s}: compress {r['compress_s']:.1f} s + export {r['export_s']:.1f} s "

@@ -385,6 +385,11 @@ def _self_check(lib: ctypes.CDLL) -> bool:
             dequantize_rows(pack_bits(idx, bits), book, bits, got)
             if not torch.equal(got, want):
                 return False
+            x = torch.randn(3, 37, generator=gen)
+            y = linear(x, pack_bits(idx, bits), book, bits, 37)
+            ref = x.double() @ want.double().t()
+            if not bool(((y.double() - ref).abs() <= 1e-5 * (x.double().abs() @ want.double().abs().t()) + 1e-30).all()):
+                return False
     return True
 
 
@@ -402,6 +407,8 @@ def available() -> bool:
                     else:
                         lib = _build()
                         _state = "ok" if _self_check(lib) else "the compiled lookup disagreed with torch"
+                except subprocess.CalledProcessError as e:
+                    _state = f"could not build: {e.stderr.decode(errors='replace').strip()[-300:]}"
                 except (OSError, subprocess.SubprocessError) as e:
                     _state = f"could not build: {e}"
                 if _state != "ok":
@@ -411,24 +418,32 @@ def available() -> bool:
 
 def why_not() -> str:
     """``"ok"``, or why the compiled kernels are not used."""
-    available()
+    if not available() and _state in ("ok", "unknown"):
+        return "turned off by TORCHZIP_CPU_KERNELS"
     return _state
 
 
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def _books(book: torch.Tensor, rows: int) -> tuple[torch.Tensor, int]:
+def _books(book: torch.Tensor) -> tuple[torch.Tensor, int]:
+    # One table per row, or one for all rows (stride 0).
     book = book.float().contiguous()
     return book, (book.shape[1] if book.shape[0] > 1 else 0)
+
+
+def _need(ok: bool, what: str) -> None:
+    if _lib is None or not ok:
+        raise RuntimeError(f"codebook_cpu: {what}" if _lib is not None else "codebook_cpu: kernels not available()")
 
 
 def dequantize_rows(packed: torch.Tensor, book: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
     """``out[r] = book[r or 0][codes of packed[r]]``: ``packed`` ``[R, words]`` int32, ``book``
     ``[R or 1, 2**bits]`` holding values exact in ``out.dtype``, ``out`` ``[R, K]`` fp32/bf16/fp16
     with unit stride along K. Returns ``out``."""
-    assert _lib is not None and out.dtype in _KIND and out.stride(-1) == 1 and packed.is_contiguous()
-    book, bstride = _books(book, out.shape[0])
+    _need(out.dtype in _KIND and out.stride(-1) == 1 and packed.is_contiguous() and packed.dtype == torch.int32,
+          "dequantize_rows takes contiguous int32 codes and an fp32/bf16/fp16 out with unit stride")
+    book, bstride = _books(book)
     _lib.tz_codebook_dequantize(packed.data_ptr(), packed.shape[1], book.data_ptr(), bstride, bits, out.shape[0],
                                 out.shape[1], out.data_ptr(), out.stride(0), _KIND[out.dtype], torch.get_num_threads())
     return out
@@ -437,10 +452,11 @@ def dequantize_rows(packed: torch.Tensor, book: torch.Tensor, bits: int, out: to
 def linear(x: torch.Tensor, packed: torch.Tensor, book: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """``x @ W.T`` (fp32 ``[M, K]`` in, fp32 ``[M, N]`` out) for the codebook weight ``W`` whose
     codes are ``packed`` ``[N, words]`` and tables ``book`` ``[N or 1, 2**bits]`` (fp32)."""
-    assert _lib is not None and x.dtype == torch.float32
+    _need(x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == k and packed.dtype == torch.int32,
+          "linear takes fp32 x [M, K] and int32 codes")
     x, packed = x.contiguous(), packed.contiguous()
     n = packed.shape[0]
-    book, bstride = _books(book, n)
+    book, bstride = _books(book)
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
     _lib.tz_codebook_linear(x.data_ptr(), x.shape[0], k, packed.data_ptr(), packed.shape[1], book.data_ptr(),
                             bstride, bits, n, y.data_ptr(), torch.get_num_threads())
@@ -453,7 +469,7 @@ def lloyd_sorted(keys: torch.Tensor, order: torch.Tensor, n_valid: torch.Tensor,
     from its sorted rows and running sums (``sum_x`` None: the running sums of the valid keys,
     summed here), bit for bit, a row per thread. Returns ``(centroids
     [G, k] fp32, assign [G, n] int64 in the input's order, -1 past each row's valid count)``."""
-    assert _lib is not None
+    _need(keys.dtype == torch.float32 and order.dtype == torch.int64, "lloyd_sorted takes fp32 keys, int64 order")
     g, n = keys.shape
     keys, order = keys.contiguous(), order.contiguous()
     sum_x = None if sum_x is None else sum_x.contiguous()
