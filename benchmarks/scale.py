@@ -4,6 +4,7 @@ lazy load, CPU forward of packed layers, export/load throughput vs torch.save an
     python benchmarks/scale.py --quick     # hidden 512, 4 layers: under 2 minutes
     python benchmarks/scale.py --setting medium   # hidden 1024, 8 layers: 0.5 GB of fp32
     python benchmarks/scale.py             # hidden 2048, 16 layers, ~1B parameters (slow on 2 cores)
+    python benchmarks/scale.py --setting medium --cpu-only   # k-means and CPU forward only
 
 CPU forward and k-means run at one thread and at torch's thread count. Every memory figure is
 VmHWM growth in a fresh subprocess (it resets at exec). Timings are best of a few runs, side by
@@ -208,10 +209,25 @@ def cpu_forward(s: dict) -> list[dict]:
     return rows
 
 
+def print_cpu(results: dict, s: dict) -> None:
+    """The k-means and CPU-forward rows of the table."""
+    for r in results["kmeans"]:
+        print(f"k-means 16 centroids per {r['granularity']:7s} {r['shape']}, {r['threads']} thread(s): {r['kmeans_s']:.3f} s, "
+              f"sort {r['sort_s']:.3f} s, "
+              f"ratio {r['ratio']:.2f}x (target <= 1.5)")
+    print(f"CPU forward, 4 layers of {s['gemm']}x{s['gemm']} (speed vs fp32; targets int8 >= 1.0 at M 1, 8; codebook >= 0.8); "
+          f"compiled CPU kernels: {codebook_cpu.why_not()}")
+    for r in results["cpu_forward"]:
+        print(f"  {r['threads']} thread(s), M={r['M']:3d}: fp32 {r['fp32_ms']:7.2f} ms | bf16 {r['bf16_speed_vs_fp32']:.2f}x | "
+              f"int8 {r['int8_speed_vs_fp32']:.2f}x | codebook4 {r['codebook4_speed_vs_fp32']:.2f}x "
+              f"(torch route {r['codebook4_torch_speed_vs_fp32']:.2f}x)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="the small setting (under 2 minutes)")
     parser.add_argument("--setting", choices=sorted(SETTINGS), help="quick, medium (0.5 GB) or full (~1B parameters)")
+    parser.add_argument("--cpu-only", action="store_true", help="k-means and CPU forward only (scale-SETTING-cpu.json)")
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args()
     if args.child:
@@ -226,6 +242,10 @@ def main() -> int:
     results: dict = {"setting": setting, **s}
     results["kmeans"] = kmeans_vs_sort(s)
     results["cpu_forward"] = cpu_forward(s)
+    if args.cpu_only:
+        print_cpu(results, s)
+        write_json(f"scale-{setting}-cpu", results)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         results["pipeline"], results["load"] = {}, {}
         for recipe in RECIPES:
@@ -237,16 +257,7 @@ def main() -> int:
 
     model_mb = results["pipeline"]["int8"]["model_bytes"] / 1e6
     print(f"setting {setting}: {model_mb:.0f} MB fp32 model")
-    for r in results["kmeans"]:
-        print(f"k-means 16 centroids per {r['granularity']:7s} {r['shape']}, {r['threads']} thread(s): {r['kmeans_s']:.3f} s, "
-              f"sort {r['sort_s']:.3f} s, "
-              f"ratio {r['ratio']:.2f}x (target <= 1.5)")
-    print(f"CPU forward, 4 layers of {s['gemm']}x{s['gemm']} (speed vs fp32; targets int8 >= 1.0 at M 1, 8; codebook >= 0.8); "
-          f"compiled CPU kernels: {codebook_cpu.why_not()}")
-    for r in results["cpu_forward"]:
-        print(f"  {r['threads']} thread(s), M={r['M']:3d}: fp32 {r['fp32_ms']:7.2f} ms | bf16 {r['bf16_speed_vs_fp32']:.2f}x | "
-              f"int8 {r['int8_speed_vs_fp32']:.2f}x | codebook4 {r['codebook4_speed_vs_fp32']:.2f}x "
-              f"(torch route {r['codebook4_torch_speed_vs_fp32']:.2f}x)")
+    print_cpu(results, s)
     for recipe, r in results["pipeline"].items():
         ld = results["load"][recipe]
         print(f"{recipe:9s}: compress {r['compress_s']:.1f} s + export {r['export_s']:.1f} s "
