@@ -10,7 +10,9 @@ bits) take one ``vpermps``; 5-8 bits use a scalar loop. Two entry points:
 - :func:`linear`: ``x @ W.T`` for a few rows of fp32 ``x`` (the GEMV regime): each weight row is
   expanded into an L1-sized buffer and dotted with every row of ``x`` at once, so the weight is
   read once, as packed bytes (an eighth of fp32 at 4 bits). Sums run in a different order than
-  a BLAS matmul: equal to dequantize + ``F.linear`` within fp32 rounding.
+  a BLAS matmul: equal to dequantize + ``F.linear`` within fp32 rounding, so codebook layers use
+  it only after :func:`set_fused` (or ``TORCHZIP_CPU_FUSED=1``); by default they keep the
+  bit-exact dequantize + BLAS route.
 
 The library is compiled on first use into ``$TORCHZIP_CACHE`` (default
 ``~/.cache/torchzip``), keyed by a hash of its source and flags, and is used only if it builds,
@@ -328,6 +330,22 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-s
 # Rows of x the fused linear takes; above it, dequantize into a buffer + BLAS wins (measured by
 # benchmarks/scale.py: one pass over the weight per four rows of x).
 LINEAR_MAX_M = 32
+# The fused linear sums in its own order, so a frozen model would no longer match its trainable
+# form bit for bit (which freeze promises): it runs only when asked for.
+_fused = os.environ.get("TORCHZIP_CPU_FUSED", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def set_fused(enabled: bool) -> None:
+    """Let codebook layers on CPU use the fused linear for M <= LINEAR_MAX_M (several times the
+    speed of the bit-exact dequantize + BLAS route at M = 1; outputs equal within fp32 rounding,
+    not bit for bit). Also ``TORCHZIP_CPU_FUSED=1``. Off by default."""
+    global _fused
+    _fused = bool(enabled)
+
+
+def fused() -> bool:
+    """Whether the fused linear is turned on (see :func:`set_fused`)."""
+    return _fused
 
 _lib: ctypes.CDLL | None = None
 _state = "unknown"  # "unknown" until first use, then "ok" or why not

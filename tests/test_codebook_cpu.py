@@ -49,11 +49,33 @@ def eager(monkeypatch):
     monkeypatch.setattr(codebook_cpu, "available", lambda: False)
 
 
+@pytest.fixture
+def fused(monkeypatch):
+    monkeypatch.setattr(codebook_cpu, "_fused", True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_route_is_bitwise_f_linear(monkeypatch, bits, dtype):
+    # Off by default, so freeze keeps its promise: packed outputs equal the trainable model's.
+    assert not codebook_cpu.fused()
+    calls = []
+    monkeypatch.setattr(codebook_cpu, "linear", lambda *a: calls.append(a))
+    packed, ref = weight(37, 90, bits, "channel", dtype)
+    assert torch.equal(packed.dequantize(), ref)
+    x = torch.randn(1, 90).to(dtype)
+    bias = torch.randn(37).to(dtype)
+    assert torch.equal(packed.linear(x, bias), F.linear(x, ref, bias)) and not calls
+    eager(monkeypatch)
+    assert torch.equal(packed.dequantize(), ref)
+
+
 @needs_kernels
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("books", ["channel", "layer", "group"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_fused_linear_matches_reference(monkeypatch, bits, books, dtype):
+def test_fused_linear_matches_reference(monkeypatch, fused, bits, books, dtype):
     n, k = 23, 77  # odd: no whole number of words per row, an odd number of rows
     packed, ref_w = weight(n, k, bits, books, torch.float32)
     w = ref_w.to(dtype).double()
@@ -90,7 +112,7 @@ def test_block_dequantize_is_bitwise_eager(monkeypatch, bits, dtype):
 
 
 @needs_kernels
-def test_large_m_takes_compiled_blocks(monkeypatch):
+def test_large_m_takes_compiled_blocks(monkeypatch, fused):
     monkeypatch.setattr(base, "BLOCK", 1000)
     calls = []
     real = codebook_cpu.dequantize_rows
@@ -103,7 +125,7 @@ def test_large_m_takes_compiled_blocks(monkeypatch):
 
 
 @needs_kernels
-def test_threads_do_not_change_results():
+def test_threads_do_not_change_results(fused):
     packed, _ = weight(301, 1000, 4, "channel", torch.float32)
     x = torch.randn(5, 1000)
     threads = torch.get_num_threads()
@@ -118,7 +140,7 @@ def test_threads_do_not_change_results():
 
 
 @needs_kernels
-def test_inputs_that_need_grad_use_torch():
+def test_inputs_that_need_grad_use_torch(fused):
     packed, ref = weight(9, 40, 4, "channel", torch.float32)
     x = torch.randn(2, 40, requires_grad=True)
     packed.linear(x).sum().backward()
@@ -129,7 +151,7 @@ def test_inputs_that_need_grad_use_torch():
 
 
 @needs_kernels
-def test_tiny_and_empty_rows():
+def test_tiny_and_empty_rows(fused):
     for n, k in [(1, 1), (2, 7), (5, 8), (3, 9)]:
         packed, ref = weight(n, k, 4, "channel", torch.float32)
         x = torch.randn(1, k)

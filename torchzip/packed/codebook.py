@@ -59,6 +59,10 @@ class CodebookWeight(PackedWeight):
         return unpack_bits(self.packed, self.bits, self.shape[1])
 
     def dequantize(self) -> torch.Tensor:
+        if _compiled(self.packed) and self.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            # The same table entries without int64 indices: bit for bit the lookup below.
+            out = torch.empty(self.shape, dtype=self.dtype)
+            return codebook_cpu.dequantize_rows(self.packed, self.codebook.to(self.dtype), self.bits, out)
         return self._lookup(self.indices(), self.codebook)
 
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
@@ -97,8 +101,9 @@ class CodebookWeight(PackedWeight):
     def cpu_linear(self, x, bias):
         # The fused kernel reads the packed codes once for up to LINEAR_MAX_M rows of x; more rows
         # take the blocked dequantize + BLAS matmul (dequantize_block above).
+        # Opt-in only (codebook_cpu.set_fused): its sums are not bit for bit those of F.linear.
         m = x.numel() // max(self.shape[1], 1)
-        if not (_compiled(x) and 0 < m <= codebook_cpu.LINEAR_MAX_M and x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        if not (codebook_cpu.fused() and _compiled(x) and 0 < m <= codebook_cpu.LINEAR_MAX_M and x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
             return None
         book = self.codebook.to(self.dtype).to(x.dtype)  # what dequantize().to(x.dtype) holds
         y = codebook_cpu.linear(x.reshape(m, self.shape[1]).float(), self.packed, book, self.bits, self.shape[1])
