@@ -10,8 +10,10 @@ import torch.nn.functional as F
 
 from torchzip.kernels import codebook_cpu
 from torchzip.packed import CodebookWeight, base
+from torchzip.passes.codebook import kmeans_1d
 
 from test_cpu_linear import within_rounding
+from test_kmeans import clustered
 
 
 def _avx2_linux() -> bool:
@@ -156,3 +158,31 @@ def test_tiny_and_empty_rows(fused):
         packed, ref = weight(n, k, 4, "channel", torch.float32)
         x = torch.randn(1, k)
         assert within_rounding(packed.linear(x), x.double() @ ref.double().t(), x.double().abs() @ ref.double().abs().t(), k)
+
+
+def both_routes(monkeypatch, *args, **kwargs):
+    compiled = kmeans_1d(*args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(codebook_cpu, "available", lambda: False)
+        eager = kmeans_1d(*args, **kwargs)
+    return compiled, eager
+
+
+@needs_kernels
+@pytest.mark.parametrize("init", ["linear", "kmeans++"])
+def test_compiled_loop_is_bitwise_torch(init, monkeypatch):
+    x = clustered(33, 301)
+    x[0] = 0.0  # all zero
+    x[1] = 0.25  # constant
+    x[2, :150] = -1.0  # half on one value: ties at a midpoint
+    valid = torch.rand(33, 301) > 0.25
+    valid[3] = False  # a row with nothing to cluster
+    weights = torch.rand(33, 301) * 3
+    for v in (torch.ones_like(valid), valid):
+        for w in (None, weights):
+            a, b = both_routes(monkeypatch, x, v, 16, init=init, seed=5, weights=w)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # One long row (one codebook per layer) whose final assignment is split over pieces.
+    row = torch.randn(1, 200_003)
+    a, b = both_routes(monkeypatch, row, torch.rand(1, 200_003) > 0.1, 8, init=init)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

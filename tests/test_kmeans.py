@@ -144,35 +144,6 @@ def test_two_level_search_equals_searchsorted():
         assert torch.equal(codebook._count_at_most(keys, coarse, 16, mids), torch.searchsorted(keys, mids, right=True))
 
 
-def both_routes(monkeypatch, *args, **kwargs):
-    compiled = kmeans_1d(*args, **kwargs)
-    with monkeypatch.context() as m:
-        m.setattr(codebook_cpu, "available", lambda: False)
-        eager = kmeans_1d(*args, **kwargs)
-    return compiled, eager
-
-
-@pytest.mark.parametrize("init", ["linear", "kmeans++"])
-def test_compiled_loop_is_bitwise_torch(route, init, monkeypatch):
-    if route != "compiled":
-        pytest.skip("compares the compiled loop with torch's")
-    x = clustered(33, 301)
-    x[0] = 0.0  # all zero
-    x[1] = 0.25  # constant
-    x[2, :150] = -1.0  # half on one value: ties at a midpoint
-    valid = torch.rand(33, 301) > 0.25
-    valid[3] = False  # a row with nothing to cluster
-    weights = torch.rand(33, 301) * 3
-    for v in (torch.ones_like(valid), valid):
-        for w in (None, weights):
-            a, b = both_routes(monkeypatch, x, v, 16, init=init, seed=5, weights=w)
-            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    # One long row (one codebook per layer) whose final assignment is split over pieces.
-    row = torch.randn(1, 200_003)
-    a, b = both_routes(monkeypatch, row, torch.rand(1, 200_003) > 0.1, 8, init=init)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-
-
 def test_threads_do_not_change_the_clustering(route):
     x, valid = torch.randn(40, 500), torch.rand(40, 500) > 0.1
     threads = torch.get_num_threads()
