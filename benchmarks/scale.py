@@ -4,9 +4,11 @@ lazy load, CPU forward of packed layers, export/load throughput vs torch.save an
     python benchmarks/scale.py --quick     # hidden 512, 4 layers: under 2 minutes
     python benchmarks/scale.py --setting medium   # hidden 1024, 8 layers: 0.5 GB of fp32
     python benchmarks/scale.py             # hidden 2048, 16 layers, ~1B parameters (slow on 2 cores)
+    python benchmarks/scale.py --setting medium --cpu-only   # k-means and CPU forward only
 
-Every memory figure is VmHWM growth in a fresh subprocess (it resets at exec). Timings are best
-of a few runs, side by side in one process. Prints a table and writes
+CPU forward and k-means run at one thread and at torch's thread count. Every memory figure is
+VmHWM growth in a fresh subprocess (it resets at exec). Timings are best of a few runs, side by
+side in one process. Prints a table and writes
 benchmarks/results/scale[-quick|-medium].json.
 """
 
@@ -29,6 +31,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torchzip as tz  # noqa: E402
 from common import write_json  # noqa: E402
+from torchzip.kernels import codebook_cpu  # noqa: E402
 from torchzip.packed import CodebookWeight, Int8Weight  # noqa: E402
 from torchzip.passes.codebook import kmeans_1d  # noqa: E402
 
@@ -166,14 +169,32 @@ def run_child(args: list[str]) -> dict:
 # ---- in-process measurements ----------------------------------------------------------------
 
 
+# Wall time by default; --cpu-time measures process CPU time at one thread, which a machine
+# shared with other jobs disturbs far less (waiting for a core is not counted).
+TIMER = time.perf_counter
+
+
 def best(fn, repeat: int = 3) -> float:
     fn()
     times = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = TIMER()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(TIMER() - t)
     return min(times)
+
+
+def best_of(fns: dict, repeat: int = 7) -> dict:
+    """Best time of each function, run in turns (on a shared machine, load then hits all alike)."""
+    times = {k: float("inf") for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t = TIMER()
+            fn()
+            times[k] = min(times[k], TIMER() - t)
+    return times
 
 
 def kmeans_vs_sort(s: dict) -> list[dict]:
@@ -185,8 +206,8 @@ def kmeans_vs_sort(s: dict) -> list[dict]:
     for n_threads in sorted({1, threads}):
         torch.set_num_threads(n_threads)
         for granularity, x, v in (("channel", w, valid), ("layer", w.reshape(1, -1), valid.reshape(1, -1))):
-            t_sort = best(lambda: x.sort(1))
-            t_km = best(lambda: kmeans_1d(x, v, 16))
+            t = best_of({"sort": lambda: x.sort(1), "kmeans": lambda: kmeans_1d(x, v, 16)}, repeat=5)
+            t_sort, t_km = t["sort"], t["kmeans"]
             out.append({"granularity": granularity, "threads": n_threads, "shape": [rows, cols], "sort_s": t_sort,
                         "kmeans_s": t_km, "ratio": t_km / t_sort})
     torch.set_num_threads(threads)
@@ -194,33 +215,72 @@ def kmeans_vs_sort(s: dict) -> list[dict]:
 
 
 def cpu_forward(s: dict) -> list[dict]:
-    """Four n x n layers, one thread: dense fp32 / bf16 vs packed int8 / 4-bit codebook."""
+    """Four n x n layers at one thread and at all threads: dense fp32 / bf16 vs packed int8 and
+    4-bit codebook: the default route (compiled bit-exact dequantize + BLAS where the kernels build),
+    the opt-in fused linear (codebook_cpu.set_fused) and the torch fallback."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     n = s["gemm"]
     dense = [torch.randn(n, n) * 0.02 for _ in range(4)]
     int8 = [Int8Weight.from_float(w) for w in dense]
     book = [CodebookWeight.from_indices(torch.randint(0, 16, (n, n)), torch.randn(n, 16) * 0.02, 4, torch.float32)
             for _ in range(4)]
     bf16 = [w.bfloat16() for w in dense]
+    compiled = codebook_cpu.available()
+
+    def torch_route():
+        codebook_cpu.available = lambda: False
+        try:
+            return [p.linear(x) for p in book]
+        finally:
+            codebook_cpu.available = real
+
+    def fused_route():
+        codebook_cpu.set_fused(True)
+        try:
+            return [p.linear(x) for p in book]
+        finally:
+            codebook_cpu.set_fused(False)
+
+    real = codebook_cpu.available
     rows = []
-    for m in (1, 8, 64):
-        x = torch.randn(m, n)
-        xb = x.bfloat16()
-        t = {"fp32": best(lambda: [F.linear(x, w) for w in dense]),
-             "bf16": best(lambda: [F.linear(xb, w) for w in bf16]),
-             "int8": best(lambda: [p.linear(x) for p in int8]),
-             "codebook4": best(lambda: [p.linear(x) for p in book])}
-        rows.append({"M": m, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
-                     **{f"{k}_speed_vs_fp32": t["fp32"] / t[k] for k in ("bf16", "int8", "codebook4")}})
+    for n_threads in sorted({1, threads}):
+        torch.set_num_threads(n_threads)
+        for m in (1, 8, 64):
+            x = torch.randn(m, n)
+            xb = x.bfloat16()
+            t = best_of({"fp32": lambda: [F.linear(x, w) for w in dense],
+                         "bf16": lambda: [F.linear(xb, w) for w in bf16],
+                         "int8": lambda: [p.linear(x) for p in int8],
+                         "codebook4": lambda: [p.linear(x) for p in book],
+                         "codebook4_fused": fused_route})
+            t["codebook4_torch"] = best(torch_route, repeat=1)
+            rows.append({"M": m, "threads": n_threads, "compiled_kernels": compiled,
+                         **{f"{k}_ms": v * 1e3 for k, v in t.items()},
+                         **{f"{k}_speed_vs_fp32": t["fp32"] / t[k] for k in ("bf16", "int8", "codebook4", "codebook4_fused", "codebook4_torch")}})
     torch.set_num_threads(threads)
     return rows
+
+
+def print_cpu(results: dict, s: dict) -> None:
+    """The k-means and CPU-forward rows of the table."""
+    for r in results["kmeans"]:
+        print(f"k-means 16 centroids per {r['granularity']:7s} {r['shape']}, {r['threads']} thread(s): {r['kmeans_s']:.3f} s, "
+              f"sort {r['sort_s']:.3f} s, "
+              f"ratio {r['ratio']:.2f}x (target <= 1.5)")
+    print(f"CPU forward, 4 layers of {s['gemm']}x{s['gemm']} (speed vs fp32; targets int8 >= 1.0 at M 1, 8; codebook >= 0.8); "
+          f"compiled CPU kernels: {codebook_cpu.why_not()}")
+    for r in results["cpu_forward"]:
+        print(f"  {r['threads']} thread(s), M={r['M']:3d}: fp32 {r['fp32_ms']:7.2f} ms | bf16 {r['bf16_speed_vs_fp32']:.2f}x | "
+              f"int8 {r['int8_speed_vs_fp32']:.2f}x | codebook4 {r['codebook4_speed_vs_fp32']:.2f}x "
+              f"(fused, opt-in {r['codebook4_fused_speed_vs_fp32']:.2f}x; torch route {r['codebook4_torch_speed_vs_fp32']:.2f}x)")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="the small setting (under 2 minutes)")
     parser.add_argument("--setting", choices=sorted(SETTINGS), help="quick, medium (0.5 GB) or full (~1B parameters)")
+    parser.add_argument("--cpu-only", action="store_true", help="k-means and CPU forward only (scale-SETTING-cpu.json)")
+    parser.add_argument("--cpu-time", action="store_true", help="time k-means and CPU forward by process CPU time, one thread only")
     parser.add_argument("--child", nargs="+")
     parser.add_argument("--note", help="a note stored in the JSON (e.g. how loaded the machine was)")
     args = parser.parse_args()
@@ -233,9 +293,17 @@ def main() -> int:
 
     setting = args.setting or ("quick" if args.quick else "full")
     s = SETTINGS[setting]
-    results: dict = {"setting": setting, **s, "note": args.note}
+    if args.cpu_time:
+        global TIMER
+        TIMER = time.process_time
+        torch.set_num_threads(1)
+    results: dict = {"setting": setting, **s, "timer": "process CPU time" if args.cpu_time else "wall", "note": args.note}
     results["kmeans"] = kmeans_vs_sort(s)
     results["cpu_forward"] = cpu_forward(s)
+    if args.cpu_only:
+        print_cpu(results, s)
+        write_json(f"scale-{setting}-cpu" + ("-time" if args.cpu_time else ""), results)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         results["pipeline"], results["load"] = {}, {}
         for recipe in RECIPES:
@@ -247,14 +315,7 @@ def main() -> int:
 
     model_mb = results["pipeline"]["int8"]["model_bytes"] / 1e6
     print(f"setting {setting}: {model_mb:.0f} MB fp32 model")
-    for r in results["kmeans"]:
-        print(f"k-means 16 centroids per {r['granularity']:7s} {r['shape']}, {r['threads']} thread(s): {r['kmeans_s']:.3f} s, "
-              f"sort {r['sort_s']:.3f} s, "
-              f"ratio {r['ratio']:.2f}x (target <= 1.5)")
-    print("CPU forward, 4 layers, 1 thread (speed vs fp32; targets int8 >= 1.0 at M 1, 8; codebook >= 0.8)")
-    for r in results["cpu_forward"]:
-        print(f"  M={r['M']:3d}: fp32 {r['fp32_ms']:7.2f} ms | bf16 {r['bf16_speed_vs_fp32']:.2f}x | "
-              f"int8 {r['int8_speed_vs_fp32']:.2f}x | codebook4 {r['codebook4_speed_vs_fp32']:.2f}x")
+    print_cpu(results, s)
     for recipe, r in results["pipeline"].items():
         ld = results["load"][recipe]
         print(f"{recipe:9s}: compress {r['compress_s']:.1f} s + export {r['export_s']:.1f} s "

@@ -3,8 +3,19 @@
 import pytest
 import torch
 
+from torchzip.kernels import codebook_cpu
 from torchzip.passes import codebook
 from torchzip.passes.codebook import assign_nearest, kmeans_1d
+
+
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def route(request, monkeypatch):
+    """Every test runs on both Lloyd's loops: the compiled one (where it builds) and torch's."""
+    if request.param == "compiled" and not codebook_cpu.available():
+        pytest.skip(f"compiled CPU kernels: {codebook_cpu.why_not()}")
+    if request.param == "torch":
+        monkeypatch.setattr(codebook_cpu, "available", lambda: False)
+    return request.param
 
 
 def lloyd_reference(x, valid, k, iterations, weights=None):
@@ -131,3 +142,16 @@ def test_two_level_search_equals_searchsorted():
         mids = torch.cat([torch.randn(4, 6), keys[:, :3], torch.full((4, 1), 1e9)], 1).sort(1).values.contiguous()
         coarse = keys[:, 15::16].contiguous()
         assert torch.equal(codebook._count_at_most(keys, coarse, 16, mids), torch.searchsorted(keys, mids, right=True))
+
+
+def test_threads_do_not_change_the_clustering(route):
+    x, valid = torch.randn(40, 500), torch.rand(40, 500) > 0.1
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kmeans_1d(x, valid, 16)
+        torch.set_num_threads(2)
+        two = kmeans_1d(x, valid, 16)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])

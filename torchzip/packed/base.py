@@ -170,6 +170,11 @@ class PackedWeight(nn.Module):
         """``x @ W.T + bias`` through the format's Triton kernel (None: the format has none)."""
         return None
 
+    def cpu_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """``x @ W.T + bias`` through a compiled CPU kernel for eager, no-grad CPU inputs (None: the
+        format has none, or it does not take this input; ``linear`` then uses torch)."""
+        return None
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W.T + bias``: the Triton kernel on CUDA; on CPU, large weights a block of rows at a
         time (:func:`blocked_linear`); else dequantize + ``F.linear``."""
@@ -179,12 +184,16 @@ class PackedWeight(nn.Module):
             out = self.kernel_linear(x, bias)
             if out is not None:
                 return out
-        blocked = type(self).dequantize_block is not PackedWeight.dequantize_block
         # Eager only: under torch.compile, inductor fuses dequantize + F.linear itself (and the
-        # Python loop over blocks would be a graph break).
-        if (blocked and x.device.type == "cpu" and self.shape[0] * self.shape[1] > BLOCK and x.is_floating_point()
-                and not torch.compiler.is_compiling()):
-            return blocked_linear(self, x, bias)
+        # Python loop over blocks or a foreign call would be a graph break).
+        if x.device.type == "cpu" and x.is_floating_point() and not torch.compiler.is_compiling():
+            if not (x.requires_grad and torch.is_grad_enabled()):  # compiled kernels have no backward
+                out = self.cpu_linear(x, bias)
+                if out is not None:
+                    return out
+            blocked = type(self).dequantize_block is not PackedWeight.dequantize_block
+            if blocked and self.shape[0] * self.shape[1] > BLOCK:
+                return blocked_linear(self, x, bias)
         return F.linear(x, self.dequantize().to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def encode(self, out: Any) -> dict[str, Any]:

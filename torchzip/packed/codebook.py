@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from torchzip.kernels import codebook_cpu
 from torchzip.packed.base import PackedWeight, WeightState, register_format
 from torchzip.packed.bits import pack_bits, unpack_bits
 from torchzip.packed.values import CodebookValues, read_table, table
+
+
+def _compiled(t: torch.Tensor) -> bool:
+    """Whether the compiled CPU kernels take this tensor (CPU, eager, kernels built)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and codebook_cpu.available()
 
 
 def _byte_fields(bits: int, device: torch.device) -> torch.Tensor:
@@ -53,6 +59,10 @@ class CodebookWeight(PackedWeight):
         return unpack_bits(self.packed, self.bits, self.shape[1])
 
     def dequantize(self) -> torch.Tensor:
+        if _compiled(self.packed) and self.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            # The same table entries without int64 indices: bit for bit the lookup below.
+            out = torch.empty(self.shape, dtype=self.dtype)
+            return codebook_cpu.dequantize_rows(self.packed, self.codebook.to(self.dtype), self.bits, out)
         return self._lookup(self.indices(), self.codebook)
 
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
@@ -62,6 +72,9 @@ class CodebookWeight(PackedWeight):
     def dequantize_block(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         rows, k = stop - start, self.shape[1]
         book = self.codebook[start:stop] if self.codebook.shape[0] > 1 else self.codebook
+        if _compiled(out) and out.stride(-1) == 1 and out.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            # Table entries rounded as the eager lookup rounds them: the same values, bit for bit.
+            return codebook_cpu.dequantize_rows(self.packed[start:stop], book.to(self.dtype).to(out.dtype), self.bits, out)
         if 8 % self.bits:  # fields straddle bytes: unpack, then look up
             return out.copy_(self._lookup(unpack_bits(self.packed[start:stop], self.bits, k), book))
         # Fields never straddle a byte: each byte of the packed words indexes a small table of the
@@ -84,6 +97,19 @@ class CodebookWeight(PackedWeight):
         book = self.codebook[start:stop] if self.codebook.shape[0] > 1 else self.codebook
         return CodebookWeight(self.packed[start:stop], book, self.bits, (stop - start, self.shape[1]), self.dtype,
                               self.half_table, self.group_rows if start % self.group_rows == 0 else 1)
+
+    def cpu_linear(self, x, bias):
+        # The fused kernel reads the packed codes once for up to LINEAR_MAX_M rows of x; more rows
+        # take the blocked dequantize + BLAS matmul (dequantize_block above).
+        # Opt-in only (codebook_cpu.set_fused): its sums are not bit for bit those of F.linear.
+        m = x.numel() // max(self.shape[1], 1)
+        if not (codebook_cpu.fused() and _compiled(x) and 0 < m <= codebook_cpu.LINEAR_MAX_M and x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+            return None
+        book = self.codebook.to(self.dtype).to(x.dtype)  # what dequantize().to(x.dtype) holds
+        y = codebook_cpu.linear(x.reshape(m, self.shape[1]).float(), self.packed, book, self.bits, self.shape[1])
+        if bias is not None:
+            y += bias.to(x.dtype).float()
+        return y.to(x.dtype).view(*x.shape[:-1], self.shape[0])
 
     def kernel_linear(self, x, bias):
         from torchzip.kernels import codebook

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from torchzip.errors import RecipeError
+from torchzip.kernels import codebook_cpu
 from torchzip.packed.values import HALF_DTYPES, CodebookValues
 from torchzip.passes.base import check_choice, check_int, register_pass, weight_before
 from torchzip.packed.layers import WeightView
@@ -97,6 +98,12 @@ def _lloyd_sorted(x: torch.Tensor, valid: torch.Tensor | None, weights: torch.Te
         empty = n_valid == 0  # a group with no weight gets zeros
         lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
         centroids = _seed_linear(lo, hi, centroids)
+    # The same iterations in C where it builds, a row per thread: the torch loop below runs ~30
+    # small ops per iteration that do not spread over threads (the sort before them does), and
+    # binary searches start from the last iteration's edges. Unweighted, C sums the keys itself.
+    compiled = x.device.type == "cpu" and codebook_cpu.available()
+    if compiled and weights is None:
+        return codebook_cpu.lloyd_sorted(keys, order, n_valid, None, None, centroids, iterations)
     values = keys if live is None else torch.where(live, keys, torch.zeros((), device=x.device))
     sum_w = None
     if weights is not None:
@@ -105,6 +112,8 @@ def _lloyd_sorted(x: torch.Tensor, valid: torch.Tensor | None, weights: torch.Te
         del w
     sum_x = values.cumsum(1, dtype=torch.float64)
     del values
+    if compiled:
+        return codebook_cpu.lloyd_sorted(keys, order, n_valid, sum_x, sum_w, centroids, iterations)
     block = 16
     coarse = keys[:, block - 1::block].contiguous()
     zero, edges = torch.zeros_like(n_valid), None

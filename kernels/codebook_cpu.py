@@ -1,0 +1,501 @@
+"""CPU kernels for codebook weights: AVX2 table lookups in C, built once with the machine's C compiler.
+
+A row of 4-bit codes is expanded eight at a time: one int32 word is broadcast, shifted per lane
+and masked into eight indices, and two ``vpermps`` over the row's 16-entry table (plus a blend on
+the index's top bit) give eight fp32 weights, in registers. Tables of 8 entries or fewer (1-3
+bits) take one ``vpermps``; 5-8 bits use a scalar loop. Two entry points:
+
+- :func:`dequantize_rows`: rows of the weight into a caller's buffer (fp32, bf16 or fp16). The
+  values are table entries, so the result is bit for bit the eager ``dequantize_block``;
+- :func:`linear`: ``x @ W.T`` for a few rows of fp32 ``x`` (the GEMV regime): each weight row is
+  expanded into an L1-sized buffer and dotted with every row of ``x`` at once, so the weight is
+  read once, as packed bytes (an eighth of fp32 at 4 bits). Sums run in a different order than
+  a BLAS matmul: equal to dequantize + ``F.linear`` within fp32 rounding, so codebook layers use
+  it only after :func:`set_fused` (or ``TORCHZIP_CPU_FUSED=1``); by default they keep the
+  bit-exact dequantize + BLAS route.
+
+The library is compiled on first use into ``$TORCHZIP_CACHE`` (default
+``~/.cache/torchzip``), keyed by a hash of its source and flags, and is used only if it builds,
+the CPU has AVX2/FMA/F16C, and it reproduces the eager lookup on a small check. Otherwise (no
+compiler, another architecture, ``TORCHZIP_CPU_KERNELS=0``) :func:`available` is False and the
+callers keep their torch code. Threads: OpenMP over weight rows, as many as
+``torch.get_num_threads()`` (the library links the same ``libgomp`` torch runs).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Eight codes from one broadcast word: lanes shifted right by `sh`; for 4 bits `hs` shifts each
+   field's top bit into the sign bit, which picks the table's upper half. vpermps reads only the
+   low 3 bits of each lane, so 3- and 4-bit codes need no mask. */
+static inline __m256 expand8(__m256i b, __m256i sh, __m256i hs, __m256i vmask, int bits, __m256 t0, __m256 t1) {
+    __m256i idx = _mm256_srlv_epi32(b, sh);
+    if (bits < 3) idx = _mm256_and_si256(idx, vmask);
+    __m256 v = _mm256_permutevar8x32_ps(t0, idx);
+    if (bits == 4)
+        v = _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(t1, idx), _mm256_castsi256_ps(_mm256_sllv_epi32(b, hs)));
+    return v;
+}
+
+static void shifts(int bits, __m256i *sh, __m256i *hs) {
+    for (int c = 0; c < 4; c++) {
+        int s[8], h[8];
+        for (int i = 0; i < 8; i++) {
+            int f = (8 * c + i) * bits;
+            s[i] = f < 32 ? f : 0;
+            h[i] = 28 - f >= 0 ? 28 - f : 0;
+        }
+        sh[c] = _mm256_loadu_si256((const __m256i *)s);
+        hs[c] = _mm256_loadu_si256((const __m256i *)h);
+    }
+}
+
+/* One row of k codes, `bits` wide, 32/bits to an int32 word (least significant first), through
+   the row's table `tab` (16 floats, the unused tail zero; all 2**bits for bits > 4) into `out`. */
+static void expand_row(const int32_t *words, const float *tab, int bits, int64_t k, float *out) {
+    const int per = 32 / bits;
+    const uint32_t mask = (1u << bits) - 1u;
+    const int64_t full = k / per;
+    int64_t j = 0;
+    if (bits <= 4) {
+        const __m256 t0 = _mm256_loadu_ps(tab), t1 = _mm256_loadu_ps(tab + 8);
+        const __m256i vmask = _mm256_set1_epi32((int)mask);
+        const int chunks = per / 8, rest = per % 8;
+        __m256i sh[4], hs[4];
+        shifts(bits, sh, hs);
+        for (int64_t w = 0; w < full; w++) {
+            const uint32_t word = (uint32_t)words[w];
+            const __m256i b = _mm256_set1_epi32((int)word);
+            float *o = out + w * per;
+            for (int c = 0; c < chunks; c++) _mm256_storeu_ps(o + 8 * c, expand8(b, sh[c], hs[c], vmask, bits, t0, t1));
+            for (int f = 8 * chunks; f < 8 * chunks + rest; f++) o[f] = tab[(word >> (f * bits)) & mask];
+        }
+        j = full * per;
+    }
+    for (; j < k; j++) {
+        const uint32_t word = (uint32_t)words[j / per];
+        out[j] = tab[(word >> ((j % per) * bits)) & mask];
+    }
+}
+
+/* x . row for one row of 4-bit codes, expanded in registers (M = 1: nothing is stored). */
+static float dot4(const int32_t *words, const float *tab, int64_t k, const float *x) {
+    const __m256 t0 = _mm256_loadu_ps(tab), t1 = _mm256_loadu_ps(tab + 8);
+    __m256i sh[4], hs[4];
+    shifts(4, sh, hs);
+    const __m256i vmask = _mm256_set1_epi32(15);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const int64_t full = k / 8;
+    int64_t w = 0;
+    for (; w + 4 <= full; w += 4) {
+        a0 = _mm256_fmadd_ps(expand8(_mm256_set1_epi32(words[w]), sh[0], hs[0], vmask, 4, t0, t1), _mm256_loadu_ps(x + 8 * w), a0);
+        a1 = _mm256_fmadd_ps(expand8(_mm256_set1_epi32(words[w + 1]), sh[0], hs[0], vmask, 4, t0, t1), _mm256_loadu_ps(x + 8 * w + 8), a1);
+        a2 = _mm256_fmadd_ps(expand8(_mm256_set1_epi32(words[w + 2]), sh[0], hs[0], vmask, 4, t0, t1), _mm256_loadu_ps(x + 8 * w + 16), a2);
+        a3 = _mm256_fmadd_ps(expand8(_mm256_set1_epi32(words[w + 3]), sh[0], hs[0], vmask, 4, t0, t1), _mm256_loadu_ps(x + 8 * w + 24), a3);
+    }
+    for (; w < full; w++)
+        a0 = _mm256_fmadd_ps(expand8(_mm256_set1_epi32(words[w]), sh[0], hs[0], vmask, 4, t0, t1), _mm256_loadu_ps(x + 8 * w), a0);
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (int64_t j = full * 8; j < k; j++) s += tab[((uint32_t)words[j / 8] >> ((j % 8) * 4)) & 15u] * x[j];
+    return s;
+}
+
+static void load_table(const float *book, int bits, float *tab) {
+    memset(tab, 0, 16 * sizeof(float));
+    memcpy(tab, book, (bits <= 4 ? (1 << bits) : 0) * sizeof(float));
+}
+
+/* out[r, :k] = book_r[codes[r, :]] for r < rows. kind 0: fp32, 1: bf16, 2: fp16 (the table's
+   values are exact in that dtype, so the conversion only drops zero bits). */
+void tz_codebook_dequantize(const int32_t *packed, int64_t wstride, const float *books, int64_t bstride,
+                            int bits, int64_t rows, int64_t k, void *out, int64_t ostride, int kind,
+                            int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        float *tmp = kind ? (float *)aligned_alloc(64, ((k + 15) / 16) * 64) : NULL;
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            float tab[16];
+            const float *book = books + r * bstride;
+            load_table(book, bits, tab);
+            const float *t = bits <= 4 ? tab : book;
+            if (kind == 0) {
+                expand_row(packed + r * wstride, t, bits, k, (float *)out + r * ostride);
+                continue;
+            }
+            expand_row(packed + r * wstride, t, bits, k, tmp);
+            uint16_t *o = (uint16_t *)out + r * ostride;
+            int64_t j = 0;
+            if (kind == 1) {
+                for (; j + 8 <= k; j += 8) {
+                    __m256i v = _mm256_srli_epi32(_mm256_castps_si256(_mm256_loadu_ps(tmp + j)), 16);
+                    v = _mm256_permute4x64_epi64(_mm256_packus_epi32(v, v), 0x08);
+                    _mm_storeu_si128((__m128i *)(o + j), _mm256_castsi256_si128(v));
+                }
+                for (; j < k; j++) { uint32_t u; memcpy(&u, tmp + j, 4); o[j] = (uint16_t)(u >> 16); }
+            } else {
+                for (; j + 8 <= k; j += 8)
+                    _mm_storeu_si128((__m128i *)(o + j), _mm256_cvtps_ph(_mm256_loadu_ps(tmp + j), 0));
+                for (; j < k; j++) o[j] = (uint16_t)_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(tmp[j]), 0), 0);
+            }
+        }
+        free(tmp);
+    }
+}
+
+/* y[i, n + r] = x[i] . w[r] for up to 4 rows of x (stride xs) and R = 1 or 2 expanded weight rows
+   (stride k): 2 x 4 accumulators, so each load of x feeds two FMAs. */
+static void dot_tile(const float *w, int64_t nw, const float *x, int64_t xs, int64_t m, int64_t k, float *y, int64_t ys) {
+    __m256 a[2][4];
+    for (int r = 0; r < 2; r++)
+        for (int i = 0; i < 4; i++) a[r][i] = _mm256_setzero_ps();
+    const float *w1 = w + (nw > 1 ? k : 0);
+    int64_t j = 0;
+    for (; j + 8 <= k; j += 8) {
+        const __m256 v0 = _mm256_loadu_ps(w + j), v1 = _mm256_loadu_ps(w1 + j);
+        for (int i = 0; i < 4; i++)
+            if (i < m) {
+                const __m256 xv = _mm256_loadu_ps(x + i * xs + j);
+                a[0][i] = _mm256_fmadd_ps(v0, xv, a[0][i]);
+                a[1][i] = _mm256_fmadd_ps(v1, xv, a[1][i]);
+            }
+    }
+    for (int r = 0; r < nw; r++)
+        for (int i = 0; i < m; i++) {
+            const float *wr = r ? w1 : w;
+            float s = hsum(a[r][i]);
+            for (int64_t t = j; t < k; t++) s += wr[t] * x[i * xs + t];
+            y[i * ys + r] = s;
+        }
+}
+
+/* y[m, n] = x[m, k] @ W.T for the codebook weight W[n, k]: two weight rows at a time are expanded
+   into an L1-sized buffer and dotted with every row of x (M = 1 at 4 bits: in registers). */
+void tz_codebook_linear(const float *x, int64_t m, int64_t k, const int32_t *packed, int64_t wstride,
+                        const float *books, int64_t bstride, int bits, int64_t n, float *y, int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        float *row = (float *)aligned_alloc(64, ((2 * k + 15) / 16) * 64);
+        #pragma omp for schedule(static)
+        for (int64_t p = 0; p < (n + 1) / 2; p++) {
+            const int64_t r0 = 2 * p, nw = r0 + 1 < n ? 2 : 1;
+            for (int64_t r = r0; r < r0 + nw; r++) {
+                float tab[16];
+                const float *book = books + r * bstride;
+                load_table(book, bits, tab);
+                if (m == 1 && bits == 4) y[r] = dot4(packed + r * wstride, tab, k, x);
+                else expand_row(packed + r * wstride, bits <= 4 ? tab : book, bits, k, row + (r - r0) * k);
+            }
+            if (m == 1 && bits == 4) continue;
+            for (int64_t i = 0; i < m; i += 4)
+                dot_tile(row, nw, x + i * k, k, m - i < 4 ? m - i : 4, k, y + i * n + r0, n);
+        }
+        free(row);
+    }
+}
+
+/* ---- 1-D Lloyd's on sorted rows (torchzip.passes.codebook._lloyd_sorted, the same arithmetic) ---- */
+
+static int64_t count_at_most(const float *keys, int64_t n, float mid) {
+    int64_t lo = 0, hi = n; /* first position whose key is > mid */
+    while (lo < hi) {
+        const int64_t m = lo + (hi - lo) / 2;
+        if (keys[m] <= mid) lo = m + 1; else hi = m;
+    }
+    return lo;
+}
+
+/* The same count, searched outward from a guess (last iteration's edge: centroids move little,
+   so this takes a few probes where a binary search over the row takes log2(n)). */
+static int64_t count_near(const float *keys, int64_t n, float mid, int64_t h) {
+    int64_t lo, hi, step = 1;
+    if (h < n && keys[h] <= mid) { /* the count is past h */
+        lo = h + 1;
+        hi = lo;
+        while (hi < n && keys[hi] <= mid) { lo = hi + 1; hi += step; step *= 2; }
+        if (hi > n) hi = n;
+    } else { /* the count is at most h */
+        hi = h;
+        lo = h;
+        while (lo > 0 && keys[lo - 1] > mid) { hi = lo - 1; lo -= step; step *= 2; }
+        if (lo < 0) lo = 0;
+    }
+    while (lo < hi) {
+        const int64_t m = lo + (hi - lo) / 2;
+        if (keys[m] <= mid) lo = m + 1; else hi = m;
+    }
+    return lo;
+}
+
+static double run_end(const double *prefix, int64_t e) { return e > 0 ? prefix[e - 1] : 0.0; }
+
+static int cmp_i64(const void *a, const void *b) {
+    const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Rows of `keys` [g, n] sorted ascending, the first n_valid[r] valid; sum_x / sum_w: inclusive
+   float64 running sums of (weighted) values and weights (sum_w NULL: unweighted; sum_x NULL: the
+   running sum of the valid keys, summed here in order as torch's cumsum does). centroids
+   [g, kk] in/out. Then assign[r, order[r, p]] = cluster of sorted position p (-1 past n_valid). */
+void tz_lloyd_sorted(const float *keys, const double *sum_x, const double *sum_w, const int64_t *n_valid,
+                     int64_t g, int64_t n, int64_t kk, float *centroids, int iterations, const int64_t *order,
+                     int64_t *assign, int threads) {
+    const int64_t chunk = 1 << 16;
+    const int64_t pieces = (n + chunk - 1) / chunk;
+    int64_t *starts = (int64_t *)malloc((size_t)(g * (kk > 1 ? kk - 1 : 1)) * sizeof(int64_t));
+    #pragma omp parallel num_threads(threads)
+    {
+        int64_t *edges = (int64_t *)malloc((size_t)(2 * (kk + 1)) * sizeof(int64_t)), *prev = edges + kk + 1;
+        double *own = sum_x ? NULL : (double *)malloc((size_t)(n > 0 ? n : 1) * sizeof(double));
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t r = 0; r < g; r++) {
+            const float *key = keys + r * n;
+            const int64_t nv = n_valid[r];
+            if (own) {
+                double acc = 0.0;
+                for (int64_t p = 0; p < nv; p++) { acc += (double)key[p]; own[p] = acc; }
+            }
+            const double *sx = own ? own : sum_x + r * n, *sw = sum_w ? sum_w + r * n : NULL;
+            float *c = centroids + r * kk;
+            for (int it = 0; it < iterations; it++) {
+                edges[0] = 0;
+                edges[kk] = nv;
+                for (int64_t j = 0; j + 1 < kk; j++) {
+                    const float mid = (c[j + 1] + c[j]) / 2.0f;
+                    const int64_t e = it ? count_near(key, n, mid, prev[j + 1]) : count_at_most(key, n, mid);
+                    edges[j + 1] = e < nv ? e : nv;
+                }
+                if (it > 0 && memcmp(edges, prev, (size_t)(kk + 1) * sizeof(int64_t)) == 0) break;
+                memcpy(prev, edges, (size_t)(kk + 1) * sizeof(int64_t));
+                for (int64_t j = 0; j < kk; j++) {
+                    const double sums = run_end(sx, edges[j + 1]) - run_end(sx, edges[j]);
+                    const double counts = sw ? run_end(sw, edges[j + 1]) - run_end(sw, edges[j])
+                                             : (double)(edges[j + 1] - edges[j]);
+                    if (counts > 0) c[j] = (float)(sums / (counts < 1e-300 ? 1e-300 : counts));
+                }
+            }
+            int64_t *st = starts + r * (kk > 1 ? kk - 1 : 1);
+            for (int64_t j = 0; j + 1 < kk; j++)
+                st[j] = iterations ? count_near(key, n, (c[j + 1] + c[j]) / 2.0f, prev[j + 1])
+                                   : count_at_most(key, n, (c[j + 1] + c[j]) / 2.0f);
+            qsort(st, (size_t)(kk > 1 ? kk - 1 : 0), sizeof(int64_t), cmp_i64);
+        }
+        free(edges);
+        free(own);
+        /* Cluster of sorted position p: how many cluster starts are <= p. Pieces of rows, so a
+           single long row (one codebook per layer) is spread over the threads too. */
+        #pragma omp for schedule(static)
+        for (int64_t u = 0; u < g * pieces; u++) {
+            const int64_t r = u / pieces, p0 = (u % pieces) * chunk, p1 = p0 + chunk < n ? p0 + chunk : n;
+            const int64_t ns = kk > 1 ? kk - 1 : 0, nv = n_valid[r];
+            const int64_t *st = starts + r * (kk > 1 ? kk - 1 : 1), *ord = order + r * n;
+            int64_t *out = assign + r * n;
+            int64_t idx = 0;
+            while (idx < ns && st[idx] <= p0) idx++;
+            for (int64_t p = p0; p < p1; p++) {
+                while (idx < ns && st[idx] <= p) idx++;
+                out[ord[p]] = p < nv ? idx : -1;
+            }
+        }
+    }
+    free(starts);
+}
+"""
+
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# Rows of x the fused linear takes; above it, dequantize into a buffer + BLAS wins (measured by
+# benchmarks/scale.py: one pass over the weight per four rows of x).
+LINEAR_MAX_M = 32
+# The fused linear sums in its own order, so a frozen model would no longer match its trainable
+# form bit for bit (which freeze promises): it runs only when asked for.
+_fused = os.environ.get("TORCHZIP_CPU_FUSED", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def set_fused(enabled: bool) -> None:
+    """Let codebook layers on CPU use the fused linear for M <= LINEAR_MAX_M (several times the
+    speed of the bit-exact dequantize + BLAS route at M = 1; outputs equal within fp32 rounding,
+    not bit for bit). Also ``TORCHZIP_CPU_FUSED=1``. Off by default."""
+    global _fused
+    _fused = bool(enabled)
+
+
+def fused() -> bool:
+    """Whether the fused linear is turned on (see :func:`set_fused`)."""
+    return _fused
+
+_lib: ctypes.CDLL | None = None
+_state = "unknown"  # "unknown" until first use, then "ok" or why not
+_lock = threading.Lock()
+
+
+def _cpu_ok() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    have = set(flags.split())
+    return {"avx2", "fma", "f16c"} <= have
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC", "gcc")
+    key = hashlib.sha256((SOURCE + " ".join(FLAGS) + cc).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("TORCHZIP_CACHE", Path.home() / ".cache" / "torchzip"))
+    path = cache / f"codebook_cpu_{key}.so"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            src = Path(tmp) / "codebook_cpu.c"
+            src.write_text(SOURCE)
+            lib = Path(tmp) / "lib.so"
+            subprocess.run([cc, *FLAGS, str(src), "-o", str(lib)], check=True, capture_output=True, timeout=120)
+            os.replace(lib, path)  # atomic: a concurrent process sees the whole file or none
+    lib = ctypes.CDLL(str(path))
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.tz_codebook_dequantize.argtypes = [ptr, i64, ptr, i64, i32, i64, i64, ptr, i64, i32, i32]
+    lib.tz_codebook_dequantize.restype = None
+    lib.tz_codebook_linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i32, i64, ptr, i32]
+    lib.tz_codebook_linear.restype = None
+    lib.tz_lloyd_sorted.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr, i32, ptr, ptr, i32]
+    lib.tz_lloyd_sorted.restype = None
+    return lib
+
+
+def _self_check(lib: ctypes.CDLL) -> bool:
+    # Every bit width, a ragged row and per-row / shared tables against torch's own lookup.
+    global _lib
+    _lib = lib
+    gen = torch.Generator().manual_seed(0)
+    from torchzip.packed.bits import pack_bits
+
+    for bits in range(1, 9):
+        for rows_of_books in (5, 1):
+            idx = torch.randint(0, 2**bits, (5, 37), generator=gen)
+            book = torch.randn(rows_of_books, 2**bits, generator=gen)
+            want = book.gather(1, idx) if rows_of_books > 1 else book[0][idx]
+            got = torch.empty(5, 37)
+            dequantize_rows(pack_bits(idx, bits), book, bits, got)
+            if not torch.equal(got, want):
+                return False
+            x = torch.randn(3, 37, generator=gen)
+            y = linear(x, pack_bits(idx, bits), book, bits, 37)
+            ref = x.double() @ want.double().t()
+            if not bool(((y.double() - ref).abs() <= 1e-5 * (x.double().abs() @ want.double().abs().t()) + 1e-30).all()):
+                return False
+    return True
+
+
+def available() -> bool:
+    """Whether the compiled kernels can be used (built, checked; not turned off by the environment)."""
+    global _lib, _state
+    if os.environ.get("TORCHZIP_CPU_KERNELS", "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    if _state == "unknown":
+        with _lock:
+            if _state == "unknown":
+                try:
+                    if not _cpu_ok():
+                        _state = "the CPU lacks AVX2/FMA/F16C"
+                    else:
+                        lib = _build()
+                        _state = "ok" if _self_check(lib) else "the compiled lookup disagreed with torch"
+                except subprocess.CalledProcessError as e:
+                    _state = f"could not build: {e.stderr.decode(errors='replace').strip()[-300:]}"
+                except (OSError, subprocess.SubprocessError) as e:
+                    _state = f"could not build: {e}"
+                if _state != "ok":
+                    _lib = None
+    return _state == "ok"
+
+
+def why_not() -> str:
+    """``"ok"``, or why the compiled kernels are not used."""
+    if not available() and _state in ("ok", "unknown"):
+        return "turned off by TORCHZIP_CPU_KERNELS"
+    return _state
+
+
+_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _books(book: torch.Tensor) -> tuple[torch.Tensor, int]:
+    # One table per row, or one for all rows (stride 0).
+    book = book.float().contiguous()
+    return book, (book.shape[1] if book.shape[0] > 1 else 0)
+
+
+def _need(ok: bool, what: str) -> None:
+    if _lib is None or not ok:
+        raise RuntimeError(f"codebook_cpu: {what}" if _lib is not None else "codebook_cpu: kernels not available()")
+
+
+def dequantize_rows(packed: torch.Tensor, book: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
+    """``out[r] = book[r or 0][codes of packed[r]]``: ``packed`` ``[R, words]`` int32, ``book``
+    ``[R or 1, 2**bits]`` holding values exact in ``out.dtype``, ``out`` ``[R, K]`` fp32/bf16/fp16
+    with unit stride along K. Returns ``out``."""
+    _need(out.dtype in _KIND and out.stride(-1) == 1 and packed.is_contiguous() and packed.dtype == torch.int32,
+          "dequantize_rows takes contiguous int32 codes and an fp32/bf16/fp16 out with unit stride")
+    book, bstride = _books(book)
+    _lib.tz_codebook_dequantize(packed.data_ptr(), packed.shape[1], book.data_ptr(), bstride, bits, out.shape[0],
+                                out.shape[1], out.data_ptr(), out.stride(0), _KIND[out.dtype], torch.get_num_threads())
+    return out
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, book: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """``x @ W.T`` (fp32 ``[M, K]`` in, fp32 ``[M, N]`` out) for the codebook weight ``W`` whose
+    codes are ``packed`` ``[N, words]`` and tables ``book`` ``[N or 1, 2**bits]`` (fp32)."""
+    _need(x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == k and packed.dtype == torch.int32,
+          "linear takes fp32 x [M, K] and int32 codes")
+    x, packed = x.contiguous(), packed.contiguous()
+    n = packed.shape[0]
+    book, bstride = _books(book)
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    _lib.tz_codebook_linear(x.data_ptr(), x.shape[0], k, packed.data_ptr(), packed.shape[1], book.data_ptr(),
+                            bstride, bits, n, y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+def lloyd_sorted(keys: torch.Tensor, order: torch.Tensor, n_valid: torch.Tensor, sum_x: torch.Tensor | None,
+                 sum_w: torch.Tensor | None, centroids: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's iterations and the final assignment of ``torchzip.passes.codebook._lloyd_sorted``
+    from its sorted rows and running sums (``sum_x`` None: the running sums of the valid keys,
+    summed here), bit for bit, a row per thread. Returns ``(centroids
+    [G, k] fp32, assign [G, n] int64 in the input's order, -1 past each row's valid count)``."""
+    _need(keys.dtype == torch.float32 and order.dtype == torch.int64, "lloyd_sorted takes fp32 keys, int64 order")
+    g, n = keys.shape
+    keys, order = keys.contiguous(), order.contiguous()
+    sum_x = None if sum_x is None else sum_x.contiguous()
+    sum_w = None if sum_w is None else sum_w.contiguous()
+    n_valid = n_valid.reshape(g).to(torch.int64).contiguous()
+    centroids = centroids.float().contiguous().clone()
+    assign = torch.empty(g, n, dtype=torch.int64)
+    _lib.tz_lloyd_sorted(keys.data_ptr(), None if sum_x is None else sum_x.data_ptr(), None if sum_w is None else sum_w.data_ptr(),
+                         n_valid.data_ptr(), g, n, centroids.shape[1], centroids.data_ptr(), iterations,
+                         order.data_ptr(), assign.data_ptr(), torch.get_num_threads())
+    return centroids, assign

@@ -1,0 +1,188 @@
+"""Compiled CPU kernels of codebook weights against a float64 reference and the torch fallback."""
+
+import platform
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torchzip.kernels import codebook_cpu
+from torchzip.packed import CodebookWeight, base
+from torchzip.passes.codebook import kmeans_1d
+
+from test_cpu_linear import within_rounding
+from test_kmeans import clustered
+
+
+def _avx2_linux() -> bool:
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    return {"avx2", "fma", "f16c"} <= set(flags.split())
+
+
+needs_kernels = pytest.mark.skipif(not codebook_cpu.available(), reason=f"compiled CPU kernels: {codebook_cpu.why_not()}")
+
+
+@pytest.mark.skipif(not (_avx2_linux() and shutil.which("gcc")), reason="needs x86-64 Linux with AVX2 and gcc")
+def test_kernels_build_where_they_can():
+    # Where the toolchain is there, a broken build must fail here, not fall back silently.
+    assert codebook_cpu.available(), codebook_cpu.why_not()
+
+
+def test_environment_turns_them_off(monkeypatch):
+    monkeypatch.setenv("TORCHZIP_CPU_KERNELS", "0")
+    assert not codebook_cpu.available()
+
+
+def weight(n, k, bits, books, dtype, group_rows=3):
+    idx = torch.randint(0, 2**bits, (n, k))
+    if books == "group":  # per-row tables repeating in groups, as load and freeze build them
+        book = torch.randn(-(-n // group_rows), 2**bits).repeat_interleave(group_rows, 0)[:n]
+    else:
+        book = torch.randn(n if books == "channel" else 1, 2**bits)
+    ref = book.to(dtype).gather(1, idx) if book.shape[0] > 1 else book[0].to(dtype)[idx]  # independent of the packing
+    return CodebookWeight.from_indices(idx, book, bits, dtype, group_rows=group_rows if books == "group" else 1), ref
+
+
+def eager(monkeypatch):
+    monkeypatch.setattr(codebook_cpu, "available", lambda: False)
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    monkeypatch.setattr(codebook_cpu, "_fused", True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_route_is_bitwise_f_linear(monkeypatch, bits, dtype):
+    # Off by default, so freeze keeps its promise: packed outputs equal the trainable model's.
+    assert not codebook_cpu.fused()
+    calls = []
+    monkeypatch.setattr(codebook_cpu, "linear", lambda *a: calls.append(a))
+    packed, ref = weight(37, 90, bits, "channel", dtype)
+    assert torch.equal(packed.dequantize(), ref)
+    x = torch.randn(1, 90).to(dtype)
+    bias = torch.randn(37).to(dtype)
+    assert torch.equal(packed.linear(x, bias), F.linear(x, ref, bias)) and not calls
+    eager(monkeypatch)
+    assert torch.equal(packed.dequantize(), ref)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("books", ["channel", "layer", "group"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_linear_matches_reference(monkeypatch, fused, bits, books, dtype):
+    n, k = 23, 77  # odd: no whole number of words per row, an odd number of rows
+    packed, ref_w = weight(n, k, bits, books, torch.float32)
+    w = ref_w.to(dtype).double()
+    for lead in [(1,), (3,), (2, 4), (8,)]:  # M = 1, 3, 8 and a leading batch dim: the fused kernel
+        x = torch.randn(*lead, k).to(dtype)
+        bias = torch.randn(n).to(dtype)
+        want = x.double() @ w.t() + bias.double()
+        scale = x.double().abs() @ w.abs().t() + bias.double().abs()
+        got = packed.linear(x, bias)
+        assert got.dtype == dtype and got.shape == (*lead, n)
+        assert within_rounding(got, want, scale, k)
+        with monkeypatch.context() as m:
+            eager(m)
+            assert within_rounding(packed.linear(x, bias), want, scale, k)
+        assert torch.equal(packed.linear(x), packed.linear(x))
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_block_dequantize_is_bitwise_eager(monkeypatch, bits, dtype):
+    n, k = 41, 203
+    packed, ref = weight(n, k, bits, "channel", torch.float32)
+    got = torch.empty(n - 5, k, dtype=dtype)
+    packed.dequantize_block(3, n - 2, got)
+    eager(monkeypatch)
+    want = torch.empty_like(got)
+    packed.dequantize_block(3, n - 2, want)
+    assert torch.equal(got, want) and torch.equal(got, ref[3:n - 2].to(dtype))
+    # A strided destination (a column slice) is left to torch and still exact.
+    wide = torch.zeros(n - 5, k + 3, dtype=dtype)
+    packed.dequantize_block(3, n - 2, wide[:, :k])
+    assert torch.equal(wide[:, :k], want)
+
+
+@needs_kernels
+def test_large_m_takes_compiled_blocks(monkeypatch, fused):
+    monkeypatch.setattr(base, "BLOCK", 1000)
+    calls = []
+    real = codebook_cpu.dequantize_rows
+    monkeypatch.setattr(codebook_cpu, "dequantize_rows", lambda *a: (calls.append(a[0].shape[0]), real(*a))[1])
+    packed, ref = weight(50, 70, 4, "layer", torch.float32)
+    x = torch.randn(codebook_cpu.LINEAR_MAX_M + 3, 70)
+    got = packed.linear(x)
+    assert sum(calls) == 50 and max(calls) == 1000 // 70  # every row once, a block at a time
+    assert within_rounding(got, x.double() @ ref.double().t(), x.double().abs() @ ref.double().abs().t(), 70)
+
+
+@needs_kernels
+def test_threads_do_not_change_results(fused):
+    packed, _ = weight(301, 1000, 4, "channel", torch.float32)
+    x = torch.randn(5, 1000)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = packed.linear(x[:1]), packed.linear(x)
+        torch.set_num_threads(2)
+        two = packed.linear(x[:1]), packed.linear(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+@needs_kernels
+def test_inputs_that_need_grad_use_torch(fused):
+    packed, ref = weight(9, 40, 4, "channel", torch.float32)
+    x = torch.randn(2, 40, requires_grad=True)
+    packed.linear(x).sum().backward()
+    assert torch.allclose(x.grad, ref.sum(0).expand(2, -1), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        y = packed.linear(x)
+    assert torch.allclose(y, F.linear(x.detach(), ref), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_tiny_and_empty_rows(fused):
+    for n, k in [(1, 1), (2, 7), (5, 8), (3, 9)]:
+        packed, ref = weight(n, k, 4, "channel", torch.float32)
+        x = torch.randn(1, k)
+        assert within_rounding(packed.linear(x), x.double() @ ref.double().t(), x.double().abs() @ ref.double().abs().t(), k)
+
+
+def both_routes(monkeypatch, *args, **kwargs):
+    compiled = kmeans_1d(*args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(codebook_cpu, "available", lambda: False)
+        eager = kmeans_1d(*args, **kwargs)
+    return compiled, eager
+
+
+@needs_kernels
+@pytest.mark.parametrize("init", ["linear", "kmeans++"])
+def test_compiled_loop_is_bitwise_torch(init, monkeypatch):
+    x = clustered(33, 301)
+    x[0] = 0.0  # all zero
+    x[1] = 0.25  # constant
+    x[2, :150] = -1.0  # half on one value: ties at a midpoint
+    valid = torch.rand(33, 301) > 0.25
+    valid[3] = False  # a row with nothing to cluster
+    weights = torch.rand(33, 301) * 3
+    for v in (torch.ones_like(valid), valid):
+        for w in (None, weights):
+            a, b = both_routes(monkeypatch, x, v, 16, init=init, seed=5, weights=w)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # One long row (one codebook per layer) whose final assignment is split over pieces.
+    row = torch.randn(1, 200_003)
+    a, b = both_routes(monkeypatch, row, torch.rand(1, 200_003) > 0.1, 8, init=init)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
