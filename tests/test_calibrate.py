@@ -89,6 +89,7 @@ def test_gptq_int8_matches_float64_reference(group_size):
 
 
 def test_gptq_codebook_assignment_matches_float64_reference():
+    from torchzip.passes.calibrated import act_order, inverse_hessian_factor
     from torchzip.passes.codebook import _gptq_assign
 
     k, n = 40, 9
@@ -96,7 +97,8 @@ def test_gptq_codebook_assignment_matches_float64_reference():
     h = second_moment([data(64), data(64)])
     w = torch.randn(n, k)
     book = torch.sort(torch.randn(n, 8) * 0.7, dim=1).values.double()
-    got = _gptq_assign(w, h, book, None)
+    visit = act_order(h)
+    got = _gptq_assign(w, h, book, None, visit, inverse_hessian_factor(h[visit][:, visit]))
 
     def grid(j, col):
         return book.gather(1, (col.unsqueeze(1) - book).abs().argmin(1, keepdim=True)).squeeze(1)
