@@ -9,6 +9,13 @@ sum ``X^T X`` of the group's inputs (float32 per batch, summed in float64): noth
 ``[K, K]`` matrix per layer of the group is kept, and once every layer of the group has seen its
 input the forward is stopped by an exception, so later layers do not run.
 
+When the model runs a list of blocks as a chain (a transformer's layers: each block's first
+argument is the previous block's output, its other arguments the same objects; checked on one
+recorded forward), the sweep keeps the current block's inputs for every batch and re-runs only
+that block for each of its groups, then once more to make the next block's inputs: a few model
+passes in all instead of one per group, with the same statistics. Padding tokens (zeros of a
+dict batch's ``attention_mask``) are left out of ``X^T X``: they are part of no output.
+
 A batch is what the model is called with: a tensor (``model(x)``), a tuple or list
 (``model(*x)``), or a dict (``model(**x)``, Hugging Face style).
 """
