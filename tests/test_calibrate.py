@@ -479,3 +479,25 @@ def test_block_reuse_is_refused_for_blocks_that_change_their_inputs():
     ok = calibrate._Plan(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)),
                          [], torch.randn(3, 4))
     assert ok.blocks is None  # nothing to calibrate: no block list chosen
+
+
+def test_refit_codebook_matches_float64_normal_equations_for_groups_and_unassigned():
+    from torchzip.passes.calibrated import refit_codebook
+
+    k, n, books, rows = 23, 7, 6, 3  # 7 rows in groups of 3: the last group has one row
+    data = correlated(n, k, seed=5)
+    h = second_moment([data(80)])
+    w = torch.randn(n, k, dtype=torch.float64)
+    assign = torch.randint(0, books, (n, k))
+    assign[torch.rand(n, k) < 0.2] = -1  # pruned weights take no centroid
+    assign[:, torch.randperm(k)[:books]] = torch.arange(books)  # every centroid used in every row
+    old = torch.randn(-(-n // rows), books, dtype=torch.float64)
+    got = refit_codebook(w, h, assign, old, group_rows=rows)
+    lhs = torch.zeros(old.shape[0], books, books, dtype=torch.float64)
+    rhs = torch.zeros(old.shape[0], books, dtype=torch.float64)
+    for i in range(n):
+        a = torch.nn.functional.one_hot(assign[i].clamp(min=0), books).double() * (assign[i] >= 0).double().unsqueeze(1)
+        lhs[i // rows] += a.T @ h @ a
+        rhs[i // rows] += a.T @ h @ w[i]
+    ref = torch.linalg.solve(lhs, rhs)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
