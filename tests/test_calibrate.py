@@ -89,6 +89,7 @@ def test_gptq_int8_matches_float64_reference(group_size):
 
 
 def test_gptq_codebook_assignment_matches_float64_reference():
+    from torchzip.passes.calibrated import act_order, inverse_hessian_factor
     from torchzip.passes.codebook import _gptq_assign
 
     k, n = 40, 9
@@ -96,7 +97,8 @@ def test_gptq_codebook_assignment_matches_float64_reference():
     h = second_moment([data(64), data(64)])
     w = torch.randn(n, k)
     book = torch.sort(torch.randn(n, 8) * 0.7, dim=1).values.double()
-    got = _gptq_assign(w, h, book, None)
+    visit = act_order(h)
+    got = _gptq_assign(w, h, book, None, visit, inverse_hessian_factor(h[visit][:, visit]))
 
     def grid(j, col):
         return book.gather(1, (col.unsqueeze(1) - book).abs().argmin(1, keepdim=True)).squeeze(1)
@@ -384,3 +386,118 @@ def test_unused_calibration_warns_and_data_free_choices_ignore_it():
     with pytest.warns(UserWarning, match="no pass of the recipe uses it"):
         out = tz.compress(model, [tz.Quantize(method="round")], progress=False, calibration=[torch.randn(3, 8)])
     assert out[0].parametrizations.weight[0].scales is None
+
+
+class Block(nn.Module):
+    """A transformer-like block: attention-ish mixing under a mask, then an MLP, with residuals."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x, mask, scale=1.0):
+        att = (self.q(x) @ self.k(x).transpose(1, 2)) * scale + mask
+        x = x + self.o(att.softmax(-1) @ self.v(x))
+        return (x + self.down(torch.tanh(self.up(x))),)  # a tuple, as Hugging Face layers return
+
+
+class Stack(nn.Module):
+    def __init__(self, d=12, depth=3):
+        super().__init__()
+        self.inp, self.blocks, self.head = nn.Linear(5, d), nn.ModuleList(Block(d) for _ in range(depth)), nn.Linear(d, 3)
+
+    def forward(self, x, attention_mask):
+        mask = (1.0 - attention_mask[:, None, :].float()) * -1e4
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h, mask, scale=0.5)[0]
+        return self.head(h)
+
+
+def test_block_reuse_gives_the_same_statistics_with_fewer_model_runs():
+    torch.manual_seed(11)
+    model = Stack()
+    batches = []
+    for n in (5, 7, 6):
+        lengths = torch.randint(3, n + 1, (4,))
+        batches.append({"x": torch.randn(4, n, 5), "attention_mask": (torch.arange(n) < lengths[:, None]).long()})
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    runs = {}
+    for reuse in (True, False):
+        hs, calls = {}, []
+        handle = model.inp.register_forward_pre_hook(lambda m, a: calls.append(1))
+
+        def compress_layer(i, h):
+            hs[i] = h
+            layers[i][1].weight.data.mul_(0.9)  # a change the later layers must see
+
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        calibrate.sweep(model, layers, batches, compress_layer, reuse_blocks=reuse)
+        handle.remove()
+        model.load_state_dict(saved)
+        runs[reuse] = hs, len(calls)
+    (fast, fast_calls), (slow, slow_calls) = runs[True], runs[False]
+    assert sorted(fast) == sorted(slow) == list(range(len(layers)))
+    for i in fast:
+        assert torch.equal(fast[i], slow[i]), layers[i][0]
+    # The plan run, then the model runs for inp's group, to capture the first block's inputs and
+    # for the head; the blocks' own groups re-run their block alone.
+    assert fast_calls == 1 + 3 * len(batches)
+    assert slow_calls == 1 + len(batches) * 14  # inp, 4 groups in each of 3 blocks, head
+    # Padding tokens are left out: the head's statistics are those of the real tokens only.
+    rows = []
+    handle = model.head.register_forward_pre_hook(lambda m, a: rows.append(a[0]))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    handle.remove()
+    x = torch.cat([r[b["attention_mask"].bool()] for r, b in zip(rows, batches)]).double()
+    head = [i for i, (n, _) in enumerate(layers) if n == "head"][0]
+    model_h = x.T @ x
+    assert not torch.allclose(model_h, fast[head])  # the head saw the compressed blocks' outputs
+    first = [i for i, (n, _) in enumerate(layers) if n == "inp"][0]
+    x0 = torch.cat([b["x"][b["attention_mask"].bool()] for b in batches]).double()
+    assert torch.allclose(fast[first], x0.T @ x0, rtol=1e-5, atol=1e-6)
+
+
+class InPlace(nn.Module):
+    def __init__(self, d=6):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        x.mul_(1.0)  # changes its input in place: it cannot be re-run on cached inputs
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_block_reuse_is_refused_for_blocks_that_change_their_inputs():
+    model = nn.Sequential(nn.Linear(4, 6), InPlace(), InPlace())
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    plan = calibrate._Plan(model, layers, torch.randn(3, 4))
+    assert plan.blocks is None and len(plan.groups) == 5
+    ok = calibrate._Plan(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)),
+                         [], torch.randn(3, 4))
+    assert ok.blocks is None  # nothing to calibrate: no block list chosen
+
+
+def test_refit_codebook_matches_float64_normal_equations_for_groups_and_unassigned():
+    from torchzip.passes.calibrated import refit_codebook
+
+    k, n, books, rows = 23, 7, 6, 3  # 7 rows in groups of 3: the last group has one row
+    data = correlated(n, k, seed=5)
+    h = second_moment([data(80)])
+    w = torch.randn(n, k, dtype=torch.float64)
+    assign = torch.randint(0, books, (n, k))
+    assign[torch.rand(n, k) < 0.2] = -1  # pruned weights take no centroid
+    assign[:, torch.randperm(k)[:books]] = torch.arange(books)  # every centroid used in every row
+    old = torch.randn(-(-n // rows), books, dtype=torch.float64)
+    got = refit_codebook(w, h, assign, old, group_rows=rows)
+    lhs = torch.zeros(old.shape[0], books, books, dtype=torch.float64)
+    rhs = torch.zeros(old.shape[0], books, dtype=torch.float64)
+    for i in range(n):
+        a = torch.nn.functional.one_hot(assign[i].clamp(min=0), books).double() * (assign[i] >= 0).double().unsqueeze(1)
+        lhs[i // rows] += a.T @ h @ a
+        rhs[i // rows] += a.T @ h @ w[i]
+    ref = torch.linalg.solve(lhs, rhs)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))

@@ -9,13 +9,20 @@ sum ``X^T X`` of the group's inputs (float32 per batch, summed in float64): noth
 ``[K, K]`` matrix per layer of the group is kept, and once every layer of the group has seen its
 input the forward is stopped by an exception, so later layers do not run.
 
+When the model runs a list of blocks as a chain (a transformer's layers: each block's first
+argument is the previous block's output, its other arguments the same objects; checked on one
+recorded forward), the sweep keeps the current block's inputs for every batch and re-runs only
+that block for each of its groups, then once more to make the next block's inputs: a few model
+passes in all instead of one per group, with the same statistics. Padding tokens (zeros of a
+dict batch's ``attention_mask``) are left out of ``X^T X``: they are part of no output.
+
 A batch is what the model is called with: a tensor (``model(x)``), a tuple or list
 (``model(*x)``), or a dict (``model(**x)``, Hugging Face style).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
 import torch
@@ -33,6 +40,11 @@ CALIBRATED_KINDS = ("Linear", "Conv1D", "Conv1d", "Conv2d")
 
 class _Stop(Exception):
     """Raised by a hook once the layers being calibrated have seen this batch."""
+
+
+# The most bytes of block inputs the sweep keeps (one set per batch) to re-run a block alone;
+# beyond it, every group re-runs the model from its inputs.
+CACHE_BYTES = 2 << 30
 
 
 def as_batches(calibration: Any) -> list:
@@ -87,87 +99,265 @@ def why_not_calibrated(module: nn.Module) -> str | None:
     return None
 
 
+def token_mask(batch: Any) -> torch.Tensor | None:
+    """The real (not padding) tokens of a dict batch, from its ``attention_mask`` ``[batch,
+    tokens]`` (Hugging Face style), or None."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
 class _Accumulator:
     """``X^T X`` of one layer's input rows, summed in float64 over calls."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module, self.h, self.rows, self.calls = module, None, 0, 0
 
-    def add(self, x: torch.Tensor) -> None:
-        rows = input_rows(self.module, x.detach()).float()
+    def add(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
+        x = x.detach()
+        if tokens is not None and x.dim() == 3 and x.shape[:2] == tokens.shape and kind_of(self.module).name in ("Linear", "Conv1D"):
+            x = x[tokens]  # padding positions are not part of any output: leave them out
+        rows = input_rows(self.module, x).float()
         xtx = (rows.T @ rows).double()  # float32 product per batch, float64 sum across batches
         self.h = xtx if self.h is None else self.h + xtx
         self.rows += rows.shape[0]
         self.calls += 1
 
 
-def _call_order(model: nn.Module, layers: list[tuple[str, nn.Module]], batch: Any) -> list[list[int]]:
-    """Groups of ``layers`` (indices) in the order the model first calls them; layers fed the
-    same input tensor share a group. Layers never called are left out."""
-    first: dict[int, tuple[int, int]] = {}  # layer index -> (call position, input tensor id)
-    handles = []
-    seen: list[Any] = []  # keeps inputs alive, so their ids stay unique during the forward
-
-    def hook(i: int) -> Callable:
-        def record(module: nn.Module, args: tuple) -> None:
-            if i not in first and args and isinstance(args[0], torch.Tensor):
-                seen.append(args[0])
-                first[i] = (len(first), id(args[0]))
-        return record
-
-    for i, (_, m) in enumerate(layers):
-        handles.append(m.register_forward_pre_hook(hook(i)))
-    try:
-        with torch.no_grad(), eval_mode(model):
-            call_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    groups: list[list[int]] = []
-    by_input: dict[int, list[int]] = {}
-    for i, (_, tid) in sorted(first.items(), key=lambda item: item[1][0]):
-        if tid in by_input:
-            by_input[tid].append(i)
-        else:
-            by_input[tid] = [i]
-            groups.append(by_input[tid])
-    return groups
+def _plain(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
 
 
-def sweep(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list,
-          compress_layer: Callable[[int, torch.Tensor], None], *, progress: bool = False, desc: str = "calibrate") -> list[int]:
-    """Calibrate ``layers`` in the order the model calls them: for each group (layers sharing an
-    input), sum ``X^T X`` of their inputs over ``batches`` with the model as compressed so far,
-    then call ``compress_layer(index into layers, H)`` for each. Returns the indices of layers
-    the model never called (they get no statistics)."""
-    groups = _call_order(model, layers, batches[0])
-    done = {i for g in groups for i in g}
-    for group in bar(groups, progress, desc=desc, leave=False):
-        stats = {i: _Accumulator(layers[i][1]) for i in group}
-        pending: set[int] = set()
+def _same(a: Any, b: Any) -> bool:
+    """Whether two block arguments are the same thing: one tensor object, or equal plain values
+    (anything else, such as a key-value cache object the block may change, is not re-runnable)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return _plain(a) and _plain(b) and a == b
 
-        def hook(i: int) -> Callable:
+
+def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    out, todo = [], list(args) + list(kwargs.values())
+    while todo:
+        v = todo.pop()
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (tuple, list)):
+            todo.extend(v)
+    return out
+
+
+class _Plan:
+    """What one recorded forward tells the sweep: the groups of layers in call order, and, when the
+    model runs a list of blocks as a chain (each block's first argument is the previous block's
+    output, its other arguments the same objects), which block each group lies in, so that a
+    group can be calibrated by re-running its block alone on that block's cached inputs."""
+
+    def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module]], batch: Any) -> None:
+        self.blocks = _block_list(model, layers)
+        first: dict[int, tuple[int, int, int | None]] = {}  # layer -> (call position, input id, block)
+        seen: list[Any] = []  # keeps inputs alive, so their ids stay unique during the forward
+        calls: list[tuple[int, tuple, dict, list[int]]] = []  # block, args, kwargs, tensor versions
+        outputs: dict[int, Any] = {}
+        changed: list[int] = []
+        current: list[int | None] = [None]
+
+        def layer_hook(i: int) -> Callable:
             def record(module: nn.Module, args: tuple) -> None:
-                if args and isinstance(args[0], torch.Tensor):
-                    stats[i].add(args[0])
-                pending.discard(i)
-                if not pending:
-                    raise _Stop
+                if i not in first and args and isinstance(args[0], torch.Tensor):
+                    seen.append(args[0])
+                    first[i] = (len(first), id(args[0]), current[0])
             return record
 
-        handles = [layers[i][1].register_forward_pre_hook(hook(i)) for i in group]
+        def block_pre(b: int) -> Callable:
+            def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                calls.append((b, args, kwargs, [t._version for t in _tensors(args, kwargs)]))
+                current[0] = b
+            return record
+
+        def block_post(b: int) -> Callable:
+            def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+                # A block that changes its inputs in place cannot be re-run on them.
+                if [t._version for t in _tensors(args, kwargs)] != calls[-1][3]:
+                    changed.append(b)
+                outputs[b] = output
+                current[0] = None
+            return record
+
+        handles = [m.register_forward_pre_hook(layer_hook(i)) for i, (_, m) in enumerate(layers)]
+        for b, block in enumerate(self.blocks or []):
+            handles.append(block.register_forward_pre_hook(block_pre(b), with_kwargs=True))
+            handles.append(block.register_forward_hook(block_post(b), with_kwargs=True))
+        try:
+            with torch.no_grad(), eval_mode(model):
+                call_model(model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+        self.groups: list[list[int]] = []
+        by_input: dict[int, list[int]] = {}
+        where: dict[int, int | None] = {}
+        for i, (_, tid, block) in sorted(first.items(), key=lambda item: item[1][0]):
+            if tid in by_input:
+                by_input[tid].append(i)
+                if where[id(by_input[tid])] != block:
+                    where[id(by_input[tid])] = None
+            else:
+                by_input[tid] = [i]
+                self.groups.append(by_input[tid])
+                where[id(by_input[tid])] = block
+        self.tuple_out = False
+        if self.blocks is None or changed or not self._chain(calls, outputs):
+            self.blocks = None
+        self.block_of = [None if self.blocks is None else where[id(g)] for g in self.groups]
+
+    def _chain(self, calls: list, outputs: dict) -> bool:
+        if [c[0] for c in calls] != list(range(len(self.blocks))):
+            return False  # each block once, in order
+        for b, args, kwargs, _ in calls:
+            if not args or not isinstance(args[0], torch.Tensor):
+                return False
+            if b == 0:
+                if not all(_same(a, a) for a in list(args[1:]) + list(kwargs.values())):
+                    return False
+                continue
+            prev_args, prev_kwargs, out = calls[b - 1][1], calls[b - 1][2], outputs.get(b - 1)
+            if args[0] is out:
+                tuple_out = False
+            elif isinstance(out, (tuple, list)) and out and args[0] is out[0]:
+                tuple_out = True
+            else:
+                return False
+            if (b > 1 and tuple_out != self.tuple_out) or len(args) != len(prev_args) or kwargs.keys() != prev_kwargs.keys():
+                return False
+            self.tuple_out = tuple_out
+            if not all(_same(a, p) for a, p in zip(args[1:], prev_args[1:])):
+                return False
+            if not all(_same(v, prev_kwargs[k]) for k, v in kwargs.items()):
+                return False
+        return True
+
+
+def _block_list(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[nn.Module] | None:
+    """The children of the ``ModuleList``/``Sequential`` (two or more children) that holds the most
+    of ``layers`` (a transformer's list of blocks), or None."""
+    ids = {id(m) for _, m in layers}
+    best, most = None, 0
+    for m in model.modules():
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) >= 2:
+            count = sum(1 for sub in m.modules() if id(sub) in ids)
+            if count > most:
+                best, most = list(m), count
+    return best
+
+
+class _BlockInputs:
+    """The inputs ``(args, kwargs)`` one block receives for every batch, to re-run it alone."""
+
+    def __init__(self, block: int, inputs: list[tuple[tuple, dict]]) -> None:
+        self.block, self.inputs = block, inputs
+
+    @classmethod
+    def capture(cls, model: nn.Module, blocks: list[nn.Module], b: int, batches: list) -> "_BlockInputs | None":
+        """Run the model up to block ``b`` for every batch; None if a batch does not reach it or
+        the inputs would take more than :data:`CACHE_BYTES`."""
+        got: list[tuple[tuple, dict]] = []
+
+        def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            got.append((args, kwargs))
+            raise _Stop
+
+        handle = blocks[b].register_forward_pre_hook(grab, with_kwargs=True)
         try:
             with torch.no_grad(), eval_mode(model):
                 for batch in batches:
-                    pending.update(group)
+                    count = len(got)
                     try:
                         call_model(model, batch)
                     except _Stop:
                         pass
+                    if len(got) == count:
+                        return None
         finally:
-            for h in handles:
-                h.remove()
+            handle.remove()
+        sizes = {t.data_ptr(): t.numel() * t.element_size() for a, k in got for t in _tensors(a, k)}
+        return cls(b, got) if sum(sizes.values()) <= CACHE_BYTES else None
+
+    def advance(self, model: nn.Module, blocks: list[nn.Module], tuple_out: bool) -> None:
+        """Run this block (now compressed) on its inputs: they become the next block's."""
+        with torch.no_grad(), eval_mode(model):
+            for n, (args, kwargs) in enumerate(self.inputs):
+                out = blocks[self.block](*args, **kwargs)
+                self.inputs[n] = ((out[0] if tuple_out else out,) + tuple(args[1:]), kwargs)
+        self.block += 1
+
+
+def sweep(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list,
+          compress_layer: Callable[[int, torch.Tensor], None], *, progress: bool = False, desc: str = "calibrate",
+          reuse_blocks: bool = True) -> list[int]:
+    """Calibrate ``layers`` in the order the model calls them: for each group (layers sharing an
+    input), sum ``X^T X`` of their inputs over ``batches`` with the model as compressed so far,
+    then call ``compress_layer(index into layers, H)`` for each. Returns the indices of layers
+    the model never called (they get no statistics).
+
+    When the model runs its layers' blocks as a chain (a transformer's layer list), the inputs
+    of the current block are kept for every batch and only that block is re-run per group, then
+    once more to make the next block's inputs: a few model passes in all instead of one per
+    group. ``reuse_blocks=False`` re-runs the whole model per group (same statistics, slower).
+    """
+    plan = _Plan(model, layers, batches[0])
+    blocks = plan.blocks if reuse_blocks else None
+    cache: _BlockInputs | None = None
+    use_cache = blocks is not None
+    done = {i for g in plan.groups for i in g}
+    for group, b in zip(bar(plan.groups, progress, desc=desc, leave=False), plan.block_of):
+        run = None
+        if use_cache and b is not None:
+            if cache is not None and cache.block == b - 1:
+                cache.advance(model, blocks, plan.tuple_out)
+            elif cache is None or cache.block != b:
+                cache = _BlockInputs.capture(model, blocks, b, batches)
+                use_cache = cache is not None  # too big or unreachable: the whole model from now on
+            if cache is not None:
+                run = [(blocks[b], args, kwargs) for args, kwargs in cache.inputs]
+        stats = _accumulate(model, layers, group, batches, run)
         for i in group:
             if stats[i].h is not None:
                 compress_layer(i, stats[i].h)
     return [i for i in range(len(layers)) if i not in done]
+
+
+def _accumulate(model: nn.Module, layers: list[tuple[str, nn.Module]], group: list[int], batches: list,
+                run: list[tuple[nn.Module, tuple, dict]] | None) -> dict[int, _Accumulator]:
+    """``X^T X`` of the group's inputs: the model on every batch, or (``run``) one block on its
+    cached inputs; each forward stops once every layer of the group has seen its input."""
+    stats = {i: _Accumulator(layers[i][1]) for i in group}
+    pending: set[int] = set()
+    tokens: list[torch.Tensor | None] = [None]
+
+    def hook(i: int) -> Callable:
+        def record(module: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                stats[i].add(args[0], tokens[0])
+            pending.discard(i)
+            if not pending:
+                raise _Stop
+        return record
+
+    handles = [layers[i][1].register_forward_pre_hook(hook(i)) for i in group]
+    calls = [(lambda b=b: call_model(model, b)) for b in batches] if run is None else \
+        [(lambda m=m, a=a, k=k: m(*a, **k)) for m, a, k in run]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            for call, batch in zip(calls, batches):
+                tokens[0] = token_mask(batch)
+                pending.update(group)
+                try:
+                    call()
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return stats

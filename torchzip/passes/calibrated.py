@@ -68,7 +68,7 @@ def act_order(h: torch.Tensor) -> torch.Tensor:
 def gptq(w: torch.Tensor, h: torch.Tensor, quantize: Callable[[int, torch.Tensor], torch.Tensor], *,
          keep: torch.Tensor | None = None, group_size: int = 0,
          fit_group: Callable[[int, torch.Tensor], None] | None = None, damp: float = DAMP,
-         order: torch.Tensor | None = None) -> torch.Tensor:
+         order: torch.Tensor | None = None, factor: torch.Tensor | None = None) -> torch.Tensor:
     """GPTQ: round the columns of ``w`` ``[N, K]`` in order with ``quantize(j, column) -> column``
     (values on the grid), spreading each column's error over the later columns.
 
@@ -77,6 +77,8 @@ def gptq(w: torch.Tensor, h: torch.Tensor, quantize: Callable[[int, torch.Tensor
     with those columns as the earlier feedback has made them (to choose their scales).
     ``order``: a permutation of the columns to visit them in (e.g. :func:`act_order`; not with
     groups); ``quantize`` still receives each column's own index.
+    ``factor``: :func:`inverse_hessian_factor` of ``h`` in visiting order (``h[order][:, order]``),
+    when the caller already has it (several rounds on one layer).
     Returns the rounded weight (float64).
     """
     if order is not None:
@@ -85,13 +87,14 @@ def gptq(w: torch.Tensor, h: torch.Tensor, quantize: Callable[[int, torch.Tensor
         inverse = torch.argsort(order)
         out = gptq(w[:, order], h[order][:, order], lambda j, col: quantize(int(order[j]), col),
                    keep=None if keep is None else keep[:, order], group_size=group_size,
-                   fit_group=None if fit_group is None else (lambda j, cols: fit_group(int(order[j]), cols)), damp=damp)
+                   fit_group=None if fit_group is None else (lambda j, cols: fit_group(int(order[j]), cols)), damp=damp,
+                   factor=factor)
         return out[:, inverse]
     n, k = w.shape
     w = w.double().clone()
     if keep is not None:
         w = torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
-    u = inverse_hessian_factor(h, damp)
+    u = inverse_hessian_factor(h, damp) if factor is None else factor
     out = torch.zeros_like(w)
     block = _block(k, group_size)
     with one_thread():
@@ -196,35 +199,28 @@ def search_int8_scales(w: torch.Tensor, h: torch.Tensor, ratios: int = 20, low: 
 
 
 def refit_codebook(w: torch.Tensor, h: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor,
-                   rows: int = 256, group_rows: int = 1) -> torch.Tensor:
+                   group_rows: int = 1) -> torch.Tensor:
     """Centroids that minimise the output error ``Σ_i (w_i - c[assign_i]) H (w_i - c[assign_i])^T``
     for fixed assignments (``-1``: none), by least squares: one codebook per row
     (``centroids`` ``[N, k]``), per group of ``group_rows`` rows (``[ceil(N / group_rows), k]``) or
     one shared (``[1, k]``). Centroids no weight uses keep their value."""
     n, k = assign.shape[0], centroids.shape[1]
-    h32, w = h.float(), w.double()  # A^T H A in float32 (k x k sums of H), solved in float64
-    shared = centroids.shape[0] == 1
-    if shared:
-        group_rows = n
+    size = h.shape[0]
+    h32, w = h.float(), w.double()  # sums of H in float32, solved in float64
     groups = centroids.shape[0]
-    lhs_sum = torch.zeros(groups, k, k, dtype=torch.float64, device=w.device)
-    rhs_sum = torch.zeros(groups, k, dtype=torch.float64, device=w.device)
-    out = centroids.double().clone()
-    for r0 in range(0, n, rows):
-        a = assign[r0:r0 + rows].long()
-        onehot = F.one_hot(a.clamp(min=0), k).float() * (a >= 0).unsqueeze(-1)  # [b, K, k]
-        at_h = onehot.transpose(1, 2) @ h32  # [b, k, K]
-        lhs = (at_h @ onehot).double()  # [b, k, k]: A^T H A
-        rhs = (at_h.double() @ w[r0:r0 + rows].unsqueeze(-1)).squeeze(-1)  # [b, k]: A^T H w
-        if group_rows > 1:
-            which = torch.arange(r0, r0 + a.shape[0], device=w.device) // group_rows
-            lhs_sum.index_add_(0, which, lhs)
-            rhs_sum.index_add_(0, which, rhs)
-        else:
-            out[r0:r0 + rows] = _solve(lhs, rhs, out[r0:r0 + rows])
-    if group_rows > 1:
-        out = _solve(lhs_sum, rhs_sum, out)
-    return out.to(centroids.dtype)
+    if groups == 1:
+        group_rows = n
+    lhs = torch.zeros(groups, k, k, dtype=torch.float64, device=w.device)
+    rhs = torch.zeros(groups, k, dtype=torch.float64, device=w.device)
+    # Unassigned weights (-1) go to an extra centroid k, dropped: A^T H A and A^T H w by adding the
+    # rows, then the columns, of H that share a centroid (K^2 adds a row, not a k K^2 matmul).
+    slots = torch.where(assign >= 0, assign.long(), k)
+    for r in range(n):
+        at_h = torch.zeros(k + 1, size, dtype=h32.dtype, device=w.device).index_add_(0, slots[r], h32)
+        g = r // group_rows
+        lhs[g] += torch.zeros(k + 1, k + 1, dtype=h32.dtype, device=w.device).index_add_(1, slots[r], at_h)[:k, :k].double()
+        rhs[g] += at_h[:k].double() @ w[r]
+    return _solve(lhs, rhs, centroids.double()).to(centroids.dtype)
 
 
 def _solve(lhs: torch.Tensor, rhs: torch.Tensor, old: torch.Tensor) -> torch.Tensor:

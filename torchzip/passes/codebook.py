@@ -206,10 +206,12 @@ def row_books(centroids: torch.Tensor, group_rows: int, n: int) -> torch.Tensor:
 REFITS = 2  # rounds of (GPTQ assignment, least-squares codebook) after weighted k-means
 
 
-def _gptq_assign(w: torch.Tensor, h: torch.Tensor, centroids: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+def _gptq_assign(w: torch.Tensor, h: torch.Tensor, centroids: torch.Tensor, keep: torch.Tensor | None,
+                 order: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Assignments ``[N, K]`` (-1 outside ``keep``) chosen column by column with GPTQ's error
-    feedback (columns in act order), each weight taking the centroid nearest to its updated value."""
-    from torchzip.passes.calibrated import act_order, gptq, nearest_centroid
+    feedback (columns in ``order``; ``factor``: the inverse Hessian factor in that order), each
+    weight taking the centroid nearest to its updated value."""
+    from torchzip.passes.calibrated import gptq, nearest_centroid
 
     book = centroids.double()
     assign = torch.zeros(w.shape, dtype=torch.long, device=w.device)
@@ -219,7 +221,7 @@ def _gptq_assign(w: torch.Tensor, h: torch.Tensor, centroids: torch.Tensor, keep
         assign[:, j] = idx
         return book.gather(1, idx.unsqueeze(1)).squeeze(1) if book.shape[0] > 1 else book[0][idx]
 
-    gptq(w, h, nearest, keep=keep, order=act_order(h))
+    gptq(w, h, nearest, keep=keep, order=order, factor=factor)
     return assign if keep is None else torch.where(keep, assign, -1)
 
 
@@ -409,7 +411,7 @@ class Codebook(LayerPass):
     def compress_calibrated(self, name: str, module: nn.Module, h: torch.Tensor, group: str) -> None:
         """Cluster one layer by k-means weighted by its inputs' second moments (the diagonal of
         ``h``), then (``gptq``) assign columns in order with error feedback onto that codebook."""
-        from torchzip.passes.calibrated import refit_codebook
+        from torchzip.passes.calibrated import act_order, inverse_hessian_factor, refit_codebook
 
         (tensor, view), = self.tensors(module)
         quant, short = self._quant(module, tensor, view)
@@ -424,9 +426,11 @@ class Codebook(LayerPass):
                                     seed=self.seed, weights=grouped(weights.contiguous(), g))
         assign = ungrouped(flat, n, w.shape[1])
         if self.method != "weighted":  # auto and gptq: error feedback onto the codebook, then refit it
+            order = act_order(h)
+            factor = inverse_hessian_factor(h[order][:, order])  # one factorisation for every round
             for _ in range(REFITS):
                 books = centroids if centroids.shape[0] == 1 else row_books(centroids, g, n)
-                assign = _gptq_assign(w, h, books, valid if keep is not None else None)
+                assign = _gptq_assign(w, h, books, valid if keep is not None else None, order, factor)
                 centroids = refit_codebook(w, h, assign, centroids, group_rows=g)
         quant.set_codes(centroids, assign)
         attach([(name, module, self)], lambda own, mod, t, v: quant)
