@@ -6,7 +6,7 @@ import torch
 
 from torchzip.kernels import codebook_cpu
 from torchzip.packed.base import PackedWeight, WeightState, register_format
-from torchzip.packed.bits import pack_bits, unpack_bits
+from torchzip.packed.bits import pack_bits, packed_words, unpack_bits
 from torchzip.packed.values import CodebookValues, read_table, table
 
 
@@ -43,7 +43,10 @@ class CodebookWeight(PackedWeight):
         big layer's indices never widen to int64 whole)."""
         n, k = indices.shape
         rows = max(1, (1 << 20) // max(k, 1))
-        packed = torch.cat([pack_bits(indices[r:r + rows], bits) for r in range(0, n, rows)]) if n else pack_bits(indices, bits)
+        # Filled in place: a list of blocks joined by cat would hold the packed rows twice.
+        packed = torch.empty(n, packed_words(k, bits), dtype=torch.int32, device=indices.device)
+        for r in range(0, n, rows):
+            packed[r:r + rows] = pack_bits(indices[r:r + rows], bits)
         return cls(packed, codebook, bits, (n, k), dtype, half_table, group_rows)
 
     @classmethod
