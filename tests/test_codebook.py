@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -109,3 +110,24 @@ def test_weighted_kmeans_pulls_centroids_to_heavy_points():
     want = (x * w * valid).sum(1) / (w * valid).sum(1)
     assert torch.allclose(centroids[:, 0].double(), want, rtol=1e-4, atol=1e-5)
     assert bool((assign[~valid] == -1).all()) and bool((assign[valid] == 0).all())
+
+
+def test_pack_in_place_matches_pack_bits():
+    # Loading packs decoded indices in their own buffer; it must equal packing a separate copy.
+    from torchzip.packed.bits import pack_bits
+    from torchzip.packed.codebook import _pack_in_place, _pack_in_place_ok
+
+    gen = np.random.default_rng()
+    for bits in range(1, 9):
+        for n, k in [(1, 37), (7, 33), (300, 4099), (5, 8)]:
+            ref = gen.integers(0, 2**bits, size=(n, k), dtype=np.uint8)
+            buf = np.empty(n * k + int(gen.integers(0, 3)), np.uint8)  # decoders may pad the tail
+            buf[:n * k] = ref.reshape(-1)
+            if not _pack_in_place_ok(buf, n, k, bits):
+                assert 4 * -(-k // (32 // bits)) > k  # only rows that would grow are refused
+                continue
+            got = _pack_in_place(buf, n, k, bits)
+            assert torch.equal(got, pack_bits(torch.from_numpy(ref), bits))
+            assert buf.nbytes == got.numel() * 4  # the index bytes past the packed words are handed back
+    assert not _pack_in_place_ok(np.zeros(12, np.uint8), 4, 3, 4)  # 3 indices pack to a 4-byte word
+    assert not _pack_in_place_ok(np.zeros(100, np.uint8)[10:], 2, 40, 4)  # a view: not its own memory

@@ -202,6 +202,18 @@ class StreamReader:
         """A Huffman stream decoded to symbols (with ``on_device``, on :attr:`device`): uint8 for
         alphabets of at most 256 symbols (one byte a symbol: a big layer's stream is never widened
         on the CPU), else int32."""
+        out = self._symbols(spec, what, alphabet, on_device)
+        return out if isinstance(out, torch.Tensor) else torch.from_numpy(out)
+
+    def symbol_buffer(self, spec: Any, what: str, alphabet: int | None = None,
+                      on_device: bool = False) -> torch.Tensor | np.ndarray:
+        """As :meth:`symbols`, but a stream decoded on the CPU comes back as the numpy array that
+        owns its memory (at least ``n`` symbols; the first ``n`` are the stream), which the caller
+        may overwrite and shrink in place (``ndarray.resize``)."""
+        return self._symbols(spec, what, alphabet, on_device, owner=True)
+
+    def _symbols(self, spec: Any, what: str, alphabet: int | None, on_device: bool,
+                 owner: bool = False) -> torch.Tensor | np.ndarray:
         where = f"{self.where} {what}"
         need(isinstance(spec, dict) and spec.get("codec") == "huffman", where, "expected a Huffman stream entry")
         n, a, g, chunk = spec.get("n"), spec.get("alphabet"), spec.get("group"), spec.get("chunk_size")
@@ -225,7 +237,10 @@ class StreamReader:
                 out = decode_triton(stream, self.device)
                 return out.to(torch.uint8) if a <= 256 else out
             decoded = huffman.decode(stream, self.section.release)
-            return torch.from_numpy(decoded if a <= 256 else decoded.astype(np.int32))
+            if a > 256:
+                return decoded.astype(np.int32)
+            # decode returns a view of its (possibly group-padded) output array.
+            return decoded.base if owner and decoded.base is not None and decoded.base.flags.owndata else decoded
         except FormatError as err:
             raise FormatError(f"{where}: {err}") from None
 

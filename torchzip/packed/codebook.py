@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from torchzip.export.container import brief
 from torchzip.kernels import codebook_cpu
 from torchzip.packed.base import PackedWeight, WeightState, register_format
 from torchzip.packed.bits import pack_bits, packed_words, unpack_bits
@@ -19,6 +21,34 @@ def _byte_fields(bits: int, device: torch.device) -> torch.Tensor:
     """``[256, 8 // bits]``: the fields a byte holds, least significant first."""
     shifts = torch.arange(0, 8, bits, device=device)
     return (torch.arange(256, device=device).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+
+
+def _pack_in_place_ok(buf: np.ndarray, n: int, k: int, bits: int) -> bool:
+    """Whether :func:`_pack_in_place` may take ``buf``: an owning uint8 array of at least the
+    ``n * k`` indices, whose rows pack to no more bytes than they hold (``4 * words <= k``)."""
+    return (buf.dtype == np.uint8 and buf.flags.owndata and buf.flags.c_contiguous and buf.ndim == 1
+            and buf.size >= n * k and n > 0 and 0 < 4 * packed_words(k, bits) <= k)
+
+
+def _pack_in_place(buf: np.ndarray, n: int, k: int, bits: int) -> torch.Tensor:
+    """Pack the ``[n, k]`` uint8 indices at the front of ``buf`` into ``[n, words]`` int32 words
+    in ``buf``'s own memory, then shrink ``buf`` to them: the packed layer never sits next to
+    its indices (one byte each, twice its size).
+
+    Front to back, a block at a time: block r's words land at ``r * 4 * words`` bytes, at or before
+    its own indices (``4 * words <= k``), so they overwrite only indices already read."""
+    words = packed_words(k, bits)
+    row_bytes = 4 * words
+    rows = max(1, (1 << 20) // k)
+    flat = torch.from_numpy(buf)
+    idx = flat[:n * k].view(n, k)
+    for r in range(0, n, rows):
+        block = pack_bits(idx[r:r + rows], bits)  # a copy: read before the write below
+        flat[r * row_bytes:r * row_bytes + block.numel() * 4] = block.view(torch.uint8).reshape(-1)
+    del flat, idx
+    # realloc to a smaller size keeps the front in place and hands back the tail.
+    buf.resize(n * row_bytes, refcheck=False)
+    return torch.from_numpy(buf).view(torch.int32).view(n, words)
 
 
 @register_format
@@ -154,7 +184,12 @@ class CodebookWeight(PackedWeight):
                  + (f" in groups of {g}" if g > 1 else ""))
         if g > 1 and codebook.shape[0] > 1:
             codebook = codebook.repeat_interleave(g, 0)[:n]  # kernels read one table per row
-        idx = src.symbols(t.get("indices"), "indices", 2**bits, on_device=True)
+        spec = t.get("indices")
+        src.need(not isinstance(spec, dict) or spec.get("n") == n * k, f"{brief(spec.get('n'))} indices for a {n}x{k} weight")
+        idx = src.symbol_buffer(spec, "indices", 2**bits, on_device=True)
+        if isinstance(idx, np.ndarray) and _pack_in_place_ok(idx, n, k, bits):
+            return cls(_pack_in_place(idx, n, k, bits), codebook, bits, (n, k), dtype, half, g)
+        idx = torch.from_numpy(idx[:n * k]) if isinstance(idx, np.ndarray) else idx
         src.need(idx.numel() == n * k, f"{idx.numel()} indices for a {n}x{k} weight")
         return cls.from_indices(idx.reshape(n, k), codebook, bits, dtype, half, g)
 
