@@ -34,7 +34,8 @@ def test_summary_returns_the_report_and_prints_only_when_asked(capsys):
 
 def _run_everything(tmp_path, **progress):
     loader = [(torch.randn(4, 16), torch.randint(0, 4, (4,))) for _ in range(2)]
-    small = tz.compress(model(), [tz.Codebook(bits=2)], **progress)
+    # Per layer: 16-wide rows would make "auto" warn, and a warning is not a progress bar.
+    small = tz.compress(model(), [tz.Codebook(bits=2, granularity="layer")], **progress)
     tz.finetune(small, loader, epochs=1, **progress)
     tz.export(small, tmp_path / "m.tzip", **progress)
     tz.load(tmp_path / "m.tzip", model(), **progress)

@@ -642,7 +642,8 @@ def test_joined_codes_and_decoder_slabs_match_bit_by_bit_reference(rng, monkeypa
     monkeypatch.setattr(huffman, "_DECODE_BYTES", int(rng.integers(1, 40)))
     n = int(rng.integers(500, 3000))
     symbols = zipf(rng, n, alphabet, 1.6)  # skewed: long codes for the rare symbols
-    chunk_size = int(rng.integers(1, 60))
+    # Lanes short enough that there are more than 4 slabs' worth of them (n // group codes).
+    chunk_size = int(rng.integers(1, 1 + min(59, n // (group * (4 * huffman._DECODE_LANES + 1)))))
     stream = encode(symbols, alphabet, chunk_size=chunk_size, group=group, max_len=max_len)
     payload, starts = reference_payload(symbols, alphabet, group, stream.lengths, chunk_size)
     assert bytes(stream.payload) == payload and stream.chunk_bits.tolist() == starts

@@ -120,7 +120,8 @@ def test_int8_word_gemv(seed, dtype, split):
     n, k = pick_n(), 4 * (randint(17, 100) | 1)
     w = Int8Weight.from_float(torch.randn(n, k), 0)
     bias = torch.randn(n).to(dtype)
-    for scale in (1.0, 1e3, 1e-5):
+    # Large x: 1e3 in bf16, but only 1e2 in fp16, whose outputs would pass 65504 (inf) at 1e3.
+    for scale in (1.0, 1e2 if dtype == torch.float16 else 1e3, 1e-5):
         x = (torch.randn(randint(1, 3), k) * scale).to(dtype)
         assert int8.words_path(x, w.qweight, 0)
         ref = int8.reference(x, w.qweight, w.scales, bias, 0)
