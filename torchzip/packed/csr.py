@@ -72,7 +72,7 @@ class CsrWeight(SparseValues, PackedWeight):
     def pack(cls, state: WeightState) -> "CsrWeight | None":
         """Pruned codebook weights always (pruned zeros take no centroid); int8 and float values
         when CSR is smaller than their dense form."""
-        stored = stored_values(state.values, lambda: state.weight)
+        stored = stored_values(state)
         if state.mask is None or stored is None or bool(state.mask.all()):
             return None
         n, k = state.shape

@@ -54,7 +54,7 @@ class Sparse24Weight(SparseValues, PackedWeight):
     @classmethod
     def pack(cls, state: WeightState) -> "Sparse24Weight | None":
         """A 2:4 pruning mask, whatever the values."""
-        stored = stored_values(state.values, lambda: state.weight)
+        stored = stored_values(state)
         if state.pattern != "2:4" or state.mask is None or stored is None:
             return None
         values, side = stored
@@ -107,8 +107,7 @@ class Sparse24Weight(SparseValues, PackedWeight):
         return words
 
     def __getstate__(self):
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
+        state = dict(super().__getstate__())
         state.pop("_words", None)  # weak references do not pickle; the cache rebuilds itself
         return state
 

@@ -13,7 +13,7 @@ their kept positions only, with the same side tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -53,16 +53,18 @@ def value_kind(scales: torch.Tensor | None, codebook: torch.Tensor | None) -> st
     return "int8" if scales is not None else "float"
 
 
-def stored_values(state_values: Any, weight: "torch.Tensor | Callable[[], torch.Tensor]") -> tuple[torch.Tensor, dict] | None:
+def stored_values(state: Any) -> tuple[torch.Tensor, dict] | None:
     """``(full [N, K] tensor of stored values, side tensors)`` for a sparse format, or None when
-    the values are of a kind the sparse formats do not hold. ``weight``: the float weight, or a
-    function giving it (asked only for float values)."""
-    if state_values is None:
-        return (weight if isinstance(weight, torch.Tensor) else weight()), {}
-    if isinstance(state_values, Int8Values):
-        return state_values.q, {"scales": state_values.scales, "group_size": state_values.group_size}
-    if isinstance(state_values, CodebookValues):
-        return state_values.indices.clamp(min=0).to(torch.uint8), {"codebook": state_values.codebook}
+    the values are of a kind the sparse formats do not hold. ``state``: a
+    :class:`~torchzip.packed.base.WeightState`; only float values read ``state.weight`` (which
+    ``freeze`` computes on first use)."""
+    v = state.values
+    if v is None:
+        return state.weight, {}
+    if isinstance(v, Int8Values):
+        return v.q, {"scales": v.scales, "group_size": v.group_size}
+    if isinstance(v, CodebookValues):
+        return v.indices.clamp(min=0).to(torch.uint8), {"codebook": v.codebook}
     return None
 
 
