@@ -657,3 +657,56 @@ def test_joined_codes_and_decoder_slabs_match_bit_by_bit_reference(rng, monkeypa
     bad[len(bad) // 2] += 1
     with pytest.raises(FormatError):
         decode(dataclasses.replace(stream, chunk_bits=bad))
+
+
+@pytest.mark.parametrize("alphabet, group", [(2, 8), (4, 4), (16, 2), (256, 1), (3, 4), (5, 2), (300, 1)])
+def test_decode_codes_gives_each_codes_value_across_many_slabs(rng, monkeypatch, alphabet, group):
+    # One value per code, sum(s[i*G + k] * A**k): for A = 2**b, G = 8 // b the byte that packs the
+    # code's symbols b bits each, first lowest (what codebook indices are decoded straight into).
+    # Tiny, odd slabs of lanes: every slab boundary falls mid-stream, lane counts are odd.
+    monkeypatch.setattr(huffman, "_DECODE_LANES", int(rng.integers(1, 5)))
+    monkeypatch.setattr(huffman, "_DECODE_BYTES", int(rng.integers(1, 40)))
+    n = group * int(rng.integers(400, 2500)) + int(rng.integers(0, group))  # a partial last code when G > 1
+    symbols = zipf(rng, n, alphabet, 1.4)
+    stream = encode(symbols, alphabet, chunk_size=int(rng.integers(3, 60)) | 1, group=group, max_len=15)
+    m = -(-n // group)
+    padded = symbols.tolist() + [0] * (m * group - n)
+    want = [sum(padded[i * group + k] * alphabet**k for k in range(group)) for i in range(m)]  # Python ints
+    released = []
+    out = np.full(m, 77, np.uint8 if alphabet**group <= 256 else np.uint16)  # filled over, not added to
+    got = huffman.decode_codes(stream, out, release=lambda: released.append(1))
+    assert got is out and got.tolist() == want and len(released) > 1
+    if alphabet**group == 256:
+        bits = 8 // group
+        packed = [sum(padded[i * group + k] << (bits * k) for k in range(group)) for i in range(m)]
+        assert got.tolist() == packed
+    np.testing.assert_array_equal(huffman.decode_codes(stream), got)  # its own array
+    # The symbols decode gives are the same stream (decode expands the same codes).
+    np.testing.assert_array_equal(decode(stream), symbols)
+    with pytest.raises(ValueError, match="out must be"):
+        huffman.decode_codes(stream, np.empty(m + 1, out.dtype))
+    with pytest.raises(ValueError, match="out must be"):
+        huffman.decode_codes(stream, np.empty(m, np.int64))
+    # Corruption is caught as decode catches it: a lane start one bit off, a flipped payload.
+    bad = stream.chunk_bits.copy()
+    bad[len(bad) // 2] += 1
+    with pytest.raises(FormatError):
+        huffman.decode_codes(dataclasses.replace(stream, chunk_bits=bad))
+    if group > 1:  # non-zero symbols past n in the last code
+        short_n = group * (n // group - 1) + 1  # one symbol in the last code, then G - 1 of padding
+        padded_ones = np.concatenate([symbols[:short_n], np.ones(group - 1, symbols.dtype)])
+        longer = encode(padded_ones, alphabet, chunk_size=stream.chunk_size, group=group, max_len=15)
+        short = dataclasses.replace(longer, n_symbols=short_n)
+        for fn in (decode, huffman.decode_codes):
+            with pytest.raises(FormatError, match="non-zero symbols past"):
+                fn(short)
+
+
+def test_decode_codes_of_a_lone_symbol_and_an_empty_stream():
+    stream = encode(np.full(1000, 3, np.uint8), 16, group=2, max_len=15)
+    assert huffman.decode_codes(stream).tolist() == [3 | 3 << 4] * 500
+    nonzero = bytearray(bytes(stream.payload))
+    nonzero[0] |= 1
+    with pytest.raises(FormatError, match="lone symbol"):
+        huffman.decode_codes(dataclasses.replace(stream, payload=bytes(nonzero)))
+    assert huffman.decode_codes(encode(np.zeros(0, np.uint8), 16, group=2)).size == 0

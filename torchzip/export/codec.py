@@ -212,8 +212,19 @@ class StreamReader:
         may overwrite and shrink in place (``ndarray.resize``)."""
         return self._symbols(spec, what, alphabet, on_device, owner=True)
 
-    def _symbols(self, spec: Any, what: str, alphabet: int | None, on_device: bool,
-                 owner: bool = False) -> torch.Tensor | np.ndarray:
+    def codes_into(self, spec: Any, what: str, alphabet: int, out: np.ndarray) -> np.ndarray:
+        """A Huffman stream decoded on the CPU to its code values, one per code, written into
+        ``out`` (see :func:`torchzip.export.huffman.decode_codes`); the caller has checked the
+        entry's ``n`` and ``group``, which give ``out``'s size."""
+        where = f"{self.where} {what}"
+        stream = self._stream(spec, what, alphabet)
+        try:
+            return huffman.decode_codes(stream, out, self.section.release)
+        except FormatError as err:
+            raise FormatError(f"{where}: {err}") from None
+
+    def _stream(self, spec: Any, what: str, alphabet: int | None) -> huffman.HuffmanStream:
+        """The checked header and pieces of a Huffman stream entry (its bytes not yet decoded)."""
         where = f"{self.where} {what}"
         need(isinstance(spec, dict) and spec.get("codec") == "huffman", where, "expected a Huffman stream entry")
         n, a, g, chunk = spec.get("n"), spec.get("alphabet"), spec.get("group"), spec.get("chunk_size")
@@ -230,8 +241,17 @@ class StreamReader:
             full = huffman.unpack_lengths(self.piece(spec.get("lengths"), what), a**g)
             chunks = huffman.unpack_chunks(self.piece(spec.get("chunks"), what), huffman.lane_count(n, g, chunk),
                                            median, rice)
-            stream = huffman.HuffmanStream(full, np.frombuffer(payload, np.uint8), chunks, n, chunk, g, a)
-            if on_device and self.device is not None and -(-n // g) < 1 << 31:  # the kernel indexes codes with int32
+        except FormatError as err:
+            raise FormatError(f"{where}: {err}") from None
+        return huffman.HuffmanStream(full, np.frombuffer(payload, np.uint8), chunks, n, chunk, g, a)
+
+    def _symbols(self, spec: Any, what: str, alphabet: int | None, on_device: bool,
+                 owner: bool = False) -> torch.Tensor | np.ndarray:
+        where = f"{self.where} {what}"
+        stream = self._stream(spec, what, alphabet)
+        n, a = stream.n_symbols, stream.alphabet
+        try:
+            if on_device and self.device is not None and -(-n // stream.group) < 1 << 31:  # the kernel indexes codes with int32
                 from torchzip.kernels.huffman_decode import decode_triton
 
                 out = decode_triton(stream, self.device)

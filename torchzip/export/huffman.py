@@ -545,28 +545,65 @@ def decode(stream: HuffmanStream, release: Callable[[], None] | None = None) -> 
     corrupted stream raises :class:`FormatError`.
     """
     payload = check_stream(stream)
-    lengths = np.asarray(stream.lengths).astype(np.uint8)
     g = int(stream.group)
     alphabet = stream.symbol_alphabet
     out_dtype = np.uint8 if alphabet <= 256 else np.uint16
     n = int(stream.n_symbols)
     if n == 0:
         return np.zeros(0, out_dtype)
-    m = -(-n // g)
-    syms, sizes, width = decode_table(lengths)
     # What a code writes: its symbol, or its G symbols packed into one little-endian word.
-    packed = expand_table(alphabet, g)[syms] if g > 1 else syms.astype(out_dtype)
-    out = np.empty(m * g, out_dtype)
+    item = expand_table(alphabet, g) if g > 1 else np.arange(alphabet, dtype=out_dtype)
+    out = np.empty(-(-n // g) * g, out_dtype)
+    _decode_codes(stream, payload, item, out.view(item.dtype), release)
+    check_group_padding(out[n:], n)
+    return out[:n]
+
+
+def decode_codes(stream: HuffmanStream, out: np.ndarray | None = None,
+                 release: Callable[[], None] | None = None) -> np.ndarray:
+    """Decode a :class:`HuffmanStream` to its code values, one per code (not per symbol).
+
+    Code ``i`` is ``sum(s[i*G + k] * A**k)`` over its ``G`` symbols (see the module docstring),
+    so for an alphabet of ``A = 2**b`` symbols coded ``G = 8 // b`` to a code, each code value is
+    the byte that packs its symbols ``b`` bits each, the first in the lowest bits: the layout of
+    :func:`torchzip.packed.bits.pack_bits`, which a codebook layer's indices can then decode
+    straight into, never held one byte a symbol.
+
+    ``out``: where to write the ``ceil(n / G)`` values (uint8 when ``A**G <= 256``, else uint16);
+    a new array when None. ``release`` as in :func:`decode`. Checks the stream as
+    :func:`decode` does (symbols a last, partial code adds past ``n`` must be 0) and raises
+    :class:`FormatError` for any malformed or corrupted stream.
+    """
+    payload = check_stream(stream)
+    g, n = int(stream.group), int(stream.n_symbols)
+    alphabet = stream.symbol_alphabet
+    values = alphabet**g
+    m = -(-n // g)
+    dtype = np.uint8 if values <= 256 else np.uint16
+    if out is None:
+        out = np.empty(m, dtype)
+    if out.dtype != dtype or out.shape != (m,):
+        raise ValueError(f"out must be a 1-D {np.dtype(dtype).name} array of {m} code values, "
+                         f"got {out.dtype} {out.shape}")
+    if m:
+        _decode_codes(stream, payload, np.arange(values, dtype=dtype), out, release)
+        if n % g and int(out[-1]) >= alphabet ** (n % g):  # its symbols past n are not all 0
+            raise FormatError(f"Huffman stream's last code adds non-zero symbols past its {n} symbols")
+    return out
+
+
+def _decode_codes(stream: HuffmanStream, payload: np.ndarray, item: np.ndarray, out: np.ndarray,
+                  release: Callable[[], None] | None) -> None:
+    """Decode the (checked, non-empty) stream's codes into ``out``, code value ``v`` as ``item[v]``."""
+    syms, sizes, width = decode_table(stream.lengths)
+    table = item[syms]
     if sizes[-1] == 0:  # lone code value: every code is the single bit 0
         if payload.any():
             raise FormatError("Huffman stream of a lone symbol has non-zero bits")
-        out.view(packed.dtype)[:] = packed[0]
-        check_group_padding(out[n:], n)
-        return out[:n]
+        out[:] = table[0]
+        return
     chunk_bits = np.asarray(stream.chunk_bits).astype(np.int64)
-    _decode_lanes(payload, chunk_bits, m, packed, sizes, width, out.view(packed.dtype), release)
-    check_group_padding(out[n:], n)
-    return out[:n]
+    _decode_lanes(payload, chunk_bits, out.size, table, sizes, width, out, release)
 
 
 def check_group_padding(past_end: np.ndarray, n: int) -> None:

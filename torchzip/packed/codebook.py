@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
@@ -21,6 +23,14 @@ def _byte_fields(bits: int, device: torch.device) -> torch.Tensor:
     """``[256, 8 // bits]``: the fields a byte holds, least significant first."""
     shifts = torch.arange(0, 8, bits, device=device)
     return (torch.arange(256, device=device).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+
+
+def _codes_are_bytes(spec: dict, k: int, bits: int) -> bool:
+    """Whether an index stream's code values are the bytes of its packed rows: ``8 // bits``
+    indices a code, the first in the low bits (``huffman.decode_codes``), which is the
+    little-endian layout of :func:`pack_bits` when rows fill whole words (no padding fields)."""
+    return (isinstance(spec, dict) and 8 % bits == 0 and spec.get("group") == 8 // bits and type(spec.get("group")) is int
+            and k % (32 // bits) == 0 and sys.byteorder == "little")
 
 
 def _pack_in_place_ok(buf: np.ndarray, n: int, k: int, bits: int) -> bool:
@@ -186,6 +196,11 @@ class CodebookWeight(PackedWeight):
             codebook = codebook.repeat_interleave(g, 0)[:n]  # kernels read one table per row
         spec = t.get("indices")
         src.need(not isinstance(spec, dict) or spec.get("n") == n * k, f"{brief(spec.get('n'))} indices for a {n}x{k} weight")
+        if src.device is None and _codes_are_bytes(spec, k, bits):
+            # Each code is one byte of the packed rows: decoded straight into them.
+            packed = torch.empty(n, packed_words(k, bits), dtype=torch.int32)
+            src.codes_into(spec, "indices", 2**bits, packed.view(torch.uint8).numpy().reshape(-1))
+            return cls(packed, codebook, bits, (n, k), dtype, half, g)
         idx = src.symbol_buffer(spec, "indices", 2**bits, on_device=True)
         if isinstance(idx, np.ndarray) and _pack_in_place_ok(idx, n, k, bits):
             return cls(_pack_in_place(idx, n, k, bits), codebook, bits, (n, k), dtype, half, g)
