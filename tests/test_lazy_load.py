@@ -100,3 +100,74 @@ def test_each_layer_goes_to_the_target_device_as_it_is_decoded(tmp_path, monkeyp
     for name, layer in plan.modules.items():
         for (k, a), (k2, b) in zip(layer.state_dict().items(), cpu.modules[name].state_dict().items()):
             assert k == k2 and a.shape == b.shape and a.dtype == b.dtype, (name, k)
+
+
+def force_groups(monkeypatch, alphabet: int, groups: dict[int, int]) -> None:
+    """Make export code a stream of ``alphabet`` symbols ``groups[its length]`` to a code (the
+    encoder would pick the group that codes smallest)."""
+    from torchzip.export import huffman
+
+    real = huffman.encode
+
+    def forced(symbols, alphabet_size=None, **kw):
+        if alphabet_size == alphabet and symbols.size in groups:
+            kw["group"] = groups[symbols.size]
+        return real(symbols, alphabet_size, **kw)
+
+    monkeypatch.setattr(huffman, "encode", forced)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_codebook_indices_decode_straight_into_packed_rows_bit_for_bit(tmp_path, monkeypatch, fresh_seed, bits):
+    # Rows of whole words (K a multiple of 32 // bits) whose stream codes 8 // bits indices a code
+    # decode straight into the packed words; other rows (padding fields in their last word) and
+    # streams of one index a code take the byte-an-index route. Both give what freeze packed.
+    from torchzip.export import codec, huffman
+
+    torch.manual_seed(fresh_seed)
+    per = 32 // bits
+    shapes = [(67, 8 * per), (41, 5 * per + 3), (29, 4 * per)]  # (N, K)
+    build_it = lambda: nn.Sequential(*[nn.Linear(k, n) for n, k in shapes])  # noqa: E731
+    frozen = tz.freeze(tz.compress(build_it(), [tz.Codebook(bits=bits, granularity="layer")], progress=False))
+    force_groups(monkeypatch, 2**bits, {n * k: g for (n, k), g in zip(shapes, (8 // bits, 8 // bits, 1))})
+    path = tmp_path / "m.tzip"
+    tz.export(frozen, path, progress=False)
+    manifest, _ = container.read(path)
+    assert {e["name"]: e["tensors"]["indices"]["group"] for e in manifest["layers"]} == {"0": 8 // bits, "1": 8 // bits, "2": 1}
+    # Many small slabs of lanes, so slab boundaries fall inside rows.
+    monkeypatch.setattr(huffman, "_DECODE_LANES", 1)
+    monkeypatch.setattr(huffman, "_DECODE_BYTES", 7)
+    direct = []
+    real_codes = codec.StreamReader.codes_into
+    monkeypatch.setattr(codec.StreamReader, "codes_into", lambda self, *a: direct.append(self.where) or real_codes(self, *a))
+    for mapped in (True, False):
+        monkeypatch.setattr(container, "MAP_AT_LEAST", 1024 if mapped else 1 << 40)
+        with torch.device("meta"):
+            skeleton = build_it()
+        for loaded in (tz.load(path, skeleton, progress=False), tz.load(path, build_it(), progress=False)):
+            same_state(loaded, frozen)
+    straight = ["layer '0'"] + (["layer '2'"] if bits == 8 else [])  # 8-bit: one index a code is a byte
+    assert direct == straight * 4, direct  # in each of the 4 loads
+
+
+def test_codebook_straight_decode_rejects_a_corrupt_stream(tmp_path, monkeypatch):
+    import hostile
+
+    model = tz.freeze(tz.compress(nn.Sequential(nn.Linear(64, 40)), [tz.Codebook(bits=4, granularity="layer")],
+                                  progress=False))
+    force_groups(monkeypatch, 16, {64 * 40: 2})  # so the stream decodes straight into the packed rows
+    path = tmp_path / "m.tzip"
+    tz.export(model, path, progress=False)
+    manifest, _ = hostile.split(path.read_bytes())
+    spec = manifest["layers"][0]["tensors"]["indices"]
+    assert spec["group"] == 2
+    off, length = spec["payload"]
+    cases = {"lane ends": lambda m, s: m["layers"][0]["tensors"]["indices"].update(chunk_median=spec["chunk_median"] + 1),
+             "all ones": lambda m, s: s[0].__setitem__(slice(off, off + length), b"\xff" * length)}
+    for name, corrupt in cases.items():
+        m, s = hostile.split(path.read_bytes())
+        corrupt(m, s)
+        bad = tmp_path / f"{name}.tzip"
+        bad.write_bytes(hostile.assemble(m, s))
+        with pytest.raises(tz.FormatError, match="layer '0'.*indices"):
+            tz.load(bad, nn.Sequential(nn.Linear(64, 40)), progress=False)
