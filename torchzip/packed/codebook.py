@@ -29,8 +29,9 @@ def _codes_are_bytes(spec: dict, k: int, bits: int) -> bool:
     """Whether an index stream's code values are the bytes of its packed rows: ``8 // bits``
     indices a code, the first in the low bits (``huffman.decode_codes``), which is the
     little-endian layout of :func:`pack_bits` when rows fill whole words (no padding fields)."""
-    return (isinstance(spec, dict) and 8 % bits == 0 and spec.get("group") == 8 // bits and type(spec.get("group")) is int
-            and k % (32 // bits) == 0 and sys.byteorder == "little")
+    group = spec.get("group") if isinstance(spec, dict) else None
+    return (type(group) is int and 8 % bits == 0 and group == 8 // bits and k % (32 // bits) == 0
+            and sys.byteorder == "little")
 
 
 def _pack_in_place_ok(buf: np.ndarray, n: int, k: int, bits: int) -> bool:
