@@ -215,15 +215,20 @@ def group_codes(symbols: np.ndarray, alphabet: int, group: int) -> np.ndarray:
     if group == 1:
         return symbols
     m = -(-symbols.size // group)
+    if alphabet**group <= 256:  # the usual case (pairs and quads of small alphabets): one byte a code
+        # Summed in uint8 (the largest code, alphabet**group - 1, fits), a code's symbols read in
+        # strides: no padded copy of the stream and no wider temporary. A short last code is
+        # padded with zero symbols.
+        codes = np.zeros(m, np.uint8)
+        full = symbols.size // group
+        for j in range(group):
+            codes[:full] += symbols[j: full * group: group].astype(np.uint8, copy=False) * np.uint8(alphabet**j)
+        for j, s in enumerate(symbols[full * group:]):
+            codes[full] += np.uint8(int(s) * alphabet**j)
+        return codes
     padded = np.zeros(m * group, symbols.dtype)
     padded[: symbols.size] = symbols
-    rows = padded.reshape(m, group)
-    if alphabet**group <= 256:  # the usual case (pairs and quads of small alphabets): one byte a code
-        codes = np.zeros(m, np.uint16)
-        for j in range(group):
-            codes += rows[:, j].astype(np.uint16) * np.uint16(alphabet**j)
-        return codes.astype(np.uint8)
-    return rows.astype(np.int64) @ (np.int64(alphabet) ** np.arange(group, dtype=np.int64))
+    return padded.reshape(m, group).astype(np.int64) @ (np.int64(alphabet) ** np.arange(group, dtype=np.int64))
 
 
 def _bincount(codes: np.ndarray, values: int) -> np.ndarray:
