@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
+from torchzip.export import huffman
 from torchzip.export.container import brief
 from torchzip.kernels import codebook_cpu
 from torchzip.packed.base import PackedWeight, WeightState, register_format
@@ -155,9 +158,18 @@ class CodebookWeight(PackedWeight):
         entry = {"bits": self.bits}
         if g > 1 and book.shape[0] > 1 and torch.equal(book[::g].repeat_interleave(g, 0)[:book.shape[0]], book):
             book, entry["group_rows"] = book[::g], g  # one table per group of rows
-        entry["tensors"] = {"indices": out.symbols(self._indices_u8(), 2**self.bits),
+        entry["tensors"] = {"indices": out.symbols(self._index_stream(), 2**self.bits),
                             "codebook": out.raw(table(book, self.dtype, self.half_table))}
         return entry
+
+    def _index_stream(self):
+        # Rows that fill whole words of fields tiling bytes: the packed bytes are the coder's input
+        # as they are (huffman.encode_packed), never one byte an index.
+        n, k = self.shape
+        if 8 % self.bits == 0 and n * k and k % (32 // self.bits) == 0 and sys.byteorder == "little":
+            data = self.packed.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(-1)
+            return huffman.encode_packed(data, self.bits, max_len=huffman.TZIP_MAX_LEN)
+        return self._indices_u8()
 
     def _indices_u8(self) -> torch.Tensor:
         # One byte an index, unpacked a block of rows at a time (never widened to int64).

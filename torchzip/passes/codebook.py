@@ -210,7 +210,7 @@ def kmeans_blocks(w: torch.Tensor, valid: torch.Tensor | None, k: int, *, group_
         yield lo, hi, c, ungrouped(assign, hi - lo, cols)
 
 
-_CHUNK = 1 << 20  # values per block of rows (one row may be longer): the sort's workspace is ~30 bytes a value
+_CHUNK = 1 << 19  # values per block of rows (one row may be longer): the sort's workspace is ~30 bytes a value
 
 
 def grouped(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -305,6 +305,11 @@ class CodebookQuant(nn.Module):
             self._store_centroids(lo // g, centroids)
             self._store(lo, assign)
         self.clustered.fill_(True)
+        # The blocks' freed workspace sits between the layers' packed buffers: give it back, or
+        # a big model's compress keeps a heap of it (glibc's mmap threshold rises past its size).
+        from torchzip.export.artifact import trim_heap  # export imports the passes' modules
+
+        trim_heap()
 
     @torch.no_grad()
     def set_codes(self, centroids: torch.Tensor, assign: torch.Tensor) -> None:
