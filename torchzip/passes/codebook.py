@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from torchzip.errors import RecipeError
+from torchzip.export.artifact import trim_heap
 from torchzip.kernels import codebook_cpu
 from torchzip.packed.bits import pack_bits, packed_words, unpack_fields
 from torchzip.packed.values import HALF_DTYPES, CodebookValues
@@ -307,8 +308,6 @@ class CodebookQuant(nn.Module):
         self.clustered.fill_(True)
         # The blocks' freed workspace sits between the layers' packed buffers: give it back, or
         # a big model's compress keeps a heap of it (glibc's mmap threshold rises past its size).
-        from torchzip.export.artifact import trim_heap  # export imports the passes' modules
-
         trim_heap()
 
     @torch.no_grad()
