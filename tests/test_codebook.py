@@ -196,3 +196,17 @@ def test_unpack_fields_matches_unpack_bits():
             if bits == 1:
                 assert torch.equal(unpack_fields(packed, 1, k, torch.bool), idx.bool())
             assert torch.equal(unpack_fields(packed[:, None].expand(n, 2, -1)[:, 1], bits, k), idx.int())  # strided rows
+
+
+def test_state_dict_with_unpacked_assignments_still_loads():
+    """A trainable checkpoint from before the packing (int8 [N, K] assignments, -1 where pruned)
+    loads into today's layer with the same weights."""
+    recipe = [tz.Prune(sparsity=0.5), tz.Codebook(bits=4, granularity="channel")]
+    model = tz.compress(nn.Sequential(nn.Linear(70, 12)), recipe, progress=False)
+    quant = codebook_of(model[0])
+    legacy = {k: v for k, v in model.state_dict().items() if not k.endswith(".kept")}
+    legacy["0.parametrizations.weight.1.assign"] = quant.indices().to(torch.int8)
+    fresh = tz.compress(nn.Sequential(nn.Linear(70, 12)), recipe, progress=False)
+    fresh.load_state_dict(legacy)
+    assert torch.equal(codebook_of(fresh[0]).indices(), quant.indices())
+    assert torch.equal(fresh[0].weight, model[0].weight)

@@ -333,6 +333,20 @@ class CodebookQuant(nn.Module):
         if self.kept is not None:
             self.kept[start:stop] = pack_bits(kept, 1)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A state_dict saved before assignments were packed holds them as int8/int16 [N, K] (-1:
+        # no centroid): pack them into this layer's buffers, then load the rest as usual.
+        old = state_dict.get(prefix + "assign")
+        if old is not None and old.dtype in (torch.int8, torch.int16) and tuple(old.shape) == (self.assign.shape[0], self.cols):
+            rows = max(1, (1 << 20) // max(1, self.cols))
+            with torch.no_grad():
+                for r in range(0, old.shape[0], rows):
+                    self._store(r, old[r:r + rows].to(self.assign.device))
+            state_dict = {**state_dict, prefix + "assign": self.assign.clone()}
+            if self.kept is not None:
+                state_dict[prefix + "kept"] = self.kept.clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def indices(self) -> torch.Tensor:
         """The ``[N, K]`` assignments (int64), -1 where a weight takes no centroid."""
         idx = unpack_fields(self.assign, self.bits, self.cols, torch.int64)
