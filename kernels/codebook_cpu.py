@@ -260,10 +260,11 @@ static int cmp_i64(const void *a, const void *b) {
 /* Rows of `keys` [g, n] sorted ascending, the first n_valid[r] valid; sum_x / sum_w: inclusive
    float64 running sums of (weighted) values and weights (sum_w NULL: unweighted; sum_x NULL: the
    running sum of the valid keys, summed here in order as torch's cumsum does). centroids
-   [g, kk] in/out. Then assign[r, order[r, p]] = cluster of sorted position p (-1 past n_valid). */
+   [g, kk] in/out. Then assign[r, order[r, p]] = cluster of sorted position p (-1 past n_valid), as
+   int16: a quarter of the int64 order beside it, and wide enough for 8-bit codebooks. */
 void tz_lloyd_sorted(const float *keys, const double *sum_x, const double *sum_w, const int64_t *n_valid,
                      int64_t g, int64_t n, int64_t kk, float *centroids, int iterations, const int64_t *order,
-                     int64_t *assign, int threads) {
+                     int16_t *assign, int threads) {
     const int64_t chunk = 1 << 16;
     const int64_t pieces = (n + chunk - 1) / chunk;
     int64_t *starts = (int64_t *)malloc((size_t)(g * (kk > 1 ? kk - 1 : 1)) * sizeof(int64_t));
@@ -313,12 +314,12 @@ void tz_lloyd_sorted(const float *keys, const double *sum_x, const double *sum_w
             const int64_t r = u / pieces, p0 = (u % pieces) * chunk, p1 = p0 + chunk < n ? p0 + chunk : n;
             const int64_t ns = kk > 1 ? kk - 1 : 0, nv = n_valid[r];
             const int64_t *st = starts + r * (kk > 1 ? kk - 1 : 1), *ord = order + r * n;
-            int64_t *out = assign + r * n;
+            int16_t *out = assign + r * n;
             int64_t idx = 0;
             while (idx < ns && st[idx] <= p0) idx++;
             for (int64_t p = p0; p < p1; p++) {
                 while (idx < ns && st[idx] <= p) idx++;
-                out[ord[p]] = p < nv ? idx : -1;
+                out[ord[p]] = p < nv ? (int16_t)idx : (int16_t)-1;
             }
         }
     }
@@ -486,7 +487,7 @@ def lloyd_sorted(keys: torch.Tensor, order: torch.Tensor, n_valid: torch.Tensor,
     """Lloyd's iterations and the final assignment of ``torchzip.passes.codebook._lloyd_sorted``
     from its sorted rows and running sums (``sum_x`` None: the running sums of the valid keys,
     summed here), bit for bit, a row per thread. Returns ``(centroids
-    [G, k] fp32, assign [G, n] int64 in the input's order, -1 past each row's valid count)``."""
+    [G, k] fp32, assign [G, n] int16 in the input's order, -1 past each row's valid count)``."""
     _need(keys.dtype == torch.float32 and order.dtype == torch.int64, "lloyd_sorted takes fp32 keys, int64 order")
     g, n = keys.shape
     keys, order = keys.contiguous(), order.contiguous()
@@ -494,7 +495,7 @@ def lloyd_sorted(keys: torch.Tensor, order: torch.Tensor, n_valid: torch.Tensor,
     sum_w = None if sum_w is None else sum_w.contiguous()
     n_valid = n_valid.reshape(g).to(torch.int64).contiguous()
     centroids = centroids.float().contiguous().clone()
-    assign = torch.empty(g, n, dtype=torch.int64)
+    assign = torch.empty(g, n, dtype=torch.int16)
     _lib.tz_lloyd_sorted(keys.data_ptr(), None if sum_x is None else sum_x.data_ptr(), None if sum_w is None else sum_w.data_ptr(),
                          n_valid.data_ptr(), g, n, centroids.shape[1], centroids.data_ptr(), iterations,
                          order.data_ptr(), assign.data_ptr(), torch.get_num_threads())

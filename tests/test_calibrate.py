@@ -117,7 +117,7 @@ def test_calibrated_codebook_is_the_least_squares_codebook_of_its_assignments():
         model = tz.compress(nn.Sequential(layer), [tz.Codebook(bits=3, granularity=granularity, method="gptq")],
                             progress=False, calibration=batches)
         quant = model[0].parametrizations.weight[0]
-        assign, book = quant.assign.long(), quant.centroids.detach().double()
+        assign, book = quant.indices(), quant.centroids.detach().double()
         h, w = second_moment(batches), layer.weight.detach().double()
         # Normal equations, row by row, in float64: for each row's one-hot A, (A^T H A) c = A^T H w.
         lhs, rhs = torch.zeros(n, 8, 8, dtype=torch.float64), torch.zeros(n, 8, dtype=torch.float64)

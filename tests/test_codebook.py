@@ -47,7 +47,7 @@ def test_centroid_gradient_is_sum_of_shared_weight_gradients():
     x = torch.randn(7, 20, dtype=torch.float64)
     model(x.float()).sum().backward()
     dw = (torch.ones(7, 6, dtype=torch.float64).T @ x)  # dL/dW in float64
-    ref = torch.zeros(6, 4, dtype=torch.float64).scatter_add_(1, quant.assign.long(), dw)
+    ref = torch.zeros(6, 4, dtype=torch.float64).scatter_add_(1, quant.indices(), dw)
     assert torch.allclose(quant.centroids.grad.double(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -56,7 +56,8 @@ def test_pruned_zeros_take_no_centroid_and_stay_zero():
                         progress=False)
     pruned = model[0].weight == 0
     quant = codebook_of(model[0])
-    assert bool((quant.assign[pruned] == -1).all()) and bool((quant.assign[~pruned] >= 0).all())
+    assign = quant.indices()
+    assert bool((assign[pruned] == -1).all()) and bool((assign[~pruned] >= 0).all())
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
     for _ in range(20):
         opt.zero_grad()
@@ -131,3 +132,81 @@ def test_pack_in_place_matches_pack_bits():
             assert buf.nbytes == got.numel() * 4  # the index bytes past the packed words are handed back
     assert not _pack_in_place_ok(np.zeros(12, np.uint8), 4, 3, 4)  # 3 indices pack to a 4-byte word
     assert not _pack_in_place_ok(np.zeros(100, np.uint8)[10:], 2, 40, 4)  # a view: not its own memory
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+def test_trainable_assignments_take_bits_over_8_bytes_a_weight(bits):
+    """The trainable layer holds its indices packed: bits / 8 bytes a weight for rows that fill
+    whole words (32 // bits fields a word: 3.2 bits for 3, 6.4 for 5), no second copy; its weight
+    is the k-means result, and the frozen layer reuses the same words."""
+    per = 32 // bits
+    for rows, cols in [(24, per * 300), (5, per * 300 + 1)]:  # rows long enough that per-row tables pay
+        layer = nn.Linear(cols, rows)
+        w = layer.weight.detach().clone()
+        model = tz.compress(nn.Sequential(layer), [tz.Codebook(bits=bits, granularity="channel")], progress=False)
+        quant = codebook_of(model[0])
+        assert quant.assign.dtype == torch.int32 and quant.kept is None
+        assert quant.assign.numel() * 4 == rows * -(-cols // per) * 4
+        if cols % per == 0 and 32 % bits == 0:
+            assert quant.assign.numel() * 4 == rows * cols * bits // 8
+        stored = {n: b for n, b in model.state_dict().items() if not n.endswith(("original", "centroids", "bias"))}
+        assert sum(b.numel() * b.element_size() for b in stored.values()) == quant.assign.numel() * 4 + 8 + 1  # + step, clustered
+        centroids, assign = kmeans_1d(w, torch.ones_like(w, dtype=torch.bool), 2**bits)
+        assert torch.equal(quant.indices(), assign)
+        assert torch.equal(model[0].weight.detach(), centroids.gather(1, assign))
+        x = torch.randn(3, cols)
+        with torch.no_grad():
+            expected = model(x)
+        words = quant.assign
+        frozen = tz.freeze(model)
+        assert frozen[0].packed.packed.data_ptr() == words.data_ptr()  # taken as it is, not copied
+        assert torch.equal(frozen(x), expected)
+
+
+def test_pruned_codebook_keeps_one_bit_a_weight_and_trains_its_centroids():
+    layer = nn.Linear(96, 10)
+    model = tz.compress(nn.Sequential(layer), [tz.Prune(sparsity=0.6), tz.Codebook(bits=3, granularity="group", group_rows=4)],
+                        progress=False)
+    quant = codebook_of(model[0])
+    assert quant.kept.numel() * 4 == 10 * 96 // 8 and quant.assign.numel() * 4 == 10 * 10 * 4  # 10 indices a word
+    pruned = model[0].weight.detach() == 0
+    idx = quant.indices()
+    assert torch.equal(idx == -1, pruned)
+    book = quant.centroids.detach().repeat_interleave(4, 0)[:10]
+    assert torch.equal(model[0].weight.detach(), torch.where(pruned, 0.0, book.gather(1, idx.clamp(min=0))))
+    # The gradient of a centroid is the sum of the gradients of the kept weights sharing it (float64).
+    x = torch.randn(7, 96, dtype=torch.float64)
+    model(x.float()).sum().backward()
+    dw = (torch.ones(7, 10, dtype=torch.float64).T @ x) * ~pruned
+    per_row = torch.zeros(10, 8, dtype=torch.float64).scatter_add_(1, idx.clamp(min=0), dw)
+    ref = torch.zeros(3, 8, dtype=torch.float64).index_add_(0, torch.arange(10) // 4, per_row)
+    assert torch.allclose(quant.centroids.grad.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_unpack_fields_matches_unpack_bits():
+    from torchzip.packed.bits import pack_bits, unpack_bits, unpack_fields
+
+    for bits in range(1, 9):
+        for n, k in [(1, 1), (3, 37), (6, 64), (2, 0)]:
+            idx = torch.randint(0, 2**bits, (n, k))
+            packed = pack_bits(idx, bits)
+            for dtype in (torch.int32, torch.int16, torch.uint8, torch.int64):
+                got = unpack_fields(packed, bits, k, dtype)
+                assert got.dtype == dtype and got.is_contiguous() and torch.equal(got.long(), unpack_bits(packed, bits, k))
+            if bits == 1:
+                assert torch.equal(unpack_fields(packed, 1, k, torch.bool), idx.bool())
+            assert torch.equal(unpack_fields(packed[:, None].expand(n, 2, -1)[:, 1], bits, k), idx.int())  # strided rows
+
+
+def test_state_dict_with_unpacked_assignments_still_loads():
+    """A trainable checkpoint from before the packing (int8 [N, K] assignments, -1 where pruned)
+    loads into today's layer with the same weights."""
+    recipe = [tz.Prune(sparsity=0.5), tz.Codebook(bits=4, granularity="channel")]
+    model = tz.compress(nn.Sequential(nn.Linear(70, 12)), recipe, progress=False)
+    quant = codebook_of(model[0])
+    legacy = {k: v for k, v in model.state_dict().items() if not k.endswith(".kept")}
+    legacy["0.parametrizations.weight.1.assign"] = quant.indices().to(torch.int8)
+    fresh = tz.compress(nn.Sequential(nn.Linear(70, 12)), recipe, progress=False)
+    fresh.load_state_dict(legacy)
+    assert torch.equal(codebook_of(fresh[0]).indices(), quant.indices())
+    assert torch.equal(fresh[0].weight, model[0].weight)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from torchzip.packed.bits import unpack_fields
+
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
@@ -32,11 +34,13 @@ def test_ddp_two_gloo_ranks_end_identical(tmp_path):
 
     masks = [name for name in state0 if name.endswith(".mask")]
     assigns = [name for name in state0 if name.endswith(".assign")]
-    assert len(masks) == 3 and len(assigns) == 3
+    kept = [name for name in state0 if name.endswith(".kept")]
+    assert len(masks) == 3 and len(assigns) == 3 and len(kept) == 3
     for name in masks:  # the gradual prune reached its final sparsity on both ranks
         assert 1 - state0[name].float().mean().item() == 0.75
-    for name in assigns:  # clustered at step 8 from the same weights
-        assert (state0[name] >= 0).float().mean().item() == 0.25
+    for name in kept:  # clustered at step 8 from the same weights: a centroid for each kept weight
+        cols = state0[name.replace(".1.kept", ".original")].shape[1]
+        assert unpack_fields(state0[name], 1, cols, torch.bool).float().mean().item() == 0.25
     for name in state0:
         if name.endswith(".step"):
             assert int(state0[name]) == 12  # one schedule step per optimizer step, 2 x 6 steps

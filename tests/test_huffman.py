@@ -710,3 +710,27 @@ def test_decode_codes_of_a_lone_symbol_and_an_empty_stream():
     with pytest.raises(FormatError, match="lone symbol"):
         huffman.decode_codes(dataclasses.replace(stream, payload=bytes(nonzero)))
     assert huffman.decode_codes(encode(np.zeros(0, np.uint8), 16, group=2)).size == 0
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_encode_packed_is_encode_of_the_unpacked_symbols(rng, bits):
+    """Symbols handed over packed 8 // bits to a byte code to the very stream encode makes of
+    them: skewed streams (a grouped code wins), flat ones, a lone used value, odd lengths."""
+    per = 8 // bits
+    for size, skew in [(1, 1.0), (37, 0.0), (1001, 1.5), (20000, 0.3), (4096, 6.0)]:
+        weights = np.exp(-skew * np.arange(1 << bits))
+        symbols = rng.choice(1 << bits, size=size * per, p=weights / weights.sum()).astype(np.uint8)
+        if skew == 6.0 and bits > 1:
+            symbols[:] = 3  # one used value
+        data = np.zeros(size, np.uint8)
+        for j in range(per):
+            data |= symbols[j::per] << np.uint8(j * bits)
+        want = huffman.encode(symbols, 1 << bits, max_len=huffman.TZIP_MAX_LEN)
+        got = huffman.encode_packed(data, bits, max_len=huffman.TZIP_MAX_LEN)
+        assert (got.group, got.n_symbols, got.chunk_size, got.alphabet) == (want.group, want.n_symbols, want.chunk_size,
+                                                                             want.alphabet)
+        assert np.array_equal(got.lengths, want.lengths) and np.array_equal(got.chunk_bits, want.chunk_bits)
+        assert bytes(got.payload) == bytes(want.payload)
+        assert np.array_equal(huffman.decode(got), symbols)
+    with pytest.raises(ValueError, match="bits must be 1, 2, 4 or 8"):
+        huffman.encode_packed(np.zeros(4, np.uint8), 3)

@@ -150,14 +150,15 @@ def export(model: nn.Module, path: str | os.PathLike, *, progress: bool | None =
 
 
 def _zeros(p: PackedWeight) -> int:
-    """Weights of ``p`` that are exactly zero, counted a block of rows at a time where it can."""
+    """Weights of ``p`` that are exactly zero, counted a block of rows at a time where it can
+    (as numel minus ``count_nonzero``: summing a bool tensor widens it to int64 first)."""
     n, k = p.shape
     if type(p).dequantize_block is PackedWeight.dequantize_block or any(b.device.type != "cpu" for b in p.buffers()):
-        return int((p.dequantize() == 0).sum())
+        return n * k - int(torch.count_nonzero(p.dequantize()))
     rows = max(1, BLOCK // max(k, 1))
     buf = scratch(min(rows, n) * k, torch.float32)
-    return sum(int((p.dequantize_block(r, min(n, r + rows), buf[: (min(n, r + rows) - r) * k].view(-1, k)) == 0).sum())
-               for r in range(0, n, rows))
+    return n * k - sum(int(torch.count_nonzero(p.dequantize_block(r, min(n, r + rows), buf[: (min(n, r + rows) - r) * k].view(-1, k))))
+                       for r in range(0, n, rows))
 
 
 def trim_heap() -> None:

@@ -215,15 +215,20 @@ def group_codes(symbols: np.ndarray, alphabet: int, group: int) -> np.ndarray:
     if group == 1:
         return symbols
     m = -(-symbols.size // group)
+    if alphabet**group <= 256:  # the usual case (pairs and quads of small alphabets): one byte a code
+        # Summed in uint8 (the largest code, alphabet**group - 1, fits), a code's symbols read in
+        # strides: no padded copy of the stream and no wider temporary. A short last code is
+        # padded with zero symbols.
+        codes = np.zeros(m, np.uint8)
+        full = symbols.size // group
+        for j in range(group):
+            codes[:full] += symbols[j: full * group: group].astype(np.uint8, copy=False) * np.uint8(alphabet**j)
+        for j, s in enumerate(symbols[full * group:]):
+            codes[full] += np.uint8(int(s) * alphabet**j)
+        return codes
     padded = np.zeros(m * group, symbols.dtype)
     padded[: symbols.size] = symbols
-    rows = padded.reshape(m, group)
-    if alphabet**group <= 256:  # the usual case (pairs and quads of small alphabets): one byte a code
-        codes = np.zeros(m, np.uint16)
-        for j in range(group):
-            codes += rows[:, j].astype(np.uint16) * np.uint16(alphabet**j)
-        return codes.astype(np.uint8)
-    return rows.astype(np.int64) @ (np.int64(alphabet) ** np.arange(group, dtype=np.int64))
+    return padded.reshape(m, group).astype(np.int64) @ (np.int64(alphabet) ** np.arange(group, dtype=np.int64))
 
 
 def _bincount(codes: np.ndarray, values: int) -> np.ndarray:
@@ -245,12 +250,58 @@ def _choose_group(symbols: np.ndarray, alphabet: int, max_len: int) -> tuple[int
             break
         codes = group_codes(symbols, alphabet, g)
         counts = _bincount(codes, alphabet**g)
-        if np.count_nonzero(counts) > 1 << max_len:  # more used values than codes that short
-            continue
-        size = int((counts * code_lengths(counts, max_len)).sum()) / 8 + alphabet**g / 2
-        if best_bytes is None or size < best_bytes:
+        size = _coded_size(counts, alphabet, g, max_len)
+        if size is not None and (best_bytes is None or size < best_bytes):
             best, best_bytes = (g, codes, counts), size
     return best
+
+
+def _coded_size(counts: np.ndarray, alphabet: int, group: int, max_len: int) -> float | None:
+    """Payload plus lengths-table bytes of a stream with these code-value ``counts`` (None when
+    more values are used than codes of at most ``max_len`` bits can tell apart)."""
+    if np.count_nonzero(counts) > 1 << max_len:
+        return None
+    return int((counts * code_lengths(counts, max_len)).sum()) / 8 + alphabet**group / 2
+
+
+def encode_packed(data: np.ndarray, bits: int, *, max_len: int = 16) -> HuffmanStream:
+    """``encode(symbols, 2**bits, max_len=max_len)`` for symbols given packed ``8 // bits`` to a
+    byte, the first in the lowest bits (the layout of :func:`torchzip.packed.bits.pack_bits` for
+    rows that fill whole words): ``data.size * (8 // bits)`` symbols, the same stream bit for bit.
+
+    With ``8 // bits`` symbols a code the code values are the bytes themselves, so the stream is
+    coded without ever holding its symbols one byte each; the group is chosen from the byte
+    counts as :func:`encode` chooses it from the symbols."""
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"bits must be 1, 2, 4 or 8 (symbols that tile a byte), got {bits}")
+    data = np.asarray(data)
+    if data.ndim != 1 or data.dtype != np.uint8:
+        raise ValueError(f"data must be 1-D uint8, got {data.dtype} of shape {data.shape}")
+    alphabet, per_byte = 1 << bits, 8 // bits
+    n = data.size * per_byte
+    if n == 0:
+        return encode(np.zeros(0, np.uint8), alphabet, max_len=max_len)
+    byte_counts = _bincount(data, 256)
+    value = np.arange(256)
+    best, best_bytes = None, None
+    for g in GROUPS:  # g divides per_byte: every code lies inside one byte
+        if g > 1 and alphabet**g > 256:
+            break
+        mask, fields = alphabet**g - 1, per_byte // g
+        counts = sum(np.bincount((value >> (p * g * bits)) & mask, weights=byte_counts, minlength=alphabet**g)
+                     for p in range(fields)).astype(np.int64)
+        size = _coded_size(counts, alphabet, g, max_len)
+        if size is not None and (best_bytes is None or size < best_bytes):
+            best, best_bytes = (g, counts), size
+    g, counts = best
+    fields = per_byte // g
+    if fields == 1:
+        codes = data
+    else:  # a smaller group won: code p of each byte is its p-th field of g symbols
+        codes = np.empty(data.size * fields, np.uint8)
+        for p in range(fields):
+            codes[p::fields] = (data >> np.uint8(p * g * bits)) & np.uint8(alphabet**g - 1)
+    return _code_stream(codes, counts, n, alphabet, g, None, max_len)
 
 
 def lane_count(n: int, group: int, chunk_size: int) -> int:
@@ -335,6 +386,13 @@ def encode(
         codes = group_codes(symbols, alphabet_size, group)
     if counts is None:
         counts = _bincount(codes, values)
+    return _code_stream(codes, counts, symbols.size, alphabet_size, group, chunk_size, max_len)
+
+
+def _code_stream(codes: np.ndarray, counts: np.ndarray, n_symbols: int, alphabet_size: int, group: int,
+                 chunk_size: int | None, max_len: int) -> HuffmanStream:
+    """The coded stream of ``n_symbols`` symbols given as their code values (``group`` symbols
+    each) and the counts of those values."""
     lengths = code_lengths(counts, max_len)
     m = codes.size
     if m == 0:
@@ -357,7 +415,7 @@ def encode(
     total_bits = int(lane_bits.sum())
     chunk_bits = np.concatenate(([0], np.cumsum(lane_bits)[:-1])).astype(np.int64)
     return HuffmanStream(lengths, _pack_codes(codes, sym_len, canonical_codes(lengths, max_len), total_bits),
-                         chunk_bits, symbols.size, chunk_size, group, alphabet_size)
+                         chunk_bits, n_symbols, chunk_size, group, alphabet_size)
 
 
 def _pack_codes(codes: np.ndarray, sym_len: np.ndarray, table: np.ndarray, total_bits: int) -> bytes:

@@ -58,3 +58,24 @@ def unpack_bits(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     word = packed.to(torch.int64) & 0xFFFFFFFF
     fields = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return fields.reshape(*lead, words * per)[..., :k]
+
+
+def unpack_fields(packed: torch.Tensor, bits: int, k: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """The first ``k`` fields of each row of :func:`pack_bits` words as a contiguous ``dtype``
+    tensor (int32, int16, uint8 or bool), never widened to int64 on the way.
+
+    Fields that tile bytes (1, 2, 4, 8 bits) are looked up a byte at a time in a ``[256, 8 // bits]``
+    table; others are shifted out of the int32 words (an arithmetic shift's sign bits land above
+    the mask, since no field crosses a word)."""
+    per = fields_per_word(bits)
+    *lead, words = packed.shape
+    if bits in (1, 2, 4, 8) and sys.byteorder == "little" and packed.is_contiguous():
+        fields = 8 // bits
+        shifts = torch.arange(0, 8, bits, device=packed.device)
+        table = ((torch.arange(256, device=packed.device).unsqueeze(1) >> shifts) & ((1 << bits) - 1)).to(dtype)
+        index = packed.view(torch.uint8).reshape(-1).to(torch.int32)
+        out = table.index_select(0, index).view(*lead, words * 4 * fields)
+    else:
+        shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
+        out = ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).to(dtype).view(*lead, words * per)
+    return out if out.shape[-1] == k else out[..., :k].contiguous()

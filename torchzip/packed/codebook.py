@@ -7,10 +7,11 @@ import sys
 import numpy as np
 import torch
 
+from torchzip.export import huffman
 from torchzip.export.container import brief
 from torchzip.kernels import codebook_cpu
 from torchzip.packed.base import PackedWeight, WeightState, register_format
-from torchzip.packed.bits import pack_bits, packed_words, unpack_bits
+from torchzip.packed.bits import pack_bits, packed_words, unpack_bits, unpack_fields
 from torchzip.packed.values import CodebookValues, read_table, table
 
 
@@ -92,11 +93,12 @@ class CodebookWeight(PackedWeight):
 
     @classmethod
     def pack(cls, state: WeightState) -> "CodebookWeight | None":
-        """Codebook values where every weight has a centroid (pruned ones go to a sparse format)."""
+        """Codebook values where every weight has a centroid (pruned ones go to a sparse format).
+        The trainable layer's packed indices are taken as they are: freezing copies nothing."""
         v = state.values
-        if not isinstance(v, CodebookValues) or not bool((v.indices >= 0).all()):
+        if not isinstance(v, CodebookValues) or v.kept is not None:
             return None
-        return cls.from_indices(v.indices, v.codebook, v.bits, state.dtype, v.half_table, v.group_rows)
+        return cls(v.packed, v.codebook, v.bits, v.shape, state.dtype, v.half_table, v.group_rows)
 
     def indices(self) -> torch.Tensor:
         """The ``[N, K]`` centroid indices (int64)."""
@@ -165,17 +167,26 @@ class CodebookWeight(PackedWeight):
         entry = {"bits": self.bits}
         if g > 1 and book.shape[0] > 1 and torch.equal(book[::g].repeat_interleave(g, 0)[:book.shape[0]], book):
             book, entry["group_rows"] = book[::g], g  # one table per group of rows
-        entry["tensors"] = {"indices": out.symbols(self._indices_u8(), 2**self.bits),
+        entry["tensors"] = {"indices": out.symbols(self._index_stream(), 2**self.bits),
                             "codebook": out.raw(table(book, self.dtype, self.half_table))}
         return entry
 
+    def _index_stream(self):
+        # Rows that fill whole words of fields tiling bytes: the packed bytes are the coder's input
+        # as they are (huffman.encode_packed), never one byte an index.
+        n, k = self.shape
+        if 8 % self.bits == 0 and n * k and k % (32 // self.bits) == 0 and sys.byteorder == "little":
+            data = self.packed.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(-1)
+            return huffman.encode_packed(data, self.bits, max_len=huffman.TZIP_MAX_LEN)
+        return self._indices_u8()
+
     def _indices_u8(self) -> torch.Tensor:
-        # One byte an index, unpacked a block of rows at a time (int64 only for a block).
+        # One byte an index, unpacked a block of rows at a time (never widened to int64).
         n, k = self.shape
         rows = max(1, (1 << 20) // max(k, 1))
         out = torch.empty(n, k, dtype=torch.uint8)
         for r in range(0, n, rows):
-            out[r:r + rows] = unpack_bits(self.packed[r:r + rows].cpu(), self.bits, k)
+            out[r:r + rows] = unpack_fields(self.packed[r:r + rows].cpu(), self.bits, k, torch.uint8)
         return out
 
     @classmethod

@@ -72,8 +72,10 @@ class CsrWeight(SparseValues, PackedWeight):
     def pack(cls, state: WeightState) -> "CsrWeight | None":
         """Pruned codebook weights always (pruned zeros take no centroid); int8 and float values
         when CSR is smaller than their dense form."""
+        if state.mask is None or bool(state.mask.all()):
+            return None  # asked before the stored values, which may cost a full-size copy
         stored = stored_values(state)
-        if state.mask is None or stored is None or bool(state.mask.all()):
+        if stored is None:
             return None
         n, k = state.shape
         nnz = int(state.mask.sum())

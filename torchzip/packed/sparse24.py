@@ -54,8 +54,10 @@ class Sparse24Weight(SparseValues, PackedWeight):
     @classmethod
     def pack(cls, state: WeightState) -> "Sparse24Weight | None":
         """A 2:4 pruning mask, whatever the values."""
+        if state.pattern != "2:4" or state.mask is None:
+            return None  # asked before the stored values, which may cost a full-size copy
         stored = stored_values(state)
-        if state.pattern != "2:4" or state.mask is None or stored is None:
+        if stored is None:
             return None
         values, side = stored
         return cls.build(values, state.mask, state.dtype, **side)

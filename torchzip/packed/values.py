@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from torchzip.export.codec import dtype_name
+from torchzip.packed.bits import unpack_fields
 
 VALUE_KINDS = ("float", "int8", "codebook")
 
@@ -35,15 +36,33 @@ class Int8Values:
 
 @dataclass
 class CodebookValues:
-    """``W = codebook[row or 0, indices]``; ``indices [N, K]`` is -1 where a weight takes no centroid."""
+    """``W = codebook[row or 0, index]`` for an ``[N, K]`` weight whose indices are ``bits`` wide in
+    int32 words (``packed [N, words]``, the layout of :func:`~torchzip.packed.bits.pack_bits`), as
+    the trainable codebook holds them. ``kept`` (1-bit fields in the same layout, or None when every
+    weight has a centroid): where it is 0 the weight takes no centroid (its index field is 0)."""
 
-    indices: torch.Tensor
+    packed: torch.Tensor
     codebook: torch.Tensor
     bits: int
+    shape: tuple[int, int]
+    kept: torch.Tensor | None = None
     half_table: bool = False  # the pass rounded the codebook to float16: store it in 16 bits
     group_rows: int = 1  # codebook rows repeat in groups of this many rows: store one per group
 
     kind = "codebook"
+
+    def codes_u8(self) -> torch.Tensor:
+        """The ``[N, K]`` indices, one byte each (0 where no centroid), unpacked a block of rows at a time."""
+        n, k = self.shape
+        out = torch.empty(n, k, dtype=torch.uint8, device=self.packed.device)
+        rows = max(1, (1 << 20) // max(k, 1))
+        for r in range(0, n, rows):
+            out[r:r + rows] = unpack_fields(self.packed[r:r + rows], self.bits, k, torch.uint8)
+        return out
+
+    def keep_mask(self) -> torch.Tensor | None:
+        """``[N, K]`` bool, True where a weight has a centroid (None: all have one)."""
+        return None if self.kept is None else unpack_fields(self.kept, 1, self.shape[1], torch.bool)
 
 
 def value_kind(scales: torch.Tensor | None, codebook: torch.Tensor | None) -> str:
@@ -64,7 +83,7 @@ def stored_values(state: Any) -> tuple[torch.Tensor, dict] | None:
     if isinstance(v, Int8Values):
         return v.q, {"scales": v.scales, "group_size": v.group_size}
     if isinstance(v, CodebookValues):
-        return v.indices.clamp(min=0).to(torch.uint8), {"codebook": v.codebook}
+        return v.codes_u8(), {"codebook": v.codebook}
     return None
 
 

@@ -9,6 +9,7 @@ pruned before clustering take no centroid and stay zero.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from torchzip.errors import RecipeError
+from torchzip.export.artifact import trim_heap
 from torchzip.kernels import codebook_cpu
+from torchzip.packed.bits import pack_bits, packed_words, unpack_fields
 from torchzip.packed.values import HALF_DTYPES, CodebookValues
 from torchzip.passes.base import check_choice, check_int, register_pass, weight_before
 from torchzip.packed.layers import WeightView
@@ -156,30 +159,59 @@ def kmeans_1d(x: torch.Tensor, valid: torch.Tensor, k: int, *, init: str = "line
     instead of a pass over every value: the whole clustering costs about one sort. Ties: a value
     on a midpoint joins the smaller centroid; a centroid that loses all its points stays put.
     """
-    x = x.float()
-    if weights is not None:
-        weights = torch.where(valid, weights.float(), torch.zeros((), device=x.device))
-    if not bool(valid.any()):  # e.g. a layer global pruning emptied: nothing to cluster
-        return torch.zeros(x.shape[0], k, device=x.device), torch.full_like(x, -1, dtype=torch.long)
-    if init == "linear":
-        centroids = torch.zeros(x.shape[0], k, device=x.device)  # seeded from the sorted rows
-    else:
-        centroids = _seed_kmeanspp(x, valid, k, torch.Generator().manual_seed(seed))
-        # Lloyd's keeps 1-D centroids in order, so sorted seeds make the midpoints adjacent pairs.
-        centroids = centroids.sort(dim=1, stable=True).values.contiguous()
-    all_valid = bool(valid.all())
-    # Rows are independent (a settled row stays settled), so chunks of rows bound the temporaries.
-    rows = max(1, _CHUNK // max(1, x.shape[1]))
+    centroids = torch.empty(x.shape[0], k, device=x.device)
     assign = torch.empty(x.shape, dtype=torch.long, device=x.device)
-    for r in range(0, x.shape[0], rows):
-        part = slice(r, r + rows)
-        centroids[part], assign[part] = _lloyd_sorted(x[part], None if all_valid else valid[part],
-                                                      None if weights is None else weights[part],
-                                                      k if init == "linear" else centroids[part], iterations)
+    for lo, hi, c, a in kmeans_blocks(x, valid, k, init=init, iterations=iterations, seed=seed, weights=weights):
+        centroids[lo:hi], assign[lo:hi] = c, a
     return centroids, assign
 
 
-_CHUNK = 1 << 22  # values per chunk of rows (one row may be longer)
+def kmeans_blocks(w: torch.Tensor, valid: torch.Tensor | None, k: int, *, group_rows: int = 1, init: str = "linear",
+                  iterations: int = 25, seed: int = 0, weights: torch.Tensor | None = None
+                  ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """:func:`kmeans_1d` of each group of ``group_rows`` rows of ``w`` ``[N, K]`` (the last group
+    may be shorter), a block of groups at a time, so its workspace is a block's, not the matrix's.
+
+    ``valid`` None: every entry takes a centroid. Yields ``(start, stop, centroids, assign)`` for
+    the rows ``start:stop`` of ``w``: ``centroids`` ``[groups in the block, k]`` and ``assign``
+    ``[stop - start, K]`` int16, -1 where not valid. Rows are independent (a settled row stays
+    settled), so the blocks give what one call over the whole matrix would. One codebook per
+    layer is one block of the whole layer: its sort needs the layer's keys and order.
+    """
+    n, cols = w.shape
+    g = group_rows
+    groups = -(-n // g)
+    step = max(1, _CHUNK // max(1, g * cols))
+    if valid is not None and not bool(valid.any()):  # e.g. a layer global pruning emptied: nothing to cluster
+        for a in range(0, groups, step):
+            lo, hi = a * g, min(n, (a + step) * g)
+            yield lo, hi, torch.zeros(min(step, groups - a), k, device=w.device), \
+                torch.full((hi - lo, cols), -1, dtype=torch.int16, device=w.device)
+        return
+    seeds = None
+    if init != "linear":  # k-means++ samples over every group at once (one random stream)
+        v = torch.ones_like(w, dtype=torch.bool) if valid is None else valid
+        seeds = _seed_kmeanspp(grouped(w.float(), g), grouped(v, g), k, torch.Generator().manual_seed(seed))
+        del v
+        # Lloyd's keeps 1-D centroids in order, so sorted seeds make the midpoints adjacent pairs.
+        seeds = seeds.sort(dim=1, stable=True).values.contiguous()
+    for a in range(0, groups, step):
+        b = min(groups, a + step)
+        lo, hi = a * g, min(n, b * g)
+        x, v = grouped(w[lo:hi].float(), g), None
+        if valid is not None or (b - a) * g > hi - lo:  # a short last group is padded with invalid entries
+            v = grouped(torch.ones_like(w[lo:hi], dtype=torch.bool) if valid is None else valid[lo:hi], g)
+            v = None if bool(v.all()) else v
+        wt = None
+        if weights is not None:
+            wt = weights[lo:hi].float()
+            wt = grouped(wt if valid is None else torch.where(valid[lo:hi], wt, torch.zeros((), device=w.device)), g)
+        c, assign = _lloyd_sorted(x, v, wt, k if seeds is None else seeds[a:b], iterations)
+        del x, v, wt
+        yield lo, hi, c, ungrouped(assign, hi - lo, cols)
+
+
+_CHUNK = 1 << 19  # values per block of rows (one row may be longer): the sort's workspace is ~30 bytes a value
 
 
 def grouped(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -228,27 +260,34 @@ def _gptq_assign(w: torch.Tensor, h: torch.Tensor, centroids: torch.Tensor, keep
 class CodebookQuant(nn.Module):
     """Parametrization: each weight becomes ``centroids[group, assign]`` (0 where pruned).
 
-    Until it is clustered (at ``start_step``) it passes the weight through unchanged.
+    The assignments are held bit-packed, ``bits`` wide in int32 words (the layout of
+    :func:`~torchzip.packed.bits.pack_bits`): ``bits / 8`` bytes a weight, and ``freeze`` takes
+    them as they are. A layer with a pruning mask also holds ``kept``, one bit a weight (0: no
+    centroid). Until it is clustered (at ``start_step``) it passes the weight through unchanged.
     """
 
     role, key, schedule_key = "quantized", "codebook", "codebook"
 
     def __init__(self, weight: torch.Tensor, *, bits: int, granularity: str, init: str, iterations: int,
                  start_step: int, seed: int, view: WeightView | None = None, tensor: str = "weight",
-                 centroid_dtype: str = "float32", group_rows: int = 1) -> None:
+                 centroid_dtype: str = "float32", group_rows: int = 1, masked: bool = False) -> None:
         super().__init__()
         self.centroid_dtype = centroid_dtype
         self.view, self.tensor = view or WeightView(), tensor
         rows, cols = self.view.matrix_shape(weight.shape)
+        self.cols = cols
         # Rows sharing one codebook: 1 per channel, all for a layer, group_rows for groups.
         self.group_rows = {"channel": 1, "layer": rows}.get(granularity, min(group_rows, rows))
         groups = -(-rows // self.group_rows)
         self.bits, self.granularity, self.init, self.iterations = bits, granularity, init, iterations
         self.start_step, self.seed = start_step, seed
         self.centroids = nn.Parameter(torch.zeros(groups, 2**bits, device=weight.device))
-        # The smallest integer that holds -1 and every index: a quarter of an fp32 weight at most bits 7.
-        index_dtype = torch.int8 if bits <= 7 else torch.int16
-        self.register_buffer("assign", torch.full((rows, cols), -1, dtype=index_dtype, device=weight.device))
+        words = packed_words(cols, bits)
+        self.register_buffer("assign", torch.zeros(rows, words, dtype=torch.int32, device=weight.device))
+        # masked (a pruning mask comes before): which weights take a centroid, sized now so that
+        # clustering later (start_step) fills buffers DDP already broadcasts, in place.
+        self.register_buffer("kept", torch.zeros(rows, packed_words(cols, 1), dtype=torch.int32, device=weight.device)
+                             if masked else None)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("clustered", torch.zeros((), dtype=torch.bool))
 
@@ -257,57 +296,109 @@ class CodebookQuant(nn.Module):
 
     @torch.no_grad()
     def cluster(self, w: torch.Tensor, keep: torch.Tensor | None) -> None:
-        """Run k-means on ``w`` (entries where ``keep`` is False take no centroid)."""
+        """Run k-means on ``w`` (entries where ``keep`` is False take no centroid), a block of rows
+        at a time, packing each block's assignments as it comes."""
         w2 = self.view.matrix(w.detach())
-        valid = torch.ones_like(w2, dtype=torch.bool) if keep is None else self.view.matrix(keep)
+        valid = None if keep is None else self.view.matrix(keep)
         g = self.group_rows
-        x, v = grouped(w2, g), grouped(valid, g)
-        centroids, assign = kmeans_1d(x, v, 2**self.bits, init=self.init, iterations=self.iterations, seed=self.seed)
-        self.set_codes(centroids, ungrouped(assign, w2.shape[0], w2.shape[1]))
+        for lo, hi, centroids, assign in kmeans_blocks(w2, valid, 2**self.bits, group_rows=g, init=self.init,
+                                                       iterations=self.iterations, seed=self.seed):
+            self._store_centroids(lo // g, centroids)
+            self._store(lo, assign)
+        self.clustered.fill_(True)
+        # The blocks' freed workspace sits between the layers' packed buffers: give it back, or
+        # a big model's compress keeps a heap of it (glibc's mmap threshold rises past its size).
+        trim_heap()
 
     @torch.no_grad()
     def set_codes(self, centroids: torch.Tensor, assign: torch.Tensor) -> None:
         """Fix the codebook (``[groups, 2**bits]``) and assignments (``[N, K]``, -1: no centroid)."""
-        self.centroids.copy_(centroids.half().float() if self.centroid_dtype == "float16" else centroids)
-        self.assign.copy_(assign)
+        self._store_centroids(0, centroids)
+        rows = max(1, (1 << 20) // max(1, self.cols))
+        for r in range(0, assign.shape[0], rows):
+            self._store(r, assign[r:r + rows])
         self.clustered.fill_(True)
+
+    def _store_centroids(self, start: int, centroids: torch.Tensor) -> None:
+        c = centroids.half().float() if self.centroid_dtype == "float16" else centroids
+        self.centroids[start:start + c.shape[0]] = c
+
+    def _store(self, start: int, assign: torch.Tensor) -> None:
+        # Rows start.. of the [N, K] assignments (-1: no centroid), packed into the buffers in place.
+        stop = start + assign.shape[0]
+        kept = assign >= 0
+        if self.kept is None and not bool(kept.all()):  # set_codes with -1 on a layer without a mask
+            self.register_buffer("kept", torch.full_like(self.assign[:, :packed_words(self.cols, 1)], -1))
+        self.assign[start:stop] = pack_bits(assign.clamp(min=0), self.bits)
+        if self.kept is not None:
+            self.kept[start:stop] = pack_bits(kept, 1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A state_dict saved before assignments were packed holds them as int8/int16 [N, K] (-1:
+        # no centroid): pack them into this layer's buffers, then load the rest as usual.
+        old = state_dict.get(prefix + "assign")
+        if old is not None and old.dtype in (torch.int8, torch.int16) and tuple(old.shape) == (self.assign.shape[0], self.cols):
+            rows = max(1, (1 << 20) // max(1, self.cols))
+            with torch.no_grad():
+                for r in range(0, old.shape[0], rows):
+                    self._store(r, old[r:r + rows].to(self.assign.device))
+            state_dict = {**state_dict, prefix + "assign": self.assign.clone()}
+            if self.kept is not None:
+                state_dict[prefix + "kept"] = self.kept.clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def indices(self) -> torch.Tensor:
+        """The ``[N, K]`` assignments (int64), -1 where a weight takes no centroid."""
+        idx = unpack_fields(self.assign, self.bits, self.cols, torch.int64)
+        return idx if self.kept is None else idx.masked_fill_(~unpack_fields(self.kept, 1, self.cols, torch.bool), -1)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not bool(self.clustered):
             # The exact zero keeps the centroids in the graph, so DDP needs no unused-parameter search.
             return w + 0.0 * self.centroids.sum()
-        assign = self.assign.long()
         book = self.centroids
         if self.centroid_dtype == "float16":  # what the file stores, with a straight-through gradient
             book = book + (book.detach().half().float() - book.detach())
+        # int32 indices into the flattened tables (row r reads table r // group_rows): index_select
+        # takes them as they are, where gather would need int64 (twice the temporary).
+        idx = unpack_fields(self.assign, self.bits, self.cols)
         if book.shape[0] > 1:
-            values = row_books(book, self.group_rows, assign.shape[0]).gather(1, assign.clamp(min=0))
-        else:
-            values = book[0][assign.clamp(min=0)]
-        values = torch.where(assign >= 0, values, torch.zeros((), device=values.device)).to(w.dtype)
+            first = torch.arange(idx.shape[0], dtype=torch.int32, device=idx.device) // self.group_rows * 2**self.bits
+            idx += first.unsqueeze(1)
+        values = book.reshape(-1).index_select(0, idx.view(-1)).view(idx.shape)
+        del idx
+        if self.kept is not None:
+            values = torch.where(unpack_fields(self.kept, 1, self.cols, torch.bool), values,
+                                 torch.zeros((), device=values.device))
+        values = values.to(w.dtype)
         # + an exact zero that keeps the master weight in the graph, so DDP sees every parameter used.
         # contiguous: a transposed view (HF Conv1D) must reach the layer in the layout it stores.
         return (self.view.tensor(values, w.shape) + (w - w.detach())).contiguous()
 
     def describe(self, state, w: torch.Tensor) -> None:
-        """For ``freeze``: the indices and codebook; weights without a centroid join the mask."""
+        """For ``freeze``: the packed indices and codebook; weights without a centroid join the mask."""
         if not bool(self.clustered):
             warnings.warn(f"freezing a codebook layer before its start_step ({self.start_step}, now at step "
                           f"{int(self.step)}): it is stored as float, not clustered", stacklevel=4)
             return
-        idx = self.assign  # int8/int16: formats pack it a block at a time, nothing widens it whole
-        if not bool((idx >= 0).all()):
-            state.mask = idx >= 0 if state.mask is None else state.mask & (idx >= 0)
+        kept = None
+        if self.kept is not None:
+            mask = unpack_fields(self.kept, 1, self.cols, torch.bool)
+            if not bool(mask.all()):
+                state.mask = mask if state.mask is None else state.mask & mask
+                kept = self.kept
+            del mask
         book = self.centroids.detach().float()
         half = self.centroid_dtype == "float16"
         if half:
             book = book.half().float()
         if state.dtype in HALF_DTYPES:  # what the layer computes anyway; the file then stores 16 bits
             book = book.to(state.dtype).float()
-        rows = 1
-        if 1 < book.shape[0] < idx.shape[0]:  # groups: per-row tables in memory, one per group in the file
-            book, rows = row_books(book, self.group_rows, idx.shape[0]), self.group_rows
-        state.values = CodebookValues(idx, book, self.bits, half_table=half, group_rows=rows)
+        rows, n = 1, self.assign.shape[0]
+        if 1 < book.shape[0] < n:  # groups: per-row tables in memory, one per group in the file
+            book, rows = row_books(book, self.group_rows, n), self.group_rows
+        state.values = CodebookValues(self.assign, book, self.bits, (n, self.cols), kept=kept, half_table=half,
+                                      group_rows=rows)
 
     @classmethod
     @torch.no_grad()
@@ -397,7 +488,8 @@ class Codebook(LayerPass):
             short = tables_outweigh(view.matrix_shape(w.shape)[1], self.bits,
                                     torch.float16 if self.centroid_dtype == "float16" else w.dtype)
             opts["granularity"] = "layer" if short else "channel"
-        return CodebookQuant(w, view=view, tensor=tensor, **opts), short
+        masked = _keep_mask(module, tensor) is not None
+        return CodebookQuant(w, view=view, tensor=tensor, masked=masked, **opts), short
 
     def apply_calibrated(self, model: nn.Module, plan: list, group: str, progress: bool, batches: list) -> None:
         """As :meth:`LayerPass.apply_calibrated`, with one warning for rows too short (``auto``)."""
