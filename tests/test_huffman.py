@@ -732,5 +732,12 @@ def test_encode_packed_is_encode_of_the_unpacked_symbols(rng, bits):
         assert np.array_equal(got.lengths, want.lengths) and np.array_equal(got.chunk_bits, want.chunk_bits)
         assert bytes(got.payload) == bytes(want.payload)
         assert np.array_equal(huffman.decode(got), symbols)
+        for g in (g for g in huffman.GROUPS if per % g == 0):  # a group asked for, as encode takes it
+            forced = huffman.encode_packed(data, bits, max_len=huffman.TZIP_MAX_LEN, group=g)
+            want = huffman.encode(symbols, 1 << bits, max_len=huffman.TZIP_MAX_LEN, group=g)
+            assert forced.group == g and bytes(forced.payload) == bytes(want.payload)
+            assert np.array_equal(forced.chunk_bits, want.chunk_bits)
     with pytest.raises(ValueError, match="bits must be 1, 2, 4 or 8"):
         huffman.encode_packed(np.zeros(4, np.uint8), 3)
+    with pytest.raises(ValueError, match="group must divide"):
+        huffman.encode_packed(np.zeros(4, np.uint8), 4, group=4)

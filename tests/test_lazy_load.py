@@ -114,7 +114,15 @@ def force_groups(monkeypatch, alphabet: int, groups: dict[int, int]) -> None:
             kw["group"] = groups[symbols.size]
         return real(symbols, alphabet_size, **kw)
 
+    real_packed = huffman.encode_packed
+
+    def forced_packed(data, bits, **kw):  # export codes 4-bit rows of whole words from their bytes
+        if 2**bits == alphabet and data.size * (8 // bits) in groups:
+            kw["group"] = groups[data.size * (8 // bits)]
+        return real_packed(data, bits, **kw)
+
     monkeypatch.setattr(huffman, "encode", forced)
+    monkeypatch.setattr(huffman, "encode_packed", forced_packed)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])

@@ -264,20 +264,23 @@ def _coded_size(counts: np.ndarray, alphabet: int, group: int, max_len: int) -> 
     return int((counts * code_lengths(counts, max_len)).sum()) / 8 + alphabet**group / 2
 
 
-def encode_packed(data: np.ndarray, bits: int, *, max_len: int = 16) -> HuffmanStream:
+def encode_packed(data: np.ndarray, bits: int, *, max_len: int = 16, group: int | None = None) -> HuffmanStream:
     """``encode(symbols, 2**bits, max_len=max_len)`` for symbols given packed ``8 // bits`` to a
     byte, the first in the lowest bits (the layout of :func:`torchzip.packed.bits.pack_bits` for
     rows that fill whole words): ``data.size * (8 // bits)`` symbols, the same stream bit for bit.
 
     With ``8 // bits`` symbols a code the code values are the bytes themselves, so the stream is
     coded without ever holding its symbols one byte each; the group is chosen from the byte
-    counts as :func:`encode` chooses it from the symbols."""
+    counts as :func:`encode` chooses it from the symbols (or is ``group``, which must divide
+    ``8 // bits``)."""
     if bits not in (1, 2, 4, 8):
         raise ValueError(f"bits must be 1, 2, 4 or 8 (symbols that tile a byte), got {bits}")
     data = np.asarray(data)
     if data.ndim != 1 or data.dtype != np.uint8:
         raise ValueError(f"data must be 1-D uint8, got {data.dtype} of shape {data.shape}")
     alphabet, per_byte = 1 << bits, 8 // bits
+    if group is not None and (group not in GROUPS or per_byte % group):
+        raise ValueError(f"group must divide {per_byte} (symbols a byte) and be one of {GROUPS}, got {group}")
     n = data.size * per_byte
     if n == 0:
         return encode(np.zeros(0, np.uint8), alphabet, max_len=max_len)
@@ -287,6 +290,8 @@ def encode_packed(data: np.ndarray, bits: int, *, max_len: int = 16) -> HuffmanS
     for g in GROUPS:  # g divides per_byte: every code lies inside one byte
         if g > 1 and alphabet**g > 256:
             break
+        if group is not None and g != group:
+            continue
         mask, fields = alphabet**g - 1, per_byte // g
         counts = sum(np.bincount((value >> (p * g * bits)) & mask, weights=byte_counts, minlength=alphabet**g)
                      for p in range(fields)).astype(np.int64)
