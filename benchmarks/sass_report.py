@@ -92,7 +92,7 @@ def variants() -> list[Variant]:
     for c in I8.WORD_CONFIGS:
         res.append(Variant("int8_gemv_words", I8._int8_gemv_words_kernel, words, {"HAS_BIAS": True, **I8.words_constexprs(c)},
                            c.num_warps, c.num_stages, I8.words_weights_per_iter, 1.0))
-    for c in I8.WORD_CONFIGS:
+    for c in I8.WORD_GROUP_CONFIGS:
         res.append(Variant("int8_gemv_g128", I8._int8_gemv_words_kernel, words,
                            {"HAS_BIAS": True, **I8.words_constexprs(c, 128)},
                            c.num_warps, c.num_stages, I8.words_weights_per_iter, 1.0))

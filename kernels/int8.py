@@ -3,9 +3,11 @@
 Three kernels: GEMVs for one activation row, a tiled ``tl.dot`` GEMM for more rows (weight tile
 converted to the activation dtype in registers) and a dequantize kernel that writes the dense
 weight for large M (then cuBLAS); the ``torchzip::int8_linear`` op picks among them. The
-GEMV on fp16/bf16 (per channel, or groups of a multiple of 4 columns) reads the weight as int32
-words and turns each int8 into an fp32 subnormal with one byte permute (no I2F, see
-``_int8_gemv_words_kernel``); fp32 activations and unaligned shapes take the tile GEMV (int8 -> fp32 through fp16 bit patterns,
+GEMVs on fp16/bf16 read the weight as int32 words: per channel on tensor cores, each int8 pair
+one byte permute into fp16/bf16 subnormals fed to ``mma`` (``_int8_gemv_mma_kernel``); in groups
+of a multiple of 4 columns (or x rows only 4-byte aligned) each int8 one byte permute into an
+fp32 subnormal and one FMA (``_int8_gemv_words_kernel``); no I2F in either. fp32 activations and
+unaligned shapes take the tile GEMV (int8 -> fp32 through fp16 bit patterns,
 products kept in a 2-D fp32 accumulator and reduced once at the end). GEMVs and GEMM split K
 across programs when the grid is too small to keep every SM loading.
 """
@@ -97,6 +99,11 @@ X_SHIFT = 64
 WORD_CONFIGS = C.configs(("BLOCK_N", "BLOCK_W"), [
     (8, 128, 1, 2), (16, 128, 2, 2), (32, 128, 4, 2), (16, 128, 4, 2),
     (8, 256, 2, 2), (16, 256, 4, 2), (4, 128, 1, 2), (8, 128, 2, 2),
+])
+# Groups keep a scale a word and row: with 8 rows a thread and 2-4 warps Triton 3.6 takes 167-168
+# registers (3.8: 128), so groups launch these (8 rows a thread only with 1-2 warps).
+WORD_GROUP_CONFIGS = C.configs(("BLOCK_N", "BLOCK_W"), [
+    (8, 128, 1, 2), (8, 256, 2, 2), (16, 128, 4, 2), (4, 128, 1, 2), (8, 128, 2, 2),
 ])
 INTERP_WORDS = triton.Config({"BLOCK_N": 16, "BLOCK_W": 8})
 XS_BLOCK = 1024  # x elements a step of the sum(x) pass
@@ -260,7 +267,9 @@ def _int8_gemv_words_kernel(
 # normal binade continues the subnormal one), so per 8 weights: 2 XOR, 4 PRMT, 1 HMMA. bf16 x is
 # scaled by 2**X_SHIFT (one bf16x2 multiply a pair) so every product is a normal fp32 number;
 # fp16 products of a u * 2**-24 weight are normal as they are. The +128 comes off once a row as
-# 128 * sum(x). Each lane's accumulator gets its quad's sum, so a row's total is 4x (0.25 undoes it).
+# 128 * sum(x). Each lane's C columns both get its quad's sum, so a row's total comes out 8x.
+# This assumes the tensor cores take subnormal fp16/bf16 inputs unflushed (no GPU has run it yet:
+# benchmarks/gpu_check.py checks it against float64; a flush would zero every weight).
 MMA_W = tl.constexpr(16)  # words a step: 4 a lane, 4 lanes a quad -> threadsPerWarp [8, 4] on [rows, words] tiles
 # BLOCK_N rows a program; BLOCK_N // (16 * num_warps) row pairs a thread.
 MMA_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in [
@@ -513,6 +522,7 @@ def _int8_dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, stride_qn, stride_sn, GROU
 _gemv_tuned = C.tuned(_int8_gemv_kernel, GEMV_CONFIGS, key=["N", "K", "GROUP", "SPLIT_K", "FOLD"])
 _mma_tuned = C.tuned(_int8_gemv_mma_kernel, MMA_CONFIGS, key=["N", "K", "SPLIT_K", "X_KIND"])
 _words_tuned = C.tuned(_int8_gemv_words_kernel, WORD_CONFIGS, key=["N", "K", "GROUP", "SPLIT_K", "X_KIND"])
+_group_words_tuned = C.tuned(_int8_gemv_words_kernel, WORD_GROUP_CONFIGS, key=["N", "K", "GROUP", "SPLIT_K", "X_KIND"])
 _gemm_tuned = C.tuned(_int8_gemm_kernel, C.GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "SPLIT_K"], prune=C.prune_gemm)
 
 
@@ -567,7 +577,7 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
         C.finish_split_k(out, ws, bias, split)
     elif m and n and words_path(x2, qweight, group_size) and (config is None or "BLOCK_W" in config.kwargs):
         C.launch(
-            _int8_gemv_words_kernel, _words_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, split),
+            _int8_gemv_words_kernel, _group_words_tuned if group_size else _words_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, split),
             (x2, qweight.view(torch.int32), scales, bias, ws, m, n, k, x2.stride(0), qweight.stride(0) // 4,
              scales.stride(0)),
             config, INTERP_WORDS, GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split, FAST=not C.interpreting(),
