@@ -52,6 +52,10 @@ def variants():
                 out.append((I8._int8_gemv_words_kernel, {**words, "x_ptr": x_type},
                             {"HAS_BIAS": True, **I8.words_constexprs(c, g), "X_KIND": x_kind}, c.num_warps,
                             c.num_stages))
+    for c in (I8.MMA_CONFIGS[0], I8.MMA_CONFIGS[-1]):
+        for x_kind, x_type in ((0, bf16), (1, "*fp16")):
+            out.append((I8._int8_gemv_mma_kernel, {**words, "x_ptr": x_type},
+                        {"HAS_BIAS": True, **I8.mma_constexprs(c), "X_KIND": x_kind}, c.num_warps, c.num_stages))
     for bits in (3, 4):
         per = {"BITS": bits, "PER": 32 // bits, "PER_P2": C.next_pow2(32 // bits)}
         c = CB.GEMV_CONFIGS[0]
