@@ -556,14 +556,30 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
     """GEMV kernel (any M, one program per (row block, activation row); meant for M == 1).
 
     ``x`` ``[..., K]``; returns ``[..., N]`` in ``x.dtype``. ``split_k``/``config`` override the
-    heuristic split and the autotuner (tests use them to reach every branch).
+    heuristic split and the autotuner (tests use them to reach every branch). On CUDA each kernel
+    runs once its self-check passed (:data:`SELF_CHECKS`); else the next one that applies does,
+    and dequantize + ``F.linear`` last.
     """
+    return _gemv(x, qweight, scales, bias, group_size, split_k, config, _checked)
+
+
+def _checked(path: str, x2: torch.Tensor) -> bool:
+    check, fallback = SELF_CHECKS[path]
+    return dispatch.fast_path_ok(path, x2, check, fallback)
+
+
+def _gemv(x, qweight, scales, bias, group_size, split_k, config, allow) -> torch.Tensor:
+    """:func:`int8_gemv`, taking kernel ``path`` only where ``allow(path, x2)``."""
     _check(x, qweight, scales, group_size)
     x2 = C.as_2d(x)
     (m, k), n = x2.shape, qweight.shape[0]
     qweight, scales = qweight.contiguous(), scales.contiguous()
     given = set(config.kwargs) if config is not None else set()
-    mma = mma_path(x2, qweight, group_size) and given <= {"BLOCK_N"}
+    mma = mma_path(x2, qweight, group_size) and given <= {"BLOCK_N"} and allow("int8.mma", x2)
+    words = (not mma and words_path(x2, qweight, group_size) and (config is None or "BLOCK_W" in config.kwargs)
+             and allow("int8.words", x2))
+    if not (mma or words or allow("int8.gemv", x2)):
+        return dispatch.dense(x, dequantize_int8(qweight, scales, group_size, x.dtype), bias)
     split = split_k or C.pick_split_k(x2, triton.cdiv(n, 64 if mma else 8) * m, k, n)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
     if m and n and mma:
@@ -575,7 +591,7 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
             X_KIND=0 if x.dtype == torch.bfloat16 else 1, XS_BLOCK=XS_BLOCK, EVICT=EVICT,
         )
         C.finish_split_k(out, ws, bias, split)
-    elif m and n and words_path(x2, qweight, group_size) and (config is None or "BLOCK_W" in config.kwargs):
+    elif m and n and words:
         C.launch(
             _int8_gemv_words_kernel, _group_words_tuned if group_size else _words_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, split),
             (x2, qweight.view(torch.int32), scales, bias, ws, m, n, k, x2.stride(0), qweight.stride(0) // 4,
@@ -593,6 +609,56 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
         )
         C.finish_split_k(out, ws, bias, split)
     return out.view(*x.shape[:-1], n)
+
+
+# ---- self-checks of the GEMV's fast paths (see kernels.dispatch.fast_path_ok) -----------------
+# A known-answer input: ragged in rows and words for every check's config, weights over the whole
+# int8 range (-128 and 127 included), small-integer x and power-of-two scales, signs picked so
+# every row's sum stays within 256 in magnitude: each product and partial sum, the kernels' fp32
+# arithmetic and the 16-bit output are exact, so a right kernel matches the float64 answer
+# bit for bit and a flushed subnormal or a misplaced byte does not.
+PROBE_N, PROBE_K = 40, 4 * (128 + 20)
+
+
+def probe(group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x [1, K] fp32, qweight, scales, want [1, N] float64)`` for the self-checks (on CPU)."""
+    n, k = PROBE_N, PROBE_K
+    j, r = torch.arange(k), torch.arange(n)[:, None]
+    mags = (r * 11 + j * 37) % 129  # 0..128
+    if group_size:  # x in -1..1, scales 1 or 2 a group: |x * scale| <= 2
+        x = (j * 7) % 3 - 1
+        scales = 2.0 ** ((r + torch.arange(k // group_size)) % 2)
+        mult = x * scales.repeat_interleave(group_size, dim=1)
+    else:  # x in -2..2, scales 0.5, 1 or 2 a row (scaled after the sum)
+        x = (j * 7) % 5 - 2
+        scales = 2.0 ** (r % 3 - 1.0)
+        mult = x.expand(n, k)
+    up = dispatch.balanced_signs(mags.clamp(max=127), -mags, mult)
+    qweight = torch.where(up, mags.clamp(max=127), -mags).to(torch.int8)
+    x = x.float()[None, :]
+    return x, qweight, scales.float(), reference(x, qweight, scales.float(), None, group_size)
+
+
+def _probe_check(path: str, runs: list[tuple[int, triton.Config]]):
+    def check(device: torch.device, dtype: torch.dtype) -> bool:
+        for group_size, config in runs:
+            x, qweight, scales, want = probe(group_size)
+            taken = []
+            got = _gemv(x.to(device, dtype), qweight.to(device), scales.to(device), None, group_size, 1, config,
+                        lambda p, _: p == path and not taken.append(p))
+            if taken != [path] or not torch.equal(got.double().cpu(), want):
+                return False
+        return True
+    return check
+
+
+# path -> (check(device, dtype), what runs instead). Explicit configs: no autotuning on the probe.
+SELF_CHECKS = {
+    "int8.mma": (_probe_check("int8.mma", [(0, MMA_CONFIGS[0])]), "the int8 word GEMV, else the next that passes"),
+    "int8.words": (_probe_check("int8.words", [(0, WORD_CONFIGS[0]), (16, WORD_GROUP_CONFIGS[0])]),
+                   "the int8 tile GEMV, else dequantize + F.linear"),
+    "int8.gemv": (_probe_check("int8.gemv", [(0, GEMV_CONFIGS[0])]), "int8 dequantize + F.linear"),
+}
 
 
 def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
