@@ -3,6 +3,9 @@
     python benchmarks/gpu_check.py            # on a CUDA GPU; writes benchmarks/results/gpu_check-<device>.json
     python benchmarks/gpu_check.py --quick    # CPU smoke run under TRITON_INTERPRET=1 (what the tests run)
 
+(0) Self-checks: every GPU fast path's known-answer check (``kernels.dispatch.fast_path_ok``:
+tensor-core subnormals, subnormal FMAs, PTX byte permutes and shuffles) for fp16 and bf16, which
+passed, and so which paths the rest of the run uses (a failed one runs its exact fallback).
 (a) Correctness: every kernel (each format's GEMV, tiled GEMM, CSR kernel and dequantize kernel,
 and the dispatched op) against a float64 reference, at odd shapes and at LLM shapes (4096^2,
 4096x11008, 11008x4096, 8192^2), fp16 and bf16, M in {1, 2, 4, 8, 16, 32, 64, 128, 512, 4096}.
@@ -145,6 +148,26 @@ def reference(pw: PackedWeight, x: torch.Tensor) -> torch.Tensor:
     if isinstance(pw, Sparse24Weight):
         return sparse24.sparse24_reference(x, pw.values, pw.positions, pw.scales, pw.codebook, None, pw.group_size, k)
     return csr.csr_reference(x, pw.row_ptr, pw.col_idx, pw.values, pw.scales, pw.codebook, None, pw.group_size, k)
+
+
+def self_checks(device) -> dict[str, bool]:
+    """Run every fast path's self-check on ``device`` now, before anything else launches; returns
+    ``{"path cuda:i dtype": passed}`` (empty on CPU, where no fast path needs one, or when
+    ``TORCHZIP_GPU_FAST_PATHS=0`` turned them all off)."""
+    if device == "cpu":
+        print("self-checks: none on CPU (the interpreter runs no PTX)")
+        return {}
+    if not dispatch._fast_enabled:
+        print("self-checks: TORCHZIP_GPU_FAST_PATHS=0, every fast path runs its fallback")
+        return {}
+    for module in (int8, codebook, sparse24):
+        for path, (check, fallback) in module.SELF_CHECKS.items():
+            for dtype in (torch.float16, torch.bfloat16) + ((torch.float32,) if path == "int8.gemv" else ()):
+                dispatch.fast_path_ok(path, torch.empty(0, device=device, dtype=dtype), check, fallback)
+    report = dispatch.fast_path_report()
+    for key, ok in report.items():
+        print(f"self-check {'pass' if ok else 'FAIL (fallback used)'}: {key}")
+    return report
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -398,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     result: dict = {}
     with dispatch.force_kernels():
+        result["self_checks"] = self_checks(device)
         if "check" not in skip:
             result["correctness"] = check_all(shapes, m_values, dtypes, device, FORMATS, args.quick)
         if "time" not in skip:
@@ -410,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     result["seconds"] = time.perf_counter() - t0
     failed = [r for r in result.get("correctness", []) if not r["ok"]]
     print(f"\ncorrectness: {len(result.get('correctness', [])) - len(failed)} ok, {len(failed)} failed")
+    bad = [key for key, ok in result["self_checks"].items() if not ok]
+    print(f"self-checks: {len(result['self_checks']) - len(bad)} passed, {len(bad)} failed" + (f" ({', '.join(bad)})" if bad else ""))
     for c in result.get("checks", []):
         if not args.quick:
             print(f"{'ok  ' if c['ok'] else 'MISS'} {c['check']}: {c['value']:.2f} (target >= {c['target']})")

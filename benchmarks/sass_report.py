@@ -86,10 +86,13 @@ def variants() -> list[Variant]:
     int8 = {"x_ptr": bf16, "q_ptr": "*i8", "s_ptr": "*fp32", **out}
     # 16-bit x (the decode path): the int32-word kernel, per channel and in groups of 128.
     words = {**int8, "q_ptr": "*i32"}
+    for c in I8.MMA_CONFIGS:
+        res.append(Variant("int8_gemv", I8._int8_gemv_mma_kernel, words, {"HAS_BIAS": True, **I8.mma_constexprs(c)},
+                           c.num_warps, c.num_stages, I8.mma_weights_per_iter, 1.0))
     for c in I8.WORD_CONFIGS:
-        res.append(Variant("int8_gemv", I8._int8_gemv_words_kernel, words, {"HAS_BIAS": True, **I8.words_constexprs(c)},
+        res.append(Variant("int8_gemv_words", I8._int8_gemv_words_kernel, words, {"HAS_BIAS": True, **I8.words_constexprs(c)},
                            c.num_warps, c.num_stages, I8.words_weights_per_iter, 1.0))
-    for c in I8.WORD_CONFIGS:
+    for c in I8.WORD_GROUP_CONFIGS:
         res.append(Variant("int8_gemv_g128", I8._int8_gemv_words_kernel, words,
                            {"HAS_BIAS": True, **I8.words_constexprs(c, 128)},
                            c.num_warps, c.num_stages, I8.words_weights_per_iter, 1.0))

@@ -263,15 +263,27 @@ def codebook_gemv(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor,
     """GEMV kernel (one program per (row block, activation row); meant for M == 1).
 
     ``x`` ``[..., k]``, ``packed`` int32 ``[N, W]``, ``codebook`` fp32 ``[N or 1, entries]``;
-    returns ``[..., N]`` in ``x.dtype``.
+    returns ``[..., N]`` in ``x.dtype``. On CUDA the register-held codebook (shuffles) runs once
+    its self-check passed (:data:`SELF_CHECKS`), else the codebook is gathered from L1.
     """
+    return _gemv(x, packed, codebook, bias, bits, k, split_k, config, _checked)
+
+
+def _checked(path: str, x2: torch.Tensor) -> bool:
+    check, fallback = SELF_CHECKS[path]
+    return dispatch.fast_path_ok(path, x2, check, fallback)
+
+
+def _gemv(x, packed, codebook, bias, bits, k, split_k, config, allow) -> torch.Tensor:
+    """:func:`codebook_gemv`, taking the shuffle path ``codebook.lanes<bits>`` only where ``allow``."""
     x2, packed, codebook, stride_b = _prepare(x, packed, codebook, bits, k)
     m, (n, words) = x2.shape[0], packed.shape
     # The shuffles need a warp's 2**bits-lane segments on one row: every GEMV_CONFIGS entry does that.
     # Pair loads of x need an even K and (16-bit x) 4-byte aligned pairs.
     lanes = (bits <= LANE_MAX_BITS and not C.interpreting()
              and (config is None or min(32, config.kwargs["BLOCK_W"] // 4) >= 2**bits)
-             and k % 2 == 0 and (x2.element_size() == 4 or (x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0)))
+             and k % 2 == 0 and (x2.element_size() == 4 or (x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0))
+             and allow(f"codebook.lanes{bits}", x2))
     split = split_k or C.pick_split_k(x2, triton.cdiv(n, 16) * m, k, n)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
     if m and n:
@@ -283,6 +295,57 @@ def codebook_gemv(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor,
         )
         C.finish_split_k(out, ws, bias, split)
     return out.view(*x.shape[:-1], n)
+
+
+# ---- self-checks of the shuffle GEMV (see kernels.dispatch.fast_path_ok) -----------------------
+# Odd-integer centroids mirrored about 0 (code 2**bits - 1 - c holds minus code c's), per-row books
+# scaled by 0.5, 1 or 2, x in -1..1, each code or its mirror picked so every row's sum lands within
+# 62 of its own target (-12..12): |sum| <= 74 in halves, exact in fp32 and in a 16-bit output.
+# Ragged in rows, words and fields; per-row and per-layer books.
+PROBE_N = 40
+
+
+def probe(bits: int, per_row: bool = True):
+    """``(x [1, k] fp32, packed, codebook, k, want [1, N] float64)`` for the self-check (on CPU)."""
+    from torchzip.packed.bits import pack_bits
+
+    per = 32 // bits
+    n, k = PROBE_N, per * (GEMV_CONFIGS[0].kwargs["BLOCK_W"] + 20) - 2
+    j, r = torch.arange(k), torch.arange(n)[:, None]
+    x = (j * 7) % 3 - 1
+    entries = 2 * torch.arange(2**bits) - (2**bits - 1)
+    book = entries.double()[None, :] * (2.0 ** (torch.arange(n)[:, None] % 3 - 1.0) if per_row else 1.0)
+    code = (r * 5 + j * 3) % 2**bits
+    mirror = 2**bits - 1 - code
+    rows = book.expand(n, -1)
+    val, val_m = rows.gather(1, code), rows.gather(1, mirror)
+    target = 4.0 * (torch.arange(n) % 7 - 3)
+    take = dispatch.balanced_signs(torch.maximum(val, val_m), torch.minimum(val, val_m), x.expand(n, k), target)
+    idx = torch.where(take == (val >= val_m), code, mirror)
+    packed = pack_bits(idx, bits)
+    x = x.float()[None, :]
+    book = book.float()
+    return x, packed, book, k, reference(x, packed, book, None, bits, k)
+
+
+def _probe_check(bits: int):
+    path = f"codebook.lanes{bits}"
+
+    def check(device: torch.device, dtype: torch.dtype) -> bool:
+        for per_row in (True, False):
+            x, packed, book, k, want = probe(bits, per_row)
+            taken = []
+            got = _gemv(x.to(device, dtype), packed.to(device), book.to(device), None, bits, k, 1, GEMV_CONFIGS[0],
+                        lambda p, _: p == path and not taken.append(p))
+            if taken != [path] or not torch.equal(got.double().cpu(), want):
+                return False
+        return True
+    return check
+
+
+# path -> (check(device, dtype), what runs instead).
+SELF_CHECKS = {f"codebook.lanes{b}": (_probe_check(b), "the codebook GEMV gathering from L1")
+               for b in range(1, LANE_MAX_BITS + 1)}
 
 
 def codebook_gemm(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None,

@@ -15,6 +15,13 @@ need no gradient (the ops have no backward). ``TORCHZIP_KERNELS=0`` turns them o
 ``TORCHZIP_KERNELS=1`` or :func:`force_kernels` also runs them on CPU tensors, which only works
 under Triton's interpreter (``TRITON_INTERPRET=1``, set before Triton is imported). Weights of
 2**31 or more elements run in row chunks (the kernels use int32 offsets).
+
+Fast paths that rest on hardware assumptions no interpreter can confirm (fp16/bf16 subnormals
+fed unflushed to tensor cores, fp32 subnormal FMAs, byte permutes and warp shuffles in inline
+PTX) each check themselves once per (CUDA device, path, dtype), see :func:`fast_path_ok`: the
+first launch runs the kernel on a tiny input with an exact answer; if it disagrees, a
+:class:`FastPathFallbackWarning` is issued once and that path hands over to its exact fallback
+for the rest of the process. ``TORCHZIP_GPU_FAST_PATHS=0`` takes the fallbacks without checking.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+import threading
+import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -167,3 +176,97 @@ def pick_path(fmt: str, x: Tensor) -> str:
     if m >= DENSE_MIN_M[fmt]:
         return "dense"
     return "gemv" if m <= GEMV_MAX_M else "fused"
+
+
+# ---- self-checked fast paths -------------------------------------------------------------------
+class FastPathFallbackWarning(RuntimeWarning):
+    """A GPU fast path disagreed with torch on its known-answer input; its exact fallback runs."""
+
+
+def _fast_env() -> bool:
+    """``TORCHZIP_GPU_FAST_PATHS`` (read once at import): False forces every checked path's fallback."""
+    return os.environ.get("TORCHZIP_GPU_FAST_PATHS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+_fast_enabled: bool = _fast_env()
+# (path, device index, dtype) -> passed. Filled once per key; afterwards a lookup is all it costs.
+fast_checks: dict[tuple[str, int, torch.dtype], bool] = {}
+_fast_lock = threading.Lock()
+
+
+def fast_path_ok(path: str, x: Tensor, check: Callable[[torch.device, torch.dtype], bool], fallback: str) -> bool:
+    """Whether fast path ``path`` may run on ``x``'s device for ``x.dtype``.
+
+    ``check(device, dtype)`` runs the path's kernel on a tiny known-answer input and returns
+    whether it matched exactly; it runs on the first call per (device, path, dtype), eagerly. On
+    CPU (the interpreter computes the fast paths' values without their PTX) it is always True.
+    Inside a CUDA graph capture a path not yet checked is not taken (a check syncs, which capture
+    forbids) and nothing is recorded, so the captured graph holds the exact fallback and the
+    next eager call checks; torch.compile traces the ops' fake implementations, so only real
+    (eager or warm-up) calls get here.
+    """
+    device = _gpu_of(x)
+    if device is None:
+        return True
+    if not _fast_enabled:
+        return False
+    key = (path, device, x.dtype)
+    ok = fast_checks.get(key)
+    if ok is not None:
+        return ok
+    if _capturing():
+        return False
+    with _fast_lock:
+        ok = fast_checks.get(key)
+        if ok is None:
+            try:
+                with _on_gpu(device), torch.device("cpu"):  # the probes are built on CPU, whatever the default
+                    ok = bool(check(torch.device("cuda", device), x.dtype))
+                why = "its output differs from torch's"
+            except Exception as e:  # noqa: BLE001 - a path that cannot run is as unusable as a wrong one
+                ok, why = False, f"it raised {type(e).__name__}: {e}"
+            if not ok:
+                warnings.warn(f"torchzip: the {path} kernel failed its self-check on cuda:{device} for {x.dtype} "
+                              f"({why}); using the slower exact path ({fallback}) instead",
+                              FastPathFallbackWarning, stacklevel=2)
+            fast_checks[key] = ok
+    return ok
+
+
+def _gpu_of(x: Tensor) -> int | None:
+    """CUDA device index of ``x``, None off CUDA (the tests stand a CPU tensor in for a GPU's)."""
+    if not x.is_cuda:
+        return None
+    return x.device.index if x.device.index is not None else torch.cuda.current_device()
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_current_stream_capturing()
+
+
+def _on_gpu(device: int):
+    return torch.cuda.device(device)
+
+
+def fast_path_report() -> dict[str, bool]:
+    """``{"path cuda:i dtype": passed}`` for every self-check run so far (benchmarks/gpu_check.py)."""
+    return {f"{p} cuda:{d} {str(t).removeprefix('torch.')}": ok for (p, d, t), ok in sorted(fast_checks.items(), key=str)}
+
+
+def balanced_signs(up: Tensor, down: Tensor, mult: Tensor, target: Tensor | None = None) -> Tensor:
+    """Known-answer inputs: per element ``up[n, j] >= 0`` or ``down[n, j] <= 0``, picked column by
+    column so each row's running sum of ``value * mult`` heads for ``target[n]`` (default 0). Then
+    ``|sum - target| <= max(|target|, max |value * mult|)``, so a sum of small integers stays exact
+    in a narrow float format.
+
+    ``mult`` ``[N, K]``; returns a bool ``[N, K]``: True where ``up`` is taken.
+    """
+    mult = mult.double()
+    up_steps, down_steps = up.double() * mult, down.double() * mult
+    take = torch.zeros(up.shape, dtype=torch.bool)
+    run = torch.zeros(up.shape[0], dtype=torch.float64) if target is None else -target.double()
+    for j in range(up.shape[1]):
+        t = (run * up_steps[:, j]) <= 0  # up does not move away from 0 (down then would)
+        take[:, j] = t
+        run += torch.where(t, up_steps[:, j], down_steps[:, j])
+    return take

@@ -3,9 +3,11 @@
 Three kernels: GEMVs for one activation row, a tiled ``tl.dot`` GEMM for more rows (weight tile
 converted to the activation dtype in registers) and a dequantize kernel that writes the dense
 weight for large M (then cuBLAS); the ``torchzip::int8_linear`` op picks among them. The
-GEMV on fp16/bf16 (per channel, or groups of a multiple of 4 columns) reads the weight as int32
-words and turns each int8 into an fp32 subnormal with one byte permute (no I2F, see
-``_int8_gemv_words_kernel``); fp32 activations and unaligned shapes take the tile GEMV (int8 -> fp32 through fp16 bit patterns,
+GEMVs on fp16/bf16 read the weight as int32 words: per channel on tensor cores, each int8 pair
+one byte permute into fp16/bf16 subnormals fed to ``mma`` (``_int8_gemv_mma_kernel``); in groups
+of a multiple of 4 columns (or x rows only 4-byte aligned) each int8 one byte permute into an
+fp32 subnormal and one FMA (``_int8_gemv_words_kernel``); no I2F in either. fp32 activations and
+unaligned shapes take the tile GEMV (int8 -> fp32 through fp16 bit patterns,
 products kept in a 2-D fp32 accumulator and reduced once at the end). GEMVs and GEMM split K
 across programs when the grid is too small to keep every SM loading.
 """
@@ -97,6 +99,11 @@ X_SHIFT = 64
 WORD_CONFIGS = C.configs(("BLOCK_N", "BLOCK_W"), [
     (8, 128, 1, 2), (16, 128, 2, 2), (32, 128, 4, 2), (16, 128, 4, 2),
     (8, 256, 2, 2), (16, 256, 4, 2), (4, 128, 1, 2), (8, 128, 2, 2),
+])
+# Groups keep a scale a word and row: with 8 rows a thread and 2-4 warps Triton 3.6 takes 167-168
+# registers (3.8: 128), so groups launch these (8 rows a thread only with 1-2 warps).
+WORD_GROUP_CONFIGS = C.configs(("BLOCK_N", "BLOCK_W"), [
+    (8, 128, 1, 2), (8, 256, 2, 2), (16, 128, 4, 2), (4, 128, 1, 2), (8, 128, 2, 2),
 ])
 INTERP_WORDS = triton.Config({"BLOCK_N": 16, "BLOCK_W": 8})
 XS_BLOCK = 1024  # x elements a step of the sum(x) pass
@@ -250,6 +257,167 @@ def _int8_gemv_words_kernel(
     C.store_tile(out[None, :], m + tl.arange(0, 1), rn, M, N, out_ptr, b_ptr, pid_k, HAS_BIAS, SPLIT_K)
 
 
+# ---- per-channel GEMV on tensor cores ----------------------------------------------------------
+# The M = 1 per-channel path (16-bit x) feeds each thread's int8 words straight into
+# mma.m16n8k16: a quad of lanes (lane // 4) shares two weight rows, lane % 4 picks a word of them,
+# so the 4 lanes of a quad together hold the 16 k-slots of one A row pair and the matching x (the
+# B operand; its 8 columns all equal x, so every C column is the row's dot product). A word of a
+# row becomes two 16-bit pairs of *subnormal* weights with one XOR (q + 128 as unsigned bytes) and
+# two byte permutes (bits 0x00uu: u * 2**-24 in fp16, u * 2**-133 in bf16, where the first
+# normal binade continues the subnormal one), so per 8 weights: 2 XOR, 4 PRMT, 1 HMMA. bf16 x is
+# scaled by 2**X_SHIFT (one bf16x2 multiply a pair) so every product is a normal fp32 number;
+# fp16 products of a u * 2**-24 weight are normal as they are. The +128 comes off once a row as
+# 128 * sum(x). Each lane's C columns both get its quad's sum, so a row's total comes out 8x.
+# This assumes the tensor cores take subnormal fp16/bf16 inputs unflushed (no GPU has run it yet:
+# benchmarks/gpu_check.py checks it against float64; a flush would zero every weight).
+MMA_W = tl.constexpr(16)  # words a step: 4 a lane, 4 lanes a quad -> threadsPerWarp [8, 4] on [rows, words] tiles
+# BLOCK_N rows a program; BLOCK_N // (16 * num_warps) row pairs a thread.
+MMA_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in [
+    (32, 2, 2), (64, 2, 2), (64, 4, 2), (128, 4, 2), (32, 1, 2), (128, 8, 2), (256, 8, 2), (64, 1, 2),
+]]
+INTERP_MMA = triton.Config({"BLOCK_N": 16})
+
+
+def mma_constexprs(config: triton.Config) -> dict:
+    """Constexprs of the tensor-core GEMV for a launch config (bf16 x; benchmarks/sass_report.py)."""
+    return {"SPLIT_K": 1, "FAST": True, "X_KIND": 0, "XS_BLOCK": XS_BLOCK, "EVICT": EVICT, **config.kwargs}
+
+
+def mma_weights_per_iter(constexprs: dict) -> int:
+    """Weights one iteration of the tensor-core GEMV's loop consumes."""
+    return constexprs["BLOCK_N"] * MMA_W.value * 4
+
+
+@triton.jit
+def x_quad(x_ptr, col, ok, X_KIND: tl.constexpr, MASKED: tl.constexpr):
+    """x at ``col .. col + 3`` as two 16-bit pairs (0 where not ``ok``), bf16 ones times 2**X_SHIFT:
+    an 8-byte load in inline PTX, marked pure so it is laid out with the weights it meets."""
+    if MASKED:
+        head: tl.constexpr = ".reg .pred p; setp.ne.s32 p, $3, 0; mov.b32 $0, 0; mov.b32 $1, 0; @p "
+        flag = ok.to(tl.int32)
+    else:
+        head: tl.constexpr = ""
+        flag = col
+    if X_KIND == 0:  # 0x5f80 is 2**64 in bf16
+        asm: tl.constexpr = ("{ .reg .b32 s; " + head + "ld.global.nc.v2.b32 {$0, $1}, [$2]; mov.b32 s, 0x5f805f80; "
+                             "mul.rn.bf16x2 $0, $0, s; mul.rn.bf16x2 $1, $1, s; }")
+    else:
+        asm: tl.constexpr = "{ " + head + "ld.global.nc.v2.b32 {$0, $1}, [$2]; }"
+    return tl.inline_asm_elementwise(asm, "=r,=r,l,r", [(x_ptr + col).to(tl.int64), flag],
+                                     dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def int8_mma(wa, wb, lo, hi, acc, X_KIND: tl.constexpr):
+    """``acc`` (4 accumulators: C columns 2c and 2c + 1 of each row) plus, on tensor cores, the
+    products of int32 words of two rows (``wa``, ``wb``) with x pairs ``lo``, ``hi`` (see MMA_W);
+    each lane's results are its quad's sums."""
+    kind: tl.constexpr = "bf16" if X_KIND == 0 else "f16"
+    a0, a1, b0, b1 = acc
+    return tl.inline_asm_elementwise(
+        """{ .reg .b32 ta, tb, a0, a1, a2, a3;
+        xor.b32 ta, $4, 0x80808080; xor.b32 tb, $5, 0x80808080;
+        prmt.b32 a0, ta, 0, 0x4140; prmt.b32 a1, tb, 0, 0x4140;
+        prmt.b32 a2, ta, 0, 0x4342; prmt.b32 a3, tb, 0, 0x4342;
+        mma.sync.aligned.m16n8k16.row.col.f32.""" + kind + "." + kind + """.f32
+            {$0, $1, $2, $3}, {a0, a1, a2, a3}, {$6, $7}, {$8, $9, $10, $11}; }""",
+        "=f,=f,=f,=f,r,r,r,r,f,f,f,f", [wa, wb, lo, hi, a0, a1, b0, b1],
+        dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _sub_weight(t, X_KIND: tl.constexpr):
+    """The interpreter's model of a permuted byte ``t`` (0..255): u * 2**-133 (bf16) or u * 2**-24."""
+    if X_KIND == 0:  # two normal constants: a literal below fp32's normal range would be fp64
+        w = (t.to(tl.float32) * 6.776263578034403e-21) * 1.3552527156068805e-20
+    else:
+        w = t.to(tl.float32) * 5.960464477539063e-08
+    return w
+
+
+@triton.jit
+def _int8x4_sub_dot(word, x_ptr, col, ok, X_KIND: tl.constexpr):
+    """The interpreter's model of one row's share of :func:`int8_mma` (without the quad sum)."""
+    scale = 18446744073709551616.0 if X_KIND == 0 else 1.0  # 2**X_SHIFT for bf16
+    t = word ^ -2139062144  # 0x80808080 as int32
+    acc = _sub_weight(t & 0xFF, X_KIND) * (tl.load(x_ptr + col, mask=ok, other=0.0).to(tl.float32) * scale)
+    for j in tl.static_range(1, 4):
+        xj = tl.load(x_ptr + col + j, mask=ok, other=0.0).to(tl.float32) * scale
+        acc += _sub_weight((t >> (8 * j)) & 0xFF, X_KIND) * xj
+    return acc
+
+
+@triton.jit
+def _mma_step(acc, x_ptr, q_ptr, rows_a, rows_b, rw, w_mask, stride_qn, K, zero_row,
+              X_KIND: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr, EVICT: tl.constexpr):
+    if MASKED:
+        wa = tl.load(q_ptr + rows_a[:, None] * stride_qn + rw[None, :], mask=w_mask[None, :], other=0)
+        wb = tl.load(q_ptr + rows_b[:, None] * stride_qn + rw[None, :], mask=w_mask[None, :], other=0)
+    elif EVICT:
+        wa = tl.load(q_ptr + rows_a[:, None] * stride_qn + rw[None, :], eviction_policy="evict_first")
+        wb = tl.load(q_ptr + rows_b[:, None] * stride_qn + rw[None, :], eviction_policy="evict_first")
+    else:
+        wa = tl.load(q_ptr + rows_a[:, None] * stride_qn + rw[None, :])
+        wb = tl.load(q_ptr + rows_b[:, None] * stride_qn + rw[None, :])
+    col = rw[None, :] * 4 + zero_row
+    ok = w_mask[None, :] & (col < K)
+    if FAST:
+        lo, hi = x_quad(x_ptr, col, ok, X_KIND, MASKED)
+        acc = int8_mma(wa, wb, lo, hi, acc, X_KIND)
+    else:  # the same sums, each element's own (the interpreter has no quads); C columns 2c + 1 stay 0
+        a0, a1, b0, b1 = acc
+        acc = a0 + _int8x4_sub_dot(wa, x_ptr, col, ok, X_KIND), a1, b0 + _int8x4_sub_dot(wb, x_ptr, col, ok, X_KIND), b1
+    return acc
+
+
+@triton.jit
+def _int8_gemv_mma_kernel(
+    x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn,
+    HAS_BIAS: tl.constexpr, SPLIT_K, FAST: tl.constexpr, X_KIND: tl.constexpr,
+    BLOCK_N: tl.constexpr, XS_BLOCK: tl.constexpr, EVICT: tl.constexpr,
+):
+    """Per-channel int8 GEMV on 16-bit x with tensor cores; ``q_ptr`` the weight as int32 words,
+    ``stride_qn`` in words. Rows ``r`` and ``r + BLOCK_N // 2`` of a program share a quad."""
+    pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    HALF: tl.constexpr = BLOCK_N // 2
+    rn_a = pid_n * BLOCK_N + tl.arange(0, HALF)
+    rn_b = rn_a + HALF
+    KW = K // 4
+    w_span = tl.cdiv(KW, SPLIT_K * MMA_W) * MMA_W
+    w_lo = pid_k * w_span
+    w_hi = tl.minimum(w_lo + w_span, KW)
+    x_row = x_ptr + m * stride_xm
+    zero_row = tl.zeros((1, MMA_W), tl.int32)
+    zero = tl.zeros((HALF, MMA_W), tl.float32)
+    acc = zero, zero, zero, zero  # C columns 2c and 2c + 1 of rows a and b (see int8_mma)
+    rows_a = tl.minimum(rn_a, N - 1)  # rows past N repeat the last one; their sums are not stored
+    rows_b = tl.minimum(rn_b, N - 1)
+    cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, MMA_W), 4), 4)
+    w_full = w_lo + (w_hi - w_lo) // MMA_W * MMA_W
+    for w0 in range(w_lo, w_full, MMA_W):
+        acc = _mma_step(acc, x_row, q_ptr, rows_a, rows_b, w0 + cols, w0 + cols < w_hi, stride_qn,
+                                 K, zero_row, X_KIND, FAST, False, EVICT)
+    if w_full < w_hi:  # the ragged last step
+        acc = _mma_step(acc, x_row, q_ptr, rows_a, rows_b, w_full + cols, w_full + cols < w_hi,
+                                 stride_qn, K, zero_row, X_KIND, FAST, True, EVICT)
+    xs = tl.zeros((XS_BLOCK,), tl.float32)
+    for k0 in range(4 * w_lo, 4 * w_hi, XS_BLOCK):
+        rk = k0 + tl.arange(0, XS_BLOCK)
+        xs += tl.load(x_row + rk, mask=rk < 4 * w_hi, other=0.0).to(tl.float32)
+    # Back to sum q x: the weights' and x's powers of two (exact), the quads' 4x on a GPU, less 128 sum(x).
+    if X_KIND == 0:
+        back = 5.902958103587057e20  # 2**(133 - X_SHIFT)
+    else:
+        back = 16777216.0  # 2**24
+    if FAST:
+        back = back * 0.125  # 4 lanes a quad, 2 columns a lane
+    x_sum = 128.0 * tl.sum(xs, 0)
+    out_a = (tl.sum(acc[0] + acc[1], 1) * back - x_sum) * tl.load(s_ptr + rows_a * stride_sn)
+    out_b = (tl.sum(acc[2] + acc[3], 1) * back - x_sum) * tl.load(s_ptr + rows_b * stride_sn)
+    C.store_tile(out_a[None, :], m + tl.arange(0, 1), rn_a, M, N, out_ptr, b_ptr, pid_k, HAS_BIAS, SPLIT_K)
+    C.store_tile(out_b[None, :], m + tl.arange(0, 1), rn_b, M, N, out_ptr, b_ptr, pid_k, HAS_BIAS, SPLIT_K)
+
+
 @triton.jit
 def _int8_gemv_kernel(
     x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn,
@@ -352,7 +520,9 @@ def _int8_dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, stride_qn, stride_sn, GROU
 
 
 _gemv_tuned = C.tuned(_int8_gemv_kernel, GEMV_CONFIGS, key=["N", "K", "GROUP", "SPLIT_K", "FOLD"])
+_mma_tuned = C.tuned(_int8_gemv_mma_kernel, MMA_CONFIGS, key=["N", "K", "SPLIT_K", "X_KIND"])
 _words_tuned = C.tuned(_int8_gemv_words_kernel, WORD_CONFIGS, key=["N", "K", "GROUP", "SPLIT_K", "X_KIND"])
+_group_words_tuned = C.tuned(_int8_gemv_words_kernel, WORD_GROUP_CONFIGS, key=["N", "K", "GROUP", "SPLIT_K", "X_KIND"])
 _gemm_tuned = C.tuned(_int8_gemm_kernel, C.GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "SPLIT_K"], prune=C.prune_gemm)
 
 
@@ -374,22 +544,56 @@ def words_path(x2: torch.Tensor, qweight: torch.Tensor, group_size: int) -> bool
             and qweight.data_ptr() % 4 == 0 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0)
 
 
+def mma_path(x2: torch.Tensor, qweight: torch.Tensor, group_size: int) -> bool:
+    """Whether the GEMV takes the tensor-core kernel: per channel, the word kernel's conditions and
+    x rows 8-byte aligned (x is read 4 columns a load)."""
+    return (group_size == 0 and words_path(x2, qweight, 0) and x2.data_ptr() % 8 == 0
+            and (x2.stride(0) % 4 == 0 or x2.shape[0] == 1))
+
+
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
               group_size: int, split_k: int | None = None, config: triton.Config | None = None) -> torch.Tensor:
     """GEMV kernel (any M, one program per (row block, activation row); meant for M == 1).
 
     ``x`` ``[..., K]``; returns ``[..., N]`` in ``x.dtype``. ``split_k``/``config`` override the
-    heuristic split and the autotuner (tests use them to reach every branch).
+    heuristic split and the autotuner (tests use them to reach every branch). On CUDA each kernel
+    runs once its self-check passed (:data:`SELF_CHECKS`); else the next one that applies does,
+    and dequantize + ``F.linear`` last.
     """
+    return _gemv(x, qweight, scales, bias, group_size, split_k, config, _checked)
+
+
+def _checked(path: str, x2: torch.Tensor) -> bool:
+    check, fallback = SELF_CHECKS[path]
+    return dispatch.fast_path_ok(path, x2, check, fallback)
+
+
+def _gemv(x, qweight, scales, bias, group_size, split_k, config, allow) -> torch.Tensor:
+    """:func:`int8_gemv`, taking kernel ``path`` only where ``allow(path, x2)``."""
     _check(x, qweight, scales, group_size)
     x2 = C.as_2d(x)
     (m, k), n = x2.shape, qweight.shape[0]
     qweight, scales = qweight.contiguous(), scales.contiguous()
-    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 8) * m, k, n)
+    given = set(config.kwargs) if config is not None else set()
+    mma = mma_path(x2, qweight, group_size) and given <= {"BLOCK_N"} and allow("int8.mma", x2)
+    words = (not mma and words_path(x2, qweight, group_size) and (config is None or "BLOCK_W" in config.kwargs)
+             and allow("int8.words", x2))
+    if not (mma or words or allow("int8.gemv", x2)):
+        return dispatch.dense(x, dequantize_int8(qweight, scales, group_size, x.dtype), bias)
+    split = split_k or C.pick_split_k(x2, triton.cdiv(n, 64 if mma else 8) * m, k, n)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
-    if m and n and words_path(x2, qweight, group_size) and (config is None or "BLOCK_W" in config.kwargs):
+    if m and n and mma:
         C.launch(
-            _int8_gemv_words_kernel, _words_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, split),
+            _int8_gemv_mma_kernel, _mma_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, split),
+            (x2, qweight.view(torch.int32), scales, bias, ws, m, n, k, x2.stride(0), qweight.stride(0) // 4,
+             scales.stride(0)),
+            config, INTERP_MMA, HAS_BIAS=bias is not None, SPLIT_K=split, FAST=not C.interpreting(),
+            X_KIND=0 if x.dtype == torch.bfloat16 else 1, XS_BLOCK=XS_BLOCK, EVICT=EVICT,
+        )
+        C.finish_split_k(out, ws, bias, split)
+    elif m and n and words:
+        C.launch(
+            _int8_gemv_words_kernel, _group_words_tuned if group_size else _words_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, split),
             (x2, qweight.view(torch.int32), scales, bias, ws, m, n, k, x2.stride(0), qweight.stride(0) // 4,
              scales.stride(0)),
             config, INTERP_WORDS, GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split, FAST=not C.interpreting(),
@@ -405,6 +609,56 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
         )
         C.finish_split_k(out, ws, bias, split)
     return out.view(*x.shape[:-1], n)
+
+
+# ---- self-checks of the GEMV's fast paths (see kernels.dispatch.fast_path_ok) -----------------
+# A known-answer input: ragged in rows and words for every check's config, weights over the whole
+# int8 range (-128 and 127 included), small-integer x and power-of-two scales, signs picked so
+# every row's sum stays within 256 in magnitude: each product and partial sum, the kernels' fp32
+# arithmetic and the 16-bit output are exact, so a right kernel matches the float64 answer
+# bit for bit and a flushed subnormal or a misplaced byte does not.
+PROBE_N, PROBE_K = 40, 4 * (128 + 20)
+
+
+def probe(group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x [1, K] fp32, qweight, scales, want [1, N] float64)`` for the self-checks (on CPU)."""
+    n, k = PROBE_N, PROBE_K
+    j, r = torch.arange(k), torch.arange(n)[:, None]
+    mags = (r * 11 + j * 37) % 129  # 0..128
+    if group_size:  # x in -1..1, scales 1 or 2 a group: |x * scale| <= 2
+        x = (j * 7) % 3 - 1
+        scales = 2.0 ** ((r + torch.arange(k // group_size)) % 2)
+        mult = x * scales.repeat_interleave(group_size, dim=1)
+    else:  # x in -2..2, scales 0.5, 1 or 2 a row (scaled after the sum)
+        x = (j * 7) % 5 - 2
+        scales = 2.0 ** (r % 3 - 1.0)
+        mult = x.expand(n, k)
+    up = dispatch.balanced_signs(mags.clamp(max=127), -mags, mult)
+    qweight = torch.where(up, mags.clamp(max=127), -mags).to(torch.int8)
+    x = x.float()[None, :]
+    return x, qweight, scales.float(), reference(x, qweight, scales.float(), None, group_size)
+
+
+def _probe_check(path: str, runs: list[tuple[int, triton.Config]]):
+    def check(device: torch.device, dtype: torch.dtype) -> bool:
+        for group_size, config in runs:
+            x, qweight, scales, want = probe(group_size)
+            taken = []
+            got = _gemv(x.to(device, dtype), qweight.to(device), scales.to(device), None, group_size, 1, config,
+                        lambda p, _: p == path and not taken.append(p))
+            if taken != [path] or not torch.equal(got.double().cpu(), want):
+                return False
+        return True
+    return check
+
+
+# path -> (check(device, dtype), what runs instead). Explicit configs: no autotuning on the probe.
+SELF_CHECKS = {
+    "int8.mma": (_probe_check("int8.mma", [(0, MMA_CONFIGS[0])]), "the int8 word GEMV, else the next that passes"),
+    "int8.words": (_probe_check("int8.words", [(0, WORD_CONFIGS[0]), (16, WORD_GROUP_CONFIGS[0])]),
+                   "the int8 tile GEMV, else dequantize + F.linear"),
+    "int8.gemv": (_probe_check("int8.gemv", [(0, GEMV_CONFIGS[0])]), "int8 dequantize + F.linear"),
+}
 
 
 def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,

@@ -311,8 +311,20 @@ def sparse24_gemv(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
 
     ``values`` ``[N, k/2]`` (floats, int8 with ``scales``, or indices into ``codebook``),
     ``positions`` int32 ``[N, ceil(k/32)]``; returns ``[..., N]`` in ``x.dtype``. ``words``:
-    :func:`gemv_words` of ``positions`` (``Sparse24Weight`` caches it), else built here.
+    :func:`gemv_words` of ``positions`` (``Sparse24Weight`` caches it), else built here. On CUDA
+    the byte permute of 16-bit x runs in PTX once its self-check passed (:data:`SELF_CHECKS`),
+    else in integer ops.
     """
+    return _gemv(x, values, positions, scales, codebook, bias, group_size, k, split_k, config, words, _checked)
+
+
+def _checked(path: str, x2: torch.Tensor) -> bool:
+    check, fallback = SELF_CHECKS[path]
+    return dispatch.fast_path_ok(path, x2, check, fallback)
+
+
+def _gemv(x, values, positions, scales, codebook, bias, group_size, k, split_k, config, words, allow):
+    """:func:`sparse24_gemv`, taking the PTX byte permute (``sparse24.prmt``) only where ``allow``."""
     x2, values, positions = _prepare24(x, values, positions, k)
     words = gemv_words(positions) if words is None else words.contiguous()
     if words.shape != positions.shape or words.dtype != torch.int32:
@@ -334,10 +346,49 @@ def sparse24_gemv(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
             (x2, values, words, scales, codebook, bias, ws, m, n, k // 2, pw,
              x2.stride(0), values.stride(0), words.stride(0), stride_s, stride_b),
             config, S24_INTERP_GEMV, KIND=kind, GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split,
-            X16=x16, V16=v16, FAST=not C.interpreting(),
+            X16=x16, V16=v16, FAST=not C.interpreting() and (not x16 or allow("sparse24.prmt", x2)),
         )
         C.finish_split_k(out, ws, bias, split)
     return out.view(*x.shape[:-1], n)
+
+
+# ---- self-check of the PTX byte permute (see kernels.dispatch.fast_path_ok) --------------------
+# Every pair of positions in turn, small-integer values (in x's dtype) and x, values' signs picked
+# so each row's sum lands within 16 of its own target (-12..12): exact in fp32 and 16 bits. Both
+# the unmasked two-step loop and the masked tail run.
+PROBE_N, PROBE_J = 40, 16 * (2 * S24_GEMV_CONFIGS[0].kwargs["BLOCK_W"] + 3) + 6
+_PAIRS = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
+
+
+def probe():
+    """``(x [1, k] fp32, values fp32 [N, k/2], positions, k, want [1, N] float64)`` (on CPU)."""
+    from torchzip.packed.bits import pack_bits
+
+    n, j = PROBE_N, PROBE_J
+    k = 2 * j
+    r, g = torch.arange(n)[:, None], torch.arange(j // 2)[None, :]
+    pos = _PAIRS[(r * 5 + g) % 6].reshape(n, j)  # [n, groups, 2] -> kept values' positions
+    cols = pos + 4 * (torch.arange(j) // 2)
+    x = (torch.arange(k) * 7) % 5 - 2
+    mags = (r * 3 + torch.arange(j) * 5) % 9
+    target = 4.0 * (torch.arange(n) % 7 - 3)
+    up = dispatch.balanced_signs(mags, -mags, x[cols], target)
+    values = torch.where(up, mags, -mags).float()
+    positions = pack_bits(pos, 2)
+    x = x.float()[None, :]
+    return x, values, positions, k, sparse24_reference(x, values, positions, None, None, None, 0, k)
+
+
+def _probe_check(device: torch.device, dtype: torch.dtype) -> bool:
+    x, values, positions, k, want = probe()
+    taken = []
+    got = _gemv(x.to(device, dtype), values.to(device, dtype), positions.to(device), None, None, None, 0, k, 1,
+                S24_GEMV_CONFIGS[0], None, lambda p, _: p == "sparse24.prmt" and not taken.append(p))
+    return taken == ["sparse24.prmt"] and torch.equal(got.double().cpu(), want)
+
+
+# path -> (check(device, dtype), what runs instead).
+SELF_CHECKS = {"sparse24.prmt": (_probe_check, "the 2:4 GEMV permuting bytes with integer ops")}
 
 
 def sparse24_gemm(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor | None,

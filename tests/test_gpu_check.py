@@ -33,3 +33,4 @@ def test_gpu_check_quick(tmp_path):
     assert {r["stream"] for r in data["decode"]} == {"4-bit", "8-bit"} and all(r["ok"] for r in data["decode"])
     assert data["load"]["load_cpu_matches"] and data["load"]["load_auto_matches"]
     assert data["run"]["quick"] is True and data["run"]["commit"]
+    assert data["self_checks"] == {}  # no fast path (and no self-check) on the interpreter

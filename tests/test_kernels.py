@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 from torchzip.kernels import codebook, csr, dispatch, int8, sparse24
 from torchzip.packed import CodebookWeight, CsrWeight, Int8Weight, PackedLinear, Sparse24Weight
@@ -113,20 +114,28 @@ def test_int8_kernels(seed, group_size, dtype, m, with_bias):
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("split", (None, 2, 3))
-def test_int8_word_gemv(seed, dtype, split):
-    """The per-channel word GEMV (weights as fp32 subnormals, x scaled by 2**64, 128 * sum(x) taken
-    off) at K = 4 * odd (a ragged last step), with x of large and tiny magnitude; an x row that
-    starts off a 4-byte boundary takes the tile GEMV instead."""
+@pytest.mark.parametrize("kernel", ("mma", "words"))
+def test_int8_word_gemv(seed, dtype, split, kernel):
+    """The per-channel GEMVs on int32 words (weights as subnormals: fp32 ones for the FMA kernel,
+    fp16/bf16 ones for the tensor-core kernel; bf16 x scaled by 2**64, 128 * sum(x) taken off) at
+    K = 4 * odd (a ragged last step) and odd N (rows past N in both halves of a program), with x of
+    large and tiny magnitude; an x row that starts off a 4-byte boundary takes the tile GEMV
+    instead, one off an 8-byte boundary the word kernel."""
     n, k = pick_n(), 4 * (randint(17, 100) | 1)
     w = Int8Weight.from_float(torch.randn(n, k), 0)
     bias = torch.randn(n).to(dtype)
+    config = triton.Config({"BLOCK_N": 16, "BLOCK_W": 8}) if kernel == "words" else None
     # Large x: 1e3 in bf16, but only 1e2 in fp16, whose outputs would pass 65504 (inf) at 1e3.
     for scale in (1.0, 1e2 if dtype == torch.float16 else 1e3, 1e-5):
         x = (torch.randn(randint(1, 3), k) * scale).to(dtype)
-        assert int8.words_path(x, w.qweight, 0)
+        assert int8.words_path(x, w.qweight, 0) and int8.mma_path(x, w.qweight, 0)
         ref = int8.reference(x, w.qweight, w.scales, bias, 0)
-        check(int8.int8_gemv(x, w.qweight, w.scales, bias, 0, split_k=split), ref, dtype, seed,
-              f"word gemv {dtype} N={n} K={k} x*{scale} split={split}")
+        check(int8.int8_gemv(x, w.qweight, w.scales, bias, 0, split_k=split, config=config), ref, dtype, seed,
+              f"{kernel} gemv {dtype} N={n} K={k} x*{scale} split={split}")
+    x = torch.randn(1, k + 2).to(dtype)[:, 2:]
+    assert int8.words_path(x, w.qweight, 0) and not int8.mma_path(x, w.qweight, 0)
+    check(int8.int8_gemv(x, w.qweight, w.scales, None, 0), int8.reference(x, w.qweight, w.scales, None, 0), dtype,
+          seed, "x off 8 bytes")
     x = torch.randn(1, k + 1).to(dtype)[:, 1:]
     assert not int8.words_path(x, w.qweight, 0)
     check(int8.int8_gemv(x, w.qweight, w.scales, None, 0), int8.reference(x, w.qweight, w.scales, None, 0), dtype,

@@ -52,6 +52,10 @@ def variants():
                 out.append((I8._int8_gemv_words_kernel, {**words, "x_ptr": x_type},
                             {"HAS_BIAS": True, **I8.words_constexprs(c, g), "X_KIND": x_kind}, c.num_warps,
                             c.num_stages))
+    for c in (I8.MMA_CONFIGS[0], I8.MMA_CONFIGS[-1]):
+        for x_kind, x_type in ((0, bf16), (1, "*fp16")):
+            out.append((I8._int8_gemv_mma_kernel, {**words, "x_ptr": x_type},
+                        {"HAS_BIAS": True, **I8.mma_constexprs(c), "X_KIND": x_kind}, c.num_warps, c.num_stages))
     for bits in (3, 4):
         per = {"BITS": bits, "PER": 32 // bits, "PER_P2": C.next_pow2(32 // bits)}
         c = CB.GEMV_CONFIGS[0]
@@ -75,6 +79,10 @@ def variants():
             out.append((S24._sparse24_gemv_kernel, fp32x, {"KIND": 0, "GROUP": 0, "HAS_BIAS": False,
                                                           **S24.gemv_constexprs(S24.S24_GEMV_CONFIGS[0], 0),
                                                           "X16": False}, 4, 2))
+            # the fallback when the PTX byte permute fails its self-check: the permute in integer ops
+            out.append((S24._sparse24_gemv_kernel, s24, {"KIND": 0, "GROUP": 0, "HAS_BIAS": True,
+                                                        **S24.gemv_constexprs(S24.S24_GEMV_CONFIGS[0], 0),
+                                                        "FAST": False}, 4, 2))
         out.append((S24._sparse24_gemm_kernel, s24, {"KIND": kind, "GROUP": 0, **dot, **small.kwargs}, 4, 4))
         csr = {"x_ptr": bf16, "rp_ptr": "*i32", "len_ptr": "*i32", "col_ptr": "*i16", "v_ptr": values, **side,
                "b_ptr": bf16, "out_ptr": bf16}
