@@ -178,6 +178,8 @@ def kmeans_blocks(w: torch.Tensor, valid: torch.Tensor | None, k: int, *, group_
     settled), so the blocks give what one call over the whole matrix would. One codebook per
     layer is one block of the whole layer: its sort needs the layer's keys and order.
     """
+    if not 1 <= k <= _MAX_K:  # assignments are int16 (the C kernel's and the torch path's alike)
+        raise ValueError(f"k must be in 1..{_MAX_K} (int16 assignments), got {k}")
     n, cols = w.shape
     g = group_rows
     groups = -(-n // g)
@@ -211,6 +213,7 @@ def kmeans_blocks(w: torch.Tensor, valid: torch.Tensor | None, k: int, *, group_
         yield lo, hi, c, ungrouped(assign, hi - lo, cols)
 
 
+_MAX_K = (1 << 15) - 1  # clusters an int16 assignment can name, besides -1
 _CHUNK = 1 << 19  # values per block of rows (one row may be longer): the sort's workspace is ~30 bytes a value
 
 
