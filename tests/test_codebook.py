@@ -210,3 +210,34 @@ def test_state_dict_with_unpacked_assignments_still_loads():
     fresh.load_state_dict(legacy)
     assert torch.equal(codebook_of(fresh[0]).indices(), quant.indices())
     assert torch.equal(fresh[0].weight, model[0].weight)
+
+
+def test_state_dicts_with_kept_bits_load_into_freshly_compressed_layers():
+    """A layer without a pruning mask that set_codes gave -1 assignments (it then holds `kept`),
+    and a pre-packing checkpoint of a layer not yet clustered (all -1): both load into a freshly
+    compressed model, whose own state_dict a third fresh one loads in turn."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 8))
+
+    model = tz.compress(build(), [tz.Codebook(bits=4, granularity="layer")], progress=False)
+    quant = codebook_of(model[0])
+    idx = quant.indices()
+    idx[0, :3] = -1
+    quant.set_codes(quant.centroids.detach().clone(), idx)
+    fresh = tz.compress(build(), [tz.Codebook(bits=4, granularity="layer")], progress=False)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(codebook_of(fresh[0]).indices(), idx)
+    assert torch.equal(fresh[0].weight, model[0].weight) and bool((fresh[0].weight[0, :3] == 0).all())
+
+    recipe = [tz.Codebook(bits=4, granularity="layer", start_step=2)]
+    late = tz.compress(build(), recipe, progress=False)
+    legacy = dict(late.state_dict())
+    legacy["0.parametrizations.weight.0.assign"] = torch.full((8, 16), -1, dtype=torch.int8)  # what 4f5b47b saved
+    loaded = tz.compress(build(), recipe, progress=False)
+    loaded.load_state_dict(legacy)
+    assert codebook_of(loaded[0]).kept is None
+    tz.compress(build(), recipe, progress=False).load_state_dict(loaded.state_dict())
+    for _ in range(2):
+        tz.step(loaded)
+    assert bool(codebook_of(loaded[0]).clustered) and bool((codebook_of(loaded[0]).indices() >= 0).all())

@@ -155,3 +155,15 @@ def test_threads_do_not_change_the_clustering(route):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_kmeans_rejects_more_clusters_than_int16_assignments_name():
+    # Assignments are int16 on every path: k past 32767 would wrap to negative indices silently.
+    from torchzip.passes.codebook import kmeans_1d
+
+    x = torch.randn(1, 64)
+    valid = torch.ones_like(x, dtype=torch.bool)
+    with pytest.raises(ValueError, match="k must be in 1..32767"):
+        kmeans_1d(x, valid, 40000, iterations=1)
+    centroids, assign = kmeans_1d(x, valid, 32767, iterations=1)
+    assert int(assign.min()) >= 0 and int(assign.max()) < 32767

@@ -178,6 +178,8 @@ def kmeans_blocks(w: torch.Tensor, valid: torch.Tensor | None, k: int, *, group_
     settled), so the blocks give what one call over the whole matrix would. One codebook per
     layer is one block of the whole layer: its sort needs the layer's keys and order.
     """
+    if not 1 <= k <= _MAX_K:  # assignments are int16 (the C kernel's and the torch path's alike)
+        raise ValueError(f"k must be in 1..{_MAX_K} (int16 assignments), got {k}")
     n, cols = w.shape
     g = group_rows
     groups = -(-n // g)
@@ -211,6 +213,7 @@ def kmeans_blocks(w: torch.Tensor, valid: torch.Tensor | None, k: int, *, group_
         yield lo, hi, c, ungrouped(assign, hi - lo, cols)
 
 
+_MAX_K = (1 << 15) - 1  # clusters an int16 assignment can name, besides -1
 _CHUNK = 1 << 19  # values per block of rows (one row may be longer): the sort's workspace is ~30 bytes a value
 
 
@@ -336,15 +339,28 @@ class CodebookQuant(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # A state_dict saved before assignments were packed holds them as int8/int16 [N, K] (-1:
         # no centroid): pack them into this layer's buffers, then load the rest as usual.
+        # Not yet clustered (start_step ahead: all -1), there is nothing to pack, and packing the
+        # -1s would give an unmasked layer a `kept` buffer a freshly built one lacks.
         old = state_dict.get(prefix + "assign")
         if old is not None and old.dtype in (torch.int8, torch.int16) and tuple(old.shape) == (self.assign.shape[0], self.cols):
-            rows = max(1, (1 << 20) // max(1, self.cols))
+            saved_clustered = state_dict.get(prefix + "clustered")
             with torch.no_grad():
-                for r in range(0, old.shape[0], rows):
-                    self._store(r, old[r:r + rows].to(self.assign.device))
+                if saved_clustered is not None and not bool(saved_clustered):
+                    self.assign.zero_()
+                    if self.kept is not None:
+                        self.kept.zero_()
+                else:
+                    rows = max(1, (1 << 20) // max(1, self.cols))
+                    for r in range(0, old.shape[0], rows):
+                        self._store(r, old[r:r + rows].to(self.assign.device))
             state_dict = {**state_dict, prefix + "assign": self.assign.clone()}
             if self.kept is not None:
                 state_dict[prefix + "kept"] = self.kept.clone()
+        elif self.kept is None and isinstance(state_dict.get(prefix + "kept"), torch.Tensor):
+            # Saved from a layer that set_codes gave -1 assignments without a pruning mask (so it
+            # registered `kept` then): this freshly built layer takes those bits too.
+            self.register_buffer("kept", torch.zeros(self.assign.shape[0], packed_words(self.cols, 1), dtype=torch.int32,
+                                                     device=self.assign.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def indices(self) -> torch.Tensor:
