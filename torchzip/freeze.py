@@ -139,6 +139,10 @@ def freeze(model: nn.Module) -> nn.Module:
     form would be larger than the dense weight) keep their type with the final weight baked in,
     and a note saying why (``summary`` shows it). Returns ``model`` — or, when ``model`` is itself
     a single compressed layer, the packed layer that replaces it (use the return value).
+
+    Packed tensors are taken over, not copied: a codebook layer's packed indices are the
+    trainable layer's ``assign`` buffer itself, so a reference to it kept from before (a saved
+    ``state_dict()`` entry) must not be written to afterwards.
     """
     if not isinstance(model, nn.Module):
         raise TorchzipError(f"freeze needs an nn.Module, got {type(model).__name__}")
