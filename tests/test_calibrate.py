@@ -255,6 +255,27 @@ def test_sparsegpt_refit_is_the_least_squares_optimum_of_its_mask(pattern):
     assert torch.equal(refit_kept(w, h, torch.zeros(n, k, dtype=torch.bool)), torch.zeros(n, k, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("nm", [None, (2, 4), (1, 3)])
+def test_sparsegpt_group_order_is_sparsegpt_on_permuted_groups(nm):
+    from torchzip.passes.calibrated import sparsegpt
+
+    n, k = 9, 48
+    data = correlated(n, k, seed=14)
+    h = second_moment([data(90)])
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(15))
+    new, keep = sparsegpt(w, h, sparsity=0.5, nm=nm, group_order=True)
+    m = nm[1] if nm else 1
+    energy = torch.diagonal(h).view(-1, m).sum(1)
+    order = [g * m + i for g in sorted(range(k // m), key=lambda g: -float(energy[g])) for i in range(m)]
+    ref, ref_keep = sparsegpt(w[:, order], h[order][:, order], sparsity=0.5, nm=nm)
+    assert torch.equal(keep[:, order], ref_keep) and torch.allclose(new[:, order], ref, rtol=0, atol=1e-12)
+    assert order != list(range(k))  # the order does change something here
+    if nm:
+        assert bool((keep.view(n, -1, nm[1]).sum(-1) == nm[0]).all())  # groups of the original columns
+    else:
+        assert int((~keep).sum()) == n * k // 2
+
+
 def test_prune_refit_option_reaches_the_layer():
     data = correlated(12, 32, seed=13)
     batches = [data(80)]

@@ -123,13 +123,24 @@ def _gptq_blocks(w, u, out, quantize, keep, group_size, fit_group, block) -> Non
 
 
 def sparsegpt(w: torch.Tensor, h: torch.Tensor, *, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
-              damp: float = DAMP, refit: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              damp: float = DAMP, refit: bool = False, group_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT: prune ``w`` ``[N, K]`` (unstructured to exactly ``round(sparsity * N * K)``
     zeros, or ``nm = (n, m)``: keep ``n`` of every ``m`` consecutive inputs) and update the kept
     weights to compensate. Weights are chosen within each block of columns by ``w² / [H⁻¹]_jj²``
     (the output error of removing one). ``refit``: then replace the kept weights by the exact
-    least-squares ones for that mask (:func:`refit_kept`). Returns ``(new weight float64,
-    keep-mask)``."""
+    least-squares ones for that mask (:func:`refit_kept`). ``group_order``: visit the groups of
+    ``m`` columns (single columns when unstructured) by decreasing input energy, as GPTQ's act
+    order does, so the weights that matter most are chosen first and the most columns are left to
+    absorb their error; N:M groups stay the same consecutive columns. Returns ``(new weight
+    float64, keep-mask)``."""
+    if group_order:
+        m = nm[1] if nm else 1
+        energy = torch.diagonal(h).double().view(-1, m).sum(1)
+        groups = torch.argsort(energy, descending=True, stable=True)
+        order = (groups.unsqueeze(1) * m + torch.arange(m, device=groups.device)).flatten()
+        inverse = torch.argsort(order)
+        new, keep = sparsegpt(w[:, order], h[order][:, order], sparsity=sparsity, nm=nm, damp=damp, refit=refit)
+        return new[:, inverse], keep[:, inverse]
     n_rows, k = w.shape
     original = w
     w = w.double().clone()

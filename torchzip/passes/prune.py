@@ -313,7 +313,9 @@ class Prune(LayerPass):
         m, nm = view.matrix(w.detach()), parse_nm(self.pattern)
         score = self.score if self.score != "auto" else ("wanda" if self.pattern == "channel" else "sparsegpt")
         if score == "sparsegpt":
-            new, keep = sparsegpt(m, h, sparsity=self.sparsity, nm=nm, refit=self.refit)
+            # N:M: groups by decreasing input energy (all-MiniLM 2:4 + int8: cos 0.8827 -> 0.8868 with 128
+            # calibration sentences, 0.8979 -> 0.8983 with 256).
+            new, keep = sparsegpt(m, h, sparsity=self.sparsity, nm=nm, refit=self.refit, group_order=nm is not None)
             with torch.no_grad():
                 raw_tensor(module, tensor).copy_(view.tensor(new.to(w.dtype), w.shape))
         else:
