@@ -117,6 +117,9 @@ def recipes() -> dict[str, tuple[list, list]]:
                            [tz.Codebook(bits=3, method="gptq", centroid_dtype="float16")]),
         "2:4 + int8": ([tz.Prune(pattern="2:4", score="magnitude"), tz.Quantize(method="round")],
                        [tz.Prune(pattern="2:4", score="sparsegpt"), tz.Quantize(method="gptq")]),
+        # Every Linear layer 2:4, the embedding tables (half the weights) int8 but not pruned.
+        "2:4 linear + int8": ([tz.Prune(pattern="2:4", score="magnitude", targets=["Linear"]), tz.Quantize(method="round")],
+                              [tz.Prune(pattern="2:4", score="sparsegpt", targets=["Linear"]), tz.Quantize(method="gptq")]),
         "50% + int8": ([tz.Prune(sparsity=0.5, score="magnitude"), tz.Quantize(method="round")],
                        [tz.Prune(sparsity=0.5, score="sparsegpt"), tz.Quantize(method="gptq")]),
     }

@@ -218,6 +218,78 @@ def test_sparsegpt_beats_magnitude(pattern):
     assert torch.allclose(frozen(x), sgpt(x), atol=1e-5)
 
 
+def reference_refit(w, h, keep, damp=0.01):
+    """Each row's least-squares kept weights, one row at a time: minimise (w_i - v) H' (w_i - v)^T
+    over v zero outside keep_i, by solving the normal equations on the kept columns (float64,
+    H' = H + damp * mean(diag H) * I, as SparseGPT damps it)."""
+    h = h.double() + damp * torch.diagonal(h).double().mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    out = torch.zeros(w.shape, dtype=torch.float64)
+    for i in range(w.shape[0]):
+        s = torch.nonzero(keep[i]).squeeze(1)
+        if len(s):
+            out[i, s] = torch.linalg.solve(h[s][:, s], h[s] @ w[i].double())
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_refit_is_the_least_squares_optimum_of_its_mask(pattern):
+    from torchzip.passes.calibrated import output_error, refit_kept, sparsegpt
+
+    n, k = 13, 40  # unstructured rows keep different counts (the padded path); 2:4 rows the same
+    data = correlated(n, k, seed=11)
+    h = second_moment([data(70) for _ in range(2)])
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(12))
+    nm = (2, 4) if pattern == "2:4" else None
+    plain, keep = sparsegpt(w, h, sparsity=0.55, nm=nm)
+    refit, keep2 = sparsegpt(w, h, sparsity=0.55, nm=nm, refit=True)
+    assert torch.equal(keep, keep2)  # refitting keeps the mask
+    if nm is None:
+        assert len(set(keep.sum(1).tolist())) > 1
+    ref = reference_refit(w, h, keep)
+    assert torch.allclose(refit, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
+    assert torch.equal(refit != 0, keep & (ref != 0))
+    # The optimum of the (damped) objective: no worse than SparseGPT's own updates on any row.
+    hd = h + 0.01 * torch.diagonal(h).mean() * torch.eye(k, dtype=torch.float64)
+    assert bool((output_error(refit - w, hd) <= output_error(plain - w, hd) * (1 + 1e-9)).all())
+    assert float(output_error(refit - w, hd).sum()) < 0.95 * float(output_error(plain - w, hd).sum())
+    assert torch.equal(refit_kept(w, h, torch.zeros(n, k, dtype=torch.bool)), torch.zeros(n, k, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4), (1, 3)])
+def test_sparsegpt_group_order_is_sparsegpt_on_permuted_groups(nm):
+    from torchzip.passes.calibrated import sparsegpt
+
+    n, k = 9, 48
+    data = correlated(n, k, seed=14)
+    h = second_moment([data(90)])
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(15))
+    new, keep = sparsegpt(w, h, sparsity=0.5, nm=nm, group_order=True)
+    m = nm[1] if nm else 1
+    energy = torch.diagonal(h).view(-1, m).sum(1)
+    order = [g * m + i for g in sorted(range(k // m), key=lambda g: -float(energy[g])) for i in range(m)]
+    ref, ref_keep = sparsegpt(w[:, order], h[order][:, order], sparsity=0.5, nm=nm)
+    assert torch.equal(keep[:, order], ref_keep) and torch.allclose(new[:, order], ref, rtol=0, atol=1e-12)
+    assert order != list(range(k))  # the order does change something here
+    if nm:
+        assert bool((keep.view(n, -1, nm[1]).sum(-1) == nm[0]).all())  # groups of the original columns
+    else:
+        assert int((~keep).sum()) == n * k // 2
+
+
+def test_prune_refit_option_reaches_the_layer():
+    data = correlated(12, 32, seed=13)
+    batches = [data(80)]
+    layer = nn.Linear(32, 12)
+    x = data(300)
+    errors = {}
+    for refit in (False, True):
+        out = tz.compress(nn.Sequential(layer), [tz.Prune(pattern="2:4", score="sparsegpt", refit=refit)],
+                          progress=False, calibration=batches)
+        errors[refit] = output_mse(out, nn.Sequential(layer), x)
+    assert errors[True] < errors[False]  # held-apart inputs of the same distribution
+    assert tz.Prune().refit is True
+
+
 def test_sparsegpt_then_gptq_int8_keeps_zeros_and_round_trips(tmp_path):
     data = correlated(16, 24, seed=6)
     batches = [data(64)]
@@ -366,6 +438,7 @@ def test_data_methods_without_calibration_are_refused(recipe):
     ({"score": "sparsegpt", "pattern": "channel"}, "not channels"),
     ({"score": "sparsegpt", "scope": "global"}, "scope 'layer'"),
     ({"score": "best"}, "score must be one of"),
+    ({"score": "sparsegpt", "refit": "yes"}, "refit must be true or false"),
 ])
 def test_prune_score_arguments(args, match):
     with pytest.raises(tz.RecipeError, match=match):

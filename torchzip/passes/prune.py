@@ -213,7 +213,9 @@ class Prune(LayerPass):
     ``score``: ``magnitude``; ``wanda`` (``|w| * ||x||`` over calibration inputs); ``sparsegpt``
     (output-error pruning that also updates the kept weights; unstructured and N:M); ``auto``:
     ``sparsegpt`` (``wanda`` for channels) when ``compress`` is given calibration data and the
-    prune is one-shot and per layer, else ``magnitude``.
+    prune is one-shot and per layer, else ``magnitude``. ``refit`` (SparseGPT only): after
+    choosing the mask, set the kept weights of each row to the exact least-squares solution of
+    its output error on the calibration data (costs about ``N * (K/2)^3 / 3`` flops per layer).
     """
 
     key = "prune"
@@ -228,6 +230,7 @@ class Prune(LayerPass):
     end_step: int | None = None
     frequency: int = 1
     score: str = "auto"
+    refit: bool = True
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` for argument values that cannot work."""
@@ -252,6 +255,8 @@ class Prune(LayerPass):
             raise RecipeError(f"initial_sparsity {self.initial_sparsity} exceeds sparsity {self.sparsity} in {where}: masks only grow")
         check_int(where, "frequency", self.frequency, low=1)
         check_choice(where, "score", self.score, SCORES)
+        if not isinstance(self.refit, bool):
+            raise RecipeError(f"refit must be true or false, got {self.refit!r} in {where}")
         if self.score in ("wanda", "sparsegpt") and (self.end_step is not None or self.scope != "layer"):
             raise RecipeError(f"score '{self.score}' prunes once per layer on calibration data: it needs end_step null "
                               f"and scope 'layer' in {where} (gradual and global pruning use score magnitude)")
@@ -308,7 +313,9 @@ class Prune(LayerPass):
         m, nm = view.matrix(w.detach()), parse_nm(self.pattern)
         score = self.score if self.score != "auto" else ("wanda" if self.pattern == "channel" else "sparsegpt")
         if score == "sparsegpt":
-            new, keep = sparsegpt(m, h, sparsity=self.sparsity, nm=nm)
+            # N:M: groups by decreasing input energy (all-MiniLM 2:4 + int8: cos 0.8827 -> 0.8868 with 128
+            # calibration sentences, 0.8979 -> 0.8983 with 256).
+            new, keep = sparsegpt(m, h, sparsity=self.sparsity, nm=nm, refit=self.refit, group_order=nm is not None)
             with torch.no_grad():
                 raw_tensor(module, tensor).copy_(view.tensor(new.to(w.dtype), w.shape))
         else:
