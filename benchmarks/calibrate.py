@@ -115,10 +115,11 @@ SHARED_TABLES = ["*.position_embeddings", "*.token_type_embeddings"]
 
 def codebooks(bits: int, method: str) -> list:
     """Codebooks with 16-bit centroids (384-wide rows would pay 1.3 bits per weight for float32
-    tables), int8 position/token-type tables, group codebooks for the word table."""
+    tables), int8 position/token-type tables, group codebooks for the word table; calibrated,
+    each layer fits the float model's outputs (``float_targets``)."""
     return [tz.Quantize(method="round", targets=["Embedding"], exclude=["*.word_embeddings"]),
             tz.Codebook(bits=bits, method=method, centroid_dtype="float16", exclude=SHARED_TABLES,
-                        overrides={"*.word_embeddings": {"granularity": "group"}})]
+                        overrides={"*.word_embeddings": {"granularity": "group"}}, float_targets=method != "kmeans")]
 
 
 def recipes() -> dict[str, tuple[list, list]]:
