@@ -109,7 +109,8 @@ def embed(model: nn.Module, batches: list[dict]) -> torch.Tensor:
 # Tables every token reads (BERT's position and token-type embeddings): their codebook error is the
 # same in every sentence and does not average out (4-bit token types alone: cos 0.9967), so they
 # stay int8 (0.2 MB). The word table (a row per token) takes group codebooks: as close as per-row
-# ones (cos 0.9983 either way) for 0.9 MB less. Same as recipes/calibrated_codebook4_distill.yaml.
+# ones (cos 0.9983 either way) for 0.9 MB less. The names are BERT's: the shipped recipe
+# (recipes/calibrated_codebook4_distill.yaml) keeps only the model-agnostic part.
 SHARED_TABLES = ["*.position_embeddings", "*.token_type_embeddings"]
 
 

@@ -117,6 +117,7 @@ class _Accumulator:
 
     def __init__(self, module: nn.Module) -> None:
         self.module, self.h, self.cross, self.rows, self.calls = module, None, None, 0, 0
+        self.paired = True
 
     def rows_of(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """The input rows of one call, float32, padding tokens left out."""
@@ -129,9 +130,11 @@ class _Accumulator:
         rows = self.rows_of(x, tokens)
         xtx = (rows.T @ rows).double()  # float32 product per batch, float64 sum across batches
         self.h = xtx if self.h is None else self.h + xtx
-        if reference is not None:
+        if reference is not None and reference.shape == rows.shape:
             cross = (reference.T @ rows).double()
             self.cross = cross if self.cross is None else self.cross + cross
+        elif reference is not None or self.cross is not None:
+            self.paired = False  # rows without their float twin (a layer called twice): no cross moment
         self.rows += rows.shape[0]
         self.calls += 1
 
@@ -362,7 +365,10 @@ def sweep(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list,
             stats = _accumulate(model, layers, group, batches, run, reference, ref_layers, ref_run)
         for i in group:
             if stats[i].h is not None:
-                compress_layer(i, stats[i].h) if reference is None else compress_layer(i, stats[i].h, stats[i].cross)
+                if reference is None:
+                    compress_layer(i, stats[i].h)
+                else:  # None when some rows had no float twin: the pass then uses its usual target
+                    compress_layer(i, stats[i].h, stats[i].cross if stats[i].paired else None)
     return [i for i in range(len(layers)) if i not in done]
 
 
@@ -388,7 +394,13 @@ def _accumulate(model: nn.Module, layers: list[tuple[str, nn.Module]], group: li
     def hook(i: int) -> Callable:
         def record(module: nn.Module, args: tuple) -> None:
             if args and isinstance(args[0], torch.Tensor):
-                stats[i].add(args[0], tokens[0], ref_rows.pop(i, None) if reference is not None else None)
+                if reference is None:
+                    stats[i].add(args[0], tokens[0])
+                elif i in ref_rows:
+                    stats[i].add(args[0], tokens[0], ref_rows.pop(i))
+                else:
+                    stats[i].add(args[0], tokens[0])
+                    stats[i].paired = False
             pending.discard(i)
             if not pending:
                 raise _Stop
