@@ -136,6 +136,63 @@ def test_calibrated_codebook_is_the_least_squares_codebook_of_its_assignments():
         assert output_mse(model, nn.Sequential(layer), x) < output_mse(kmeans, nn.Sequential(layer), x)
 
 
+def test_float_target_weight_is_the_least_squares_fit_to_the_float_outputs():
+    from torchzip.passes.calibrated import float_target_weight
+
+    gen = torch.Generator().manual_seed(11)
+    m, k, n = 300, 17, 5
+    x_ref = torch.randn(m, k, generator=gen, dtype=torch.float64) * torch.logspace(-1, 1, k, dtype=torch.float64)
+    x = x_ref + 0.3 * torch.randn(m, k, generator=gen, dtype=torch.float64)  # the compressed model's inputs
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    got = float_target_weight(w.float(), x.T @ x, x_ref.T @ x, damp=1e-12)
+    best = torch.linalg.lstsq(x, x_ref @ w.T).solution.T  # argmin_Q |X_ref W^T - X Q^T|, in float64
+    assert torch.allclose(got, best, rtol=1e-6, atol=1e-6)
+    # Damping shrinks the correction towards W, and inputs equal to the float ones leave W as it is.
+    damped = float_target_weight(w, x.T @ x, x_ref.T @ x, damp=1e3)
+    assert (damped - w).norm() < 0.01 * (best - w).norm()
+    assert torch.allclose(float_target_weight(w, x.T @ x, x.T @ x), w, atol=1e-12)
+
+
+@pytest.mark.parametrize("reuse_blocks", [True, False])
+def test_float_targets_get_the_cross_moment_of_float_and_compressed_inputs(monkeypatch, reuse_blocks):
+    from torchzip.passes import calibrated
+
+    data = correlated(0, 12, seed=5)
+    batches = [data(40) for _ in range(3)]
+    model = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 9), nn.Tanh(), nn.Linear(9, 4))
+    crosses = []
+    real = calibrated.float_target_weight
+    monkeypatch.setattr(calibrated, "float_target_weight",
+                        lambda w, h, cross, **kw: (crosses.append((h.clone(), cross.clone())), real(w, h, cross, **kw))[1])
+    real_sweep = calibrate.sweep
+    monkeypatch.setattr(calibrate, "sweep", lambda *a, **kw: real_sweep(*a, **dict(kw, reuse_blocks=reuse_blocks)))
+    out = tz.compress(model, [tz.Codebook(bits=2, granularity="layer", method="gptq", float_targets=True)], progress=False,
+                      calibration=batches)
+    assert len(crosses) == 3
+
+    def rows(net, index):
+        got = []
+        handle = net[index].register_forward_pre_hook(lambda m, args: got.append(args[0].double()))
+        with torch.no_grad():
+            for b in batches:
+                net(b)
+        handle.remove()
+        return torch.cat(got)
+
+    for index, (h, cross) in zip((0, 2, 4), crosses):
+        x, x_ref = rows(out, index), rows(model, index)
+        scale = float((x.T @ x).abs().max())
+        assert torch.allclose(h, x.T @ x, rtol=1e-5, atol=1e-5 * scale)
+        assert torch.allclose(cross, x_ref.T @ x, rtol=1e-5, atol=1e-5 * scale)
+        if index:  # 2-bit layers before it: the compressed inputs are not the float ones
+            assert not torch.allclose(x, x_ref, atol=1e-2)
+    # Fitting the float outputs undoes some of the error of the layers before: on fresh inputs the
+    # whole network's output error is smaller than with the usual targets.
+    plain = tz.compress(model, [tz.Codebook(bits=2, granularity="layer", method="gptq")], progress=False, calibration=batches)
+    x = data(500)
+    assert output_mse(out, model, x) < output_mse(plain, model, x)
+
+
 def test_weighted_kmeans_reduces_output_error():
     k, n = 64, 23
     # Known, diagonal input covariance: feature j has standard deviation scale[j].
@@ -338,6 +395,37 @@ def test_sequential_calibration_feeds_compressed_outputs_forward(monkeypatch):
             assert not torch.allclose(h, original, rtol=1e-5, atol=1e-5 * float(original.abs().max()))
 
 
+class EmbedThenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(40, 12), nn.Linear(12, 7)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids))
+
+
+def test_layers_compressed_from_weights_alone_come_first_in_the_sweep(monkeypatch):
+    # The embedding takes no calibration: it is clustered before the sweep, so the linear after
+    # it is calibrated on the compressed table's rows, not the float ones.
+    torch.manual_seed(3)
+    model = EmbedThenLinear()
+    batches = [torch.randint(0, 40, (5, 9)) for _ in range(3)]
+    seen = {}
+    real = tz.Codebook.compress_calibrated
+    monkeypatch.setattr(tz.Codebook, "compress_calibrated",
+                        lambda self, name, module, h, group: (seen.setdefault(name, h.clone()), real(self, name, module, h, group))[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the embedding is not calibrated: one warning says so
+        out = tz.compress(model, [tz.Codebook(bits=2, method="gptq")], progress=False, calibration=batches)
+    assert list(seen) == ["fc"]
+    with torch.no_grad():
+        rows = lambda table: torch.cat([table(b).reshape(-1, 12).double() for b in batches])
+        compressed, original = rows(out.emb), rows(model.emb)
+    assert not torch.allclose(compressed, original, atol=1e-3)  # 2-bit rows differ from float ones
+    ref = compressed.T @ compressed
+    assert torch.allclose(seen["fc"], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
 class Branches(nn.Module):
     def __init__(self):
         super().__init__()
@@ -450,6 +538,10 @@ def test_method_arguments():
         tz.Quantize(method="awq")
     with pytest.raises(tz.RecipeError, match="start_step 0"):
         tz.Codebook(method="gptq", start_step=5)
+    with pytest.raises(tz.RecipeError, match="float_targets needs calibration"):
+        tz.Codebook(method="kmeans", float_targets=True)
+    with pytest.raises(tz.RecipeError, match="float_targets must be true or false"):
+        tz.Codebook(float_targets="yes")
     assert tz.Recipe.from_yaml("passes:\n  - prune: {pattern: '2:4', score: sparsegpt}\n  - quantize: {method: gptq}\n"
                                ).passes[1].method == "gptq"
 

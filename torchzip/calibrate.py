@@ -16,12 +16,17 @@ that block for each of its groups, then once more to make the next block's input
 passes in all instead of one per group, with the same statistics. Padding tokens (zeros of a
 dict batch's ``attention_mask``) are left out of ``X^T X``: they are part of no output.
 
+With a ``reference`` (a float copy of the model), each batch also runs through it, and the sweep
+sums the cross moment ``X_ref^T X`` of each layer's float and compressed inputs, for passes that
+fit the float model's outputs (``codebook: {float_targets: true}``).
+
 A batch is what the model is called with: a tensor (``model(x)``), a tuple or list
 (``model(*x)``), or a dict (``model(**x)``, Hugging Face style).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
@@ -107,18 +112,29 @@ def token_mask(batch: Any) -> torch.Tensor | None:
 
 
 class _Accumulator:
-    """``X^T X`` of one layer's input rows, summed in float64 over calls."""
+    """``X^T X`` of one layer's input rows, summed in float64 over calls; with reference rows
+    (the same rows as the float model computes them), also ``X_ref^T X``."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.module, self.h, self.rows, self.calls = module, None, 0, 0
+        self.module, self.h, self.cross, self.rows, self.calls = module, None, None, 0, 0
+        self.paired = True
 
-    def add(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
+    def rows_of(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The input rows of one call, float32, padding tokens left out."""
         x = x.detach()
         if tokens is not None and x.dim() == 3 and x.shape[:2] == tokens.shape and kind_of(self.module).name in ("Linear", "Conv1D"):
             x = x[tokens]  # padding positions are not part of any output: leave them out
-        rows = input_rows(self.module, x).float()
+        return input_rows(self.module, x).float()
+
+    def add(self, x: torch.Tensor, tokens: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> None:
+        rows = self.rows_of(x, tokens)
         xtx = (rows.T @ rows).double()  # float32 product per batch, float64 sum across batches
         self.h = xtx if self.h is None else self.h + xtx
+        if reference is not None and reference.shape == rows.shape:
+            cross = (reference.T @ rows).double()
+            self.cross = cross if self.cross is None else self.cross + cross
+        elif reference is not None or self.cross is not None:
+            self.paired = False  # rows without their float twin (a layer called twice): no cross moment
         self.rows += rows.shape[0]
         self.calls += 1
 
@@ -293,13 +309,25 @@ class _BlockInputs:
         self.block += 1
 
 
+def _twins(model: nn.Module, reference: nn.Module, modules: list[nn.Module]) -> list[nn.Module]:
+    """The modules of ``reference`` (a copy of ``model``) with the names ``modules`` have in ``model``."""
+    names = {id(m): n for n, m in model.named_modules()}
+    theirs = dict(reference.named_modules())
+    return [theirs[names[id(m)]] for m in modules]
+
+
 def sweep(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list,
-          compress_layer: Callable[[int, torch.Tensor], None], *, progress: bool = False, desc: str = "calibrate",
-          reuse_blocks: bool = True) -> list[int]:
+          compress_layer: Callable[..., None], *, progress: bool = False, desc: str = "calibrate",
+          reuse_blocks: bool = True, reference: nn.Module | None = None) -> list[int]:
     """Calibrate ``layers`` in the order the model calls them: for each group (layers sharing an
     input), sum ``X^T X`` of their inputs over ``batches`` with the model as compressed so far,
     then call ``compress_layer(index into layers, H)`` for each. Returns the indices of layers
     the model never called (they get no statistics).
+
+    ``reference``: an uncompressed copy of ``model`` (same module names). Each batch then also
+    runs through it, and ``compress_layer(i, H, C)`` gets ``C = X_ref^T X``, the cross moment of
+    the layer's float inputs ``X_ref`` with its inputs in the compressed model ``X`` (row by
+    row, the same tokens), for passes that fit the float model's outputs.
 
     When the model runs its layers' blocks as a chain (a transformer's layer list), the inputs
     of the current block are kept for every batch and only that block is re-run per group, then
@@ -308,55 +336,100 @@ def sweep(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list,
     """
     plan = _Plan(model, layers, batches[0])
     blocks = plan.blocks if reuse_blocks else None
+    ref_layers = None if reference is None else _twins(model, reference, [m for _, m in layers])
+    ref_blocks = None if reference is None or blocks is None else _twins(model, reference, blocks)
     cache: _BlockInputs | None = None
+    ref_cache: _BlockInputs | None = None
     use_cache = blocks is not None
     done = {i for g in plan.groups for i in g}
     for group, b in zip(bar(plan.groups, progress, desc=desc, leave=False), plan.block_of):
-        run = None
+        run = ref_run = None
         if use_cache and b is not None:
             if cache is not None and cache.block == b - 1:
                 cache.advance(model, blocks, plan.tuple_out)
+                if ref_cache is not None:
+                    ref_cache.advance(reference, ref_blocks, plan.tuple_out)
             elif cache is None or cache.block != b:
                 cache = _BlockInputs.capture(model, blocks, b, batches)
+                if cache is not None and reference is not None:
+                    ref_cache = _BlockInputs.capture(reference, ref_blocks, b, batches)
+                    cache = cache if ref_cache is not None else None
                 use_cache = cache is not None  # too big or unreachable: the whole model from now on
             if cache is not None:
                 run = [(blocks[b], args, kwargs) for args, kwargs in cache.inputs]
-        stats = _accumulate(model, layers, group, batches, run)
+                if ref_cache is not None:
+                    ref_run = [(ref_blocks[b], args, kwargs) for args, kwargs in ref_cache.inputs]
+        if reference is None:
+            stats = _accumulate(model, layers, group, batches, run)
+        else:
+            stats = _accumulate(model, layers, group, batches, run, reference, ref_layers, ref_run)
         for i in group:
             if stats[i].h is not None:
-                compress_layer(i, stats[i].h)
+                if reference is None:
+                    compress_layer(i, stats[i].h)
+                else:  # None when some rows had no float twin: the pass then uses its usual target
+                    compress_layer(i, stats[i].h, stats[i].cross if stats[i].paired else None)
     return [i for i in range(len(layers)) if i not in done]
 
 
+def _calls(model: nn.Module, batches: list, run: list[tuple[nn.Module, tuple, dict]] | None) -> list[Callable]:
+    if run is None:
+        return [(lambda b=b: call_model(model, b)) for b in batches]
+    return [(lambda m=m, a=a, k=k: m(*a, **k)) for m, a, k in run]
+
+
 def _accumulate(model: nn.Module, layers: list[tuple[str, nn.Module]], group: list[int], batches: list,
-                run: list[tuple[nn.Module, tuple, dict]] | None) -> dict[int, _Accumulator]:
+                run: list[tuple[nn.Module, tuple, dict]] | None, reference: nn.Module | None = None,
+                ref_layers: list[nn.Module] | None = None,
+                ref_run: list[tuple[nn.Module, tuple, dict]] | None = None) -> dict[int, _Accumulator]:
     """``X^T X`` of the group's inputs: the model on every batch, or (``run``) one block on its
-    cached inputs; each forward stops once every layer of the group has seen its input."""
+    cached inputs; each forward stops once every layer of the group has seen its input. With a
+    ``reference`` model, each batch first runs through it (or ``ref_run``'s block) to record the
+    group's float input rows, which the cross moments then pair with the model's."""
     stats = {i: _Accumulator(layers[i][1]) for i in group}
     pending: set[int] = set()
     tokens: list[torch.Tensor | None] = [None]
+    ref_rows: dict[int, torch.Tensor] = {}
 
     def hook(i: int) -> Callable:
         def record(module: nn.Module, args: tuple) -> None:
             if args and isinstance(args[0], torch.Tensor):
-                stats[i].add(args[0], tokens[0])
+                if reference is None:
+                    stats[i].add(args[0], tokens[0])
+                elif i in ref_rows:
+                    stats[i].add(args[0], tokens[0], ref_rows.pop(i))
+                else:
+                    stats[i].add(args[0], tokens[0])
+                    stats[i].paired = False
+            pending.discard(i)
+            if not pending:
+                raise _Stop
+        return record
+
+    def ref_hook(i: int) -> Callable:
+        def record(module: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                ref_rows[i] = stats[i].rows_of(args[0], tokens[0])
             pending.discard(i)
             if not pending:
                 raise _Stop
         return record
 
     handles = [layers[i][1].register_forward_pre_hook(hook(i)) for i in group]
-    calls = [(lambda b=b: call_model(model, b)) for b in batches] if run is None else \
-        [(lambda m=m, a=a, k=k: m(*a, **k)) for m, a, k in run]
+    if reference is not None:
+        handles += [ref_layers[i].register_forward_pre_hook(ref_hook(i)) for i in group]
+    calls = _calls(model, batches, run)
+    ref_calls = [None] * len(batches) if reference is None else _calls(reference, batches, ref_run)
     try:
-        with torch.no_grad(), eval_mode(model):
-            for call, batch in zip(calls, batches):
+        with torch.no_grad(), eval_mode(model), eval_mode(reference) if reference is not None else contextlib.nullcontext():
+            for call, ref_call, batch in zip(calls, ref_calls, batches):
                 tokens[0] = token_mask(batch)
-                pending.update(group)
-                try:
-                    call()
-                except _Stop:
-                    pass
+                for c in ([ref_call] if ref_call is not None else []) + [call]:
+                    pending.update(group)
+                    try:
+                        c()
+                    except _Stop:
+                        pass
     finally:
         for h in handles:
             h.remove()

@@ -291,6 +291,26 @@ def _solve(lhs: torch.Tensor, rhs: torch.Tensor, old: torch.Tensor) -> torch.Ten
     return torch.linalg.solve(lhs + ridge * eye, rhs + ridge.view(-1, 1) * old)
 
 
+TARGET_DAMP = 0.1  # measured on all-MiniLM-L6-v2, 256 sentences: better than 0.01 (which overfits)
+
+
+def float_target_weight(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, damp: float = TARGET_DAMP) -> torch.Tensor:
+    """The weight to quantize so that a layer fits the float model's outputs, not only its own
+    float weight on the compressed model's inputs (GPTQ's sequential target).
+
+    ``w`` ``[N, K]``; ``h = X^T X`` of the layer's inputs in the compressed model; ``cross =
+    X_ref^T X`` with the same rows as the float model computes them. The best weight on the
+    compressed inputs, ``argmin_Q sum_t |W x_ref,t - Q x_t|^2 = W C H^-1``, differs from the
+    error against it by a constant, so quantizing it onto ``H`` also undoes the error of the
+    layers before. Returned as ``W + W (C - H) (H + damp * mean(diag H) * I)^-1`` (float64): the
+    damping shrinks the correction where the rows are too few to pin it down."""
+    h, w = h.double(), w.double()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    lam = damp * float(torch.diagonal(h).mean().clamp(min=1e-30))
+    # (C - H) (H + lam I)^-1 = ((H + lam I)^-1 (C - H)^T)^T, H symmetric.
+    return w + w @ torch.linalg.solve(h + lam * eye, (cross.double() - h).T).T
+
+
 def nearest_centroid(col: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Index of the nearest of ``centroids`` (``[N, k]`` per row, or ``[1, k]`` shared) for each
     value of ``col`` ``[N]``."""

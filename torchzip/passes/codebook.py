@@ -466,6 +466,7 @@ class Codebook(LayerPass):
     method: str = "auto"
     centroid_dtype: str = "float32"
     group_rows: int = 16
+    float_targets: bool = False
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` for argument values that cannot work."""
@@ -479,6 +480,10 @@ class Codebook(LayerPass):
         check_choice(where, "method", self.method, METHODS)
         check_choice(where, "centroid_dtype", self.centroid_dtype, CENTROID_DTYPES)
         check_int(where, "group_rows", self.group_rows, low=1)
+        if not isinstance(self.float_targets, bool):
+            raise RecipeError(f"codebook float_targets must be true or false, got {self.float_targets!r} in {where}")
+        if self.float_targets and self.method == "kmeans":
+            raise RecipeError(f"codebook float_targets needs calibration: it cannot go with method 'kmeans' in {where}")
         if self.needs_calibration() and self.start_step:
             raise RecipeError(f"codebook method '{self.method}' clusters on calibration data when compressing: it needs "
                               f"start_step 0 in {where}")
@@ -493,6 +498,10 @@ class Codebook(LayerPass):
     def uses_calibration(self) -> bool:
         """Uses data when given, for codebooks clustered at once, unless ``method`` is ``kmeans``."""
         return self.method != "kmeans" and self.start_step == 0
+
+    def fits_float_outputs(self) -> bool:
+        """``float_targets``: each layer fits the float model's outputs (see :func:`float_target_weight`)."""
+        return self.float_targets and self.uses_calibration()
 
     def _quant(self, module: nn.Module, tensor: str, view: WeightView) -> tuple[CodebookQuant, bool]:
         """An unclustered codebook for one tensor, and whether ``auto`` chose one per layer."""
@@ -516,15 +525,20 @@ class Codebook(LayerPass):
                           f"codebooks, clustered per layer: {', '.join(short[:8])}" + (" ..." if len(short) > 8 else ""),
                           stacklevel=4)
 
-    def compress_calibrated(self, name: str, module: nn.Module, h: torch.Tensor, group: str) -> None:
+    def compress_calibrated(self, name: str, module: nn.Module, h: torch.Tensor, group: str,
+                            cross: torch.Tensor | None = None) -> None:
         """Cluster one layer by k-means weighted by its inputs' second moments (the diagonal of
-        ``h``), then (``gptq``) assign columns in order with error feedback onto that codebook."""
-        from torchzip.passes.calibrated import act_order, inverse_hessian_factor, refit_codebook
+        ``h``), then (``gptq``) assign columns in order with error feedback onto that codebook.
+        ``cross`` (with ``float_targets``): the cross moment of the layer's float and compressed
+        inputs; what is clustered is then the weight that best fits the float outputs."""
+        from torchzip.passes.calibrated import act_order, float_target_weight, inverse_hessian_factor, refit_codebook
 
         (tensor, view), = self.tensors(module)
         quant, short = self._quant(module, tensor, view)
         quant.auto_layer = short  # for apply_calibrated's one warning
         w = view.matrix(getattr(module, tensor).detach()).float()
+        if cross is not None and self.float_targets:
+            w = float_target_weight(w, h, cross).float()
         keep = _keep_mask(module, tensor)
         valid = torch.ones_like(w, dtype=torch.bool) if keep is None else view.matrix(keep)
         weights = torch.diagonal(h).float().clamp(min=0).expand_as(w)

@@ -167,6 +167,11 @@ class LayerPass(Pass):
         """Whether this pass uses calibration data when ``compress`` is given some."""
         return False
 
+    def fits_float_outputs(self) -> bool:
+        """Whether :meth:`compress_calibrated` takes the cross moment of each layer's float and
+        compressed-model inputs (fitting the float model's outputs; see :func:`calibrate.sweep`)."""
+        return False
+
     def compress_calibrated(self, name: str, module: nn.Module, h, group: str) -> None:
         """Compress one layer whose inputs have second moment ``h`` (``[K, K]`` float64, summed
         over calibration rows) and attach its parametrization (passes that use data override it)."""
@@ -174,8 +179,9 @@ class LayerPass(Pass):
 
     def apply_calibrated(self, model: nn.Module, plan: Plan, group: str, progress: bool, batches: list) -> None:
         """Apply this pass layer by layer on calibration data (:func:`torchzip.calibrate.sweep`);
-        layers that cannot be calibrated (kind, tied weights, never called) are compressed from
-        their weights alone, with one warning."""
+        layers that cannot be calibrated (kind, tied weights) are compressed from their weights
+        alone first, so that the layers calibrated after them see their compressed outputs (layers
+        the batches never call: after the sweep), with one warning."""
         from torchzip.calibrate import sweep, why_not_calibrated
 
         held = holders(model)
@@ -192,18 +198,23 @@ class LayerPass(Pass):
                 rest.append((name, module, own))
                 if own.uses_calibration():
                     notes.append(f"{name} ({reason})")
+        # A pass that fits the float model's outputs needs that model as it is now, uncompressed.
+        reference = copy.deepcopy(model) if calibrated and self.fits_float_outputs() else None
+        if rest:  # first, so that the layers calibrated after them see what they output compressed
+            self.apply(model, rest, group, progress)
         if calibrated:
             missed = sweep(model, [(n, m) for n, m, _ in calibrated], batches,
-                           lambda i, h: calibrated[i][2].compress_calibrated(calibrated[i][0], calibrated[i][1], h, group),
-                           progress=progress, desc=f"calibrate {self.key}")
+                           lambda i, h, *cross: calibrated[i][2].compress_calibrated(calibrated[i][0], calibrated[i][1],
+                                                                                     h, group, *cross),
+                           progress=progress, desc=f"calibrate {self.key}", reference=reference)
+            del reference
             for i in missed:
-                rest.append(calibrated[i])
                 notes.append(f"{calibrated[i][0]} (the calibration batches never call it)")
+            if missed:
+                self.apply(model, [calibrated[i] for i in missed], group, progress)
         if notes:
             warnings.warn(f"pass '{self.key}': {len(notes)} layer(s) compressed from their weights alone, without "
                           f"calibration: {'; '.join(notes[:8])}" + (" ..." if len(notes) > 8 else ""), stacklevel=4)
-        if rest:
-            self.apply(model, rest, group, progress)
 
 
 # ---- planning: what each pass takes, checked before anything changes ------------------------
