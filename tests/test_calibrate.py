@@ -665,4 +665,14 @@ def test_refit_codebook_matches_float64_normal_equations_for_groups_and_unassign
         lhs[i // rows] += a.T @ h @ a
         rhs[i // rows] += a.T @ h @ w[i]
     ref = torch.linalg.solve(lhs, rhs)
-    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    # H is summed in float32 inside: compare by the normal equations' residual and the objective
+    # (a one-row group's system can be ill-conditioned, so the centroids themselves may differ
+    # by more than float32 rounding while solving the equations as well).
+    residual = torch.einsum("gij,gj->gi", lhs, got) - rhs
+    assert float(residual.norm()) <= 1e-5 * float(rhs.norm())
+    assert torch.allclose(got, ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
+
+    def objective(c):
+        err = w - torch.where(assign >= 0, c.repeat_interleave(rows, 0)[:n].gather(1, assign.clamp(min=0)), 0)
+        return float(torch.einsum("ik,kl,il->", err, h, err))
+    assert objective(got) <= objective(ref) * (1 + 1e-6)
