@@ -187,10 +187,17 @@ def test_float_targets_get_the_cross_moment_of_float_and_compressed_inputs(monke
         if index:  # 2-bit layers before it: the compressed inputs are not the float ones
             assert not torch.allclose(x, x_ref, atol=1e-2)
     # Fitting the float outputs undoes some of the error of the layers before: on fresh inputs the
-    # whole network's output error is smaller than with the usual targets.
-    plain = tz.compress(model, [tz.Codebook(bits=2, granularity="layer", method="gptq")], progress=False, calibration=batches)
-    x = data(500)
-    assert output_mse(out, model, x) < output_mse(plain, model, x)
+    # whole network's output error is smaller than with the usual targets, summed over a few
+    # networks (one small random network can go either way: about 1 in 10 does not gain).
+    totals = {True: 0.0, False: 0.0}
+    for _ in range(6):
+        net = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 9), nn.Tanh(), nn.Linear(9, 4))
+        x = data(500)
+        for fit in totals:
+            got = tz.compress(net, [tz.Codebook(bits=2, granularity="layer", method="gptq", float_targets=fit)],
+                              progress=False, calibration=batches)
+            totals[fit] += output_mse(got, net, x)
+    assert totals[True] < totals[False]
 
 
 def test_weighted_kmeans_reduces_output_error():
