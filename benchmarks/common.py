@@ -22,6 +22,27 @@ def git_commit() -> str:
         return "uncommitted"
 
 
+def cpu_info() -> dict:
+    """The CPU's name, family/model and vector extensions (CPU timings depend on the
+    microarchitecture: e.g. bf16 matmuls and the AVX2 lookups differ a lot between AMD Zen 2 and
+    Zen 4, which report the same model name on some virtual machines)."""
+    info: dict = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    first = text.split("\n\n", 1)[0]
+    for line in first.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key in ("model name", "cpu family", "model"):
+            info[key.replace(" ", "_")] = value
+        elif key == "flags":
+            flags = set(value.split())
+            info["vector"] = sorted(flags & {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512vl", "amx_bf16"})
+    return info
+
+
 def run_info() -> dict:
     """Date, commit, machine and library versions for a results file."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
@@ -32,6 +53,7 @@ def run_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu": cpu_info(),
     }
 
 
