@@ -262,6 +262,35 @@ static int cmp_i64(const void *a, const void *b) {
    running sum of the valid keys, summed here in order as torch's cumsum does). centroids
    [g, kk] in/out. Then assign[r, order[r, p]] = cluster of sorted position p (-1 past n_valid), as
    int16: a quarter of the int64 order beside it, and wide enough for 8-bit codebooks. */
+/* out[r, j] = (float)q[r, j] * scales[r, j / group] (group = k: one scale a row): the same
+   single rounding as widening then multiplying in torch, in one pass over the output. */
+void tz_int8_dequantize(const int8_t *q, int64_t qstride, const float *scales, int64_t sstride, int64_t group,
+                        int64_t rows, int64_t k, float *out, int64_t ostride, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const int8_t *qr = q + r * qstride;
+        const float *sr = scales + r * sstride;
+        float *o = out + r * ostride;
+        for (int64_t g0 = 0, gi = 0; g0 < k; g0 += group, gi++) {  /* a group at a time: no division */
+            const int64_t g1 = g0 + group < k ? g0 + group : k;
+            const float s = sr[gi];
+            const __m256 vs = _mm256_set1_ps(s);
+            int64_t j = g0;
+            for (; j + 32 <= g1; j += 32) {
+                __m256i b = _mm256_loadu_si256((const __m256i *)(qr + j));
+                __m128i lo = _mm256_castsi256_si128(b), hi = _mm256_extracti128_si256(b, 1);
+                _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), vs));
+                _mm256_storeu_ps(o + j + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), vs));
+                _mm256_storeu_ps(o + j + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), vs));
+                _mm256_storeu_ps(o + j + 24, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), vs));
+            }
+            for (; j + 8 <= g1; j += 8)
+                _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qr + j)))), vs));
+            for (; j < g1; j++) o[j] = (float)qr[j] * s;
+        }
+    }
+}
+
 void tz_lloyd_sorted(const float *keys, const double *sum_x, const double *sum_w, const int64_t *n_valid,
                      int64_t g, int64_t n, int64_t kk, float *centroids, int iterations, const int64_t *order,
                      int16_t *assign, int threads) {
@@ -383,6 +412,8 @@ def _build() -> ctypes.CDLL:
     lib.tz_codebook_dequantize.restype = None
     lib.tz_codebook_linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i32, i64, ptr, i32]
     lib.tz_codebook_linear.restype = None
+    lib.tz_int8_dequantize.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, i32]
+    lib.tz_int8_dequantize.restype = None
     lib.tz_lloyd_sorted.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr, i32, ptr, ptr, i32]
     lib.tz_lloyd_sorted.restype = None
     return lib
@@ -409,6 +440,13 @@ def _self_check(lib: ctypes.CDLL) -> bool:
             ref = x.double() @ want.double().t()
             if not bool(((y.double() - ref).abs() <= 1e-5 * (x.double().abs() @ want.double().abs().t()) + 1e-30).all()):
                 return False
+    for group in (37 * 2, 8, 3):  # one scale a row (k = 74), groups of 8 (vector path), ragged groups
+        q = torch.randint(-128, 128, (5, 74), generator=gen, dtype=torch.int8)
+        scales = torch.rand(5, 74 // group if 74 % group == 0 else -(-74 // group), generator=gen) + 1e-3
+        got = torch.empty(5, 74)
+        int8_dequantize_rows(q, scales, group, got)
+        if not torch.equal(got, q.float() * scales.repeat_interleave(group, 1)[:, :74]):
+            return False
     return True
 
 
@@ -465,6 +503,20 @@ def dequantize_rows(packed: torch.Tensor, book: torch.Tensor, bits: int, out: to
     book, bstride = _books(book)
     _lib.tz_codebook_dequantize(packed.data_ptr(), packed.shape[1], book.data_ptr(), bstride, bits, out.shape[0],
                                 out.shape[1], out.data_ptr(), out.stride(0), _KIND[out.dtype], torch.get_num_threads())
+    return out
+
+
+def int8_dequantize_rows(q: torch.Tensor, scales: torch.Tensor, group: int, out: torch.Tensor) -> torch.Tensor:
+    """``out[r, j] = float(q[r, j]) * scales[r, j // group]`` (bit for bit torch's widen then
+    multiply): ``q`` ``[R, K]`` int8, ``scales`` ``[R, ceil(K / group)]`` fp32, ``out`` ``[R, K]``
+    fp32; unit stride along K for all three. Returns ``out``."""
+    rows, k = q.shape
+    _need(q.dtype == torch.int8 and scales.dtype == torch.float32 and out.dtype == torch.float32
+          and q.stride(-1) == 1 and scales.stride(-1) == 1 and out.stride(-1) == 1 and out.shape == q.shape
+          and scales.shape[0] == rows and group >= 1 and scales.shape[1] * group >= k,
+          "int8_dequantize_rows takes int8 q, fp32 scales and an fp32 out of q's shape, unit stride along K")
+    _lib.tz_int8_dequantize(q.data_ptr(), q.stride(0), scales.data_ptr(), scales.stride(0), group, rows, k,
+                            out.data_ptr(), out.stride(0), torch.get_num_threads())
     return out
 
 

@@ -186,3 +186,29 @@ def test_compiled_loop_is_bitwise_torch(init, monkeypatch):
     row = torch.randn(1, 200_003)
     a, b = both_routes(monkeypatch, row, torch.rand(1, 200_003) > 0.1, 8, init=init)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@needs_kernels
+@pytest.mark.parametrize("group", [0, 8, 32, 12, 5])
+def test_int8_block_dequantize_is_bitwise_torch(monkeypatch, group):
+    # The compiled one-pass dequantize gives the very floats torch's widen-then-scale gives (so the
+    # blocked int8 linear stays bitwise F.linear of the frozen weight), at odd widths and groups.
+    from torchzip.packed import Int8Weight
+
+    calls = []
+    real = codebook_cpu.int8_dequantize_rows
+    monkeypatch.setattr(codebook_cpu, "int8_dequantize_rows", lambda *a: (calls.append(1), real(*a))[1])
+    k = (group or 7) * int(torch.randint(3, 40, ()))  # rows of whole groups (or any width per channel)
+    n = int(torch.randint(1, 70, ()))
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    scales = torch.rand(n, k // group if group else 1) * 10.0 ** float(torch.randint(-6, 3, ()))
+    w = Int8Weight(q, scales, group, torch.float32)
+    out = torch.empty(n - n // 3, k)
+    got = w.dequantize_block(n // 3, n, out)
+    g = group or k
+    want = (q[n // 3:].double().view(-1, k // g, g) * scales[n // 3:].double().unsqueeze(-1)).float().view(-1, k)
+    assert calls and torch.equal(got, want)  # one rounding of the exact product
+    monkeypatch.setattr(codebook_cpu, "available", lambda: False)  # the torch route: the same floats
+    assert torch.equal(w.dequantize_block(n // 3, n, torch.empty_like(out)), got)
+    with pytest.raises(RuntimeError, match="int8_dequantize_rows takes"):
+        real(q.float(), scales, g, torch.empty(n, k))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from torchzip.kernels import codebook_cpu
 from torchzip.packed.base import PackedWeight, WeightState, register_format
 from torchzip.packed.values import Int8Values, check_group_size, int8_quantize, read_table, table
 
@@ -45,6 +46,8 @@ class Int8Weight(PackedWeight):
             return out.copy_(self._dequantize(q, scales))
         rows, k = q.shape
         g = self.group_size or k
+        if q.device.type == "cpu" and codebook_cpu.available():  # one pass, the same bits
+            return codebook_cpu.int8_dequantize_rows(q, scales.float().contiguous(), g, out)
         # Widen into the buffer, then scale in place (still in cache): the same single rounding as
         # _dequantize, and faster than a mixed-dtype multiply.
         out.copy_(q)
