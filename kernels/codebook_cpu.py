@@ -19,7 +19,8 @@ The library is compiled on first use into ``$TORCHZIP_CACHE`` (default
 the CPU has AVX2/FMA/F16C, and it reproduces the eager lookup on a small check. Otherwise (no
 compiler, another architecture, ``TORCHZIP_CPU_KERNELS=0``) :func:`available` is False and the
 callers keep their torch code. Threads: OpenMP over weight rows, as many as
-``torch.get_num_threads()`` (the library links the same ``libgomp`` torch runs).
+``torch.get_num_threads()`` (the library links the same ``libgomp`` torch runs), except the
+dequantizes, which run on one (:data:`DEQUANTIZE_THREADS`).
 """
 
 from __future__ import annotations
@@ -357,6 +358,10 @@ void tz_lloyd_sorted(const float *keys, const double *sum_x, const double *sum_w
 """
 
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# Threads of a dequantize. One: a block dequantized on two threads, then multiplied by torch's
+# BLAS on two, took twice as long as on one thread (2-core Zen 2, M = 1: the thread teams of the
+# two parallel regions fight), while a one-thread dequantize beside a two-thread matmul did not.
+DEQUANTIZE_THREADS = 1
 # Rows of x the fused linear takes; above it, dequantize into a buffer + BLAS wins (measured by
 # benchmarks/scale.py: one pass over the weight per four rows of x).
 LINEAR_MAX_M = 32
@@ -502,7 +507,7 @@ def dequantize_rows(packed: torch.Tensor, book: torch.Tensor, bits: int, out: to
           "dequantize_rows takes contiguous int32 codes and an fp32/bf16/fp16 out with unit stride")
     book, bstride = _books(book)
     _lib.tz_codebook_dequantize(packed.data_ptr(), packed.shape[1], book.data_ptr(), bstride, bits, out.shape[0],
-                                out.shape[1], out.data_ptr(), out.stride(0), _KIND[out.dtype], torch.get_num_threads())
+                                out.shape[1], out.data_ptr(), out.stride(0), _KIND[out.dtype], DEQUANTIZE_THREADS)
     return out
 
 
@@ -516,7 +521,7 @@ def int8_dequantize_rows(q: torch.Tensor, scales: torch.Tensor, group: int, out:
           and scales.shape[0] == rows and group >= 1 and scales.shape[1] * group >= k,
           "int8_dequantize_rows takes int8 q, fp32 scales and an fp32 out of q's shape, unit stride along K")
     _lib.tz_int8_dequantize(q.data_ptr(), q.stride(0), scales.data_ptr(), scales.stride(0), group, rows, k,
-                            out.data_ptr(), out.stride(0), torch.get_num_threads())
+                            out.data_ptr(), out.stride(0), DEQUANTIZE_THREADS)
     return out
 
 
