@@ -79,3 +79,14 @@ def unpack_fields(packed: torch.Tensor, bits: int, k: int, dtype: torch.dtype = 
         shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
         out = ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).to(dtype).view(*lead, words * per)
     return out if out.shape[-1] == k else out[..., :k].contiguous()
+
+
+def unpack_codes_u8(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """:func:`unpack_fields` of ``packed`` ``[N, words]`` as ``[N, K]`` uint8, a block of rows at a
+    time (the temporaries of a block, not of the whole matrix)."""
+    n = packed.shape[0]
+    out = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
+    rows = max(1, (1 << 20) // max(k, 1))
+    for r in range(0, n, rows):
+        out[r:r + rows] = unpack_fields(packed[r:r + rows], bits, k, torch.uint8)
+    return out

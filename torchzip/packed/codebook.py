@@ -11,7 +11,7 @@ from torchzip.export import huffman
 from torchzip.export.container import brief
 from torchzip.kernels import codebook_cpu
 from torchzip.packed.base import PackedWeight, WeightState, register_format
-from torchzip.packed.bits import pack_bits, packed_words, unpack_bits, unpack_fields
+from torchzip.packed.bits import pack_bits, packed_words, unpack_bits, unpack_codes_u8
 from torchzip.packed.values import CodebookValues, read_table, table
 
 
@@ -26,13 +26,19 @@ def _byte_fields(bits: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(256, device=device).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
 
 
+def _rows_are_bytes(k: int, bits: int) -> bool:
+    """Whether rows of ``k`` indices, packed by :func:`pack_bits`, are bytes of ``8 // bits``
+    whole indices, the first in the low bits: fields that tile bytes, rows that fill whole words
+    (no padding fields), a little-endian host. Export codes such rows from their bytes and load
+    decodes them straight into them."""
+    return 8 % bits == 0 and k % (32 // bits) == 0 and sys.byteorder == "little"
+
+
 def _codes_are_bytes(spec: dict, k: int, bits: int) -> bool:
     """Whether an index stream's code values are the bytes of its packed rows: ``8 // bits``
-    indices a code, the first in the low bits (``huffman.decode_codes``), which is the
-    little-endian layout of :func:`pack_bits` when rows fill whole words (no padding fields)."""
+    indices a code (``huffman.decode_codes``) of rows that :func:`_rows_are_bytes`."""
     group = spec.get("group") if isinstance(spec, dict) else None
-    return (type(group) is int and 8 % bits == 0 and group == 8 // bits and k % (32 // bits) == 0
-            and sys.byteorder == "little")
+    return type(group) is int and _rows_are_bytes(k, bits) and group == 8 // bits
 
 
 def _pack_in_place_ok(buf: np.ndarray, n: int, k: int, bits: int) -> bool:
@@ -175,19 +181,14 @@ class CodebookWeight(PackedWeight):
         # Rows that fill whole words of fields tiling bytes: the packed bytes are the coder's input
         # as they are (huffman.encode_packed), never one byte an index.
         n, k = self.shape
-        if 8 % self.bits == 0 and n * k and k % (32 // self.bits) == 0 and sys.byteorder == "little":
+        if n * k and _rows_are_bytes(k, self.bits):
             data = self.packed.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(-1)
             return huffman.encode_packed(data, self.bits, max_len=huffman.TZIP_MAX_LEN)
         return self._indices_u8()
 
     def _indices_u8(self) -> torch.Tensor:
         # One byte an index, unpacked a block of rows at a time (never widened to int64).
-        n, k = self.shape
-        rows = max(1, (1 << 20) // max(k, 1))
-        out = torch.empty(n, k, dtype=torch.uint8)
-        for r in range(0, n, rows):
-            out[r:r + rows] = unpack_fields(self.packed[r:r + rows].cpu(), self.bits, k, torch.uint8)
-        return out
+        return unpack_codes_u8(self.packed.cpu(), self.bits, self.shape[1])
 
     @classmethod
     def decode(cls, entry, src, shape, dtype):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from torchzip.export.codec import dtype_name
-from torchzip.packed.bits import unpack_fields
+from torchzip.packed.bits import unpack_codes_u8, unpack_fields
 
 VALUE_KINDS = ("float", "int8", "codebook")
 
@@ -53,12 +53,7 @@ class CodebookValues:
 
     def codes_u8(self) -> torch.Tensor:
         """The ``[N, K]`` indices, one byte each (0 where no centroid), unpacked a block of rows at a time."""
-        n, k = self.shape
-        out = torch.empty(n, k, dtype=torch.uint8, device=self.packed.device)
-        rows = max(1, (1 << 20) // max(k, 1))
-        for r in range(0, n, rows):
-            out[r:r + rows] = unpack_fields(self.packed[r:r + rows], self.bits, k, torch.uint8)
-        return out
+        return unpack_codes_u8(self.packed, self.bits, self.shape[1])
 
     def keep_mask(self) -> torch.Tensor | None:
         """``[N, K]`` bool, True where a weight has a centroid (None: all have one)."""

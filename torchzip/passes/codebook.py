@@ -317,14 +317,18 @@ class CodebookQuant(nn.Module):
     def set_codes(self, centroids: torch.Tensor, assign: torch.Tensor) -> None:
         """Fix the codebook (``[groups, 2**bits]``) and assignments (``[N, K]``, -1: no centroid)."""
         self._store_centroids(0, centroids)
-        rows = max(1, (1 << 20) // max(1, self.cols))
-        for r in range(0, assign.shape[0], rows):
-            self._store(r, assign[r:r + rows])
+        self._store_rows(assign)
         self.clustered.fill_(True)
 
     def _store_centroids(self, start: int, centroids: torch.Tensor) -> None:
         c = centroids.half().float() if self.centroid_dtype == "float16" else centroids
         self.centroids[start:start + c.shape[0]] = c
+
+    def _store_rows(self, assign: torch.Tensor) -> None:
+        # All [N, K] assignments, a block of rows at a time (their temporaries stay a block's).
+        rows = max(1, (1 << 20) // max(1, self.cols))
+        for r in range(0, assign.shape[0], rows):
+            self._store(r, assign[r:r + rows].to(self.assign.device))
 
     def _store(self, start: int, assign: torch.Tensor) -> None:
         # Rows start.. of the [N, K] assignments (-1: no centroid), packed into the buffers in place.
@@ -350,9 +354,7 @@ class CodebookQuant(nn.Module):
                     if self.kept is not None:
                         self.kept.zero_()
                 else:
-                    rows = max(1, (1 << 20) // max(1, self.cols))
-                    for r in range(0, old.shape[0], rows):
-                        self._store(r, old[r:r + rows].to(self.assign.device))
+                    self._store_rows(old)
             state_dict = {**state_dict, prefix + "assign": self.assign.clone()}
             if self.kept is not None:
                 state_dict[prefix + "kept"] = self.kept.clone()
