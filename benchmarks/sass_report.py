@@ -128,7 +128,7 @@ def variants() -> list[Variant]:
             if c.kwargs["BLOCK_M"] != 1:
                 continue  # M = 1 configs: the ones the 90%-sparse GEMV target is about
             res.append(Variant(f"csr_kind{kind}", CSR._csr_kernel, csr,
-                               {"KIND": kind, "GROUP": 0, "HAS_BIAS": True, **CSR.csr_constexprs(c)},
+                               {"KIND": kind, "GROUP": 0, "HAS_BIAS": True, **CSR.csr_constexprs(c, kind)},
                                c.num_warps, c.num_stages, CSR.csr_nonzeros_per_iter, vbytes + 2, unit="nonzero"))
 
     tile = {"BLOCK_N": C.DQ_BLOCK_N, "BLOCK_K": C.DQ_BLOCK_K}

@@ -38,16 +38,21 @@ def prune_csr(configs, named_args, **kwargs):
 
 # Nonzeros per aligned run of aligned_segments: 16-byte int16 column loads.
 ALIGN = 8
+# Value of codebook-index padding in aligned_segments (and of masked index loads): no centroid.
+# Its low 5 bits pick lane 31, which holds 0 in the register-held codebook (codebooks of up to
+# LANE_ENTRIES entries); the gathered codebook masks it by the row's true length.
+PAD_CODE = tl.constexpr(255)
+LANE_ENTRIES = 31
 # Dequantize: a few rows per program, scattering their nonzeros.
 DQ_BLOCK_R, DQ_BLOCK_NZ = 4, 128
 # From this M on, dequantize + cuBLAS beats the fused kernel (see kernels.dispatch).
 dispatch.DENSE_MIN_M.setdefault("csr", 32)
 
 
-def csr_constexprs(config: triton.Config) -> dict:
-    """Constexprs of the CSR kernel for a launch config, on aligned segments (what packed weights
-    launch; benchmarks/sass_report.py)."""
-    return {"ALIGN": ALIGN, **config.kwargs}
+def csr_constexprs(config: triton.Config, kind: int) -> dict:
+    """Constexprs of the CSR kernel on a GPU for a launch config and value kind, on aligned segments
+    and bf16 x (what packed weights launch; benchmarks/sass_report.py); codebooks in registers."""
+    return {"ALIGN": ALIGN, "ASM": True, "LANES": kind == C.KIND_CODEBOOK, "X_KIND": 0, **config.kwargs}
 
 
 def csr_nonzeros_per_iter(constexprs: dict) -> int:
@@ -56,9 +61,72 @@ def csr_nonzeros_per_iter(constexprs: dict) -> int:
 
 
 @triton.jit
+def lane_id(like):
+    """This thread's lane in its warp, for every element of ``like`` (a GPU-only register read)."""
+    return tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def gather_x(row, cols, X_KIND: tl.constexpr):
+    """``x[cols]`` as fp32, ``row`` the int64 address of the activation row and ``cols`` int16 or
+    int32 (never negative): per nonzero an extract (16-bit columns), one ``mad.wide.u32`` (the
+    address; a signed one costs two instructions), one load and one conversion. Inline PTX, so the
+    result keeps the columns' layout (a ``tl.load`` gather gets a layout of its own on Triton 3.6,
+    and the columns and values then reach it through shared memory). KIND: 0 bf16, 1 fp16, 2 fp32."""
+    if cols.dtype == tl.int16:
+        head: tl.constexpr = "{ .reg .b64 a; .reg .b32 c, t; .reg .b16 h; cvt.u32.u16 c, $1; "
+        cons: tl.constexpr = "=r,h,l"
+    else:
+        head: tl.constexpr = "{ .reg .b64 a; .reg .b32 c, t; .reg .b16 h; mov.b32 c, $1; "
+        cons: tl.constexpr = "=r,r,l"
+    if X_KIND == 0:
+        body: tl.constexpr = "mul.wide.u32 a, c, 2; add.s64 a, a, $2; ld.global.nc.u16 t, [a]; shl.b32 $0, t, 16; }"
+    elif X_KIND == 1:
+        body: tl.constexpr = "mad.wide.u32 a, c, 2, $2; ld.global.nc.b16 h, [a]; cvt.f32.f16 $0, h; }"
+    else:
+        body: tl.constexpr = "mad.wide.u32 a, c, 4, $2; ld.global.nc.b32 $0, [a]; }"
+    return tl.inline_asm_elementwise(head + body, cons, [cols, row], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def widen(v):
+    """Stored float values as fp32; bf16 pairs in inline PTX, a shift or a mask each (Triton's
+    conversion of the high half costs a permute and a shift)."""
+    if v.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [v],
+                                         dtype=tl.float32, is_pure=True, pack=2)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def load_table(addr, ok):
+    """fp32 at ``addr`` where ``ok``, else 0: a load in inline PTX marked pure, so the identical
+    loads of a thread's slots (one row, one lane) merge into one register."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.s32 p, $2, 0; mov.b32 $0, 0; @p ld.global.nc.b32 $0, [$1]; }",
+        "=r,l,r", [addr, ok.to(tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def lane_lookup_fma(codes, table, x, acc):
+    """``acc + centroid[code] * x`` for 4 uint8 codes a register: each centroid is one warp
+    shuffle from lane ``code`` (the whole warp works on one row; lane l holds centroid l of it,
+    0 past the codebook). shfl reads only the lane index's low 5 bits, so byte j needs a shift
+    (none for byte 0) but no mask."""
+    return tl.inline_asm_elementwise(
+        """{ .reg .b32 c, t;
+        shfl.sync.idx.b32 c, $5, $4, 0x1f, -1; fma.rn.f32 $0, c, $9, $13;
+        shr.b32 t, $4, 8; shfl.sync.idx.b32 c, $6, t, 0x1f, -1; fma.rn.f32 $1, c, $10, $14;
+        shr.b32 t, $4, 16; shfl.sync.idx.b32 c, $7, t, 0x1f, -1; fma.rn.f32 $2, c, $11, $15;
+        shr.b32 t, $4, 24; shfl.sync.idx.b32 c, $8, t, 0x1f, -1; fma.rn.f32 $3, c, $12, $16; }""",
+        "=f,=f,=f,=f,r,f,f,f,f,f,f,f,f,f,f,f,f", [codes, table, x, acc], dtype=tl.float32, is_pure=True, pack=4)
+
+
+@triton.jit
 def _csr_kernel(
     x_ptr, rp_ptr, len_ptr, col_ptr, v_ptr, s_ptr, book_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_sn, stride_b,
-    M_BUCKET, KIND: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGN: tl.constexpr,
+    M_BUCKET, E, KIND: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGN: tl.constexpr,
+    ASM: tl.constexpr, LANES: tl.constexpr, X_KIND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_NZ: tl.constexpr,
 ):
     rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -71,8 +139,20 @@ def _csr_kernel(
         length = tl.load(len_ptr + rr, mask=r_mask, other=0)
     else:
         length = span
+    # Masked slots read value 0, codebook indices PAD_CODE (see aligned_segments).
+    if KIND == 2:
+        PAD: tl.constexpr = PAD_CODE
+    else:
+        PAD: tl.constexpr = 0
     if BLOCK_M == 1:  # one activation row: 2-D tiles, so the gather shares the index loads' layout
         acc2 = tl.zeros((BLOCK_R, BLOCK_NZ), tl.float32)
+        x_row = x_ptr + tl.program_id(1) * stride_xm
+        if LANES:
+            # The codebook in registers: every warp works on one row per register slot (the
+            # [1, 32] threads-per-warp tile of BLOCK_NZ >= 256), lane l holds centroid l of it
+            # (0 from E on, which PAD_CODE's low 5 bits pick), and a lookup is one shuffle.
+            lane = lane_id(tl.zeros((BLOCK_R, BLOCK_NZ), tl.int32))
+            table = load_table((book_ptr + rr[:, None] * stride_b + lane).to(tl.int64), r_mask[:, None] & (lane < E))
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_NZ), tl.float32)
     for i in range(0, tl.max(span, 0), BLOCK_NZ):
@@ -81,19 +161,32 @@ def _csr_kernel(
         # activation gather is not masked at all (a compare and a zeroing move a nonzero saved):
         # padding and masked slots have weight 0 at a column the row reads anyway (or column 0),
         # so they add exactly 0 for finite x; an inf/NaN activation gives NaN, as it does in the
-        # dense path. Codebook padding (index 0) decodes to a real centroid: there the gather
-        # stays masked by the true length, and so does every M > 1 gather.
+        # dense path. Codebook padding (PAD_CODE) is no centroid: the register-held codebook
+        # decodes it to 0, the gathered one masks it by the true length, and so does every
+        # M > 1 gather.
         seg_mask = ri[None, :] < span[:, None]
         nz_mask = ri[None, :] < length[:, None]
         offs = start[:, None] + ri[None, :]
-        cols = tl.load(col_ptr + offs, mask=seg_mask, other=0).to(tl.int32)
-        v = tl.load(v_ptr + offs, mask=seg_mask, other=0)
-        w = C.decode(v, rr[:, None], cols, seg_mask, s_ptr, stride_sn, book_ptr, stride_b, KIND, GROUP)
+        cols = tl.load(col_ptr + offs, mask=seg_mask, other=0)
+        v = tl.load(v_ptr + offs, mask=seg_mask, other=PAD)
         if BLOCK_M == 1:
-            x_ptrs = x_ptr + tl.program_id(1) * stride_xm + cols
-            x = tl.load(x_ptrs, mask=nz_mask, other=0.0) if KIND == 2 else tl.load(x_ptrs)
-            acc2 += x.to(tl.float32) * w
+            if ASM:
+                x = gather_x(x_row.to(tl.int64), cols, X_KIND)
+            else:
+                x = tl.load(x_row + cols).to(tl.float32)
+            if LANES:
+                acc2 = lane_lookup_fma(v, table, x, acc2)
+            else:
+                if KIND == 0 and ASM:
+                    w = widen(v)
+                else:
+                    w = C.decode(v, rr[:, None], cols.to(tl.int32), nz_mask if KIND == 2 else seg_mask, s_ptr,
+                                 stride_sn, book_ptr, stride_b, KIND, GROUP)
+                acc2 += x * w
         else:
+            cols = cols.to(tl.int32)
+            w = C.decode(v, rr[:, None], cols, nz_mask if KIND == 2 else seg_mask, s_ptr, stride_sn, book_ptr,
+                         stride_b, KIND, GROUP)
             x = tl.load(x_ptr + rm[:, None, None] * stride_xm + cols[None, :, :],
                         mask=m_mask[:, None, None] & nz_mask[None, :, :], other=0.0)
             acc += x.to(tl.float32) * w[None, :, :]
@@ -127,13 +220,15 @@ def _csr_dequant_kernel(rp_ptr, col_ptr, v_ptr, s_ptr, book_ptr, out_ptr, N, K, 
         tl.store(out_ptr + rr[:, None] * K + cols, w.to(out_ptr.dtype.element_ty), mask=nz_mask)
 
 
-_csr_tuned = C.tuned(_csr_kernel, CSR_CONFIGS, key=["M_BUCKET", "N", "KIND", "GROUP", "ALIGN"], prune=prune_csr)
+_csr_tuned = C.tuned(_csr_kernel, CSR_CONFIGS, key=["M_BUCKET", "N", "KIND", "GROUP", "ALIGN", "LANES"], prune=prune_csr)
+X_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # gather_x's X_KIND
 
 
 def aligned_segments(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor) -> list[torch.Tensor] | None:
     """The CSR kernel's aligned copy: ``[seg_ptr, lengths, cols, values]`` with every row's nonzeros
-    moved to a start that is a multiple of ``ALIGN`` and padded (value 0, the row's last column)
-    to a multiple of it, so the kernel loads whole 16-byte runs; None if that copy would pass
+    moved to a start that is a multiple of ``ALIGN`` and padded (the row's last column, value 0,
+    or :data:`PAD_CODE` for uint8 codebook indices) to a multiple of it, so the kernel loads whole
+    16-byte runs; None if that copy would pass
     int32 offsets. Costs ``2 * 2 + bytes(value)`` bytes (int16 columns) per padding slot, at most
     ``ALIGN - 1`` a row, besides the copy itself.
 
@@ -152,7 +247,8 @@ def aligned_segments(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch
     # 0), so a padded slot reads no activation the row does not read anyway.
     last = col_idx[(row_ptr[1:].long() - 1).clamp(min=0)] if nnz else torch.zeros(n, dtype=col_idx.dtype)
     cols = torch.repeat_interleave(last.to(col_idx.device), seg[1:] - seg[:-1], output_size=total)
-    vals = torch.zeros(total, dtype=values.dtype, device=values.device)
+    pad = PAD_CODE.value if values.dtype == torch.uint8 else 0
+    vals = torch.full((total,), pad, dtype=values.dtype, device=values.device)
     cols[dst], vals[dst] = col_idx, values
     return [seg.to(torch.int32), lens.to(torch.int32), cols, vals]
 
@@ -165,11 +261,22 @@ def csr_matmul(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, va
 
     ``row_ptr`` int32 ``[N+1]``, ``col_idx`` int16/int32 ``[nnz]``, ``values`` ``[nnz]`` (floats,
     int8 with ``scales``, or indices into ``codebook``); returns ``[..., N]`` in ``x.dtype``.
-    ``aligned``: :func:`aligned_segments` of the same weight, read instead (wide loads).
+    ``aligned``: :func:`aligned_segments` of the same weight, read instead (wide loads). At M = 1
+    on CUDA a codebook of up to :data:`LANE_ENTRIES` entries is held in registers once its
+    self-check passed (:func:`_lanes_check`), else gathered from L1.
     """
+    return _matmul(x, row_ptr, col_idx, values, scales, codebook, bias, group_size, k, config, aligned,
+                   lambda x2: dispatch.fast_path_ok("csr.lanes", x2, _lanes_check, "the CSR kernel gathering "
+                                                    "centroids from L1"))
+
+
+def _matmul(x, row_ptr, col_idx, values, scales, codebook, bias, group_size, k, config, aligned, allow):
+    """:func:`csr_matmul`, holding the codebook in registers only where ``allow(x2)``."""
     if x.shape[-1] != k or col_idx.shape != values.shape or row_ptr.dtype != torch.int32:
         raise ValueError(f"CSR needs x [..., {k}], int32 row_ptr and col_idx/values of one length; got "
                          f"{tuple(x.shape)}, {row_ptr.dtype}, {tuple(col_idx.shape)}, {tuple(values.shape)}")
+    if x.dtype not in X_KINDS:
+        raise ValueError(f"CSR kernels take bf16, fp16 or fp32 activations, got {x.dtype}")
     x2 = C.as_2d(x)
     m, n = x2.shape[0], row_ptr.shape[0] - 1
     kind, scales, stride_s, codebook, stride_b = C.value_args(scales, codebook, n)
@@ -178,14 +285,56 @@ def csr_matmul(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, va
         rp, lens, cols, vals, align = *aligned, ALIGN
     else:
         rp, lens, cols, vals, align = row_ptr, row_ptr, col_idx, values, 1
+    asm = not C.interpreting()
+    entries = codebook.shape[1] if codebook is not None else 0
+    # The register-held codebook needs a warp on one row (the M = 1 configs' BLOCK_NZ >= 256) and
+    # a spare lane for the 0 that padding and masked slots (PAD_CODE) decode to.
+    lanes = (asm and m == 1 and kind == C.KIND_CODEBOOK and entries <= LANE_ENTRIES
+             and (config is None or config.kwargs["BLOCK_M"] == 1 and config.kwargs["BLOCK_NZ"] >= 256)
+             and allow(x2))
     if m and n:
         C.launch(
             _csr_kernel, _csr_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_R"]), triton.cdiv(m, meta["BLOCK_M"])),
             (x2, rp.contiguous(), lens.contiguous(), cols.contiguous(), vals.contiguous(), scales, codebook, bias, out,
-             m, n, x2.stride(0), stride_s, stride_b, C.next_pow2(m)),
+             m, n, x2.stride(0), stride_s, stride_b, C.next_pow2(m), entries),
             config, CSR_INTERP, KIND=kind, GROUP=group_size, HAS_BIAS=bias is not None, ALIGN=align,
+            ASM=asm, LANES=lanes, X_KIND=X_KINDS[x.dtype],
         )
     return out.view(*x.shape[:-1], n)
+
+
+def lanes_probe(per_row: bool):
+    """``(x [1, k] fp32, row_ptr, cols, codes, codebook, k, want [1, N] float64)``: the register-held
+    codebook's self-check input (on CPU). Integer centroids -15..15 (all LANE_ENTRIES of them,
+    per-row books negated on odd rows), x in -1..1, rows of 0..16 nonzeros (most padded): every
+    sum is an integer of at most 240, exact in fp32 and in a 16-bit output. N is odd, so the last
+    program has rows past N."""
+    n, k = 37, 300
+    g = torch.Generator().manual_seed(0)
+    counts = torch.arange(n) % 17
+    cols = torch.cat([torch.randperm(k, generator=g)[:c].sort().values for c in counts.tolist()]).to(torch.int16)
+    codes = torch.randint(0, LANE_ENTRIES, (cols.numel(),), generator=g).to(torch.uint8)
+    row_ptr = torch.zeros(n + 1, dtype=torch.int32)
+    row_ptr[1:] = torch.cumsum(counts, 0)
+    entries = torch.arange(LANE_ENTRIES, dtype=torch.float32) - 15
+    book = entries[None, :] * (1 - 2 * (torch.arange(n)[:, None] % 2)) if per_row else entries[None, :]
+    x = torch.randint(-1, 2, (1, k), generator=g).float()
+    want = csr_reference(x, row_ptr, cols, codes, None, book.float(), None, 0, k)
+    return x, row_ptr, cols, codes, book.float(), k, want
+
+
+def _lanes_check(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the register-held codebook gives the exact answer of :func:`lanes_probe` on ``device``."""
+    for per_row in (True, False):
+        x, row_ptr, cols, codes, book, k, want = lanes_probe(per_row)
+        taken = []
+        args = [t.to(device) for t in (row_ptr, cols, codes)]
+        aligned = aligned_segments(*args)
+        got = _matmul(x.to(device, dtype), *args, None, book.to(device), None, 0, k, CSR_CONFIGS[2], aligned,
+                      lambda _: not taken.append(True))
+        if taken != [True] or not torch.equal(got.double().cpu(), want):
+            return False
+    return True
 
 
 def dequantize_csr(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, scales: torch.Tensor | None,

@@ -245,11 +245,14 @@ def test_csr_kernel(seed, kind, dtype, m, with_bias):
     segments = csr.aligned_segments(w.row_ptr, w.col_idx, w.values)
     assert all(int(s) % csr.ALIGN == 0 for s in segments[0])
     torch.testing.assert_close(segments[1], (w.row_ptr[1:] - w.row_ptr[:-1]).int(), rtol=0, atol=0)
-    for r in range(n):  # padding: value 0 at the row's last column (the M = 1 gather reads it unmasked)
+    # padding: value 0 (codebook indices: PAD_CODE, no centroid) at the row's last column (the M = 1
+    # gather reads it unmasked)
+    pad = csr.PAD_CODE.value if kind.startswith("codebook") else 0
+    for r in range(n):
         lo, length, hi = int(segments[0][r]), int(segments[1][r]), int(segments[0][r + 1])
         assert hi - lo - length < csr.ALIGN
         if hi > lo + length:
-            assert (segments[3][lo + length: hi] == 0).all()
+            assert (segments[3][lo + length: hi] == pad).all()
             assert (segments[2][lo + length: hi] == w.col_idx[int(w.row_ptr[r + 1]) - 1]).all()
     check(csr.csr_matmul(x, *args, aligned=segments), ref, dtype, seed, what + " aligned")
 
