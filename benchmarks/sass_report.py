@@ -272,14 +272,16 @@ def analyse(v: Variant, gpu: str = "H200") -> dict:
     shfl_per_weight = mix(ops).get("shuffle", 0) * threads / per_iter
     if shfl_per_weight:
         issue_gbs = min(issue_gbs, SHFL_PER_SM_CYCLE * sms * ghz / shfl_per_weight * v.bytes_per_weight)
-    # Layout (threads per warp) of every global load of 32-bit integers (packed weights): the
-    # codebook GEMV's register-held table needs one row per warp register slot.
+    # Layout (threads per warp) of every global load of 32-bit integers (packed weights) and of
+    # 16-bit ones (CSR columns): the codebook GEMV's and the CSR kernel's register-held tables need
+    # one row per warp register slot.
     ttgir = compiled.asm.get("ttgir", "")
     layouts = dict(re.findall(r"^#(\w+) = #ttg\.blocked<\{[^}]*threadsPerWarp = \[([\d, ]+)\]", ttgir, re.M))
-    i32_loads = sorted({layouts.get(lay, "?") for lay in re.findall(
-        r"tt\.load .*: tensor<[\dx]+x!tt\.ptr<i32>, #(\w+)>", ttgir)})
+    i32_loads, i16_loads = (sorted({layouts.get(lay, "?") for lay in re.findall(
+        rf"tt\.load .*: tensor<[\dx]+x!tt\.ptr<{t}>, #(\w+)>", ttgir)}) for t in ("i32", "i16"))
     row = {
-        "variant": v.name(), "i32_load_threads_per_warp": i32_loads, "family": v.family, "unit": v.unit, "found_loop": lp is not None or not v.loop,
+        "variant": v.name(), "i32_load_threads_per_warp": i32_loads, "i16_load_threads_per_warp": i16_loads,
+        "family": v.family, "unit": v.unit, "found_loop": lp is not None or not v.loop,
         "per_weight": round(per_weight, 3), "loop_instructions": len(ops), "units_per_iteration": per_iter,
         "threads": threads, "mix": mix(ops),
         "registers": res.get("reg"), "stack": res.get("stack", 0), "local": res.get("local", 0),

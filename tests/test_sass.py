@@ -166,14 +166,96 @@ def test_sparse24_gemv_loop_selects_x_in_registers(report):
 
 
 def test_csr_loop_per_nonzero(report):
-    """CSR at M = 1 (float and int8 values, aligned segments): at most 10 thread-instructions per
-    nonzero, 128-bit column loads, no barrier."""
-    rows = [r for r in report["variants"] if r["family"] in ("csr_kind0", "csr_kind1")]
-    assert len(rows) == 2
+    """CSR at M = 1 (float, int8 and codebook values, aligned segments): at most 10
+    thread-instructions per nonzero, 128-bit column loads, no barrier or shared memory (the
+    gather keeps the columns' layout, under Triton 3.6 too), one x load a nonzero and nothing
+    else gathered: codebook values are looked up by one shuffle each from a table in registers,
+    whose lanes work on one row per register slot ([1, 32] threads per warp for the columns)."""
+    rows = [r for r in report["variants"] if r["family"] in ("csr_kind0", "csr_kind1", "csr_kind2")]
+    assert len(rows) == 3
     for r in rows:
+        m, per = r["mix"], r["units_per_iteration"] / r["threads"]  # nonzeros a thread an iteration
         assert r["per_weight"] <= 10.0, f"{r['variant']}: {r['per_weight']} per nonzero"
-        assert r["mix"].get("LDG.128", 0) >= 1 and r["mix"].get("barrier", 0) == 0, r["variant"]
+        assert m.get("LDG.128", 0) >= 1, r["variant"]
+        assert m.get("barrier", 0) == 0 and m.get("shared_ld", 0) + m.get("shared_st", 0) == 0, r["variant"]
+        assert m.get("LDG.U16", 0) == per, f"{r['variant']}: {m}"  # x, one 16-bit load a nonzero
+        loads = sum(v for k, v in m.items() if k.startswith("LDG.") and k != "LDG.evict_hint")
+        assert loads == per + 2, f"{r['variant']}: {m}"  # and one load each of columns and values
         assert r["registers"] <= 128, f"{r['variant']}: {r['registers']} registers"
+        assert r["i16_load_threads_per_warp"] == ["1, 32"], r["variant"]
+        if r["family"] == "csr_kind2":
+            assert m.get("shuffle", 0) == per, f"{r['variant']}: {m}"
+
+
+def _csr_asm(name: str) -> str:
+    """Source of the inline PTX in kernels/csr.py function ``name``."""
+    src = (REPO / "kernels" / "csr.py").read_text()
+    start = src.index(f"def {name}(")
+    return src[start:src.index("@triton.jit", start)]
+
+
+def test_csr_shuffle_lookup_reads_the_right_lane():
+    """Emulate the CSR kernel's lookups (4 uint8 codes a register, pack=4: outputs $0..$3, codes
+    $4, table $5..$8, x $9..$12, acc $13..$16) on random codes and PAD_CODE: shfl.sync.idx with the
+    kernel's control reads lane ``code & 31``; lane l holds centroid l for l < entries, else 0, so
+    a code picks its centroid and padding adds exactly 0."""
+    from torchzip.kernels.csr import LANE_ENTRIES, PAD_CODE
+
+    asm = _csr_asm("lane_lookup_fma")
+    steps = re.findall(r"(?:shr\.b32 t, \$4, (\d+); )?shfl\.sync\.idx\.b32 c, \$(\d+), (\$4|t), (0x[0-9a-f]+), -1; "
+                       r"fma\.rn\.f32 \$(\d+), c, \$(\d+), \$(\d+);", asm)
+    assert len(steps) == 4
+    rng = np.random.default_rng()
+    for entries in (1, 7, 16, LANE_ENTRIES):
+        book = rng.integers(-64, 65, entries).astype(np.float32)  # integers: every product is exact
+        table = np.array([book[lane] if lane < entries else 0.0 for lane in range(32)], np.float32)
+        for _ in range(50):
+            codes = rng.integers(0, entries, 4)
+            codes[rng.random(4) < 0.3] = PAD_CODE.value
+            word = sum(int(c) << (8 * j) for j, c in enumerate(codes))
+            x = rng.integers(-8, 9, 4).astype(np.float32)
+            acc = rng.integers(-8, 9, 4).astype(np.float32)
+            ops = {4: word, **{5 + j: None for j in range(4)}, **{9 + j: x[j] for j in range(4)},
+                   **{13 + j: acc[j] for j in range(4)}}
+            out = {}
+            for j, (shift, tab, src, ctrl, dst, xs, accs) in enumerate(steps):
+                assert int(dst) == j and int(tab) == 5 + j and int(xs) == 9 + j and int(accs) == 13 + j
+                b = word >> int(shift) if shift else word
+                assert (src == "t") == bool(shift) and int(shift or 0) == 8 * j
+                c = int(ctrl, 16)
+                clamp, segmask = c & 0x1F, (c >> 8) & 0x1F
+                lane = b & 0x1F & ~segmask  # every lane's source: minLane | (b[4:0] & ~segmask), minLane 0
+                assert segmask == 0 and lane <= clamp
+                out[j] = np.float32(table[lane] * ops[9 + j] + ops[13 + j])
+            want = [np.float32((book[c] if c != PAD_CODE.value else 0.0) * x[j] + acc[j]) for j, c in enumerate(codes)]
+            assert [out[j] for j in range(4)] == want
+
+
+def test_csr_gather_and_widen_are_exact():
+    """gather_x's address is ``row + size * column`` in unsigned 64-bit math (``cvt.u32.u16``, then
+    ``mad.wide.u32``: one instruction, where a signed one takes two) and its bf16 conversion (the
+    16 bits shifted to the top of an fp32), and widen's bf16 pairs (low half first: shift; high
+    half: mask), emulated on random bits, inf and NaN against torch's bf16 -> fp32."""
+    import torch
+
+    asm = _csr_asm("gather_x")
+    assert "cvt.u32.u16 c, $1" in asm
+    sizes = {int(v) for v in re.findall(r"mad\.wide\.u32 a, c, (\d+), \$2;", asm)}
+    assert sizes == {2, 4}
+    assert "ld.global.nc.u16 t, [a]; shl.b32 $0, t, 16;" in asm
+    rng = np.random.default_rng()
+    bits = rng.integers(0, 2**16, 4000).astype(np.uint16)
+    bits[:2] = (0x7F80, 0xFF81)  # inf and a NaN
+    ref = torch.from_numpy(bits.view(np.int16).copy()).view(torch.bfloat16).float().numpy()
+    got = (bits.astype(np.uint32) << 16).view(np.float32)
+    np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+    widen = _csr_asm("widen")
+    (lo_shift,) = {int(v) for v in re.findall(r"shl\.b32 \$0, \$2, (\d+);", widen)}
+    (hi_mask,) = {int(v, 16) for v in re.findall(r"and\.b32 \$1, \$2, (0x[0-9a-f]+);", widen)}
+    pairs = bits.view(np.uint32)  # element 2i in the low half, as Triton packs pack=2 operands
+    lo = (pairs << np.uint32(lo_shift)).view(np.float32)
+    hi = (pairs & np.uint32(hi_mask)).view(np.float32)
+    np.testing.assert_array_equal(np.stack([lo, hi], 1).reshape(-1).view(np.uint32), ref.view(np.uint32))
 
 
 def test_int8_subnormal_permutes_are_exact():
