@@ -127,9 +127,11 @@ def variants() -> list[Variant]:
         for c in CSR.CSR_CONFIGS:
             if c.kwargs["BLOCK_M"] != 1:
                 continue  # M = 1 configs: the ones the 90%-sparse GEMV target is about
-            res.append(Variant(f"csr_kind{kind}", CSR._csr_kernel, csr,
-                               {"KIND": kind, "GROUP": 0, "HAS_BIAS": True, **CSR.csr_constexprs(c, kind)},
-                               c.num_warps, c.num_stages, CSR.csr_nonzeros_per_iter, vbytes + 2, unit="nonzero"))
+            # codebooks: up to 31 entries (a zero lane for padding), and 32 (5-bit: a bit test)
+            for fam, entries in ((f"csr_kind{kind}", 16), ("csr_kind2_32", 32))[:2 if kind == 2 else 1]:
+                res.append(Variant(fam, CSR._csr_kernel, csr,
+                                   {"KIND": kind, "GROUP": 0, "HAS_BIAS": True, **CSR.csr_constexprs(c, kind, entries)},
+                                   c.num_warps, c.num_stages, CSR.csr_nonzeros_per_iter, vbytes + 2, unit="nonzero"))
 
     tile = {"BLOCK_N": C.DQ_BLOCK_N, "BLOCK_K": C.DQ_BLOCK_K}
     whole = lambda k: k["BLOCK_N"] * k["BLOCK_K"]  # noqa: E731

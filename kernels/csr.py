@@ -39,8 +39,9 @@ def prune_csr(configs, named_args, **kwargs):
 # Nonzeros per aligned run of aligned_segments: 16-byte int16 column loads.
 ALIGN = 8
 # Value of codebook-index padding in aligned_segments (and of masked index loads): no centroid.
-# Its low 5 bits pick lane 31, which holds 0 in the register-held codebook (codebooks of up to
-# LANE_ENTRIES entries); the gathered codebook masks it by the row's true length.
+# Its low 5 bits pick lane 31, which holds 0 in the register-held codebook of up to LANE_ENTRIES
+# entries; with 32 its top bit (no real code's) skips the FMA; the gathered codebook masks it
+# by the row's true length.
 PAD_CODE = tl.constexpr(255)
 LANE_ENTRIES = 31
 # Dequantize: a few rows per program, scattering their nonzeros.
@@ -49,10 +50,12 @@ DQ_BLOCK_R, DQ_BLOCK_NZ = 4, 128
 dispatch.DENSE_MIN_M.setdefault("csr", 32)
 
 
-def csr_constexprs(config: triton.Config, kind: int) -> dict:
+def csr_constexprs(config: triton.Config, kind: int, entries: int = 16) -> dict:
     """Constexprs of the CSR kernel on a GPU for a launch config and value kind, on aligned segments
-    and bf16 x (what packed weights launch; benchmarks/sass_report.py); codebooks in registers."""
-    return {"ALIGN": ALIGN, "ASM": True, "LANES": kind == C.KIND_CODEBOOK, "X_KIND": 0, **config.kwargs}
+    and bf16 x (what packed weights launch; benchmarks/sass_report.py); codebooks of ``entries``
+    (up to 32) in registers."""
+    lanes = (1 if entries <= LANE_ENTRIES else 2) if kind == C.KIND_CODEBOOK else 0
+    return {"ALIGN": ALIGN, "ASM": True, "LANES": lanes, "X_KIND": 0, **config.kwargs}
 
 
 def csr_nonzeros_per_iter(constexprs: dict) -> int:
@@ -108,18 +111,29 @@ def load_table(addr, ok):
 
 
 @triton.jit
-def lane_lookup_fma(codes, table, x, acc):
+def lane_lookup_fma(codes, table, x, acc, GUARD: tl.constexpr):
     """``acc + centroid[code] * x`` for 4 uint8 codes a register: each centroid is one warp
     shuffle from lane ``code`` (the whole warp works on one row; lane l holds centroid l of it,
     0 past the codebook). shfl reads only the lane index's low 5 bits, so byte j needs a shift
-    (none for byte 0) but no mask."""
-    return tl.inline_asm_elementwise(
-        """{ .reg .b32 c, t;
+    (none for byte 0) but no mask. GUARD (a 32-entry codebook, no lane left for a 0): the FMA
+    is skipped for PAD_CODE, whose top bit no real code has (one bit test a code)."""
+    if GUARD:
+        asm: tl.constexpr = """{ .reg .b32 c, t; .reg .pred p0, p1, p2, p3;
+        and.b32 t, $4, 0x80; setp.eq.u32 p0, t, 0; and.b32 t, $4, 0x8000; setp.eq.u32 p1, t, 0;
+        and.b32 t, $4, 0x800000; setp.eq.u32 p2, t, 0; and.b32 t, $4, 0x80000000; setp.eq.u32 p3, t, 0;
+        mov.b32 $0, $13; mov.b32 $1, $14; mov.b32 $2, $15; mov.b32 $3, $16;
+        shfl.sync.idx.b32 c, $5, $4, 0x1f, -1; @p0 fma.rn.f32 $0, c, $9, $13;
+        shr.b32 t, $4, 8; shfl.sync.idx.b32 c, $6, t, 0x1f, -1; @p1 fma.rn.f32 $1, c, $10, $14;
+        shr.b32 t, $4, 16; shfl.sync.idx.b32 c, $7, t, 0x1f, -1; @p2 fma.rn.f32 $2, c, $11, $15;
+        shr.b32 t, $4, 24; shfl.sync.idx.b32 c, $8, t, 0x1f, -1; @p3 fma.rn.f32 $3, c, $12, $16; }"""
+    else:
+        asm: tl.constexpr = """{ .reg .b32 c, t;
         shfl.sync.idx.b32 c, $5, $4, 0x1f, -1; fma.rn.f32 $0, c, $9, $13;
         shr.b32 t, $4, 8; shfl.sync.idx.b32 c, $6, t, 0x1f, -1; fma.rn.f32 $1, c, $10, $14;
         shr.b32 t, $4, 16; shfl.sync.idx.b32 c, $7, t, 0x1f, -1; fma.rn.f32 $2, c, $11, $15;
-        shr.b32 t, $4, 24; shfl.sync.idx.b32 c, $8, t, 0x1f, -1; fma.rn.f32 $3, c, $12, $16; }""",
-        "=f,=f,=f,=f,r,f,f,f,f,f,f,f,f,f,f,f,f", [codes, table, x, acc], dtype=tl.float32, is_pure=True, pack=4)
+        shr.b32 t, $4, 24; shfl.sync.idx.b32 c, $8, t, 0x1f, -1; fma.rn.f32 $3, c, $12, $16; }"""
+    return tl.inline_asm_elementwise(asm, "=f,=f,=f,=f,r,f,f,f,f,f,f,f,f,f,f,f,f", [codes, table, x, acc],
+                                     dtype=tl.float32, is_pure=True, pack=4)
 
 
 @triton.jit
@@ -150,11 +164,14 @@ def _csr_kernel(
         if LANES:
             # The codebook in registers: every warp works on one row per register slot (the
             # [1, 32] threads-per-warp tile of BLOCK_NZ >= 256), lane l holds centroid l of it
-            # (0 from E on, which PAD_CODE's low 5 bits pick), and a lookup is one shuffle.
+            # (0 from E on, which PAD_CODE's low 5 bits pick if E < 32), and a lookup is one shuffle.
             lane = lane_id(tl.zeros((BLOCK_R, BLOCK_NZ), tl.int32))
             table = load_table((book_ptr + rr[:, None] * stride_b + lane).to(tl.int64), r_mask[:, None] & (lane < E))
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_NZ), tl.float32)
+    # Row pointers hoisted: a step adds only its scalar offset.
+    col_row = col_ptr + (start[:, None] + tl.arange(0, BLOCK_NZ)[None, :])
+    v_row = v_ptr + (start[:, None] + tl.arange(0, BLOCK_NZ)[None, :])
     for i in range(0, tl.max(span, 0), BLOCK_NZ):
         ri = i + tl.arange(0, BLOCK_NZ)
         # Loads are masked by the padded span (whole runs of ALIGN: wide loads). At M = 1 the
@@ -166,16 +183,15 @@ def _csr_kernel(
         # M > 1 gather.
         seg_mask = ri[None, :] < span[:, None]
         nz_mask = ri[None, :] < length[:, None]
-        offs = start[:, None] + ri[None, :]
-        cols = tl.load(col_ptr + offs, mask=seg_mask, other=0)
-        v = tl.load(v_ptr + offs, mask=seg_mask, other=PAD)
+        cols = tl.load(col_row + i, mask=seg_mask, other=0)
+        v = tl.load(v_row + i, mask=seg_mask, other=PAD)
         if BLOCK_M == 1:
             if ASM:
                 x = gather_x(x_row.to(tl.int64), cols, X_KIND)
             else:
                 x = tl.load(x_row + cols).to(tl.float32)
             if LANES:
-                acc2 = lane_lookup_fma(v, table, x, acc2)
+                acc2 = lane_lookup_fma(v, table, x, acc2, LANES == 2)
             else:
                 if KIND == 0 and ASM:
                     w = widen(v)
@@ -211,7 +227,6 @@ def _csr_dequant_kernel(rp_ptr, col_ptr, v_ptr, s_ptr, book_ptr, out_ptr, N, K, 
     for i in range(0, tl.max(length, 0), BLOCK_NZ):
         ri = i + tl.arange(0, BLOCK_NZ)
         nz_mask = ri[None, :] < length[:, None]
-        offs = start[:, None] + ri[None, :]
         cols = tl.load(col_ptr + offs, mask=nz_mask, other=0).to(tl.int32)
         v = tl.load(v_ptr + offs, mask=nz_mask, other=0)
         w = C.decode(v, rr[:, None], cols, nz_mask, s_ptr, stride_sn, book_ptr, stride_b, KIND, GROUP)
@@ -262,8 +277,8 @@ def csr_matmul(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, va
     ``row_ptr`` int32 ``[N+1]``, ``col_idx`` int16/int32 ``[nnz]``, ``values`` ``[nnz]`` (floats,
     int8 with ``scales``, or indices into ``codebook``); returns ``[..., N]`` in ``x.dtype``.
     ``aligned``: :func:`aligned_segments` of the same weight, read instead (wide loads). At M = 1
-    on CUDA a codebook of up to :data:`LANE_ENTRIES` entries is held in registers once its
-    self-check passed (:func:`_lanes_check`), else gathered from L1.
+    on CUDA a codebook of up to 32 entries is held in registers once its self-check passed
+    (:func:`_lanes_check`), else gathered from L1.
     """
     return _matmul(x, row_ptr, col_idx, values, scales, codebook, bias, group_size, k, config, aligned,
                    lambda x2: dispatch.fast_path_ok("csr.lanes", x2, _lanes_check, "the CSR kernel gathering "
@@ -287,11 +302,13 @@ def _matmul(x, row_ptr, col_idx, values, scales, codebook, bias, group_size, k, 
         rp, lens, cols, vals, align = row_ptr, row_ptr, col_idx, values, 1
     asm = not C.interpreting()
     entries = codebook.shape[1] if codebook is not None else 0
-    # The register-held codebook needs a warp on one row (the M = 1 configs' BLOCK_NZ >= 256) and
-    # a spare lane for the 0 that padding and masked slots (PAD_CODE) decode to.
-    lanes = (asm and m == 1 and kind == C.KIND_CODEBOOK and entries <= LANE_ENTRIES
-             and (config is None or config.kwargs["BLOCK_M"] == 1 and config.kwargs["BLOCK_NZ"] >= 256)
-             and allow(x2))
+    # The register-held codebook needs a warp on one row (the M = 1 configs' BLOCK_NZ >= 256): with
+    # a spare lane for the 0 that padding and masked slots (PAD_CODE) decode to (LANES 1), or, for
+    # 32 entries, a bit test that skips them (LANES 2).
+    lanes = 0
+    if (asm and m == 1 and kind == C.KIND_CODEBOOK and entries <= 32
+            and (config is None or config.kwargs["BLOCK_M"] == 1 and config.kwargs["BLOCK_NZ"] >= 256) and allow(x2)):
+        lanes = 1 if entries <= LANE_ENTRIES else 2
     if m and n:
         C.launch(
             _csr_kernel, _csr_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_R"]), triton.cdiv(m, meta["BLOCK_M"])),
@@ -303,37 +320,38 @@ def _matmul(x, row_ptr, col_idx, values, scales, codebook, bias, group_size, k, 
     return out.view(*x.shape[:-1], n)
 
 
-def lanes_probe(per_row: bool):
+def lanes_probe(per_row: bool, entries: int):
     """``(x [1, k] fp32, row_ptr, cols, codes, codebook, k, want [1, N] float64)``: the register-held
-    codebook's self-check input (on CPU). Integer centroids -15..15 (all LANE_ENTRIES of them,
-    per-row books negated on odd rows), x in -1..1, rows of 0..16 nonzeros (most padded): every
-    sum is an integer of at most 240, exact in fp32 and in a 16-bit output. N is odd, so the last
+    codebook's self-check input (on CPU). ``entries`` integer centroids from -16 or -15 to 15
+    (per-row books negated on odd rows), x in -1..1, rows of 0..16 nonzeros (most padded): every
+    sum is an integer of at most 256, exact in fp32 and in a 16-bit output. N is odd, so the last
     program has rows past N."""
     n, k = 37, 300
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(entries)
     counts = torch.arange(n) % 17
     cols = torch.cat([torch.randperm(k, generator=g)[:c].sort().values for c in counts.tolist()]).to(torch.int16)
-    codes = torch.randint(0, LANE_ENTRIES, (cols.numel(),), generator=g).to(torch.uint8)
+    codes = torch.randint(0, entries, (cols.numel(),), generator=g).to(torch.uint8)
     row_ptr = torch.zeros(n + 1, dtype=torch.int32)
     row_ptr[1:] = torch.cumsum(counts, 0)
-    entries = torch.arange(LANE_ENTRIES, dtype=torch.float32) - 15
-    book = entries[None, :] * (1 - 2 * (torch.arange(n)[:, None] % 2)) if per_row else entries[None, :]
+    centroids = torch.arange(entries, dtype=torch.float32) - entries // 2
+    book = centroids[None, :] * (1 - 2 * (torch.arange(n)[:, None] % 2)) if per_row else centroids[None, :]
     x = torch.randint(-1, 2, (1, k), generator=g).float()
-    want = csr_reference(x, row_ptr, cols, codes, None, book.float(), None, 0, k)
-    return x, row_ptr, cols, codes, book.float(), k, want
+    want = csr_reference(x, row_ptr, cols, codes, None, book, None, 0, k)
+    return x, row_ptr, cols, codes, book, k, want
 
 
 def _lanes_check(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the register-held codebook gives the exact answer of :func:`lanes_probe` on ``device``."""
-    for per_row in (True, False):
-        x, row_ptr, cols, codes, book, k, want = lanes_probe(per_row)
-        taken = []
-        args = [t.to(device) for t in (row_ptr, cols, codes)]
-        aligned = aligned_segments(*args)
-        got = _matmul(x.to(device, dtype), *args, None, book.to(device), None, 0, k, CSR_CONFIGS[2], aligned,
-                      lambda _: not taken.append(True))
-        if taken != [True] or not torch.equal(got.double().cpu(), want):
-            return False
+    """Whether the register-held codebook gives the exact answers of :func:`lanes_probe` on
+    ``device`` (both variants: 31 entries and a zero lane, 32 entries and the bit test)."""
+    for entries in (LANE_ENTRIES, 32):
+        for per_row in (True, False):
+            x, row_ptr, cols, codes, book, k, want = lanes_probe(per_row, entries)
+            taken = []
+            args = [t.to(device) for t in (row_ptr, cols, codes)]
+            got = _matmul(x.to(device, dtype), *args, None, book.to(device), None, 0, k, CSR_CONFIGS[2],
+                          aligned_segments(*args), lambda _: not taken.append(True))
+            if taken != [True] or not torch.equal(got.double().cpu(), want):
+                return False
     return True
 
 
