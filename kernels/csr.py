@@ -183,7 +183,10 @@ def _csr_kernel(
         # M > 1 gather.
         seg_mask = ri[None, :] < span[:, None]
         nz_mask = ri[None, :] < length[:, None]
-        cols = tl.load(col_row + i, mask=seg_mask, other=0)
+        if ALIGN > 1:  # unmasked: the copy's columns run on past every step (aligned_segments)
+            cols = tl.load(col_row + i)
+        else:
+            cols = tl.load(col_row + i, mask=seg_mask, other=0)
         v = tl.load(v_row + i, mask=seg_mask, other=PAD)
         if BLOCK_M == 1:
             if ASM:
@@ -243,9 +246,10 @@ def aligned_segments(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch
     """The CSR kernel's aligned copy: ``[seg_ptr, lengths, cols, values]`` with every row's nonzeros
     moved to a start that is a multiple of ``ALIGN`` and padded (the row's last column, value 0,
     or :data:`PAD_CODE` for uint8 codebook indices) to a multiple of it, so the kernel loads whole
-    16-byte runs; None if that copy would pass
-    int32 offsets. Costs ``2 * 2 + bytes(value)`` bytes (int16 columns) per padding slot, at most
-    ``ALIGN - 1`` a row, besides the copy itself.
+    16-byte runs; None if that copy would pass int32 offsets. Costs ``2 * 2 + bytes(value)`` bytes
+    (int16 columns) per padding slot, at most ``ALIGN - 1`` a row, besides the copy itself. The
+    columns go on for the longest row plus the largest BLOCK_NZ (column 0): the kernel loads them
+    unmasked, and a step past a row's end reads, within the copy, columns whose values it masks.
 
     ``seg_ptr`` int32 ``[N+1]`` (padded offsets), ``lengths`` int32 ``[N]`` (true counts).
     """
@@ -254,14 +258,16 @@ def aligned_segments(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch
     seg = torch.zeros(n + 1, dtype=torch.long, device=col_idx.device)
     seg[1:] = torch.cumsum((lens + ALIGN - 1) // ALIGN * ALIGN, 0)
     total = int(seg[-1])
-    if total > 2**31 - 1:
+    tail = (int((seg[1:] - seg[:-1]).max()) if n else 0) + max(c.kwargs["BLOCK_NZ"] for c in CSR_CONFIGS + [CSR_INTERP])
+    if total + tail > 2**31 - 1:
         return None
     rows = torch.repeat_interleave(torch.arange(n, device=col_idx.device), lens, output_size=nnz)
     dst = seg[:-1][rows] + torch.arange(nnz, device=col_idx.device) - row_ptr[:-1].long()[rows]
     # Padding repeats the row's last column: the kernel gathers x unmasked there (times weight
     # 0), so a padded slot reads no activation the row does not read anyway.
     last = col_idx[(row_ptr[1:].long() - 1).clamp(min=0)] if nnz else torch.zeros(n, dtype=col_idx.dtype)
-    cols = torch.repeat_interleave(last.to(col_idx.device), seg[1:] - seg[:-1], output_size=total)
+    cols = torch.zeros(total + tail, dtype=col_idx.dtype, device=col_idx.device)
+    cols[:total] = torch.repeat_interleave(last.to(col_idx.device), seg[1:] - seg[:-1], output_size=total)
     pad = PAD_CODE.value if values.dtype == torch.uint8 else 0
     vals = torch.full((total,), pad, dtype=values.dtype, device=values.device)
     cols[dst], vals[dst] = col_idx, values
