@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from torchzip.kernels import codebook, dispatch, int8, sparse24  # noqa: E402
+from torchzip.kernels import codebook, csr, dispatch, int8, sparse24  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not dispatch.HAS_TRITON, reason="needs Triton on Linux")
@@ -187,6 +187,30 @@ def test_codebook_and_sparse24_gates(fake_gpu, monkeypatch):
     assert asked[-1] == "sparse24.prmt" and seen["FAST"] is False
 
 
+def test_csr_lanes_gate(fake_gpu, monkeypatch):
+    """The CSR kernel's register-held codebook: asked for at M = 1 with up to 32 entries only; the
+    gate's answer picks LANES (1: a zero lane for padding, 2: 32 entries and a bit test, 0: gather)."""
+    asked, answer, seen = [], [False], {}
+    monkeypatch.setattr(dispatch, "fast_path_ok", lambda path, x, check, fallback: asked.append(path) or answer[0])
+    monkeypatch.setattr(csr.C, "interpreting", lambda: False)
+    monkeypatch.setattr(csr.C, "launch", lambda kernel, tuned, grid, args, config, default, **kw: seen.update(kw))
+    row_ptr, cols, codes = torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([1, 5, 0], dtype=torch.int16), \
+        torch.tensor([0, 3, 1], dtype=torch.uint8)
+
+    def lanes(m, entries, ok):
+        asked.clear()
+        answer[0] = ok
+        csr.csr_matmul(torch.randn(m, 8), row_ptr, cols, codes, None, torch.randn(2, entries), None, 0, 8)
+        return asked, seen["LANES"]
+
+    assert lanes(1, 16, False) == (["csr.lanes"], 0)
+    assert lanes(1, 16, True) == (["csr.lanes"], 1)
+    assert lanes(1, 31, True) == (["csr.lanes"], 1)
+    assert lanes(1, 32, True) == (["csr.lanes"], 2)
+    assert lanes(1, 33, True) == ([], 0)
+    assert lanes(2, 16, True) == ([], 0)
+
+
 # ---- the known answers --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("group_size", [0, 16])
@@ -232,3 +256,20 @@ def test_sparse24_probe_is_exact():
         got = sparse24._gemv(x.to(dtype), values.to(dtype), positions, None, None, None, 0, k, 1,
                              sparse24.S24_GEMV_CONFIGS[0], None, lambda *a: True)
         assert torch.equal(got.double(), want)
+
+
+@pytest.mark.parametrize("entries", (csr.LANE_ENTRIES, 32))
+def test_csr_lanes_probe_is_exact(entries):
+    """The CSR self-check's known answer: integer sums a 16-bit output holds, every code and
+    padding (PAD_CODE) used, the same answer from the interpreter's kernel (the gathered codebook)."""
+    for per_row in (True, False):
+        x, row_ptr, cols, codes, book, k, want = csr.lanes_probe(per_row, entries)
+        assert want.unique().numel() > 5 and want.abs().max() <= 256
+        assert codes.unique().numel() == entries and book.shape[1] == entries
+        segments = csr.aligned_segments(row_ptr, cols, codes)
+        assert (segments[3] == csr.PAD_CODE.value).sum() > 0
+        for dtype in (torch.bfloat16, torch.float16):
+            assert torch.equal(want.to(dtype).double(), want)
+            got = csr._matmul(x.to(dtype), row_ptr, cols, codes, None, book, None, 0, k, csr.CSR_CONFIGS[2], segments,
+                              lambda *a: True)
+            assert torch.equal(got.double(), want)

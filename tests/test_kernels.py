@@ -254,6 +254,13 @@ def test_csr_kernel(seed, kind, dtype, m, with_bias):
         if hi > lo + length:
             assert (segments[3][lo + length: hi] == pad).all()
             assert (segments[2][lo + length: hi] == w.col_idx[int(w.row_ptr[r + 1]) - 1]).all()
+    # the kernel loads the copy's columns unmasked: every program's steps stay inside it
+    spans = segments[0][1:] - segments[0][:-1]
+    for c in csr.CSR_CONFIGS + [csr.CSR_INTERP]:
+        br, bz = c.kwargs["BLOCK_R"], c.kwargs["BLOCK_NZ"]
+        for p in range(0, n, br):
+            steps = -(-int(spans[p: p + br].max()) // bz)
+            assert int(segments[0][p: p + br].max()) + steps * bz <= segments[2].numel(), (c, p)
     check(csr.csr_matmul(x, *args, aligned=segments), ref, dtype, seed, what + " aligned")
 
 
