@@ -230,6 +230,7 @@ def _csr_dequant_kernel(rp_ptr, col_ptr, v_ptr, s_ptr, book_ptr, out_ptr, N, K, 
     for i in range(0, tl.max(length, 0), BLOCK_NZ):
         ri = i + tl.arange(0, BLOCK_NZ)
         nz_mask = ri[None, :] < length[:, None]
+        offs = start[:, None] + ri[None, :]
         cols = tl.load(col_ptr + offs, mask=nz_mask, other=0).to(tl.int32)
         v = tl.load(v_ptr + offs, mask=nz_mask, other=0)
         w = C.decode(v, rr[:, None], cols, nz_mask, s_ptr, stride_sn, book_ptr, stride_b, KIND, GROUP)

@@ -86,9 +86,18 @@ def variants():
         out.append((S24._sparse24_gemm_kernel, s24, {"KIND": kind, "GROUP": 0, **dot, **small.kwargs}, 4, 4))
         csr = {"x_ptr": bf16, "rp_ptr": "*i32", "len_ptr": "*i32", "col_ptr": "*i16", "v_ptr": values, **side,
                "b_ptr": bf16, "out_ptr": bf16}
-        for c, align in ((CSR.CSR_CONFIGS[2], CSR.ALIGN), (CSR.CSR_CONFIGS[-3], 1)):
-            out.append((CSR._csr_kernel, csr, {"KIND": kind, "GROUP": group, "HAS_BIAS": True, "ALIGN": align,
-                                               **c.kwargs}, c.num_warps, 2))
+        # M = 1 on the aligned copy (codebooks: 16 and 32 entries in registers, and gathered), and
+        # M > 1 on the plain CSR
+        m1 = [(CSR.CSR_CONFIGS[2], CSR.csr_constexprs(CSR.CSR_CONFIGS[2], kind, e)) for e in (16, 32)[:1 + (kind == 2)]]
+        if kind == 2:
+            m1.append((CSR.CSR_CONFIGS[2], {**m1[0][1], "LANES": 0}))
+        for c, const in m1 + [(CSR.CSR_CONFIGS[-3], {"ALIGN": 1, "ASM": True, "LANES": 0, "X_KIND": 0, **CSR.CSR_CONFIGS[-3].kwargs})]:
+            out.append((CSR._csr_kernel, csr, {"KIND": kind, "GROUP": group, "HAS_BIAS": True, **const}, c.num_warps, 2))
+        # int32 columns (K > 32768) with fp16 and fp32 activations
+        for x_dtype, x_kind in (("*fp16", 1), ("*fp32", 2)):
+            out.append((CSR._csr_kernel, {**csr, "x_ptr": x_dtype, "col_ptr": "*i32"},
+                        {"KIND": kind, "GROUP": group, "HAS_BIAS": True,
+                         **CSR.csr_constexprs(CSR.CSR_CONFIGS[0], kind), "X_KIND": x_kind}, CSR.CSR_CONFIGS[0].num_warps, 2))
     tile = {"BLOCK_N": C.DQ_BLOCK_N, "BLOCK_K": C.DQ_BLOCK_K}
     out += [
         (I8._int8_dequant_kernel, {"q_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": bf16}, {"GROUP": 128, **tile}, 4, 1),
