@@ -2,8 +2,10 @@
 
 Each program owns a few rows and walks their nonzeros in blocks (up to the longest row's
 count), gathering ``x[:, col]`` from L1/L2; packed weights pass an aligned, padded copy
-(:func:`aligned_segments`) so column and value loads are 128 bits wide. Suits 80-95% sparsity and small M; the
-``torchzip::csr_linear`` op turns to the dequantize kernel + cuBLAS for large M.
+(:func:`aligned_segments`) so column and value loads are 128 bits wide. At M = 1 on a GPU the
+gather is inline PTX and codebooks of up to 32 entries sit in registers (a warp shuffle a
+nonzero). Suits 80-95% sparsity and small M; the ``torchzip::csr_linear`` op turns to the
+dequantize kernel + cuBLAS for large M.
 """
 
 from __future__ import annotations
@@ -72,10 +74,11 @@ def lane_id(like):
 @triton.jit
 def gather_x(row, cols, X_KIND: tl.constexpr):
     """``x[cols]`` as fp32, ``row`` the int64 address of the activation row and ``cols`` int16 or
-    int32 (never negative): per nonzero an extract (16-bit columns), one ``mad.wide.u32`` (the
-    address; a signed one costs two instructions), one load and one conversion. Inline PTX, so the
-    result keeps the columns' layout (a ``tl.load`` gather gets a layout of its own on Triton 3.6,
-    and the columns and values then reach it through shared memory). KIND: 0 bf16, 1 fp16, 2 fp32."""
+    int32 (never negative): per nonzero an extract (16-bit columns), the address (an unsigned
+    ``mul.wide`` and add, which ptxas makes one IMAD.WIDE.U32; a signed index or ``mad.wide``
+    come out as two instructions), one load and one conversion. Inline PTX, so the result keeps
+    the columns' layout (a ``tl.load`` gather gets a layout of its own on Triton 3.6, and the
+    columns and values then reach it through shared memory). KIND: 0 bf16, 1 fp16, 2 fp32."""
     if cols.dtype == tl.int16:
         head: tl.constexpr = "{ .reg .b64 a; .reg .b32 c, t; .reg .b16 h; cvt.u32.u16 c, $1; "
         cons: tl.constexpr = "=r,h,l"
@@ -85,9 +88,9 @@ def gather_x(row, cols, X_KIND: tl.constexpr):
     if X_KIND == 0:
         body: tl.constexpr = "mul.wide.u32 a, c, 2; add.s64 a, a, $2; ld.global.nc.u16 t, [a]; shl.b32 $0, t, 16; }"
     elif X_KIND == 1:
-        body: tl.constexpr = "mad.wide.u32 a, c, 2, $2; ld.global.nc.b16 h, [a]; cvt.f32.f16 $0, h; }"
+        body: tl.constexpr = "mul.wide.u32 a, c, 2; add.s64 a, a, $2; ld.global.nc.b16 h, [a]; cvt.f32.f16 $0, h; }"
     else:
-        body: tl.constexpr = "mad.wide.u32 a, c, 4, $2; ld.global.nc.b32 $0, [a]; }"
+        body: tl.constexpr = "mul.wide.u32 a, c, 4; add.s64 a, a, $2; ld.global.nc.b32 $0, [a]; }"
     return tl.inline_asm_elementwise(head + body, cons, [cols, row], dtype=tl.float32, is_pure=True, pack=1)
 
 

@@ -233,15 +233,15 @@ def test_csr_shuffle_lookup_reads_the_right_lane():
 
 def test_csr_gather_and_widen_are_exact():
     """gather_x's address is ``row + size * column`` in unsigned 64-bit math (``cvt.u32.u16``, then
-    ``mad.wide.u32``: one instruction, where a signed one takes two) and its bf16 conversion (the
+    ``mul.wide.u32`` and an add: one instruction, where a signed one takes two) and its bf16 conversion (the
     16 bits shifted to the top of an fp32), and widen's bf16 pairs (low half first: shift; high
     half: mask), emulated on random bits, inf and NaN against torch's bf16 -> fp32."""
     import torch
 
     asm = _csr_asm("gather_x")
     assert "cvt.u32.u16 c, $1" in asm
-    sizes = {int(v) for v in re.findall(r"mad\.wide\.u32 a, c, (\d+), \$2;", asm)}
-    assert sizes == {2, 4}
+    sizes = [int(v) for v in re.findall(r"mul\.wide\.u32 a, c, (\d+); add\.s64 a, a, \$2;", asm)]
+    assert sizes == [2, 2, 4]  # bf16, fp16, fp32
     assert "ld.global.nc.u16 t, [a]; shl.b32 $0, t, 16;" in asm
     rng = np.random.default_rng()
     bits = rng.integers(0, 2**16, 4000).astype(np.uint16)
