@@ -22,7 +22,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 GEMV_FAMILIES = ["int8_gemv", "int8_gemv_words", "codebook4_gemv", "codebook3_gemv", "sparse24_gemv_kind0", "sparse24_gemv_kind1",
-                 "sparse24_gemv_kind2", "csr_kind0", "csr_kind1", "csr_kind2"]
+                 "sparse24_gemv_kind2", "csr_kind0", "csr_kind1", "csr_kind2", "csr_kind2_32"]
 # Tiled kernels whose spills have been fixed (their first, small-M tile is checked too).
 SPILL_FREE_GEMMS = ["codebook4_gemm", "codebook3_gemm", "sparse24_gemm_kind2"]
 
@@ -166,13 +166,13 @@ def test_sparse24_gemv_loop_selects_x_in_registers(report):
 
 
 def test_csr_loop_per_nonzero(report):
-    """CSR at M = 1 (float, int8 and codebook values, aligned segments): at most 10
+    """CSR at M = 1 (float, int8 and codebook values of 16 and 32 entries, aligned segments): at most 10
     thread-instructions per nonzero, 128-bit column loads, no barrier or shared memory (the
     gather keeps the columns' layout, under Triton 3.6 too), one x load a nonzero and nothing
     else gathered: codebook values are looked up by one shuffle each from a table in registers,
     whose lanes work on one row per register slot ([1, 32] threads per warp for the columns)."""
-    rows = [r for r in report["variants"] if r["family"] in ("csr_kind0", "csr_kind1", "csr_kind2")]
-    assert len(rows) == 3
+    rows = [r for r in report["variants"] if r["family"].startswith("csr_kind")]
+    assert len(rows) == 4
     for r in rows:
         m, per = r["mix"], r["units_per_iteration"] / r["threads"]  # nonzeros a thread an iteration
         assert r["per_weight"] <= 10.0, f"{r['variant']}: {r['per_weight']} per nonzero"
@@ -183,7 +183,7 @@ def test_csr_loop_per_nonzero(report):
         assert loads == per + 2, f"{r['variant']}: {m}"  # and one load each of columns and values
         assert r["registers"] <= 128, f"{r['variant']}: {r['registers']} registers"
         assert r["i16_load_threads_per_warp"] == ["1, 32"], r["variant"]
-        if r["family"] == "csr_kind2":
+        if r["family"].startswith("csr_kind2"):  # up to 31 entries, and 32
             assert m.get("shuffle", 0) == per, f"{r['variant']}: {m}"
 
 
@@ -194,19 +194,24 @@ def _csr_asm(name: str) -> str:
     return src[start:src.index("@triton.jit", start)]
 
 
-def test_csr_shuffle_lookup_reads_the_right_lane():
+@pytest.mark.parametrize("guard", (False, True))
+def test_csr_shuffle_lookup_reads_the_right_lane(guard):
     """Emulate the CSR kernel's lookups (4 uint8 codes a register, pack=4: outputs $0..$3, codes
     $4, table $5..$8, x $9..$12, acc $13..$16) on random codes and PAD_CODE: shfl.sync.idx with the
-    kernel's control reads lane ``code & 31``; lane l holds centroid l for l < entries, else 0, so
-    a code picks its centroid and padding adds exactly 0."""
+    kernel's control reads lane ``code & 31``. Up to 31 entries: lane l holds centroid l, 0 from
+    the last entry on, so padding adds exactly 0. GUARD (32 entries, every lane a centroid): a
+    code's top bit, set only in PAD_CODE, skips its FMA (the output keeps acc)."""
     from torchzip.kernels.csr import LANE_ENTRIES, PAD_CODE
 
     asm = _csr_asm("lane_lookup_fma")
+    asm = asm[asm.index("if GUARD:"):asm.index("else:")] if guard else asm[asm.index("else:"):]
     steps = re.findall(r"(?:shr\.b32 t, \$4, (\d+); )?shfl\.sync\.idx\.b32 c, \$(\d+), (\$4|t), (0x[0-9a-f]+), -1; "
-                       r"fma\.rn\.f32 \$(\d+), c, \$(\d+), \$(\d+);", asm)
-    assert len(steps) == 4
+                       r"(?:@(p\d) )?fma\.rn\.f32 \$(\d+), c, \$(\d+), \$(\d+);", asm)
+    tests = dict((p, int(bit, 16)) for bit, p in re.findall(r"and\.b32 t, \$4, (0x[0-9a-f]+); setp\.eq\.u32 (p\d), t, 0;", asm))
+    keeps = dict((int(o), int(i)) for o, i in re.findall(r"mov\.b32 \$(\d+), \$(\d+);", asm))
+    assert len(steps) == 4 and len(tests) == (4 if guard else 0)
     rng = np.random.default_rng()
-    for entries in (1, 7, 16, LANE_ENTRIES):
+    for entries in (32,) if guard else (1, 7, 16, LANE_ENTRIES):
         book = rng.integers(-64, 65, entries).astype(np.float32)  # integers: every product is exact
         table = np.array([book[lane] if lane < entries else 0.0 for lane in range(32)], np.float32)
         for _ in range(50):
@@ -215,18 +220,20 @@ def test_csr_shuffle_lookup_reads_the_right_lane():
             word = sum(int(c) << (8 * j) for j, c in enumerate(codes))
             x = rng.integers(-8, 9, 4).astype(np.float32)
             acc = rng.integers(-8, 9, 4).astype(np.float32)
-            ops = {4: word, **{5 + j: None for j in range(4)}, **{9 + j: x[j] for j in range(4)},
-                   **{13 + j: acc[j] for j in range(4)}}
+            ops = {**{9 + j: x[j] for j in range(4)}, **{13 + j: acc[j] for j in range(4)}}
             out = {}
-            for j, (shift, tab, src, ctrl, dst, xs, accs) in enumerate(steps):
+            for j, (shift, tab, src, ctrl, pred, dst, xs, accs) in enumerate(steps):
                 assert int(dst) == j and int(tab) == 5 + j and int(xs) == 9 + j and int(accs) == 13 + j
-                b = word >> int(shift) if shift else word
                 assert (src == "t") == bool(shift) and int(shift or 0) == 8 * j
+                b = word >> int(shift) if shift else word
                 c = int(ctrl, 16)
                 clamp, segmask = c & 0x1F, (c >> 8) & 0x1F
                 lane = b & 0x1F & ~segmask  # every lane's source: minLane | (b[4:0] & ~segmask), minLane 0
                 assert segmask == 0 and lane <= clamp
-                out[j] = np.float32(table[lane] * ops[9 + j] + ops[13 + j])
+                if pred and word & tests[pred]:  # the FMA skipped: the output holds the mov'd acc
+                    out[j] = ops[keeps[j]]
+                else:
+                    out[j] = np.float32(table[lane] * ops[9 + j] + ops[13 + j])
             want = [np.float32((book[c] if c != PAD_CODE.value else 0.0) * x[j] + acc[j]) for j, c in enumerate(codes)]
             assert [out[j] for j in range(4)] == want
 
