@@ -186,6 +186,8 @@ def _csr_kernel(
         # M > 1 gather.
         seg_mask = ri[None, :] < span[:, None]
         nz_mask = ri[None, :] < length[:, None]
+        # No eviction hint: Triton's evict_first sets up a cache policy (uniform-register
+        # instructions) that lands in the loop for some configs, and 3.6 has no ".cs" loads.
         if ALIGN > 1:  # unmasked: the copy's columns run on past every step (aligned_segments)
             cols = tl.load(col_row + i)
         else:

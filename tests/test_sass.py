@@ -166,11 +166,11 @@ def test_sparse24_gemv_loop_selects_x_in_registers(report):
 
 
 def test_csr_loop_per_nonzero(report):
-    """CSR at M = 1 (float, int8 and codebook values of 16 and 32 entries, aligned segments): at most 10
-    thread-instructions per nonzero, 128-bit column loads, no barrier or shared memory (the
-    gather keeps the columns' layout, under Triton 3.6 too), one x load a nonzero and nothing
-    else gathered: codebook values are looked up by one shuffle each from a table in registers,
-    whose lanes work on one row per register slot ([1, 32] threads per warp for the columns)."""
+    """CSR at M = 1 (float, int8 and codebook values of 16 and 32 entries, aligned segments): at
+    most 10 thread-instructions per nonzero, 128-bit column loads, no barrier or shared memory (the gather keeps the columns' layout, under Triton 3.6 too), one x
+    load a nonzero and nothing else gathered: codebook values are looked up by one shuffle each
+    from a table in registers, whose lanes work on one row per register slot ([1, 32] threads per
+    warp for the columns)."""
     rows = [r for r in report["variants"] if r["family"].startswith("csr_kind")]
     assert len(rows) == 4
     for r in rows:
