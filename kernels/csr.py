@@ -289,16 +289,17 @@ def csr_matmul(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, va
     ``row_ptr`` int32 ``[N+1]``, ``col_idx`` int16/int32 ``[nnz]``, ``values`` ``[nnz]`` (floats,
     int8 with ``scales``, or indices into ``codebook``); returns ``[..., N]`` in ``x.dtype``.
     ``aligned``: :func:`aligned_segments` of the same weight, read instead (wide loads). At M = 1
-    on CUDA a codebook of up to 32 entries is held in registers once its self-check passed
-    (:func:`_lanes_check`), else gathered from L1.
+    on CUDA the one-row loop's inline PTX (activation gather, bf16 widening, a codebook of up to 32
+    entries held in registers) runs once its self-check passed (:func:`_asm_check`), else the
+    kernel's plain Triton loads and an L1 gather of centroids.
     """
     return _matmul(x, row_ptr, col_idx, values, scales, codebook, bias, group_size, k, config, aligned,
-                   lambda x2: dispatch.fast_path_ok("csr.lanes", x2, _lanes_check, "the CSR kernel gathering "
-                                                    "centroids from L1"))
+                   lambda x2: dispatch.fast_path_ok("csr.asm", x2, _asm_check, "the CSR kernel with Triton "
+                                                    "loads, centroids gathered from L1"))
 
 
 def _matmul(x, row_ptr, col_idx, values, scales, codebook, bias, group_size, k, config, aligned, allow):
-    """:func:`csr_matmul`, holding the codebook in registers only where ``allow(x2)``."""
+    """:func:`csr_matmul`, with the inline PTX (and the codebook in registers) only where ``allow(x2)``."""
     if x.shape[-1] != k or col_idx.shape != values.shape or row_ptr.dtype != torch.int32:
         raise ValueError(f"CSR needs x [..., {k}], int32 row_ptr and col_idx/values of one length; got "
                          f"{tuple(x.shape)}, {row_ptr.dtype}, {tuple(col_idx.shape)}, {tuple(values.shape)}")
@@ -312,14 +313,15 @@ def _matmul(x, row_ptr, col_idx, values, scales, codebook, bias, group_size, k, 
         rp, lens, cols, vals, align = *aligned, ALIGN
     else:
         rp, lens, cols, vals, align = row_ptr, row_ptr, col_idx, values, 1
-    asm = not C.interpreting()
+    # Asked on every GPU call: any M may get a BLOCK_M = 1 config, whose loop is the inline PTX.
+    asm = not C.interpreting() and allow(x2)
     entries = codebook.shape[1] if codebook is not None else 0
     # The register-held codebook needs a warp on one row (the M = 1 configs' BLOCK_NZ >= 256): with
     # a spare lane for the 0 that padding and masked slots (PAD_CODE) decode to (LANES 1), or, for
     # 32 entries, a bit test that skips them (LANES 2).
     lanes = 0
     if (asm and m == 1 and kind == C.KIND_CODEBOOK and entries <= 32
-            and (config is None or config.kwargs["BLOCK_M"] == 1 and config.kwargs["BLOCK_NZ"] >= 256) and allow(x2)):
+            and (config is None or config.kwargs["BLOCK_M"] == 1 and config.kwargs["BLOCK_NZ"] >= 256)):
         lanes = 1 if entries <= LANE_ENTRIES else 2
     if m and n:
         C.launch(
@@ -352,18 +354,37 @@ def lanes_probe(per_row: bool, entries: int):
     return x, row_ptr, cols, codes, book, k, want
 
 
-def _lanes_check(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the register-held codebook gives the exact answers of :func:`lanes_probe` on
-    ``device`` (both variants: 31 entries and a zero lane, 32 entries and the bit test)."""
+def asm_cases(per_row: bool, entries: int, dtype: torch.dtype):
+    """``(x, row_ptr, cols, [(values, scales, codebook, want)], k)``: :func:`lanes_probe`'s weight
+    as codebook indices and, for the 31-entry per-row probe, also as float values (bf16 and
+    ``dtype``: the bf16 widening) and as int8 values with unit scales; ``want`` in float64."""
+    x, row_ptr, cols, codes, book, k, want = lanes_probe(per_row, entries)
+    cases = [(codes, None, book, want)]
+    if per_row and entries == LANE_ENTRIES:
+        rows = torch.repeat_interleave(torch.arange(book.shape[0]), (row_ptr[1:] - row_ptr[:-1]).long())
+        floats = book[rows, codes.long()]
+        for values, scales in ((floats.bfloat16(), None), (floats.to(dtype), None),
+                               (floats.to(torch.int8), torch.ones(book.shape[0], 1))):
+            cases.append((values, scales, None, csr_reference(x, row_ptr, cols, values, scales, None, None, 0, k)))
+    return x, row_ptr, cols, cases, k
+
+
+def _asm_check(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the one-row loop's inline PTX gives the exact answers of :func:`asm_cases` on
+    ``device`` for ``dtype`` activations: codebook, float and int8 values, aligned copies and
+    plain CSR, both register-held codebook variants (31 entries and a zero lane, 32 and the bit
+    test)."""
     for entries in (LANE_ENTRIES, 32):
         for per_row in (True, False):
-            x, row_ptr, cols, codes, book, k, want = lanes_probe(per_row, entries)
-            taken = []
-            args = [t.to(device) for t in (row_ptr, cols, codes)]
-            got = _matmul(x.to(device, dtype), *args, None, book.to(device), None, 0, k, CSR_CONFIGS[2],
-                          aligned_segments(*args), lambda _: not taken.append(True))
-            if taken != [True] or not torch.equal(got.double().cpu(), want):
-                return False
+            x, row_ptr, cols, cases, k = asm_cases(per_row, entries, dtype)
+            for values, scales, book, want in cases:
+                args = [t.to(device) for t in (row_ptr, cols, values)]
+                side = [None if t is None else t.to(device) for t in (scales, book)]
+                for aligned in (aligned_segments(*args), None):
+                    got = _matmul(x.to(device, dtype), *args, *side, None, 0, k, CSR_CONFIGS[2], aligned,
+                                  lambda _: True)
+                    if not torch.equal(got.double().cpu(), want):
+                        return False
     return True
 
 

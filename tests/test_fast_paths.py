@@ -187,9 +187,10 @@ def test_codebook_and_sparse24_gates(fake_gpu, monkeypatch):
     assert asked[-1] == "sparse24.prmt" and seen["FAST"] is False
 
 
-def test_csr_lanes_gate(fake_gpu, monkeypatch):
-    """The CSR kernel's register-held codebook: asked for at M = 1 with up to 32 entries only; the
-    gate's answer picks LANES (1: a zero lane for padding, 2: 32 entries and a bit test, 0: gather)."""
+def test_csr_asm_gate(fake_gpu, monkeypatch):
+    """The CSR kernel's inline PTX: the gate is asked on every GPU call (any M may get a one-row
+    config); its answer turns ASM on, and at M = 1 with up to 32 entries picks LANES (1: a zero
+    lane for padding, 2: 32 entries and a bit test, 0: gather)."""
     asked, answer, seen = [], [False], {}
     monkeypatch.setattr(dispatch, "fast_path_ok", lambda path, x, check, fallback: asked.append(path) or answer[0])
     monkeypatch.setattr(csr.C, "interpreting", lambda: False)
@@ -197,18 +198,22 @@ def test_csr_lanes_gate(fake_gpu, monkeypatch):
     row_ptr, cols, codes = torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([1, 5, 0], dtype=torch.int16), \
         torch.tensor([0, 3, 1], dtype=torch.uint8)
 
-    def lanes(m, entries, ok):
+    def gate(m, entries, ok):
         asked.clear()
         answer[0] = ok
-        csr.csr_matmul(torch.randn(m, 8), row_ptr, cols, codes, None, torch.randn(2, entries), None, 0, 8)
-        return asked, seen["LANES"]
+        book = torch.randn(2, entries) if entries else None
+        values = codes if entries else torch.randn(3).bfloat16()
+        csr.csr_matmul(torch.randn(m, 8), row_ptr, cols, values, None, book, None, 0, 8)
+        return asked, seen["ASM"], seen["LANES"]
 
-    assert lanes(1, 16, False) == (["csr.lanes"], 0)
-    assert lanes(1, 16, True) == (["csr.lanes"], 1)
-    assert lanes(1, 31, True) == (["csr.lanes"], 1)
-    assert lanes(1, 32, True) == (["csr.lanes"], 2)
-    assert lanes(1, 33, True) == ([], 0)
-    assert lanes(2, 16, True) == ([], 0)
+    assert gate(1, 16, False) == (["csr.asm"], False, 0)
+    assert gate(1, 16, True) == (["csr.asm"], True, 1)
+    assert gate(1, 31, True) == (["csr.asm"], True, 1)
+    assert gate(1, 32, True) == (["csr.asm"], True, 2)
+    assert gate(1, 33, True) == (["csr.asm"], True, 0)
+    assert gate(2, 16, True) == (["csr.asm"], True, 0)
+    assert gate(1, 0, True) == (["csr.asm"], True, 0)
+    assert gate(4, 0, False) == (["csr.asm"], False, 0)
 
 
 # ---- the known answers --------------------------------------------------------------------------
@@ -259,9 +264,11 @@ def test_sparse24_probe_is_exact():
 
 
 @pytest.mark.parametrize("entries", (csr.LANE_ENTRIES, 32))
-def test_csr_lanes_probe_is_exact(entries):
-    """The CSR self-check's known answer: integer sums a 16-bit output holds, every code and
-    padding (PAD_CODE) used, the same answer from the interpreter's kernel (the gathered codebook)."""
+def test_csr_asm_cases_are_exact(entries):
+    """The CSR self-check's known answers: integer sums a 16-bit output holds, every code and
+    padding (PAD_CODE) used; float (bf16 and the activations' dtype) and int8 values of the same
+    weight; the interpreter's kernel (Triton loads, gathered codebook) gives them exactly, and so
+    does the whole check."""
     for per_row in (True, False):
         x, row_ptr, cols, codes, book, k, want = csr.lanes_probe(per_row, entries)
         assert want.unique().numel() > 5 and want.abs().max() <= 256
@@ -269,7 +276,13 @@ def test_csr_lanes_probe_is_exact(entries):
         segments = csr.aligned_segments(row_ptr, cols, codes)
         assert (segments[3] == csr.PAD_CODE.value).sum() > 0
         for dtype in (torch.bfloat16, torch.float16):
-            assert torch.equal(want.to(dtype).double(), want)
-            got = csr._matmul(x.to(dtype), row_ptr, cols, codes, None, book, None, 0, k, csr.CSR_CONFIGS[2], segments,
-                              lambda *a: True)
-            assert torch.equal(got.double(), want)
+            x, row_ptr, cols, cases, k = csr.asm_cases(per_row, entries, dtype)
+            assert len(cases) == (4 if per_row and entries == csr.LANE_ENTRIES else 1)
+            for values, scales, book, want in cases:
+                assert torch.equal(want, cases[0][3])  # one weight, however its values are held
+                assert torch.equal(want.to(dtype).double(), want)
+                for aligned in (csr.aligned_segments(row_ptr, cols, values), None):
+                    got = csr._matmul(x.to(dtype), row_ptr, cols, values, scales, book, None, 0, k, csr.CSR_CONFIGS[2],
+                                      aligned, lambda *a: True)
+                    assert torch.equal(got.double(), want)
+            assert csr._asm_check(torch.device("cpu"), dtype)
