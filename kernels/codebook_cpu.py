@@ -302,6 +302,88 @@ TZ_INT8_TILE(int8_tile_avx512, AVX512, __m512, 16, _mm512_setzero_ps(), Q16_AVX5
              _mm512_mul_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_reduce_add_ps)
 TZ_INT8_LINEAR(tz_int8_linear_avx512, int8_tile_avx512, AVX512)
 
+/* ---- 4-bit codebook linear with AVX-512: the row's 16-entry table in one register, so one
+   vpermps looks up 16 weights (two words of codes spread over the lanes, shifted per lane). ---- */
+#define SPREAD4_AVX512(p) _mm512_srlv_epi32(_mm512_permutexvar_epi32(sel, _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)(p)))), sh)
+
+static AVX512 void expand_row4_avx512(const int32_t *words, const float *tab, int64_t k, float *out) {
+    const __m512 t = _mm512_loadu_ps(tab);
+    const __m512i sel = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i sh = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+    int64_t j = 0;
+    for (; j + 16 <= k; j += 16) _mm512_storeu_ps(out + j, _mm512_permutexvar_ps(SPREAD4_AVX512(words + j / 8), t));
+    for (; j < k; j++) out[j] = tab[((uint32_t)words[j / 8] >> ((j % 8) * 4)) & 15u];
+}
+
+static AVX512 float dot4_avx512(const int32_t *words, const float *tab, int64_t k, const float *x) {
+    const __m512 t = _mm512_loadu_ps(tab);
+    const __m512i sel = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i sh = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t j = 0;
+    for (; j + 64 <= k; j += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(SPREAD4_AVX512(words + j / 8), t), _mm512_loadu_ps(x + j), a0);
+        a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(SPREAD4_AVX512(words + j / 8 + 2), t), _mm512_loadu_ps(x + j + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_permutexvar_ps(SPREAD4_AVX512(words + j / 8 + 4), t), _mm512_loadu_ps(x + j + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_permutexvar_ps(SPREAD4_AVX512(words + j / 8 + 6), t), _mm512_loadu_ps(x + j + 48), a3);
+    }
+    for (; j + 16 <= k; j += 16)
+        a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(SPREAD4_AVX512(words + j / 8), t), _mm512_loadu_ps(x + j), a0);
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; j < k; j++) s += tab[((uint32_t)words[j / 8] >> ((j % 8) * 4)) & 15u] * x[j];
+    return s;
+}
+
+/* y[i, r] = x[i] . w[r] for nw <= 4 expanded rows (stride k) and mi <= 4 rows of x (stride xs):
+   4 x 4 accumulators; rows past nw / mi repeat row 0 and are not stored. */
+static AVX512 void dot_tile_avx512(const float *w, int nw, const float *x, int64_t xs, int mi, int64_t k, float *y, int64_t ys) {
+    const float *wr[4], *xr[4];
+    for (int r = 0; r < 4; r++) wr[r] = w + (r < nw ? r : 0) * k;
+    for (int i = 0; i < 4; i++) xr[i] = x + (i < mi ? i : 0) * xs;
+    __m512 a[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int i = 0; i < 4; i++) a[r][i] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= k; j += 16) {
+        __m512 v[4];
+        for (int r = 0; r < 4; r++) v[r] = _mm512_loadu_ps(wr[r] + j);
+        for (int i = 0; i < 4; i++) {
+            const __m512 xv = _mm512_loadu_ps(xr[i] + j);
+            for (int r = 0; r < 4; r++) a[r][i] = _mm512_fmadd_ps(v[r], xv, a[r][i]);
+        }
+    }
+    for (int r = 0; r < nw; r++)
+        for (int i = 0; i < mi; i++) {
+            float s = _mm512_reduce_add_ps(a[r][i]);
+            for (int64_t t = j; t < k; t++) s += wr[r][t] * xr[i][t];
+            y[i * ys + r] = s;
+        }
+}
+
+/* tz_codebook_linear for 4-bit codes: four weight rows a task (M = 1: dotted in registers). */
+AVX512 void tz_codebook_linear4_avx512(const float *x, int64_t m, int64_t k, const int32_t *packed, int64_t wstride,
+                                       const float *books, int64_t bstride, int64_t n, float *y, int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        float *row = (float *)aligned_alloc(64, ((4 * k + 15) / 16) * 64);
+        #pragma omp for schedule(static)
+        for (int64_t p = 0; p < (n + 3) / 4; p++) {
+            const int64_t r0 = 4 * p;
+            const int nw = n - r0 < 4 ? (int)(n - r0) : 4;
+            for (int r = 0; r < nw; r++) {
+                float tab[16];
+                load_table(books + (r0 + r) * bstride, 4, tab);
+                if (m == 1) y[r0 + r] = dot4_avx512(packed + (r0 + r) * wstride, tab, k, x);
+                else expand_row4_avx512(packed + (r0 + r) * wstride, tab, k, row + r * k);
+            }
+            if (m == 1) continue;
+            for (int64_t i = 0; i < m; i += 4)
+                dot_tile_avx512(row, nw, x + i * k, k, m - i < 4 ? (int)(m - i) : 4, k, y + i * n + r0, n);
+        }
+        free(row);
+    }
+}
+
 /* ---- 1-D Lloyd's on sorted rows (torchzip.passes.codebook._lloyd_sorted, the same arithmetic) ---- */
 
 static int64_t count_at_most(const float *keys, int64_t n, float mid) {
@@ -521,6 +603,8 @@ def _build() -> ctypes.CDLL:
     lib.tz_codebook_linear.restype = None
     lib.tz_int8_dequantize.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, i32]
     lib.tz_int8_dequantize.restype = None
+    lib.tz_codebook_linear4_avx512.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, ptr, i32]
+    lib.tz_codebook_linear4_avx512.restype = None
     for isa in ("avx2", "avx512"):
         fn = getattr(lib, f"tz_int8_linear_{isa}")
         fn.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, i32]
@@ -546,11 +630,12 @@ def _self_check(lib: ctypes.CDLL) -> bool:
             dequantize_rows(pack_bits(idx, bits), book, bits, got)
             if not torch.equal(got, want):
                 return False
-            x = torch.randn(3, 37, generator=gen)
-            y = linear(x, pack_bits(idx, bits), book, bits, 37)
-            ref = x.double() @ want.double().t()
-            if not bool(((y.double() - ref).abs() <= 1e-5 * (x.double().abs() @ want.double().abs().t()) + 1e-30).all()):
-                return False
+            for m in (3, 1):  # M = 1 dots in registers
+                x = torch.randn(m, 37, generator=gen)
+                y = linear(x, pack_bits(idx, bits), book, bits, 37)
+                ref = x.double() @ want.double().t()
+                if not bool(((y.double() - ref).abs() <= 1e-5 * (x.double().abs() @ want.double().abs().t()) + 1e-30).all()):
+                    return False
     for group in (37 * 2, 8, 3):  # one scale a row (k = 74), groups of 8 (vector path), ragged groups
         q = torch.randint(-128, 128, (5, 74), generator=gen, dtype=torch.int8)
         scales = torch.rand(5, 74 // group if 74 % group == 0 else -(-74 // group), generator=gen) + 1e-3
@@ -649,6 +734,10 @@ def linear(x: torch.Tensor, packed: torch.Tensor, book: torch.Tensor, bits: int,
     n = packed.shape[0]
     book, bstride = _books(book)
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    if bits == 4 and ISA == "avx512":  # one vpermps for 16 weights
+        _lib.tz_codebook_linear4_avx512(x.data_ptr(), x.shape[0], k, packed.data_ptr(), packed.shape[1], book.data_ptr(),
+                                        bstride, n, y.data_ptr(), torch.get_num_threads())
+        return y
     _lib.tz_codebook_linear(x.data_ptr(), x.shape[0], k, packed.data_ptr(), packed.shape[1], book.data_ptr(),
                             bstride, bits, n, y.data_ptr(), torch.get_num_threads())
     return y

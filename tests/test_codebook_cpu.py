@@ -93,15 +93,21 @@ def test_small_layers_are_bitwise_f_linear(monkeypatch, bits, dtype):
     assert torch.equal(packed.dequantize(), ref)
 
 
+ISAS = ["avx2"] + (["avx512"] if codebook_cpu.ISA == "avx512" else [])  # what this CPU can run
+
+
 @needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("books", ["channel", "layer", "group"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_fused_linear_matches_reference(monkeypatch, fused, bits, books, dtype):
-    n, k = 23, 77  # odd: no whole number of words per row, an odd number of rows
+def test_fused_linear_matches_reference(monkeypatch, fused, isa, bits, books, dtype):
+    monkeypatch.setattr(codebook_cpu, "ISA", isa)
+    n, k = 23, 77  # odd: no whole number of words per row, an odd number of rows; 77 = 4 * 16 + 13
     packed, ref_w = weight(n, k, bits, books, torch.float32)
     w = ref_w.to(dtype).double()
-    for lead in [(1,), (3,), (2, 4), (8,)]:  # M = 1, 3, 8 and a leading batch dim: the fused kernel
+    # M = 1 (dotted in registers), 3, 5, 8, a leading batch dim and LINEAR_MAX_M: the fused kernel
+    for lead in [(1,), (3,), (5,), (2, 4), (codebook_cpu.LINEAR_MAX_M,)]:
         x = torch.randn(*lead, k).to(dtype)
         bias = torch.randn(n).to(dtype)
         want = x.double() @ w.t() + bias.double()
@@ -162,8 +168,6 @@ def test_threads_do_not_change_results(fused):
             torch.set_num_threads(threads)
         assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
-
-ISAS = ["avx2"] + (["avx512"] if codebook_cpu.ISA == "avx512" else [])  # what this CPU can run
 
 
 @needs_kernels
