@@ -219,11 +219,11 @@ def kmeans_vs_sort(s: dict) -> list[dict]:
 ISA_ENV = ("TORCHZIP_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
-def cpu_forward(s: dict) -> list[dict]:
+def cpu_forward(s: dict, repeat: int = 11) -> list[dict]:
     """Four n x n layers at one thread and at all threads: dense fp32 / bf16 vs packed int8 and
     4-bit codebook: the default route (fused C linears for M <= INT8_MAX_M / LINEAR_MAX_M, blocks
     above), the bit-exact dequantize-a-block + BLAS route (codebook_cpu.set_fused(False)) and the
-    torch fallback (no C library)."""
+    torch fallback (no C library). Best of ``repeat`` turns."""
     threads = torch.get_num_threads()
     n = s["gemm"]
     dense = [torch.randn(n, n) * 0.02 for _ in range(4)]
@@ -262,7 +262,7 @@ def cpu_forward(s: dict) -> list[dict]:
                          "int8": lambda: [p.linear(x) for p in int8],
                          "int8_blocked": blocked(int8),
                          "codebook4": lambda: [p.linear(x) for p in book],
-                         "codebook4_blocked": blocked(book)}, repeat=11)
+                         "codebook4_blocked": blocked(book)}, repeat=repeat)
             t["codebook4_torch"] = best(torch_route, repeat=1)
             rows.append({"M": m, "threads": n_threads, "compiled_kernels": compiled, "isa": codebook_cpu.ISA,
                          **{f"{k}_ms": v * 1e3 for k, v in t.items()},
@@ -293,6 +293,7 @@ def main() -> int:
     parser.add_argument("--cpu-only", action="store_true", help="k-means and CPU forward only (scale-SETTING-cpu.json)")
     parser.add_argument("--cpu-time", action="store_true", help="time k-means and CPU forward by process CPU time, one thread only")
     parser.add_argument("--child", nargs="+")
+    parser.add_argument("--repeat", type=int, default=11, help="CPU forward: best of this many turns (more on a busy machine)")
     parser.add_argument("--note", help="a note stored in the JSON (e.g. how loaded the machine was)")
     args = parser.parse_args()
     if args.child:
@@ -312,7 +313,8 @@ def main() -> int:
                      "isa_env": {k: os.environ[k] for k in ISA_ENV if k in os.environ}}
     suffix = "-avx2" if codebook_cpu.ISA == "avx2" and "TORCHZIP_CPU_ISA" in os.environ else ""
     results["kmeans"] = kmeans_vs_sort(s)
-    results["cpu_forward"] = cpu_forward(s)
+    results["cpu_forward"] = cpu_forward(s, args.repeat)
+    results["repeat"] = args.repeat
     if args.cpu_only:
         print_cpu(results, s)
         write_json(f"scale-{setting}-cpu" + ("-time" if args.cpu_time else "") + suffix, results)
