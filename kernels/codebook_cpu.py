@@ -10,7 +10,8 @@ bits) take one ``vpermps``; 5-8 bits use a scalar loop. Entry points:
   buffer, bit for bit the eager dequantize (the blocked dequantize + BLAS route);
 - :func:`linear` (codebook) and :func:`int8_linear`: ``x @ W.T`` for a few rows of fp32 ``x``
   (the GEMV regime), reading the weight once, as packed bytes, per four rows of ``x`` (int8:
-  widened, and scaled in groups, in registers; AVX-512 where the CPU has it). Sums run in a
+  widened, and scaled in groups, in registers; AVX-512 where the CPU has it, for int8 and 4-bit
+  codes: one ``vpermps`` over a 16-entry table looks up 16 weights). Sums run in a
   different order than a BLAS matmul: equal to dequantize + ``F.linear`` within fp32 rounding.
   Packed layers of more than ``base.BLOCK`` values use them for small M by default
   (:func:`set_fused`, ``TORCHZIP_CPU_FUSED=0`` to turn them off); smaller layers dequantize for
@@ -581,8 +582,8 @@ def _cpu_flags() -> set[str]:
     return set(flags.split())
 
 
-# Vector width of the int8 linear: AVX-512 where the CPU has it, unless TORCHZIP_CPU_ISA=avx2
-# (to measure what an AVX2-only CPU would run).
+# Vector width of the int8 and 4-bit codebook linears: AVX-512 where the CPU has it, unless
+# TORCHZIP_CPU_ISA=avx2 (to measure what an AVX2-only CPU would run).
 ISA = ("avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= _cpu_flags()
        and os.environ.get("TORCHZIP_CPU_ISA", "").strip().lower() != "avx2" else "avx2")
 
