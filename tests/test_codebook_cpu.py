@@ -73,7 +73,7 @@ def test_small_layers_are_bitwise_f_linear(monkeypatch, bits, dtype):
     from torchzip.packed import Int8Weight
 
     assert codebook_cpu.fused()  # on by default
-    calls = spy(monkeypatch, "linear") + spy(monkeypatch, "int8_linear")
+    calls = spy(monkeypatch, "linear"), spy(monkeypatch, "int8_linear")
     packed, ref = weight(37, 90, bits, "channel", dtype)
     assert torch.equal(packed.dequantize(), ref)
     x = torch.randn(1, 90).to(dtype)
@@ -81,14 +81,16 @@ def test_small_layers_are_bitwise_f_linear(monkeypatch, bits, dtype):
     assert torch.equal(packed.linear(x, bias), F.linear(x, ref, bias))
     q = Int8Weight.from_float(torch.randn(37, 90).to(dtype))
     assert torch.equal(q.linear(x, bias), F.linear(x, q.dequantize(), bias))
-    assert not calls
+    assert calls == ([], [])
     monkeypatch.setattr(base, "BLOCK", 700)  # large weights now: blocks of rows when fused is off
     codebook_cpu.set_fused(False)
     try:
         packed.linear(x, bias), q.linear(x, bias)
     finally:
         codebook_cpu.set_fused(True)
-    assert not calls
+    assert calls == ([], [])
+    packed.linear(x, bias), q.linear(x, bias)  # fused again: both kernels run
+    assert len(calls[0]) == len(calls[1]) == 1
     eager(monkeypatch)
     assert torch.equal(packed.dequantize(), ref)
 
@@ -167,7 +169,6 @@ def test_threads_do_not_change_results(fused):
         finally:
             torch.set_num_threads(threads)
         assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
-
 
 
 @needs_kernels
