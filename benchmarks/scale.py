@@ -214,10 +214,16 @@ def kmeans_vs_sort(s: dict) -> list[dict]:
     return out
 
 
-def cpu_forward(s: dict) -> list[dict]:
+# What caps the vector width, for a run that stands in for an AVX2-only CPU: the C library
+# (TORCHZIP_CPU_ISA=avx2) and torch's own kernels (ATen, oneDNN, MKL: the BLAS here).
+ISA_ENV = ("TORCHZIP_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_forward(s: dict, repeat: int = 11) -> list[dict]:
     """Four n x n layers at one thread and at all threads: dense fp32 / bf16 vs packed int8 and
-    4-bit codebook: the default route (compiled bit-exact dequantize + BLAS where the kernels build),
-    the opt-in fused linear (codebook_cpu.set_fused) and the torch fallback."""
+    4-bit codebook: the default route (fused C linears for M <= INT8_MAX_M / LINEAR_MAX_M, blocks
+    above), the bit-exact dequantize-a-block + BLAS route (codebook_cpu.set_fused(False)) and the
+    torch fallback (no C library). Best of ``repeat`` turns."""
     threads = torch.get_num_threads()
     n = s["gemm"]
     dense = [torch.randn(n, n) * 0.02 for _ in range(4)]
@@ -226,6 +232,7 @@ def cpu_forward(s: dict) -> list[dict]:
             for _ in range(4)]
     bf16 = [w.bfloat16() for w in dense]
     compiled = codebook_cpu.available()
+    real = codebook_cpu.available
 
     def torch_route():
         codebook_cpu.available = lambda: False
@@ -234,14 +241,16 @@ def cpu_forward(s: dict) -> list[dict]:
         finally:
             codebook_cpu.available = real
 
-    def fused_route():
-        codebook_cpu.set_fused(True)
-        try:
-            return [p.linear(x) for p in book]
-        finally:
+    def blocked(layers):
+        def run():
             codebook_cpu.set_fused(False)
+            try:
+                return [p.linear(x) for p in layers]
+            finally:
+                codebook_cpu.set_fused(True)
+        return run
 
-    real = codebook_cpu.available
+    routes = ("bf16", "int8", "int8_blocked", "codebook4", "codebook4_blocked", "codebook4_torch")
     rows = []
     for n_threads in sorted({1, threads}):
         torch.set_num_threads(n_threads)
@@ -251,12 +260,13 @@ def cpu_forward(s: dict) -> list[dict]:
             t = best_of({"fp32": lambda: [F.linear(x, w) for w in dense],
                          "bf16": lambda: [F.linear(xb, w) for w in bf16],
                          "int8": lambda: [p.linear(x) for p in int8],
+                         "int8_blocked": blocked(int8),
                          "codebook4": lambda: [p.linear(x) for p in book],
-                         "codebook4_fused": fused_route})
+                         "codebook4_blocked": blocked(book)}, repeat=repeat)
             t["codebook4_torch"] = best(torch_route, repeat=1)
-            rows.append({"M": m, "threads": n_threads, "compiled_kernels": compiled,
+            rows.append({"M": m, "threads": n_threads, "compiled_kernels": compiled, "isa": codebook_cpu.ISA,
                          **{f"{k}_ms": v * 1e3 for k, v in t.items()},
-                         **{f"{k}_speed_vs_fp32": t["fp32"] / t[k] for k in ("bf16", "int8", "codebook4", "codebook4_fused", "codebook4_torch")}})
+                         **{f"{k}_speed_vs_fp32": t["fp32"] / t[k] for k in routes}})
     torch.set_num_threads(threads)
     return rows
 
@@ -268,11 +278,12 @@ def print_cpu(results: dict, s: dict) -> None:
               f"sort {r['sort_s']:.3f} s, "
               f"ratio {r['ratio']:.2f}x (target <= 1.5)")
     print(f"CPU forward, 4 layers of {s['gemm']}x{s['gemm']} (speed vs fp32; targets int8 >= 1.0 at M 1, 8; codebook >= 0.8); "
-          f"compiled CPU kernels: {codebook_cpu.why_not()}")
+          f"compiled CPU kernels: {codebook_cpu.why_not()}, C linears {codebook_cpu.ISA}; {results['isa_env'] or 'no ISA caps'}")
     for r in results["cpu_forward"]:
         print(f"  {r['threads']} thread(s), M={r['M']:3d}: fp32 {r['fp32_ms']:7.2f} ms | bf16 {r['bf16_speed_vs_fp32']:.2f}x | "
-              f"int8 {r['int8_speed_vs_fp32']:.2f}x | codebook4 {r['codebook4_speed_vs_fp32']:.2f}x "
-              f"(fused, opt-in {r['codebook4_fused_speed_vs_fp32']:.2f}x; torch route {r['codebook4_torch_speed_vs_fp32']:.2f}x)")
+              f"int8 {r['int8_speed_vs_fp32']:.2f}x (bit-exact blocks {r['int8_blocked_speed_vs_fp32']:.2f}x) | "
+              f"codebook4 {r['codebook4_speed_vs_fp32']:.2f}x (bit-exact blocks {r['codebook4_blocked_speed_vs_fp32']:.2f}x; "
+              f"torch route {r['codebook4_torch_speed_vs_fp32']:.2f}x)")
 
 
 def main() -> int:
@@ -282,6 +293,7 @@ def main() -> int:
     parser.add_argument("--cpu-only", action="store_true", help="k-means and CPU forward only (scale-SETTING-cpu.json)")
     parser.add_argument("--cpu-time", action="store_true", help="time k-means and CPU forward by process CPU time, one thread only")
     parser.add_argument("--child", nargs="+")
+    parser.add_argument("--repeat", type=int, default=11, help="CPU forward: best of this many turns (more on a busy machine)")
     parser.add_argument("--note", help="a note stored in the JSON (e.g. how loaded the machine was)")
     args = parser.parse_args()
     if args.child:
@@ -297,12 +309,15 @@ def main() -> int:
         global TIMER
         TIMER = time.process_time
         torch.set_num_threads(1)
-    results: dict = {"setting": setting, **s, "timer": "process CPU time" if args.cpu_time else "wall", "note": args.note}
+    results: dict = {"setting": setting, **s, "timer": "process CPU time" if args.cpu_time else "wall", "note": args.note,
+                     "isa_env": {k: os.environ[k] for k in ISA_ENV if k in os.environ}}
+    suffix = "-avx2" if codebook_cpu.ISA == "avx2" and "TORCHZIP_CPU_ISA" in os.environ else ""
     results["kmeans"] = kmeans_vs_sort(s)
-    results["cpu_forward"] = cpu_forward(s)
+    results["cpu_forward"] = cpu_forward(s, args.repeat)
+    results["repeat"] = args.repeat
     if args.cpu_only:
         print_cpu(results, s)
-        write_json(f"scale-{setting}-cpu" + ("-time" if args.cpu_time else ""), results)
+        write_json(f"scale-{setting}-cpu" + ("-time" if args.cpu_time else "") + suffix, results)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         results["pipeline"], results["load"] = {}, {}
@@ -326,7 +341,7 @@ def main() -> int:
               f"{ld['decoded_MB_s']:.0f} MB/s decoded, peak growth {ld['peak_growth_x_file']:.2f}x file (target <= 1.3)")
     for k, r in results["baselines"].items():
         print(f"{k:11s}: save {r['save_MB_s']:.0f} MB/s, load {r['load_MB_s']:.0f} MB/s, file {r['file_bytes'] / 1e6:.0f} MB")
-    write_json("scale" if setting == "full" else f"scale-{setting}", results)
+    write_json(("scale" if setting == "full" else f"scale-{setting}") + suffix, results)
     return 0
 
 

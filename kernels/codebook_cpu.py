@@ -1,18 +1,21 @@
-"""CPU kernels for codebook weights: AVX2 table lookups in C, built once with the machine's C compiler.
+"""CPU kernels for codebook and int8 weights: table lookups and fused linears in C, built once
+with the machine's C compiler.
 
 A row of 4-bit codes is expanded eight at a time: one int32 word is broadcast, shifted per lane
 and masked into eight indices, and two ``vpermps`` over the row's 16-entry table (plus a blend on
 the index's top bit) give eight fp32 weights, in registers. Tables of 8 entries or fewer (1-3
-bits) take one ``vpermps``; 5-8 bits use a scalar loop. Two entry points:
+bits) take one ``vpermps``; 5-8 bits use a scalar loop. Entry points:
 
-- :func:`dequantize_rows`: rows of the weight into a caller's buffer (fp32, bf16 or fp16). The
-  values are table entries, so the result is bit for bit the eager ``dequantize_block``;
-- :func:`linear`: ``x @ W.T`` for a few rows of fp32 ``x`` (the GEMV regime): each weight row is
-  expanded into an L1-sized buffer and dotted with every row of ``x`` at once, so the weight is
-  read once, as packed bytes (an eighth of fp32 at 4 bits). Sums run in a different order than
-  a BLAS matmul: equal to dequantize + ``F.linear`` within fp32 rounding, so codebook layers use
-  it only after :func:`set_fused` (or ``TORCHZIP_CPU_FUSED=1``); by default they keep the
-  bit-exact dequantize + BLAS route.
+- :func:`dequantize_rows` / :func:`int8_dequantize_rows`: rows of the weight into a caller's
+  buffer, bit for bit the eager dequantize (the blocked dequantize + BLAS route);
+- :func:`linear` (codebook) and :func:`int8_linear`: ``x @ W.T`` for a few rows of fp32 ``x``
+  (the GEMV regime), reading the weight once, as packed bytes, per four rows of ``x`` (int8:
+  widened, and scaled in groups, in registers; AVX-512 where the CPU has it, for int8 and 4-bit
+  codes: one ``vpermps`` over a 16-entry table looks up 16 weights). Sums run in a
+  different order than a BLAS matmul: equal to dequantize + ``F.linear`` within fp32 rounding.
+  Packed layers of more than ``base.BLOCK`` values use them for small M by default
+  (:func:`set_fused`, ``TORCHZIP_CPU_FUSED=0`` to turn them off); smaller layers dequantize for
+  ``F.linear``, bit for bit the trainable layer.
 
 The library is compiled on first use into ``$TORCHZIP_CACHE`` (default
 ``~/.cache/torchzip``), keyed by a hash of its source and flags, and is used only if it builds,
@@ -41,6 +44,10 @@ SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* Read ahead (the next task's rows): the hardware prefetcher alone leaves a GEMV well short of
+   the memory's speed. A prefetch never faults, past the end of the weight too. */
+#define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
 
 static float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -76,7 +83,7 @@ static void shifts(int bits, __m256i *sh, __m256i *hs) {
 
 /* One row of k codes, `bits` wide, 32/bits to an int32 word (least significant first), through
    the row's table `tab` (16 floats, the unused tail zero; all 2**bits for bits > 4) into `out`. */
-static void expand_row(const int32_t *words, const float *tab, int bits, int64_t k, float *out) {
+static void expand_row(const int32_t *words, const float *tab, int bits, int64_t k, float *out, int64_t pf) {
     const int per = 32 / bits;
     const uint32_t mask = (1u << bits) - 1u;
     const int64_t full = k / per;
@@ -90,6 +97,7 @@ static void expand_row(const int32_t *words, const float *tab, int bits, int64_t
         for (int64_t w = 0; w < full; w++) {
             const uint32_t word = (uint32_t)words[w];
             const __m256i b = _mm256_set1_epi32((int)word);
+            if (w % 4 == 0) PREFETCH(words + w + pf);
             float *o = out + w * per;
             for (int c = 0; c < chunks; c++) _mm256_storeu_ps(o + 8 * c, expand8(b, sh[c], hs[c], vmask, bits, t0, t1));
             for (int f = 8 * chunks; f < 8 * chunks + rest; f++) o[f] = tab[(word >> (f * bits)) & mask];
@@ -103,7 +111,7 @@ static void expand_row(const int32_t *words, const float *tab, int bits, int64_t
 }
 
 /* x . row for one row of 4-bit codes, expanded in registers (M = 1: nothing is stored). */
-static float dot4(const int32_t *words, const float *tab, int64_t k, const float *x) {
+static float dot4(const int32_t *words, const float *tab, int64_t k, const float *x, int64_t pf) {
     const __m256 t0 = _mm256_loadu_ps(tab), t1 = _mm256_loadu_ps(tab + 8);
     __m256i sh[4], hs[4];
     shifts(4, sh, hs);
@@ -112,6 +120,7 @@ static float dot4(const int32_t *words, const float *tab, int64_t k, const float
     const int64_t full = k / 8;
     int64_t w = 0;
     for (; w + 4 <= full; w += 4) {
+        PREFETCH(words + w + pf);
         a0 = _mm256_fmadd_ps(expand8(_mm256_set1_epi32(words[w]), sh[0], hs[0], vmask, 4, t0, t1), _mm256_loadu_ps(x + 8 * w), a0);
         a1 = _mm256_fmadd_ps(expand8(_mm256_set1_epi32(words[w + 1]), sh[0], hs[0], vmask, 4, t0, t1), _mm256_loadu_ps(x + 8 * w + 8), a1);
         a2 = _mm256_fmadd_ps(expand8(_mm256_set1_epi32(words[w + 2]), sh[0], hs[0], vmask, 4, t0, t1), _mm256_loadu_ps(x + 8 * w + 16), a2);
@@ -144,10 +153,10 @@ void tz_codebook_dequantize(const int32_t *packed, int64_t wstride, const float 
             load_table(book, bits, tab);
             const float *t = bits <= 4 ? tab : book;
             if (kind == 0) {
-                expand_row(packed + r * wstride, t, bits, k, (float *)out + r * ostride);
+                expand_row(packed + r * wstride, t, bits, k, (float *)out + r * ostride, wstride);
                 continue;
             }
-            expand_row(packed + r * wstride, t, bits, k, tmp);
+            expand_row(packed + r * wstride, t, bits, k, tmp, wstride);
             uint16_t *o = (uint16_t *)out + r * ostride;
             int64_t j = 0;
             if (kind == 1) {
@@ -207,12 +216,185 @@ void tz_codebook_linear(const float *x, int64_t m, int64_t k, const int32_t *pac
                 float tab[16];
                 const float *book = books + r * bstride;
                 load_table(book, bits, tab);
-                if (m == 1 && bits == 4) y[r] = dot4(packed + r * wstride, tab, k, x);
-                else expand_row(packed + r * wstride, bits <= 4 ? tab : book, bits, k, row + (r - r0) * k);
+                if (m == 1 && bits == 4) y[r] = dot4(packed + r * wstride, tab, k, x, 2 * wstride);
+                else expand_row(packed + r * wstride, bits <= 4 ? tab : book, bits, k, row + (r - r0) * k, 2 * wstride);
             }
             if (m == 1 && bits == 4) continue;
             for (int64_t i = 0; i < m; i += 4)
                 dot_tile(row, nw, x + i * k, k, m - i < 4 ? m - i : 4, k, y + i * n + r0, n);
+        }
+        free(row);
+    }
+}
+
+/* ---- Fused int8 linear: y[m, n] = x[m, k] @ W.T, W[r, j] = q[r, j] * scales[r, j / group] ----
+   The int8 weights are read once per 4 rows of x, widened and (in groups) scaled in registers:
+   each vector of weights is exactly the fp32 dequantized weight. Per channel (group == k) the
+   row's scale is applied once to its sum. A task is 4 weight rows; a tile is R of them against
+   MI rows of x (R x MI accumulators). Rows past the end repeat row 0 and are not stored. */
+#define TZ_INT8_TILE(NAME, ATTR, VEC, VW, ZERO, LOADQ, SET1, MUL, FMA, LOADX, HSUM)                    \
+static inline __attribute__((always_inline)) ATTR void NAME(                                          \
+        const int8_t *q, int64_t qs, const float *sc, int64_t ss, int64_t group, const int grouped,   \
+        const float *x, int64_t xs, int64_t k, int nr, int mi, float *y, int64_t ys, const int R,     \
+        const int MI) {                                                                               \
+    const int8_t *qr[4];                                                                              \
+    const float *xr[4];                                                                               \
+    for (int r = 0; r < R; r++) qr[r] = q + (r < nr ? r : 0) * qs;                                    \
+    for (int i = 0; i < MI; i++) xr[i] = x + (i < mi ? i : 0) * xs;                                   \
+    const int64_t pf = 4 * qs; /* the same place in the next task's rows */                           \
+    VEC acc[4][4];                                                                                    \
+    float tail[4][4];                                                                                 \
+    for (int r = 0; r < R; r++)                                                                       \
+        for (int i = 0; i < MI; i++) { acc[r][i] = ZERO; tail[r][i] = 0.0f; }                         \
+    for (int64_t g0 = 0, gi = 0; g0 < k; g0 += group, gi++) {                                        \
+        const int64_t g1 = g0 + group < k ? g0 + group : k;                                          \
+        float s[4];                                                                                   \
+        VEC sv[4];                                                                                    \
+        for (int r = 0; r < R; r++) { s[r] = grouped ? sc[(r < nr ? r : 0) * ss + gi] : 1.0f; sv[r] = SET1(s[r]); } \
+        int64_t j = g0;                                                                               \
+        for (; j + VW <= g1; j += VW) {                                                               \
+            VEC w[4];                                                                                 \
+            for (int r = 0; r < R; r++) {                                                            \
+                PREFETCH(qr[r] + j + pf);                                                             \
+                w[r] = LOADQ(qr[r] + j);                                                              \
+                if (grouped) w[r] = MUL(w[r], sv[r]);                                                 \
+            }                                                                                         \
+            for (int i = 0; i < MI; i++) {                                                            \
+                const VEC xv = LOADX(xr[i] + j);                                                      \
+                for (int r = 0; r < R; r++) acc[r][i] = FMA(w[r], xv, acc[r][i]);                     \
+            }                                                                                         \
+        }                                                                                             \
+        for (; j < g1; j++)                                                                           \
+            for (int r = 0; r < R; r++)                                                               \
+                for (int i = 0; i < MI; i++) tail[r][i] += ((float)qr[r][j] * s[r]) * xr[i][j];       \
+    }                                                                                                 \
+    for (int r = 0; r < nr; r++)                                                                      \
+        for (int i = 0; i < mi; i++) {                                                                \
+            const float v = HSUM(acc[r][i]) + tail[r][i];                                             \
+            y[i * ys + r] = grouped ? v : v * sc[r * ss];                                             \
+        }                                                                                             \
+}
+
+#define TZ_INT8_LINEAR(NAME, TILE, ATTR)                                                              \
+ATTR void NAME(const float *x, int64_t m, int64_t k, const int8_t *q, int64_t qs, const float *sc,    \
+               int64_t ss, int64_t group, int64_t n, float *y, int threads) {                        \
+    const int grouped = group < k;                                                                    \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                 \
+    for (int64_t t = 0; t < (n + 3) / 4; t++) {                                                       \
+        const int64_t r0 = 4 * t;                                                                     \
+        const int nr = n - r0 < 4 ? (int)(n - r0) : 4;                                                \
+        for (int64_t i0 = 0; i0 < m; i0 += 4) {                                                       \
+            const int mi = m - i0 < 4 ? (int)(m - i0) : 4;                                           \
+            const float *xi = x + i0 * k;                                                             \
+            float *yi = y + i0 * n + r0;                                                              \
+            /* Literal R, MI and grouped: each call unrolls into its own register tile. */            \
+            if (grouped) {                                                                            \
+                if (mi == 1) TILE(q + r0 * qs, qs, sc + r0 * ss, ss, group, 1, xi, k, k, nr, 1, yi, n, 4, 1); \
+                else if (mi == 2) TILE(q + r0 * qs, qs, sc + r0 * ss, ss, group, 1, xi, k, k, nr, 2, yi, n, 4, 2); \
+                else for (int h = 0; h < nr; h += 2)                                                  \
+                    TILE(q + (r0 + h) * qs, qs, sc + (r0 + h) * ss, ss, group, 1, xi, k, k, nr - h < 2 ? 1 : 2, mi, yi + h, n, 2, 4); \
+            } else {                                                                                  \
+                if (mi == 1) TILE(q + r0 * qs, qs, sc + r0 * ss, ss, k, 0, xi, k, k, nr, 1, yi, n, 4, 1); \
+                else if (mi == 2) TILE(q + r0 * qs, qs, sc + r0 * ss, ss, k, 0, xi, k, k, nr, 2, yi, n, 4, 2); \
+                else for (int h = 0; h < nr; h += 2)                                                  \
+                    TILE(q + (r0 + h) * qs, qs, sc + (r0 + h) * ss, ss, k, 0, xi, k, k, nr - h < 2 ? 1 : 2, mi, yi + h, n, 2, 4); \
+            }                                                                                         \
+        }                                                                                             \
+    }                                                                                                 \
+}
+
+#define Q8_AVX2(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+TZ_INT8_TILE(int8_tile_avx2, , __m256, 8, _mm256_setzero_ps(), Q8_AVX2, _mm256_set1_ps, _mm256_mul_ps,
+             _mm256_fmadd_ps, _mm256_loadu_ps, hsum)
+TZ_INT8_LINEAR(tz_int8_linear_avx2, int8_tile_avx2, )
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define Q16_AVX512(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+TZ_INT8_TILE(int8_tile_avx512, AVX512, __m512, 16, _mm512_setzero_ps(), Q16_AVX512, _mm512_set1_ps,
+             _mm512_mul_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_reduce_add_ps)
+TZ_INT8_LINEAR(tz_int8_linear_avx512, int8_tile_avx512, AVX512)
+
+/* ---- 4-bit codebook linear with AVX-512: the row's 16-entry table in one register, so one
+   vpermps looks up 16 weights (two words of codes spread over the lanes, shifted per lane). ---- */
+#define SPREAD4_AVX512(p) _mm512_srlv_epi32(_mm512_permutexvar_epi32(sel, _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)(p)))), sh)
+
+static AVX512 void expand_row4_avx512(const int32_t *words, const float *tab, int64_t k, float *out, int64_t pf) {
+    const __m512 t = _mm512_loadu_ps(tab);
+    const __m512i sel = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i sh = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+    int64_t j = 0;
+    for (; j + 16 <= k; j += 16) {
+        if (j % 64 == 0) PREFETCH(words + j / 8 + pf);
+        _mm512_storeu_ps(out + j, _mm512_permutexvar_ps(SPREAD4_AVX512(words + j / 8), t));
+    }
+    for (; j < k; j++) out[j] = tab[((uint32_t)words[j / 8] >> ((j % 8) * 4)) & 15u];
+}
+
+static AVX512 float dot4_avx512(const int32_t *words, const float *tab, int64_t k, const float *x, int64_t pf) {
+    const __m512 t = _mm512_loadu_ps(tab);
+    const __m512i sel = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i sh = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t j = 0;
+    for (; j + 64 <= k; j += 64) {
+        PREFETCH(words + j / 8 + pf);
+        a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(SPREAD4_AVX512(words + j / 8), t), _mm512_loadu_ps(x + j), a0);
+        a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(SPREAD4_AVX512(words + j / 8 + 2), t), _mm512_loadu_ps(x + j + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_permutexvar_ps(SPREAD4_AVX512(words + j / 8 + 4), t), _mm512_loadu_ps(x + j + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_permutexvar_ps(SPREAD4_AVX512(words + j / 8 + 6), t), _mm512_loadu_ps(x + j + 48), a3);
+    }
+    for (; j + 16 <= k; j += 16)
+        a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(SPREAD4_AVX512(words + j / 8), t), _mm512_loadu_ps(x + j), a0);
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; j < k; j++) s += tab[((uint32_t)words[j / 8] >> ((j % 8) * 4)) & 15u] * x[j];
+    return s;
+}
+
+/* y[i, r] = x[i] . w[r] for nw <= 4 expanded rows (stride k) and mi <= 4 rows of x (stride xs):
+   4 x 4 accumulators; rows past nw / mi repeat row 0 and are not stored. */
+static AVX512 void dot_tile_avx512(const float *w, int nw, const float *x, int64_t xs, int mi, int64_t k, float *y, int64_t ys) {
+    const float *wr[4], *xr[4];
+    for (int r = 0; r < 4; r++) wr[r] = w + (r < nw ? r : 0) * k;
+    for (int i = 0; i < 4; i++) xr[i] = x + (i < mi ? i : 0) * xs;
+    __m512 a[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int i = 0; i < 4; i++) a[r][i] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= k; j += 16) {
+        __m512 v[4];
+        for (int r = 0; r < 4; r++) v[r] = _mm512_loadu_ps(wr[r] + j);
+        for (int i = 0; i < 4; i++) {
+            const __m512 xv = _mm512_loadu_ps(xr[i] + j);
+            for (int r = 0; r < 4; r++) a[r][i] = _mm512_fmadd_ps(v[r], xv, a[r][i]);
+        }
+    }
+    for (int r = 0; r < nw; r++)
+        for (int i = 0; i < mi; i++) {
+            float s = _mm512_reduce_add_ps(a[r][i]);
+            for (int64_t t = j; t < k; t++) s += wr[r][t] * xr[i][t];
+            y[i * ys + r] = s;
+        }
+}
+
+/* tz_codebook_linear for 4-bit codes: four weight rows a task (M = 1: dotted in registers). */
+AVX512 void tz_codebook_linear4_avx512(const float *x, int64_t m, int64_t k, const int32_t *packed, int64_t wstride,
+                                       const float *books, int64_t bstride, int64_t n, float *y, int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        float *row = (float *)aligned_alloc(64, ((4 * k + 15) / 16) * 64);
+        #pragma omp for schedule(static)
+        for (int64_t p = 0; p < (n + 3) / 4; p++) {
+            const int64_t r0 = 4 * p;
+            const int nw = n - r0 < 4 ? (int)(n - r0) : 4;
+            for (int r = 0; r < nw; r++) {
+                float tab[16];
+                load_table(books + (r0 + r) * bstride, 4, tab);
+                if (m == 1) y[r0 + r] = dot4_avx512(packed + (r0 + r) * wstride, tab, k, x, 4 * wstride);
+                else expand_row4_avx512(packed + (r0 + r) * wstride, tab, k, row + r * k, 4 * wstride);
+            }
+            if (m == 1) continue;
+            for (int64_t i = 0; i < m; i += 4)
+                dot_tile_avx512(row, nw, x + i * k, k, m - i < 4 ? (int)(m - i) : 4, k, y + i * n + r0, n);
         }
         free(row);
     }
@@ -362,25 +544,48 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-s
 # BLAS on two, took twice as long as on one thread (2-core Zen 2, M = 1: the thread teams of the
 # two parallel regions fight), while a one-thread dequantize beside a two-thread matmul did not.
 DEQUANTIZE_THREADS = 1
-# Rows of x the fused linear takes; above it, dequantize into a buffer + BLAS wins (measured by
-# benchmarks/scale.py: one pass over the weight per four rows of x).
+# Rows of x the fused linears take; above, dequantizing blocks of rows into a buffer + BLAS wins
+# (benchmarks/scale.py; the codebook's expansion is paid once per four rows of x, int8's widening
+# is cheaper).
 LINEAR_MAX_M = 32
-# The fused linear sums in its own order, so a frozen model would no longer match its trainable
-# form bit for bit (which freeze promises): it runs only when asked for.
-_fused = os.environ.get("TORCHZIP_CPU_FUSED", "").strip().lower() in ("1", "true", "on", "yes")
+INT8_MAX_M = 64
+# The fused linears sum in their own order: equal to dequantize + F.linear within fp32 rounding,
+# not bit for bit. On by default (for weights over base.BLOCK values, the only ones they take);
+# set_fused(False) or TORCHZIP_CPU_FUSED=0 keeps CPU outputs bitwise those of the trainable model.
+_fused = os.environ.get("TORCHZIP_CPU_FUSED", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def set_fused(enabled: bool) -> None:
-    """Let codebook layers on CPU use the fused linear for M <= LINEAR_MAX_M (several times the
-    speed of the bit-exact dequantize + BLAS route at M = 1; outputs equal within fp32 rounding,
-    not bit for bit). Also ``TORCHZIP_CPU_FUSED=1``. Off by default."""
+    """Let large packed layers on CPU use the fused linears for small M (int8: M <= INT8_MAX_M,
+    codebook: M <= LINEAR_MAX_M; several times the speed of dequantize + BLAS at M = 1; outputs
+    equal within fp32 rounding, not bit for bit). On by default; also ``TORCHZIP_CPU_FUSED=0``."""
     global _fused
     _fused = bool(enabled)
 
 
 def fused() -> bool:
-    """Whether the fused linear is turned on (see :func:`set_fused`)."""
+    """Whether the fused linears are turned on (see :func:`set_fused`)."""
     return _fused
+
+
+def fused_rows(x: torch.Tensor, k: int, max_m: int) -> int:
+    """Rows of ``x`` (``[..., k]``) a fused linear takes: ``M`` when the linears are on, built,
+    and ``0 < M <= max_m`` for an fp32/bf16/fp16 ``x``; else 0."""
+    m = x.numel() // max(k, 1)
+    return m if _fused and 0 < m <= max_m and x.dtype in _KIND and available() else 0
+
+def _cpu_flags() -> set[str]:
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(flags.split())
+
+
+# Vector width of the int8 and 4-bit codebook linears: AVX-512 where the CPU has it, unless
+# TORCHZIP_CPU_ISA=avx2 (to measure what an AVX2-only CPU would run).
+ISA = ("avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= _cpu_flags()
+       and os.environ.get("TORCHZIP_CPU_ISA", "").strip().lower() != "avx2" else "avx2")
 
 _lib: ctypes.CDLL | None = None
 _state = "unknown"  # "unknown" until first use, then "ok" or why not
@@ -390,12 +595,7 @@ _lock = threading.Lock()
 def _cpu_ok() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return False
-    have = set(flags.split())
-    return {"avx2", "fma", "f16c"} <= have
+    return {"avx2", "fma", "f16c"} <= _cpu_flags()
 
 
 def _build() -> ctypes.CDLL:
@@ -419,6 +619,12 @@ def _build() -> ctypes.CDLL:
     lib.tz_codebook_linear.restype = None
     lib.tz_int8_dequantize.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, i32]
     lib.tz_int8_dequantize.restype = None
+    lib.tz_codebook_linear4_avx512.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, ptr, i32]
+    lib.tz_codebook_linear4_avx512.restype = None
+    for isa in ("avx2", "avx512"):
+        fn = getattr(lib, f"tz_int8_linear_{isa}")
+        fn.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, i32]
+        fn.restype = None
     lib.tz_lloyd_sorted.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr, i32, ptr, ptr, i32]
     lib.tz_lloyd_sorted.restype = None
     return lib
@@ -440,18 +646,28 @@ def _self_check(lib: ctypes.CDLL) -> bool:
             dequantize_rows(pack_bits(idx, bits), book, bits, got)
             if not torch.equal(got, want):
                 return False
-            x = torch.randn(3, 37, generator=gen)
-            y = linear(x, pack_bits(idx, bits), book, bits, 37)
-            ref = x.double() @ want.double().t()
-            if not bool(((y.double() - ref).abs() <= 1e-5 * (x.double().abs() @ want.double().abs().t()) + 1e-30).all()):
-                return False
+            for m in (3, 1):  # M = 1 dots in registers
+                x = torch.randn(m, 37, generator=gen)
+                y = linear(x, pack_bits(idx, bits), book, bits, 37)
+                ref = x.double() @ want.double().t()
+                if not bool(((y.double() - ref).abs() <= 1e-5 * (x.double().abs() @ want.double().abs().t()) + 1e-30).all()):
+                    return False
     for group in (37 * 2, 8, 3):  # one scale a row (k = 74), groups of 8 (vector path), ragged groups
         q = torch.randint(-128, 128, (5, 74), generator=gen, dtype=torch.int8)
         scales = torch.rand(5, 74 // group if 74 % group == 0 else -(-74 // group), generator=gen) + 1e-3
         got = torch.empty(5, 74)
         int8_dequantize_rows(q, scales, group, got)
-        if not torch.equal(got, q.float() * scales.repeat_interleave(group, 1)[:, :74]):
+        w = q.float() * scales.repeat_interleave(group, 1)[:, :74]
+        if not torch.equal(got, w):
             return False
+        x = torch.randn(6, 74, generator=gen)
+        ref, bound = x.double() @ w.double().t(), 1e-5 * (x.double().abs() @ w.double().abs().t())
+        for isa in ("avx2", "avx512") if ISA == "avx512" else ("avx2",):
+            y = torch.empty(6, 5)
+            getattr(lib, f"tz_int8_linear_{isa}")(x.data_ptr(), 6, 74, q.data_ptr(), 74, scales.data_ptr(),
+                                                  scales.shape[1], group, 5, y.data_ptr(), 1)
+            if not bool(((y.double() - ref).abs() <= bound).all()):
+                return False
     return True
 
 
@@ -534,8 +750,32 @@ def linear(x: torch.Tensor, packed: torch.Tensor, book: torch.Tensor, bits: int,
     n = packed.shape[0]
     book, bstride = _books(book)
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    if bits == 4 and ISA == "avx512":  # one vpermps for 16 weights
+        _lib.tz_codebook_linear4_avx512(x.data_ptr(), x.shape[0], k, packed.data_ptr(), packed.shape[1], book.data_ptr(),
+                                        bstride, n, y.data_ptr(), torch.get_num_threads())
+        return y
     _lib.tz_codebook_linear(x.data_ptr(), x.shape[0], k, packed.data_ptr(), packed.shape[1], book.data_ptr(),
                             bstride, bits, n, y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """``x @ W.T`` (fp32 ``[M, K]`` in, fp32 ``[M, N]`` out) for the int8 weight
+    ``W[r, j] = q[r, j] * scales[r, j // group]`` (``q`` ``[N, K]`` int8, ``scales``
+    ``[N, ceil(K / group)]`` fp32; ``group`` = K: one scale a row). Reads ``q`` once per four rows
+    of ``x``; rows of the output split over ``torch.get_num_threads()`` threads."""
+    n, k = q.shape
+    _need(x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == k and q.dtype == torch.int8
+          and scales.dtype == torch.float32 and scales.dim() == 2 and scales.shape[0] == n
+          and 1 <= group and scales.shape[1] * group >= k,
+          "int8_linear takes fp32 x [M, K], int8 q [N, K] and fp32 scales [N, ceil(K / group)]")
+    x, q, scales = x.contiguous(), q.contiguous(), scales.contiguous()
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    group = min(group, k)
+    # 16-wide vectors need groups of 16 (per channel: any K); else 8-wide.
+    isa = "avx512" if ISA == "avx512" and (group == k or group % 16 == 0) else "avx2"
+    getattr(_lib, f"tz_int8_linear_{isa}")(x.data_ptr(), x.shape[0], k, q.data_ptr(), q.stride(0), scales.data_ptr(),
+                                           scales.stride(0), group, n, y.data_ptr(), torch.get_num_threads())
     return y
 
 

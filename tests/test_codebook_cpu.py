@@ -54,34 +54,62 @@ def eager(monkeypatch):
 @pytest.fixture
 def fused(monkeypatch):
     monkeypatch.setattr(codebook_cpu, "_fused", True)
+    monkeypatch.setattr(base, "BLOCK", 0)  # the fused kernels take weights over BLOCK values: all here
+
+
+def spy(monkeypatch, name):
+    calls = []
+    real = getattr(codebook_cpu, name)
+    monkeypatch.setattr(codebook_cpu, name, lambda *a: (calls.append(a), real(*a))[1])
+    return calls
 
 
 @needs_kernels
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_default_route_is_bitwise_f_linear(monkeypatch, bits, dtype):
-    # Off by default, so freeze keeps its promise: packed outputs equal the trainable model's.
-    assert not codebook_cpu.fused()
-    calls = []
-    monkeypatch.setattr(codebook_cpu, "linear", lambda *a: calls.append(a))
+def test_small_layers_are_bitwise_f_linear(monkeypatch, bits, dtype):
+    # A weight of at most BLOCK values is dequantized for F.linear (the fused kernels, on by
+    # default, take larger ones): packed outputs equal the trainable model's bit for bit.
+    from torchzip.packed import Int8Weight
+
+    assert codebook_cpu.fused()  # on by default
+    calls = spy(monkeypatch, "linear"), spy(monkeypatch, "int8_linear")
     packed, ref = weight(37, 90, bits, "channel", dtype)
     assert torch.equal(packed.dequantize(), ref)
     x = torch.randn(1, 90).to(dtype)
     bias = torch.randn(37).to(dtype)
-    assert torch.equal(packed.linear(x, bias), F.linear(x, ref, bias)) and not calls
+    assert torch.equal(packed.linear(x, bias), F.linear(x, ref, bias))
+    q = Int8Weight.from_float(torch.randn(37, 90).to(dtype))
+    assert torch.equal(q.linear(x, bias), F.linear(x, q.dequantize(), bias))
+    assert calls == ([], [])
+    monkeypatch.setattr(base, "BLOCK", 700)  # large weights now: blocks of rows when fused is off
+    codebook_cpu.set_fused(False)
+    try:
+        packed.linear(x, bias), q.linear(x, bias)
+    finally:
+        codebook_cpu.set_fused(True)
+    assert calls == ([], [])
+    packed.linear(x, bias), q.linear(x, bias)  # fused again: both kernels run
+    assert len(calls[0]) == len(calls[1]) == 1
     eager(monkeypatch)
     assert torch.equal(packed.dequantize(), ref)
 
 
+ISAS = ["avx2"] + (["avx512"] if codebook_cpu.ISA == "avx512" else [])  # what this CPU can run
+
+
 @needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("books", ["channel", "layer", "group"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_fused_linear_matches_reference(monkeypatch, fused, bits, books, dtype):
-    n, k = 23, 77  # odd: no whole number of words per row, an odd number of rows
+def test_fused_linear_matches_reference(monkeypatch, fused, isa, bits, books, dtype):
+    monkeypatch.setattr(codebook_cpu, "ISA", isa)
+    n, k = 23, 77  # odd: no whole number of words per row, an odd number of rows; 77 = 4 * 16 + 13
     packed, ref_w = weight(n, k, bits, books, torch.float32)
     w = ref_w.to(dtype).double()
-    for lead in [(1,), (3,), (2, 4), (8,)]:  # M = 1, 3, 8 and a leading batch dim: the fused kernel
+    # M = 1 (dotted in registers), 3, 5, 8, a leading batch dim and LINEAR_MAX_M: the fused kernel
+    for lead in [(1,), (3,), (5,), (2, 4), (codebook_cpu.LINEAR_MAX_M,)]:
         x = torch.randn(*lead, k).to(dtype)
         bias = torch.randn(n).to(dtype)
         want = x.double() @ w.t() + bias.double()
@@ -128,17 +156,56 @@ def test_large_m_takes_compiled_blocks(monkeypatch, fused):
 
 @needs_kernels
 def test_threads_do_not_change_results(fused):
-    packed, _ = weight(301, 1000, 4, "channel", torch.float32)
-    x = torch.randn(5, 1000)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = packed.linear(x[:1]), packed.linear(x)
-        torch.set_num_threads(2)
-        two = packed.linear(x[:1]), packed.linear(x)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    from torchzip.packed import Int8Weight
+
+    for packed in (weight(301, 1000, 4, "channel", torch.float32)[0], Int8Weight.from_float(torch.randn(301, 1000), 40)):
+        x = torch.randn(5, 1000)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = packed.linear(x[:1]), packed.linear(x)
+            torch.set_num_threads(2)
+            two = packed.linear(x[:1]), packed.linear(x)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("group", [0, 8, 16, 48, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_fused_linear_matches_reference(monkeypatch, fused, isa, group, dtype):
+    # Odd widths (per channel), groups of one AVX2 vector (8), one and three AVX-512 vectors (16,
+    # 48) and ragged ones (5: scalar); an odd number of rows (tiles of 4 and pairs); M past a
+    # tile of 4 x rows, up to INT8_MAX_M.
+    from torchzip.packed import Int8Weight
+
+    monkeypatch.setattr(codebook_cpu, "ISA", isa)
+    calls = spy(monkeypatch, "int8_linear")
+    n, k = 23, (group * 7 if group else 77)
+    packed = Int8Weight.from_float(torch.randn(n, k) * 3, group)
+    w = packed.dequantize().double()
+    for lead in [(1,), (2,), (3,), (5,), (2, 4), (13,), (codebook_cpu.INT8_MAX_M,)]:
+        x = torch.randn(*lead, k).to(dtype)
+        bias = torch.randn(n).to(dtype)
+        want = x.double() @ w.t() + bias.double()
+        got = packed.linear(x, bias)
+        assert got.dtype == dtype and got.shape == (*lead, n)
+        assert within_rounding(got, want, x.double().abs() @ w.abs().t() + bias.double().abs(), k)
+        assert torch.equal(packed.linear(x), packed.linear(x))
+    assert len(calls) == 7 * 3
+    x = torch.randn(codebook_cpu.INT8_MAX_M + 1, k).to(dtype)  # past INT8_MAX_M: blocks + BLAS
+    assert within_rounding(packed.linear(x), x.double() @ w.t(), x.double().abs() @ w.abs().t(), k) and len(calls) == 21
+
+
+@needs_kernels
+def test_int8_fused_linear_names_bad_input():
+    q = torch.randint(-128, 128, (4, 32), dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="int8_linear takes"):
+        codebook_cpu.int8_linear(torch.randn(2, 32).double(), q, torch.rand(4, 1), 32)
+    with pytest.raises(RuntimeError, match="int8_linear takes"):
+        codebook_cpu.int8_linear(torch.randn(2, 32), q, torch.rand(4, 1), 8)  # 1 scale for 4 groups
 
 
 @needs_kernels

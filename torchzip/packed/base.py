@@ -171,13 +171,15 @@ class PackedWeight(nn.Module):
         return None
 
     def cpu_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """``x @ W.T + bias`` through a compiled CPU kernel for eager, no-grad CPU inputs (None: the
-        format has none, or it does not take this input; ``linear`` then uses torch)."""
+        """``x @ W.T + bias`` through a compiled CPU kernel for eager, no-grad CPU inputs and weights
+        of more than ``BLOCK`` values (None: the format has none, or it does not take this input;
+        ``linear`` then uses torch)."""
         return None
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ W.T + bias``: the Triton kernel on CUDA; on CPU, large weights a block of rows at a
-        time (:func:`blocked_linear`); else dequantize + ``F.linear``."""
+        """``x @ W.T + bias``: the Triton kernel on CUDA; on CPU, large weights through the format's
+        compiled kernel (:meth:`cpu_linear`) or a block of rows at a time (:func:`blocked_linear`);
+        else dequantize + ``F.linear``."""
         from torchzip.kernels import dispatch
 
         if dispatch.use_kernels(x):
@@ -186,13 +188,15 @@ class PackedWeight(nn.Module):
                 return out
         # Eager only: under torch.compile, inductor fuses dequantize + F.linear itself (and the
         # Python loop over blocks or a foreign call would be a graph break).
-        if x.device.type == "cpu" and x.is_floating_point() and not torch.compiler.is_compiling():
-            if not (x.requires_grad and torch.is_grad_enabled()):  # compiled kernels have no backward
-                out = self.cpu_linear(x, bias)
-                if out is not None:
-                    return out
-            blocked = type(self).dequantize_block is not PackedWeight.dequantize_block
-            if blocked and self.shape[0] * self.shape[1] > BLOCK:
+        # Large weights only: a small one is dequantized (cheaply, in cache) for F.linear, so its
+        # outputs stay bitwise those of the trainable layer. Neither the compiled kernels nor the
+        # out= matmuls of the blocks have a backward.
+        if (x.device.type == "cpu" and x.is_floating_point() and not torch.compiler.is_compiling()
+                and self.shape[0] * self.shape[1] > BLOCK and not (x.requires_grad and torch.is_grad_enabled())):
+            out = self.cpu_linear(x, bias)
+            if out is not None:
+                return out
+            if type(self).dequantize_block is not PackedWeight.dequantize_block:
                 return blocked_linear(self, x, bias)
         return F.linear(x, self.dequantize().to(x.dtype), None if bias is None else bias.to(x.dtype))
 

@@ -153,9 +153,8 @@ class CodebookWeight(PackedWeight):
     def cpu_linear(self, x, bias):
         # The fused kernel reads the packed codes once for up to LINEAR_MAX_M rows of x; more rows
         # take the blocked dequantize + BLAS matmul (dequantize_block above).
-        # Opt-in only (codebook_cpu.set_fused): its sums are not bit for bit those of F.linear.
-        m = x.numel() // max(self.shape[1], 1)
-        if not (codebook_cpu.fused() and _compiled(x) and 0 < m <= codebook_cpu.LINEAR_MAX_M and x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        m = codebook_cpu.fused_rows(x, self.shape[1], codebook_cpu.LINEAR_MAX_M)
+        if not m:
             return None
         book = self.codebook.to(self.dtype).to(x.dtype)  # what dequantize().to(x.dtype) holds
         y = codebook_cpu.linear(x.reshape(m, self.shape[1]).float(), self.packed, book, self.bits, self.shape[1])

@@ -62,6 +62,19 @@ class Int8Weight(PackedWeight):
     def row_view(self, start: int, stop: int) -> "Int8Weight":
         return Int8Weight(self.qweight[start:stop], self.scales[start:stop], self.group_size, self.dtype)
 
+    def cpu_linear(self, x, bias):
+        # The fused kernel reads the int8 weights once per four rows of x, widening and scaling in
+        # registers; more rows take the blocked dequantize + BLAS matmul. It sums in fp32 whatever
+        # x's dtype (the weights as q * scale in fp32, which a bf16/fp16 layer would round).
+        k = self.shape[1]
+        m = codebook_cpu.fused_rows(x, k, codebook_cpu.INT8_MAX_M)
+        if not m:
+            return None
+        y = codebook_cpu.int8_linear(x.reshape(m, k).float(), self.qweight, self.scales, self.group_size or k)
+        if bias is not None:
+            y += bias.to(x.dtype).float()
+        return y.to(x.dtype).view(*x.shape[:-1], self.shape[0])
+
     def kernel_linear(self, x, bias):
         from torchzip.kernels import int8
 
