@@ -218,7 +218,7 @@ def test_codebook_probe_is_exact(bits):
         for dtype in (torch.bfloat16, torch.float16):
             assert torch.equal(want.to(dtype).double(), want)
             assert torch.equal(codebook.reference(x.to(dtype), packed, book, None, bits, k), want)
-    got = codebook._gemv(x.bfloat16(), packed, book, None, bits, k, 1, codebook.GEMV_CONFIGS[0], lambda *a: True)
+    got = codebook._gemv(x.bfloat16(), packed, book, None, bits, k, 1, codebook.gemv_configs(bits)[0], lambda *a: True)
     assert torch.equal(got.double(), want)
 
 
