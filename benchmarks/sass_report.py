@@ -119,6 +119,8 @@ def variants() -> list[Variant]:
     for kind, values, vbytes in ((0, bf16, 2.0), (1, "*i8", 1.0), (2, "*u8", 1.0)):
         s24 = {"x_ptr": bf16, "v_ptr": values, "p_ptr": "*i32", **side, **out}
         for c in S24.S24_GEMV_CONFIGS:
+            if kind == 2 and not S24.book_lanes(c, 16):
+                continue  # a 16-entry codebook (4-bit values) runs on the configs that hold it in registers
             res.append(Variant(f"sparse24_gemv_kind{kind}", S24._sparse24_gemv_kernel, s24,
                                {"KIND": kind, "GROUP": 0, "HAS_BIAS": True, **S24.gemv_constexprs(c, kind)},
                                c.num_warps, c.num_stages, S24.gemv_values_per_iter, vbytes + 0.25, unit="kept value"))
@@ -282,10 +284,13 @@ def analyse(v: Variant, gpu: str = "H200") -> dict:
     # codebook GEMV's register-held table needs one row per warp register slot.
     ttgir = compiled.asm.get("ttgir", "")
     layouts = dict(re.findall(r"^#(\w+) = #ttg\.blocked<\{[^}]*threadsPerWarp = \[([\d, ]+)\]", ttgir, re.M))
-    i32_loads = sorted({layouts.get(lay, "?") for lay in re.findall(
-        r"tt\.load .*: tensor<[\dx]+x!tt\.ptr<i32>, #(\w+)>", ttgir)})
+    def load_layouts(ty):
+        return sorted({layouts.get(lay, "?") for lay in re.findall(
+            rf"tt\.load .*: tensor<[\dx]+x!tt\.ptr<{ty}>, #(\w+)>", ttgir)})
+
+    i32_loads = load_layouts("i32")
     row = {
-        "variant": v.name(), "i32_load_threads_per_warp": i32_loads, "family": v.family, "unit": v.unit, "found_loop": lp is not None or not v.loop,
+        "variant": v.name(), "i32_load_threads_per_warp": i32_loads, "i16_load_threads_per_warp": load_layouts("i16"), "family": v.family, "unit": v.unit, "found_loop": lp is not None or not v.loop,
         "per_weight": round(per_weight, 3), "loop_instructions": len(ops), "units_per_iteration": per_iter,
         "threads": threads, "mix": mix(ops),
         "registers": res.get("reg"), "stack": res.get("stack", 0), "local": res.get("local", 0),

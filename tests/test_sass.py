@@ -35,7 +35,7 @@ def report(tmp_path_factory) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     rows = []
-    every = ["int8_gemv", "int8_gemv_words", "int8_gemv_g128", "codebook4_gemv", "codebook3_gemv"]
+    every = ["int8_gemv", "int8_gemv_words", "int8_gemv_g128", "codebook4_gemv", "codebook3_gemv", "sparse24_gemv_kind2"]
     rest = [f for f in GEMV_FAMILIES + SPILL_FREE_GEMMS if f not in every]
     for only, per_family in ((",".join(every), 0), (",".join(rest), 1)):
         proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sass_report.py"), "--only", only,
@@ -334,7 +334,9 @@ def _run_ptx(asm: str, ops: dict, memory: bytes = b"") -> dict:
         elif op == "and.b32":
             regs[args[0]] = val(args[1]) & val(args[2])
         elif op == "shfl.sync.idx.b32":
-            src, b, c = val(args[1]), val(args[2]), int(args[3], 0)
+            src, b, cs = val(args[1]), val(args[2]), val(args[3])
+            assert np.all(cs == cs[0]), "the segment control must be the same in every lane"
+            c = int(cs[0])
             assert int(args[4], 0) == -1  # every lane takes part
             clamp, segmask = c & 0x1F, (c >> 8) & 0x1F
             lo = lanes & segmask
@@ -399,3 +401,45 @@ def test_load_x32_ptx_is_exact(kind):
             got = regs[f"${4 * j + q}"].view(np.float32)
             want = x.float().numpy()[cols + 8 * q + j]
             np.testing.assert_array_equal(got, want)
+
+
+def test_sparse24_codebook_gemv_looks_values_up_by_shuffle(report):
+    """2:4 with a 16-entry codebook: one shuffle a kept value (no gather), from a layout whose rows
+    span 2 * BLOCK_W consecutive lanes (the table's segments), 64-bit code loads; below the
+    gathering kernel's 11.9 a kept value."""
+    rows = [r for r in report["variants"] if r["family"] == "sparse24_gemv_kind2"]
+    assert rows
+    for r in rows:
+        m = r["mix"]
+        per = r["units_per_iteration"] / r["threads"]
+        assert m.get("shuffle", 0) == per and m.get("fp_math", 0) == per, f"{r['variant']}: {m}"
+        assert m.get("LDG.U8", 0) + m.get("LDG.32", 0) <= per / 8, f"{r['variant']}: gathers {m}"
+        bw = int(re.search(r"BLOCK_W=(\d+)", r["variant"]).group(1))
+        assert r["i16_load_threads_per_warp"] == [f"{32 // (2 * bw)}, {bw}, 2"], r["variant"]
+        assert r["registers"] <= 128 and m.get("barrier", 0) == 0, r["variant"]
+        assert r["per_weight"] < 8.0, f"{r['variant']}: {r['per_weight']}"
+
+
+def test_book_pairs_fma_ptx_is_exact():
+    """Emulate the 2:4 codebook lookup for a warp of two rows (16 lanes each, lane l holding centroid
+    l % 16 of its row): two groups' four codes in one register, each product read from its row's
+    table; small integers keep it exact."""
+    from torchzip.kernels.sparse24 import BOOK_PAIRS_FMA
+
+    rng = np.random.default_rng()
+    for _ in range(5):
+        books = rng.integers(-64, 65, (2, 16)).astype(np.float32)
+        row = np.arange(32) // 16
+        codes = rng.integers(0, 256, (32, 4))  # a0 b0 a1 b1; only the low 4 bits index 16 entries
+        codes[:, :] &= rng.choice([0x0F, 0xFF], (32, 4))  # high bits set or not: ignored either way
+        reg = (codes << (8 * np.arange(4))).sum(1).astype(np.uint64).astype(np.uint32)
+        xa, xb, acc = (rng.integers(-64, 65, (32, 2)).astype(np.float32) for _ in range(3))
+        table = books[row, np.arange(32) % 16]
+        ops = {2: reg, 3: table.view(np.uint32), 4: table.view(np.uint32), 11: np.full(32, 0x101F), 12: np.full(32, 0)}
+        for e in range(2):
+            ops[5 + e], ops[7 + e], ops[9 + e] = xa[:, e].view(np.uint32), xb[:, e].view(np.uint32), acc[:, e].view(np.uint32)
+        regs = _run_ptx(BOOK_PAIRS_FMA.value, ops)
+        for e in range(2):
+            w_a, w_b = books[row, codes[:, 2 * e] & 15], books[row, codes[:, 2 * e + 1] & 15]
+            want = acc[:, e].astype(np.float64) + w_a * xa[:, e].astype(np.float64) + w_b * xb[:, e].astype(np.float64)
+            np.testing.assert_array_equal(regs[f"${e}"].view(np.float32).astype(np.float64), want)
