@@ -403,7 +403,8 @@ def _gemv(x, packed, codebook, bias, bits, k, split_k, config, allow) -> torch.T
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
     if m and n:
         C.launch(
-            _codebook_gemv_kernel, _gemv4_tuned if bits == 4 else _gemv_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, split),
+            _codebook_gemv_kernel, _gemv4_tuned if bits == 4 and lanes else _gemv_tuned,
+            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, split),
             (x2, packed, codebook, bias, ws, m, n, k, words, x2.stride(0), packed.stride(0), stride_b),
             config, INTERP_GEMV, BITS=bits, PER=32 // bits, HAS_BIAS=bias is not None, SPLIT_K=split,
             LANES=lanes, SEG=shuffle_control(bits) if lanes else 0, X_KIND=X_KINDS[x.dtype],
@@ -450,7 +451,8 @@ def _probe_check(bits: int):
         for per_row in (True, False):
             x, packed, book, k, want = probe(bits, per_row)
             taken = []
-            got = _gemv(x.to(device, dtype), packed.to(device), book.to(device), None, bits, k, 1, gemv_configs(bits)[0],
+            got = _gemv(x.to(device, dtype), packed.to(device), book.to(device), None, bits, k, 1,
+                        gemv_configs(bits)[0],
                         lambda p, _: p == path and not taken.append(p))
             if taken != [path] or not torch.equal(got.double().cpu(), want):
                 return False

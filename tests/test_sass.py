@@ -35,7 +35,8 @@ def report(tmp_path_factory) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     rows = []
-    every = ["int8_gemv", "int8_gemv_words", "int8_gemv_g128", "codebook4_gemv", "codebook3_gemv", "sparse24_gemv_kind2"]
+    every = ["int8_gemv", "int8_gemv_words", "int8_gemv_g128", "codebook4_gemv", "codebook3_gemv",
+             "sparse24_gemv_kind2"]
     rest = [f for f in GEMV_FAMILIES + SPILL_FREE_GEMMS if f not in every]
     for only, per_family in ((",".join(every), 0), (",".join(rest), 1)):
         proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sass_report.py"), "--only", only,
@@ -318,7 +319,8 @@ def _run_ptx(asm: str, ops: dict, memory: bytes = b"") -> dict:
             m = re.fullmatch(r"\{(.*)\}, \[(\$\d+)\+?(\d*)\]", rest)
             base = regs[m.group(2)].astype(np.int64) + int(m.group(3) or 0)
             for i, d in enumerate(t.strip() for t in m.group(1).split(",")):
-                regs[d] = np.array([int.from_bytes(memory[b + 4 * i: b + 4 * i + 4], "little") for b in base], np.uint32)
+                regs[d] = np.array([int.from_bytes(memory[b + 4 * i: b + 4 * i + 4], "little") for b in base],
+                                   np.uint32)
             continue
         args = [t.strip() for t in re.split(r",(?![^{]*\})", rest)]
         if op in ("mov.f32", "mov.b32") and args[0].startswith("{"):  # unpack halves
@@ -437,7 +439,8 @@ def test_book_pairs_fma_ptx_is_exact():
         table = books[row, np.arange(32) % 16]
         ops = {2: reg, 3: table.view(np.uint32), 4: table.view(np.uint32), 11: np.full(32, 0x101F), 12: np.full(32, 0)}
         for e in range(2):
-            ops[5 + e], ops[7 + e], ops[9 + e] = xa[:, e].view(np.uint32), xb[:, e].view(np.uint32), acc[:, e].view(np.uint32)
+            ops[5 + e], ops[7 + e] = xa[:, e].view(np.uint32), xb[:, e].view(np.uint32)
+            ops[9 + e] = acc[:, e].view(np.uint32)
         regs = _run_ptx(BOOK_PAIRS_FMA.value, ops)
         for e in range(2):
             w_a, w_b = books[row, codes[:, 2 * e] & 15], books[row, codes[:, 2 * e + 1] & 15]
