@@ -59,11 +59,13 @@ class Variant:
     unit: str = "weight"
     loop: bool = True  # False: the whole kernel is the "loop" (one tile per program)
     label: str = ""
+    maxnreg: int | None = None  # the config's register cap (ptxas .maxnreg), if any
 
     def name(self) -> str:
         tag = ",".join(f"{k}={v}" for k, v in self.constexprs.items() if k.startswith("BLOCK") or k in (
             "GROUP", "BITS", "KIND", "SPLIT_K"))
-        return f"{self.family}[{tag},w{self.num_warps},s{self.num_stages}]{self.label}"
+        cap = f",r{self.maxnreg}" if self.maxnreg else ""
+        return f"{self.family}[{tag},w{self.num_warps},s{self.num_stages}{cap}]{self.label}"
 
 
 def variants() -> list[Variant]:
@@ -102,10 +104,11 @@ def variants() -> list[Variant]:
 
     cb = {"x_ptr": bf16, "p_ptr": "*i32", "book_ptr": "*fp32", **out}
     for bits in (4, 3):
-        for c in CB.GEMV_CONFIGS:
+        for c in CB.gemv_configs(bits):
             res.append(Variant(f"codebook{bits}_gemv", CB._codebook_gemv_kernel, cb,
                                {**CB.gemv_constexprs(bits, c), "HAS_BIAS": False},
-                               c.num_warps, c.num_stages, CB.gemv_weights_per_iter, bits / 8 if bits == 4 else 0.4))
+                               c.num_warps, c.num_stages, CB.gemv_weights_per_iter, bits / 8 if bits == 4 else 0.4,
+                               maxnreg=c.maxnreg))
         per = {"BITS": bits, "PER": 32 // bits, "PER_P2": C.next_pow2(32 // bits)}
         for c in (CB.GEMM_CONFIGS[1], CB.GEMM_CONFIGS[-1]):
             res.append(Variant(f"codebook{bits}_gemm", CB._codebook_gemm_kernel, cb, {**per, **dot, **c.kwargs},
@@ -116,6 +119,8 @@ def variants() -> list[Variant]:
     for kind, values, vbytes in ((0, bf16, 2.0), (1, "*i8", 1.0), (2, "*u8", 1.0)):
         s24 = {"x_ptr": bf16, "v_ptr": values, "p_ptr": "*i32", **side, **out}
         for c in S24.S24_GEMV_CONFIGS:
+            if kind == 2 and not S24.book_lanes(c, 16):
+                continue  # a 16-entry codebook (4-bit values) runs on the configs that hold it in registers
             res.append(Variant(f"sparse24_gemv_kind{kind}", S24._sparse24_gemv_kernel, s24,
                                {"KIND": kind, "GROUP": 0, "HAS_BIAS": True, **S24.gemv_constexprs(c, kind)},
                                c.num_warps, c.num_stages, S24.gemv_values_per_iter, vbytes + 0.25, unit="kept value"))
@@ -169,7 +174,8 @@ def compile_variant(v: Variant):
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
              if signature[n] != "constexpr" and n not in ("M", "M_BUCKET", "MN")}
     return triton.compile(ASTSource(kernel, signature, v.constexprs, attrs), target=GPUTarget(*TARGET),
-                          options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+                          options={"num_warps": v.num_warps, "num_stages": v.num_stages,
+                                   **({"maxnreg": v.maxnreg} if v.maxnreg else {})})
 
 
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -238,6 +244,8 @@ def mix(ops: list[str]) -> dict:
             add(f"LDG.{width}")
             if ".EF" in op or ".EL" in op or ".LU" in op or "EVICT" in op:
                 add("LDG.evict_hint")
+                if width == "128":
+                    add("LDG.128.evict_hint")  # the streamed weights (x loads carry no hint)
         elif op.startswith(("LDS", "STS", "LDSM")):
             add("shared_ld" if op.startswith("LD") else "shared_st")
         elif op.startswith(("LDL", "STL")):
@@ -279,11 +287,13 @@ def analyse(v: Variant, gpu: str = "H200") -> dict:
     # one row per warp register slot.
     ttgir = compiled.asm.get("ttgir", "")
     layouts = dict(re.findall(r"^#(\w+) = #ttg\.blocked<\{[^}]*threadsPerWarp = \[([\d, ]+)\]", ttgir, re.M))
-    i32_loads, i16_loads = (sorted({layouts.get(lay, "?") for lay in re.findall(
-        rf"tt\.load .*: tensor<[\dx]+x!tt\.ptr<{t}>, #(\w+)>", ttgir)}) for t in ("i32", "i16"))
+    def load_layouts(ty):
+        return sorted({layouts.get(lay, "?") for lay in re.findall(
+            rf"tt\.load .*: tensor<[\dx]+x!tt\.ptr<{ty}>, #(\w+)>", ttgir)})
+
+    i32_loads = load_layouts("i32")
     row = {
-        "variant": v.name(), "i32_load_threads_per_warp": i32_loads, "i16_load_threads_per_warp": i16_loads,
-        "family": v.family, "unit": v.unit, "found_loop": lp is not None or not v.loop,
+        "variant": v.name(), "i32_load_threads_per_warp": i32_loads, "i16_load_threads_per_warp": load_layouts("i16"), "family": v.family, "unit": v.unit, "found_loop": lp is not None or not v.loop,
         "per_weight": round(per_weight, 3), "loop_instructions": len(ops), "units_per_iteration": per_iter,
         "threads": threads, "mix": mix(ops),
         "registers": res.get("reg"), "stack": res.get("stack", 0), "local": res.get("local", 0),
@@ -320,7 +330,8 @@ def print_table(rows: list[dict], gpu: str) -> None:
     print(f"{'variant':<78} " + " ".join(f"{c:>8}" for c in cols))
     for r in rows:
         m = r["mix"]
-        small = sum(v for k, v in m.items() if k.startswith("LDG.") and k not in ("LDG.128", "LDG.evict_hint"))
+        small = sum(v for k, v in m.items() if k.startswith("LDG.") and k not in ("LDG.128", "LDG.evict_hint",
+                                                                                  "LDG.128.evict_hint"))
         vals = [r["per_weight"], m["instructions"], m.get("LDG.128", 0), small, m.get("I2F", 0), m.get("barrier", 0),
                 m.get("shared_ld", 0) + m.get("shared_st", 0), m.get("mma", 0), r["registers"],
                 r["spill_instructions"], r["shared"], r[f"issue_ceiling_GBps_{gpu}"]]

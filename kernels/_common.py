@@ -13,6 +13,14 @@ import triton.language as tl
 KIND_FLOAT, KIND_INT8, KIND_CODEBOOK = 0, 1, 2
 
 
+# Weights are read once: streaming loads (``.cs``, evict first), which need no L2 policy register
+# (ptxas rebuilds eviction_policy="evict_first"'s every iteration). Triton 3.6 has no ``.cs``
+# loads: there the policy is used.
+V38 = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 8)
+STREAM_CACHE = tl.constexpr(".cs" if V38 else "")
+STREAM_EVICT = tl.constexpr("" if V38 else "evict_first")
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     knobs = getattr(triton, "knobs", None)
@@ -180,8 +188,9 @@ def as_2d(x: torch.Tensor) -> torch.Tensor:
 
 
 def config_kwargs(config: triton.Config) -> dict:
-    """Launch keyword arguments (meta-parameters, num_warps, num_stages) of a ``triton.Config``."""
-    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    """Launch keyword arguments (meta-parameters, num_warps, num_stages, maxnreg if set) of a ``triton.Config``."""
+    cap = {"maxnreg": config.maxnreg} if getattr(config, "maxnreg", None) else {}
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages, **cap}
 
 
 def tuned(kernel, configs: list[triton.Config], key: list[str], prune=None):

@@ -28,6 +28,14 @@ GEMV_CONFIGS = C.configs(("BLOCK_N", "BLOCK_W"), [
     (8, 256, 2, 2), (16, 128, 4, 2), (8, 128, 2, 2), (16, 256, 4, 2),
     (8, 256, 4, 2), (4, 128, 1, 2), (8, 128, 1, 2), (4, 256, 2, 2),
 ])
+# 4-bit (lane_dot4): 16 rows a thread (BLOCK_N // num_warps) share each converted x, one
+# accumulator a row; the wider programs cap registers at 128 (ptxas would take up to 186).
+# Triton 3.6's build keeps the 16 rows' pointers in 64-bit registers (208 registers, spills
+# under a cap of 128), so there a thread takes 8 rows.
+GEMV_CONFIGS4 = [triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w, num_stages=2, maxnreg=r)
+                 for bn, bw, w, r in ([(32, 128, 2, 128), (16, 128, 1, None), (16, 256, 2, 128), (64, 128, 4, 128),
+                                       (32, 256, 4, 128)] if C.V38 else [])
+                 + [(8, 128, 1, None), (16, 128, 2, None), (32, 128, 4, None)]]
 INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_W": 8})
 # Widest index the register-held codebook serves (32 entries, one per lane); wider ones gather
 # from the codebook in global memory (L1).
@@ -55,6 +63,11 @@ def gemv_constexprs(bits: int, config: triton.Config, lanes: bool = True) -> dic
     lanes = lanes and bits <= LANE_MAX_BITS and min(32, config.kwargs["BLOCK_W"] // 4) >= 2**bits
     return {"BITS": bits, "PER": 32 // bits, "SPLIT_K": 1, "LANES": lanes, "X_KIND": 0,
             "SEG": shuffle_control(bits) if lanes else 0, **config.kwargs}
+
+
+def gemv_configs(bits: int) -> list[triton.Config]:
+    """The GEMV's autotune configs for ``bits``-wide indices."""
+    return GEMV_CONFIGS4 if bits == 4 else GEMV_CONFIGS
 
 
 def gemv_weights_per_iter(constexprs: dict) -> int:
@@ -88,6 +101,99 @@ def lane_lookup_fma(code, table, x, acc, seg):
     return tl.inline_asm_elementwise(
         "{ .reg .b32 c; shfl.sync.idx.b32 c, $2, $1, $5, -1; fma.rn.f32 $0, c, $3, $4; }",
         "=f,r,f,f,f,r", [code, table, x, acc, seg], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _gemv_words4(acc, x_row, words, w0, cols, w_mask, K, table, zero, X_KIND: tl.constexpr, MASKED: tl.constexpr):
+    """:func:`_gemv_words` for 4-bit indices in registers: x 8 columns (one word) a load, one
+    accumulator a row (:func:`lane_dot4`). MASKED: the last step (x pairs masked to K)."""
+    if MASKED:
+        col = (w0 + cols)[None, :] * 8 + zero
+        ok = w_mask[None, :]
+        x0, x1 = load_x_pair((x_row + col).to(tl.int64), ok & (col < K), X_KIND, True)
+        x2, x3 = load_x_pair((x_row + col + 2).to(tl.int64), ok & (col + 2 < K), X_KIND, True)
+        x4, x5 = load_x_pair((x_row + col + 4).to(tl.int64), ok & (col + 4 < K), X_KIND, True)
+        x6, x7 = load_x_pair((x_row + col + 6).to(tl.int64), ok & (col + 6 < K), X_KIND, True)
+    else:
+        x0, x1, x2, x3, x4, x5, x6, x7 = load_x32((x_row + (w0 + cols)[None, :] * 8 + zero).to(tl.int64), X_KIND)
+    return lane_dot4(words, table, x0, x1, x2, x3, x4, x5, x6, x7, acc)
+
+
+def shuffle_control(bits: int) -> int:
+    """``c`` operand of ``shfl.sync.idx`` for segments of ``2**bits`` lanes (segment mask, clamp)."""
+    return ((32 - 2**bits) << 8) | 0x1F
+
+
+def _lane_dot4_asm() -> str:
+    """PTX of :func:`lane_dot4`: 4 words of one row (pack=4), 8 fields each, one chain into acc."""
+    seg = shuffle_control(4)
+    lines = ["{ .reg .b32 t, c; .reg .f32 a; mov.f32 a, $44;"]
+    for k in range(4):  # word k: operand 4 + k; its table 8 + k; x_j 12 + 4 j + k
+        for j in range(8):
+            idx = f"${4 + k}"
+            if j:
+                lines.append(f"shr.u32 t, ${4 + k}, {4 * j};")  # shfl reads the low 4 bits only: no mask
+                idx = "t"
+            lines.append(f"shfl.sync.idx.b32 c, ${8 + k}, {idx}, {seg:#x}, -1; fma.rn.f32 a, c, ${12 + 4 * j + k}, a;")
+    # Elements 1..3 of acc come out 0: a row's 32 weights of a thread share one accumulator, so a
+    # thread holds one per row, not one per word.
+    lines.append("mov.f32 $0, a; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; }")
+    return " ".join(lines)
+
+
+LANE_DOT4 = tl.constexpr(_lane_dot4_asm())
+LANE_DOT4_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 4 + ["r"] * 8 + ["f"] * 36))
+
+
+@triton.jit
+def lane_dot4(words, table, x0, x1, x2, x3, x4, x5, x6, x7, acc):
+    """4-bit GEMV step: ``acc`` plus the products of a thread's 4 words of a row (32 weights, the
+    centroids read by shuffles as in :func:`lane_lookup_fma`) with x; ``x<j>``: x at field j of
+    each word. Four consecutive elements (one 128-bit load of a row) per call: the sum goes to
+    the first one, the others pass through."""
+    return tl.inline_asm_elementwise(
+        LANE_DOT4, LANE_DOT4_CONSTRAINTS, [words, table, x0, x1, x2, x3, x4, x5, x6, x7, acc],
+        dtype=tl.float32, is_pure=True, pack=4)
+
+
+def _load_x32_asm(kind: int) -> str:
+    """PTX of :func:`load_x32` for x of KIND (0 bf16, 1 fp16, 2 fp32)."""
+    out = []
+    for q in range(4):  # word q: field j's x is operand 4 j + q; the address is operand 32 (word 0's)
+        if kind == 2:
+            for h in range(2):
+                regs = ", ".join(f"${4 * j + q}" for j in range(4 * h, 4 * h + 4))
+                out.append(f"ld.global.nc.v4.b32 {{{regs}}}, [$32+{32 * q + 16 * h}];")
+            continue
+        out.append(f"ld.global.nc.v4.b32 {{v0, v1, v2, v3}}, [$32+{16 * q}];")
+        for i in range(4):  # v<i>: fields 2i (low half), 2i + 1
+            lo, hi = f"${4 * (2 * i) + q}", f"${4 * (2 * i + 1) + q}"
+            if kind == 0:  # bf16 -> fp32: the bits move to the top half
+                out.append(f"shl.b32 {lo}, v{i}, 16; and.b32 {hi}, v{i}, 0xffff0000;")
+            else:
+                out.append(f"mov.b32 {{h0, h1}}, v{i}; cvt.f32.f16 {lo}, h0; cvt.f32.f16 {hi}, h1;")
+    return "{ .reg .b32 v<4>; .reg .b16 h<2>; " + " ".join(out) + " }"
+
+
+LOAD_X32 = [tl.constexpr(_load_x32_asm(k)) for k in range(3)]
+LOAD_X32_BF16, LOAD_X32_F16, LOAD_X32_F32 = LOAD_X32
+LOAD_X32_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 32 + ["l"] * 4))
+
+
+@triton.jit
+def load_x32(addr, KIND: tl.constexpr):
+    """``(x0, .., x7)``: fp32 x at field j of a thread's 4 consecutive words (pack=4: 32 columns
+    from ``addr`` of the first word, 16-byte aligned; one 128-bit load a word of 16-bit x, two of
+    fp32). Pure, so the identical loads of a thread's rows merge into one (see load_x_pair)."""
+    if KIND == 0:
+        asm: tl.constexpr = LOAD_X32_BF16
+    elif KIND == 1:
+        asm: tl.constexpr = LOAD_X32_F16
+    else:
+        asm: tl.constexpr = LOAD_X32_F32
+    f = tl.float32
+    return tl.inline_asm_elementwise(asm, LOAD_X32_CONSTRAINTS, [addr], dtype=(f, f, f, f, f, f, f, f),
+                                     is_pure=True, pack=4)
 
 
 @triton.jit
@@ -142,11 +248,6 @@ def _gemv_words(acc, x_row, words, rw, w_mask, K, table, book_rows, zero, BITS: 
     return acc
 
 
-def shuffle_control(bits: int) -> int:
-    """``c`` operand of ``shfl.sync.idx`` for segments of ``2**bits`` lanes (segment mask, clamp)."""
-    return ((32 - 2**bits) << 8) | 0x1F
-
-
 @triton.jit
 def _codebook_gemv_kernel(
     x_ptr, p_ptr, book_ptr, b_ptr, out_ptr, M, N, K, W, stride_xm, stride_pn, stride_b,
@@ -178,16 +279,23 @@ def _codebook_gemv_kernel(
     cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_W), 4), 4)
     for w0 in range(w_lo, w_full, BLOCK_W):
         rw = w0 + cols
-        words = tl.load(p_ptr + rows[:, None] * stride_pn + rw[None, :], eviction_policy="evict_first")
-        acc = _gemv_words(acc, x_row, words, rw, rw < w_hi, K, table, book_rows, zero, BITS, PER, LANES,
-                          SEG, X_KIND, False)
+        words = tl.load(p_ptr + rows[:, None] * stride_pn + rw[None, :], cache_modifier=C.STREAM_CACHE,
+                        eviction_policy=C.STREAM_EVICT)
+        if LANES and BITS == 4:
+            acc = _gemv_words4(acc, x_row, words, w0, cols, rw < w_hi, K, table, zero, X_KIND, False)
+        else:
+            acc = _gemv_words(acc, x_row, words, rw, rw < w_hi, K, table, book_rows, zero, BITS, PER, LANES,
+                              SEG, X_KIND, False)
     if w_full < w_hi:  # one step, not a loop: the steady-state loop above is the hot one
         rw = w_full + cols
         w_mask = rw < w_hi
         words = tl.load(p_ptr + rows[:, None] * stride_pn + rw[None, :], mask=w_mask[None, :], other=0,
-                        eviction_policy="evict_first")
-        acc = _gemv_words(acc, x_row, words, rw, w_mask, K, table, book_rows, zero, BITS, PER, LANES,
-                          SEG, X_KIND, True)
+                        cache_modifier=C.STREAM_CACHE, eviction_policy=C.STREAM_EVICT)
+        if LANES and BITS == 4:
+            acc = _gemv_words4(acc, x_row, words, w_full, cols, w_mask, K, table, zero, X_KIND, True)
+        else:
+            acc = _gemv_words(acc, x_row, words, rw, w_mask, K, table, book_rows, zero, BITS, PER, LANES,
+                              SEG, X_KIND, True)
     out = tl.sum(acc, 1)
     C.store_tile(out[None, :], m + tl.arange(0, 1), rn, M, N, out_ptr, b_ptr, pid_k, HAS_BIAS, SPLIT_K)
 
@@ -241,6 +349,7 @@ def _codebook_dequant_kernel(p_ptr, book_ptr, out_ptr, N, K, stride_pn, stride_b
 
 
 _gemv_tuned = C.tuned(_codebook_gemv_kernel, GEMV_CONFIGS, key=["N", "K", "BITS", "SPLIT_K"])
+_gemv4_tuned = C.tuned(_codebook_gemv_kernel, GEMV_CONFIGS4, key=["N", "K", "BITS", "SPLIT_K"])
 _gemm_tuned = C.tuned(_codebook_gemm_kernel, GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "BITS", "SPLIT_K"],
                       prune=C.prune_gemm)
 
@@ -278,17 +387,24 @@ def _gemv(x, packed, codebook, bias, bits, k, split_k, config, allow) -> torch.T
     """:func:`codebook_gemv`, taking the shuffle path ``codebook.lanes<bits>`` only where ``allow``."""
     x2, packed, codebook, stride_b = _prepare(x, packed, codebook, bits, k)
     m, (n, words) = x2.shape[0], packed.shape
-    # The shuffles need a warp's 2**bits-lane segments on one row: every GEMV_CONFIGS entry does that.
+    # The shuffles need a warp's 2**bits-lane segments on one row: every gemv_configs entry does that.
     # Pair loads of x need an even K and (16-bit x) 4-byte aligned pairs.
     lanes = (bits <= LANE_MAX_BITS and not C.interpreting()
              and (config is None or min(32, config.kwargs["BLOCK_W"] // 4) >= 2**bits)
              and k % 2 == 0 and (x2.element_size() == 4 or (x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0))
              and allow(f"codebook.lanes{bits}", x2))
+    if lanes and bits == 4 and (x2.data_ptr() % 16 or x2.stride(0) % (16 // x2.element_size())):
+        # The 4-bit kernel reads x a word's 8 columns (16 or 32 bytes) at a time, aligned: a copy
+        # whose rows start at multiples of 16 bytes.
+        xp = x2.new_zeros(m, triton.cdiv(k, 8) * 8)
+        xp[:, :k] = x2
+        x2 = xp[:, :k]
     split = split_k or C.pick_split_k(x2, triton.cdiv(n, 16) * m, k, n)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
     if m and n:
         C.launch(
-            _codebook_gemv_kernel, _gemv_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, split),
+            _codebook_gemv_kernel, _gemv4_tuned if bits == 4 and lanes else _gemv_tuned,
+            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, split),
             (x2, packed, codebook, bias, ws, m, n, k, words, x2.stride(0), packed.stride(0), stride_b),
             config, INTERP_GEMV, BITS=bits, PER=32 // bits, HAS_BIAS=bias is not None, SPLIT_K=split,
             LANES=lanes, SEG=shuffle_control(bits) if lanes else 0, X_KIND=X_KINDS[x.dtype],
@@ -310,7 +426,7 @@ def probe(bits: int, per_row: bool = True):
     from torchzip.packed.bits import pack_bits
 
     per = 32 // bits
-    n, k = PROBE_N, per * (GEMV_CONFIGS[0].kwargs["BLOCK_W"] + 20) - 2
+    n, k = PROBE_N, per * (gemv_configs(bits)[0].kwargs["BLOCK_W"] + 20) - 2
     j, r = torch.arange(k), torch.arange(n)[:, None]
     x = (j * 7) % 3 - 1
     entries = 2 * torch.arange(2**bits) - (2**bits - 1)
@@ -335,7 +451,8 @@ def _probe_check(bits: int):
         for per_row in (True, False):
             x, packed, book, k, want = probe(bits, per_row)
             taken = []
-            got = _gemv(x.to(device, dtype), packed.to(device), book.to(device), None, bits, k, 1, GEMV_CONFIGS[0],
+            got = _gemv(x.to(device, dtype), packed.to(device), book.to(device), None, bits, k, 1,
+                        gemv_configs(bits)[0],
                         lambda p, _: p == path and not taken.append(p))
             if taken != [path] or not torch.equal(got.double().cpu(), want):
                 return False

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from torchzip.kernels import _common as C
 from torchzip.kernels import dispatch
+from torchzip.kernels.codebook import lane_ids, lane_lookup_fma
 
 # BLOCK_W position words (16 kept values, 32 dense columns each) of BLOCK_N rows per step.
 # Each thread holds 4 groups (2 x 64-bit x loads, one 128-bit load of 16-bit values) of one word;
@@ -33,10 +34,19 @@ S24_INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_W": 4})
 dispatch.DENSE_MIN_M.setdefault("sparse24", 256)
 
 
-def gemv_constexprs(config: triton.Config, kind: int) -> dict:
+def book_lanes(config: triton.Config, entries: int) -> int:
+    """LANES of the GEMV for a codebook of ``entries`` under ``config``: the entries (a power of
+    two) if a row's lanes (``2 * BLOCK_W`` of a warp, at most 32) can hold them, else 0 (gather)."""
+    fits = entries & (entries - 1) == 0 and entries <= min(32, 2 * config.kwargs["BLOCK_W"])
+    return entries if fits else 0
+
+
+def gemv_constexprs(config: triton.Config, kind: int, entries: int = 16) -> dict:
     """Constexprs of the GEMV for a launch config with 16-bit activations (and, ``kind`` 0,
-    16-bit values) on a GPU (benchmarks/sass_report.py compiles these)."""
-    return {"SPLIT_K": 1, "X16": True, "V16": kind == 0, "FAST": True, **config.kwargs}
+    16-bit values; ``kind`` 2, a codebook of ``entries`` in registers where it fits) on a GPU
+    (benchmarks/sass_report.py compiles these)."""
+    return {"SPLIT_K": 1, "X16": True, "V16": kind == 0, "FAST": True,
+            "LANES": book_lanes(config, entries) if kind == 2 else 0, **config.kwargs}
 
 
 def gemv_values_per_iter(constexprs: dict) -> int:
@@ -128,6 +138,26 @@ def prmt(a, b, sel, FAST: tl.constexpr):
     return out.to(tl.int32, bitcast=True)
 
 
+# book_pairs_fma's PTX, pack=2: out $0, $1; codes $2 (two int16s: bytes a0 b0 a1 b1); table $3, $4;
+# xa $5, $6; xb $7, $8; acc $9, $10; seg $11, $12.
+BOOK_PAIRS_FMA = tl.constexpr(
+    "{ .reg .b32 t, c; shfl.sync.idx.b32 c, $3, $2, $11, -1; fma.rn.f32 $0, c, $5, $9; "
+    "shr.u32 t, $2, 8; shfl.sync.idx.b32 c, $3, t, $11, -1; fma.rn.f32 $0, c, $7, $0; "
+    "shr.u32 t, $2, 16; shfl.sync.idx.b32 c, $4, t, $11, -1; fma.rn.f32 $1, c, $6, $10; "
+    "shr.u32 t, $2, 24; shfl.sync.idx.b32 c, $4, t, $11, -1; fma.rn.f32 $1, c, $8, $1; }")
+
+
+@triton.jit
+def book_pairs_fma(codes, table, xa, xb, acc, seg):
+    """``acc + book[a] * xa + book[b] * xb`` for each group's pair of 8-bit codes (``codes``: int16,
+    code a in the low byte), the centroids read by warp shuffles from the lanes of this thread's
+    segment that hold them (``table``, ``seg``: as in ``codebook.lane_lookup_fma``). Two groups a
+    call: their four codes arrive in one register, and a code needs at most one shift (shfl reads
+    only its low bits)."""
+    return tl.inline_asm_elementwise(BOOK_PAIRS_FMA, "=f,=f,r,f,f,f,f,f,f,f,f,r,r", [codes, table, xa, xb, acc, seg],
+                                     dtype=tl.float32, is_pure=True, pack=2)
+
+
 @triton.jit
 def halves_as_f32(h, dtype: tl.constexpr):
     """The two 16-bit floats (``dtype``) packed in int32 ``h`` as fp32, low half first (bf16: one
@@ -157,14 +187,17 @@ def _load(ptrs, mask, MASKED: tl.constexpr, STREAM: tl.constexpr = False):
 
 @triton.jit
 def _gemv_step(acc, x_row, v_ptr, p_ptr, s_ptr, book_ptr, rn, w0, w_hi, J, stride_vn, stride_pn, stride_sn, stride_b,
-               KIND: tl.constexpr, GROUP: tl.constexpr, X16: tl.constexpr, V16: tl.constexpr, FAST: tl.constexpr,
-               MASKED: tl.constexpr, BLOCK_W: tl.constexpr):
+               table, KIND: tl.constexpr, GROUP: tl.constexpr, X16: tl.constexpr, V16: tl.constexpr,
+               FAST: tl.constexpr, LANES: tl.constexpr, MASKED: tl.constexpr, BLOCK_W: tl.constexpr):
     """One step of the 2:4 GEMV: ``acc`` ``[rows, BLOCK_W words, 8 groups]`` plus the products of
     words ``w0 ..`` (each element one group of 4 columns, its 2 kept values). MASKED: the last,
     partial step; the others need no masks (rows past N were clamped by the caller)."""
     rw = w0 + tl.arange(0, BLOCK_W)
     rg = tl.arange(0, 8)
     g = rw[:, None] * 8 + rg[None, :]  # group index, [BLOCK_W, 8]
+    # The words and x address the step's first word or group (a scalar) plus loop-invariant
+    # offsets (fewer address instructions; the values' loads are shorter as they were).
+    g_in = tl.arange(0, BLOCK_W)[:, None] * 8 + rg[None, :]
     rows = rn[:, None, None]
     if MASKED:
         g_mask = (g < J // 2) & (rw < w_hi)[:, None]
@@ -172,8 +205,8 @@ def _gemv_step(acc, x_row, v_ptr, p_ptr, s_ptr, book_ptr, rn, w0, w_hi, J, strid
     else:
         g_mask = None
         mask = None
-    words = _load(p_ptr + rows * stride_pn + rw[None, :, None], (rw < w_hi)[None, :, None] & (rows >= 0), MASKED,
-                  True)
+    words = _load((p_ptr + w0) + (rows * stride_pn + tl.arange(0, BLOCK_W)[None, :, None]),
+                  (rw < w_hi)[None, :, None] & (rows >= 0), MASKED, True)
     shift = (rg // 2) * 2  # pair q = g // 2 sits at bit 2q of every byte
     half = (rg % 2) * 16  # group 2q + 1's selector is the high half
     if V16:  # 16-bit float values: a group's pair is one int32, 4 groups a 128-bit load
@@ -191,7 +224,7 @@ def _gemv_step(acc, x_row, v_ptr, p_ptr, s_ptr, book_ptr, rn, w0, w_hi, J, strid
     if X16:
         # x of a group: 4 16-bit values, one 64-bit load (two groups a 128-bit load); the kept
         # pair comes out of one byte permute whose selector costs two integer ops a group.
-        xg = _load(x_row.to(tl.pointer_type(tl.int64)) + g, g_mask, MASKED)
+        xg = _load((x_row.to(tl.pointer_type(tl.int64)) + w0 * 8) + g_in, g_mask, MASKED)
         sel = (((words >> shift) & 0x03030303) * 0x22 + 0x10101010) >> half
         pair = prmt(xg.to(tl.int32)[None, :, :], (xg >> 32).to(tl.int32)[None, :, :], sel, FAST)
         xa, xb = halves_as_f32(pair, x_row.dtype.element_ty)
@@ -204,6 +237,8 @@ def _gemv_step(acc, x_row, v_ptr, p_ptr, s_ptr, book_ptr, rn, w0, w_hi, J, strid
     if not X16:  # fp32 activations: gathered
         xa = _load(x_row + cols_a, mask, MASKED)
         xb = _load(x_row + cols_b, mask, MASKED)
+    if LANES:  # codebook values: shuffles from the register-held table (see _sparse24_gemv_kernel)
+        return book_pairs_fma(vv, table, xa, xb, acc, tl.full(acc.shape, ((32 - LANES) << 8) | 0x1F, tl.int32))
     if not V16:
         dmask = cols_a >= 0 if mask is None else mask
         wa = C.decode(va, rows, cols_a, dmask, s_ptr, stride_sn, book_ptr, stride_b, KIND, GROUP)
@@ -218,7 +253,7 @@ def _sparse24_gemv_kernel(
     x_ptr, v_ptr, p_ptr, s_ptr, book_ptr, b_ptr, out_ptr, M, N, J, PW,
     stride_xm, stride_vn, stride_pn, stride_sn, stride_b,
     KIND: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K, X16: tl.constexpr,
-    V16: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    V16: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, LANES: tl.constexpr = 0,
 ):
     # p_ptr: gemv_words. A step covers BLOCK_W words = 8 * BLOCK_W groups of 4 columns of
     # BLOCK_N rows; X16: 16-bit activations, V16: 16-bit float values (see _gemv_step).
@@ -235,14 +270,22 @@ def _sparse24_gemv_kernel(
     rn_in = tl.minimum(rn, N - 1)  # rows past N read row N - 1; their sums are not stored
     x_row = x_ptr + m * stride_xm
     acc = tl.zeros((BLOCK_N, BLOCK_W, 8), tl.float32)
+    if LANES:
+        # LANES (codebook values, entries a power of two <= the lanes of a row): lane l holds
+        # centroid l % LANES of its row (each row spans 2 * BLOCK_W lanes of the [rows, words,
+        # groups] layout), and a lookup is a warp shuffle, as in the codebook GEMV.
+        lane = lane_ids(acc.to(tl.int32)) % LANES
+        table = tl.load(book_ptr + rn_in[:, None, None] * stride_b + lane)
+    else:
+        table = 0.0
     for w0 in range(w_lo, w_full, 2 * BLOCK_W):
         acc = _gemv_step(acc, x_row, v_ptr, p_ptr, s_ptr, book_ptr, rn_in, w0, w_hi, J, stride_vn, stride_pn,
-                         stride_sn, stride_b, KIND, GROUP, X16, V16, FAST, False, BLOCK_W)
+                         stride_sn, stride_b, table, KIND, GROUP, X16, V16, FAST, LANES, False, BLOCK_W)
         acc = _gemv_step(acc, x_row, v_ptr, p_ptr, s_ptr, book_ptr, rn_in, w0 + BLOCK_W, w_hi, J, stride_vn,
-                         stride_pn, stride_sn, stride_b, KIND, GROUP, X16, V16, FAST, False, BLOCK_W)
+                         stride_pn, stride_sn, stride_b, table, KIND, GROUP, X16, V16, FAST, LANES, False, BLOCK_W)
     for w0 in range(w_full, w_hi, BLOCK_W):
         acc = _gemv_step(acc, x_row, v_ptr, p_ptr, s_ptr, book_ptr, rn_in, w0, w_hi, J, stride_vn, stride_pn,
-                         stride_sn, stride_b, KIND, GROUP, X16, V16, FAST, True, BLOCK_W)
+                         stride_sn, stride_b, table, KIND, GROUP, X16, V16, FAST, LANES, True, BLOCK_W)
     out = tl.sum(tl.sum(acc, 2), 1)
     if KIND == 1 and GROUP == 0:
         out *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0)
@@ -288,7 +331,14 @@ def _sparse24_dequant_kernel(v_ptr, p_ptr, s_ptr, book_ptr, out_ptr, N, K, strid
     tl.store(out_ptr + rn * K + rk, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_s24_gemv_tuned = C.tuned(_sparse24_gemv_kernel, S24_GEMV_CONFIGS, key=["N", "J", "KIND", "GROUP", "SPLIT_K"])
+def _prune_lanes(configs, named_args, **kwargs):
+    """Keep the configs whose rows span enough lanes for the register-held codebook (LANES)."""
+    lanes = kwargs.get("LANES", 0)
+    return [c for c in configs if not lanes or book_lanes(c, lanes)]
+
+
+_s24_gemv_tuned = C.tuned(_sparse24_gemv_kernel, S24_GEMV_CONFIGS, key=["N", "J", "KIND", "GROUP", "SPLIT_K", "LANES"],
+                          prune=_prune_lanes)
 _s24_gemm_tuned = C.tuned(_sparse24_gemm_kernel, C.GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "KIND", "GROUP", "SPLIT_K"],
                           prune=C.prune_gemm)
 
@@ -337,6 +387,13 @@ def _gemv(x, values, positions, scales, codebook, bias, group_size, k, split_k, 
         values = values.clone()  # it reads a group's two values as one int32 (16-bit) or int16 (8-bit)
     m, n = x2.shape[0], values.shape[0]
     kind, scales, stride_s, codebook, stride_b = C.value_args(scales, codebook, n)
+    # A codebook of up to 32 entries (a power of two) lives in registers, looked up by shuffles
+    # (GPU only, once its self-check passed), on the configs whose rows span enough lanes.
+    lanes = 0
+    if kind == C.KIND_CODEBOOK and x16 and not C.interpreting():
+        e = codebook.shape[1]
+        fits = book_lanes(config, e) if config else max(book_lanes(c, e) for c in S24_GEMV_CONFIGS)
+        lanes = e if fits and allow("sparse24.lanes", x2) else 0
     pw = positions.shape[1]
     split = split_k or C.pick_split_k(x2, triton.cdiv(n, 8) * m, k, n)
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
@@ -346,7 +403,7 @@ def _gemv(x, values, positions, scales, codebook, bias, group_size, k, split_k, 
             (x2, values, words, scales, codebook, bias, ws, m, n, k // 2, pw,
              x2.stride(0), values.stride(0), words.stride(0), stride_s, stride_b),
             config, S24_INTERP_GEMV, KIND=kind, GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split,
-            X16=x16, V16=v16, FAST=not C.interpreting() and (not x16 or allow("sparse24.prmt", x2)),
+            X16=x16, V16=v16, FAST=not C.interpreting() and (not x16 or allow("sparse24.prmt", x2)), LANES=lanes,
         )
         C.finish_split_k(out, ws, bias, split)
     return out.view(*x.shape[:-1], n)
@@ -387,8 +444,32 @@ def _probe_check(device: torch.device, dtype: torch.dtype) -> bool:
     return taken == ["sparse24.prmt"] and torch.equal(got.double().cpu(), want)
 
 
+def probe_codebook(per_row: bool):
+    """:func:`probe` with 8-bit codes into a 16-entry codebook of the integers -8..7 (per row:
+    times 1 or 2): ``(x, codes uint8, positions, codebook, k, want)``; the 8s of the probe's
+    values become 7s, which keeps every sum a small integer (exact in 16 bits)."""
+    x, values, positions, k, _ = probe()
+    codes = (values + 8).clamp(max=15).to(torch.uint8)
+    book = (torch.arange(16) - 8.0)[None, :]
+    if per_row:
+        book = book * (torch.arange(PROBE_N)[:, None] % 2 + 1.0)
+    return x, codes, positions, book, k, sparse24_reference(x, codes, positions, None, book, None, 0, k)
+
+
+def _lanes_probe_check(device: torch.device, dtype: torch.dtype) -> bool:
+    for per_row in (True, False):
+        x, codes, positions, book, k, want = probe_codebook(per_row)
+        taken = []
+        got = _gemv(x.to(device, dtype), codes.to(device), positions.to(device), None, book.to(device), None, 0, k,
+                    1, S24_GEMV_CONFIGS[0], None, lambda p, _: p == "sparse24.lanes" and not taken.append(p))
+        if taken != ["sparse24.lanes"] or not torch.equal(got.double().cpu(), want):
+            return False
+    return True
+
+
 # path -> (check(device, dtype), what runs instead).
-SELF_CHECKS = {"sparse24.prmt": (_probe_check, "the 2:4 GEMV permuting bytes with integer ops")}
+SELF_CHECKS = {"sparse24.prmt": (_probe_check, "the 2:4 GEMV permuting bytes with integer ops"),
+               "sparse24.lanes": (_lanes_probe_check, "the 2:4 GEMV gathering codebook values from L1")}
 
 
 def sparse24_gemm(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor | None,

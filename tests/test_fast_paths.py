@@ -185,6 +185,9 @@ def test_codebook_and_sparse24_gates(fake_gpu, monkeypatch):
     sparse24.sparse24_gemv(x.bfloat16(), torch.zeros(8, 32), torch.zeros(8, 2, dtype=torch.int32), None, None, None,
                            0, 64)
     assert asked[-1] == "sparse24.prmt" and seen["FAST"] is False
+    sparse24.sparse24_gemv(x.bfloat16(), torch.zeros(8, 32, dtype=torch.uint8), torch.zeros(8, 2, dtype=torch.int32),
+                           None, torch.randn(1, 16), None, 0, 64)
+    assert asked[-2:] == ["sparse24.lanes", "sparse24.prmt"] and seen["LANES"] == 0
 
 
 def test_csr_asm_gate(fake_gpu, monkeypatch):
@@ -247,7 +250,7 @@ def test_codebook_probe_is_exact(bits):
         for dtype in (torch.bfloat16, torch.float16):
             assert torch.equal(want.to(dtype).double(), want)
             assert torch.equal(codebook.reference(x.to(dtype), packed, book, None, bits, k), want)
-    got = codebook._gemv(x.bfloat16(), packed, book, None, bits, k, 1, codebook.GEMV_CONFIGS[0], lambda *a: True)
+    got = codebook._gemv(x.bfloat16(), packed, book, None, bits, k, 1, codebook.gemv_configs(bits)[0], lambda *a: True)
     assert torch.equal(got.double(), want)
 
 
@@ -286,3 +289,14 @@ def test_csr_asm_cases_are_exact(entries):
                                       aligned, lambda *a: True)
                     assert torch.equal(got.double(), want)
             assert csr._asm_check(torch.device("cpu"), dtype)
+
+
+def test_sparse24_codebook_probe_is_exact():
+    for per_row in (True, False):
+        x, codes, positions, book, k, want = sparse24.probe_codebook(per_row)
+        assert codes.min() == 0 and codes.max() == 15 and want.unique().numel() > 5
+        for dtype in (torch.bfloat16, torch.float16):
+            assert torch.equal(want.to(dtype).double(), want)
+            got = sparse24._gemv(x.to(dtype), codes, positions, None, book, None, 0, k, 1,
+                                 sparse24.S24_GEMV_CONFIGS[0], None, lambda *a: True)
+            assert torch.equal(got.double(), want)

@@ -58,7 +58,7 @@ def variants():
                         {"HAS_BIAS": True, **I8.mma_constexprs(c), "X_KIND": x_kind}, c.num_warps, c.num_stages))
     for bits in (3, 4):
         per = {"BITS": bits, "PER": 32 // bits, "PER_P2": C.next_pow2(32 // bits)}
-        c = CB.GEMV_CONFIGS[0]
+        c = CB.gemv_configs(bits)[0]
         for lanes, x_kind, x_type in ((True, 0, bf16), (True, 1, "*fp16"), (True, 2, "*fp32"), (False, 0, bf16)):
             out.append((CB._codebook_gemv_kernel, {**cb, "x_ptr": x_type},
                         {**CB.gemv_constexprs(bits, c, lanes), "X_KIND": x_kind, "HAS_BIAS": False},
