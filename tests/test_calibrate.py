@@ -653,12 +653,21 @@ def test_block_reuse_is_refused_for_blocks_that_change_their_inputs():
     assert ok.blocks is None  # nothing to calibrate: no block list chosen
 
 
-def test_refit_codebook_matches_float64_normal_equations_for_groups_and_unassigned():
+@pytest.mark.parametrize("route", ["compiled", "torch"])
+@pytest.mark.parametrize("k, n, books, rows", [(23, 7, 6, 3), (300, 45, 16, 1), (150, 37, 16, 37)])
+def test_refit_codebook_matches_float64_normal_equations_for_groups_and_unassigned(route, k, n, books, rows,
+                                                                                   monkeypatch):
+    from torchzip.kernels import codebook_cpu
     from torchzip.passes.calibrated import refit_codebook
 
-    k, n, books, rows = 23, 7, 6, 3  # 7 rows in groups of 3: the last group has one row
+    # 7 rows in groups of 3 (the last group has one row); 45 rows of 300 inputs (more than one of
+    # the C kernel's blocks of rows and tiles of columns, both ragged); one book for 37 rows.
+    if route == "compiled" and not codebook_cpu.available():
+        pytest.skip(f"compiled CPU kernels: {codebook_cpu.why_not()}")
+    if route == "torch":
+        monkeypatch.setattr(codebook_cpu, "available", lambda: False)
     data = correlated(n, k, seed=5)
-    h = second_moment([data(80)])
+    h = second_moment([data(80 + k)])
     w = torch.randn(n, k, dtype=torch.float64)
     assign = torch.randint(0, books, (n, k))
     assign[torch.rand(n, k) < 0.2] = -1  # pruned weights take no centroid

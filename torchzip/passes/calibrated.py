@@ -265,22 +265,28 @@ def refit_codebook(w: torch.Tensor, h: torch.Tensor, assign: torch.Tensor, centr
     for fixed assignments (``-1``: none), by least squares: one codebook per row
     (``centroids`` ``[N, k]``), per group of ``group_rows`` rows (``[ceil(N / group_rows), k]``) or
     one shared (``[1, k]``). Centroids no weight uses keep their value."""
+    from torchzip.kernels import codebook_cpu
+
     n, k = assign.shape[0], centroids.shape[1]
-    size = h.shape[0]
-    h32, w = h.float(), w.double()  # sums of H in float32, solved in float64
     groups = centroids.shape[0]
-    if groups == 1:
-        group_rows = n
-    lhs = torch.zeros(groups, k, k, dtype=torch.float64, device=w.device)
-    rhs = torch.zeros(groups, k, dtype=torch.float64, device=w.device)
-    # Unassigned weights (-1) go to an extra centroid k, dropped: A^T H A and A^T H w by adding the
-    # rows, then the columns, of H that share a centroid (K^2 adds a row, not a k K^2 matmul).
+    group = torch.arange(n, device=w.device) // (n if groups == 1 else group_rows)
+    # Unassigned weights (-1) go to an extra centroid k, dropped.
     slots = torch.where(assign >= 0, assign.long(), k)
-    for r in range(n):
-        at_h = torch.zeros(k + 1, size, dtype=h32.dtype, device=w.device).index_add_(0, slots[r], h32)
-        g = r // group_rows
-        lhs[g] += torch.zeros(k + 1, k + 1, dtype=h32.dtype, device=w.device).index_add_(1, slots[r], at_h)[:k, :k].double()
-        rhs[g] += at_h[:k].double() @ w[r]
+    if w.device.type == "cpu" and codebook_cpu.available():
+        lhs, rhs = codebook_cpu.refit_normal(h, slots, w, k)  # the sums below in C, cache-blocked
+    else:
+        # A^T H A and A^T H w: the rows, then the columns, of H that share a centroid (K^2 adds a
+        # row, not a k K^2 one-hot matmul); sums of H in float32.
+        h32, w64 = h.float(), w.double()
+        lhs = torch.zeros(n, k, k, dtype=torch.float64, device=w.device)
+        rhs = torch.zeros(n, k, dtype=torch.float64, device=w.device)
+        for r in range(n):
+            at_h = torch.zeros(k + 1, h.shape[0], dtype=h32.dtype, device=w.device).index_add_(0, slots[r], h32)
+            lhs[r] = torch.zeros(k + 1, k + 1, dtype=h32.dtype, device=w.device).index_add_(1, slots[r], at_h)[:k, :k]
+            rhs[r] = at_h[:k].double() @ w64[r]
+    if groups < n:
+        lhs = torch.zeros(groups, k, k, dtype=torch.float64, device=w.device).index_add_(0, group, lhs)
+        rhs = torch.zeros(groups, k, dtype=torch.float64, device=w.device).index_add_(0, group, rhs)
     return _solve(lhs, rhs, centroids.double()).to(centroids.dtype)
 
 
