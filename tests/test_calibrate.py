@@ -444,7 +444,10 @@ class Branches(nn.Module):
         return self.out(self.q(x) * self.k(x))
 
 
-def test_sweep_groups_shared_inputs_and_stops_early():
+def test_sweep_groups_shared_inputs_and_stops_early(monkeypatch):
+    made = []
+    rows_of = calibrate._Accumulator.rows_of
+    monkeypatch.setattr(calibrate._Accumulator, "rows_of", lambda self, *a: made.append(1) or rows_of(self, *a))
     model = Branches()
     layers = [("out", model.out), ("k", model.k), ("q", model.q)]
     batches = [torch.randn(4, 6) for _ in range(5)]
@@ -463,7 +466,8 @@ def test_sweep_groups_shared_inputs_and_stops_early():
     assert len(counted) == 1 + len(batches)  # the order-finding call, then only out's own group
     ref = second_moment(batches)
     assert torch.allclose(hs["q"], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
-    assert torch.equal(hs["q"], hs["k"])
+    assert torch.equal(hs["q"], hs["k"]) and hs["q"] is not hs["k"]
+    assert len(made) == 2 * len(batches)  # q and k read one tensor: its X^T X is made once a batch
 
 
 def test_conv_statistics_are_unfolded_patches():
@@ -692,3 +696,18 @@ def test_refit_codebook_matches_float64_normal_equations_for_groups_and_unassign
         err = w - torch.where(assign >= 0, c.repeat_interleave(rows, 0)[:n].gather(1, assign.clamp(min=0)), 0)
         return float(torch.einsum("ik,kl,il->", err, h, err))
     assert objective(got) <= objective(ref) * (1 + 1e-6)
+
+
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    from torchzip.passes.calibrated import inverse_hessian_factor
+
+    k = 37
+    h = second_moment([correlated(5, k, seed=7)(60)])
+    h[4, :] = h[:, 4] = 0  # an input that never fired: unit diagonal, no feedback
+    u = inverse_hessian_factor(h)
+    hd = h.clone()
+    hd[4, 4] = 1.0
+    hd += 0.01 * torch.diagonal(hd).mean() * torch.eye(k, dtype=torch.float64)
+    ref = torch.linalg.cholesky(torch.linalg.inv(hd), upper=True)  # float64, the textbook route
+    assert torch.equal(u, torch.triu(u)) and bool((torch.diagonal(u) > 0).all())
+    assert torch.allclose(u, ref, rtol=1e-8, atol=1e-10 * float(ref.abs().max()))

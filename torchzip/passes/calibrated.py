@@ -47,10 +47,14 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     h[dead, dead] = 1.0
     mean = float(torch.diagonal(h).mean())
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    # One Cholesky of H with its order reversed, J H J = L L^T (J: the exchange matrix), gives
+    # H = (J L J)(J L J)^T with J L J upper triangular, so U = (J L J)^-1 = J L^-1 J: a third of
+    # the work of inverting H and factorising the inverse (K = 3072: seconds a layer).
+    flip = torch.flip(h, (0, 1))
     for attempt in range(8):
-        factor, info = torch.linalg.cholesky_ex(h + (damp * 10**attempt) * mean * eye)
+        factor, info = torch.linalg.cholesky_ex(flip + (damp * 10**attempt) * mean * eye)
         if int(info) == 0:
-            return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+            return torch.flip(torch.linalg.solve_triangular(factor, eye, upper=False), (0, 1))
     raise ValueError("the input second moment is not positive definite even with heavy damping")
 
 
