@@ -38,6 +38,7 @@ import torch
 
 SOURCE = r"""
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -404,6 +405,39 @@ void tz_refit_normal(const float *h, int64_t K, const int32_t *slots, const floa
         free(b);
     }
 }
+/* One block of GPTQ columns onto per-row codebooks (torchzip.passes.calibrated.gptq with the
+   nearest centroid as its grid, bit for bit). Inside a block the error feedback stays within a
+   row, so each row runs alone: column i takes the first nearest of the row's kk centroids
+   (q = 0 where keep is 0), err = (w - q) / u[i, i], and w[i'] -= err * u[i, i'] for i' >= i, the
+   same operations in the same order as torch's (this file builds with -std=c11: no FMA
+   contraction). w [n, bw] float64 in/out, u [bw, bw] the block's upper factor, book [n or 1, kk]
+   float64 (bstride 0: one book), keep [n, bw] uint8 or NULL; codes [n, bw] int64 and err
+   [n, bw] float64 out. Rows on OpenMP threads. */
+void tz_gptq_codebook_block(double *w, int64_t wstride, const double *u, int64_t ustride, const double *book,
+                            int64_t bstride, const uint8_t *keep, int64_t kstride, int64_t n, int64_t bw, int64_t kk,
+                            int64_t *codes, int64_t cstride, double *err, int64_t estride, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < n; r++) {
+        double *wr = w + r * wstride, *er = err + r * estride;
+        const double *b = book + r * bstride;
+        int64_t *cr = codes + r * cstride;
+        for (int64_t i = 0; i < bw; i++) {
+            const double x = wr[i];
+            int64_t best = 0;
+            double bd = fabs(x - b[0]);
+            for (int64_t c = 1; c < kk; c++) {
+                const double d = fabs(x - b[c]);
+                if (d < bd) { bd = d; best = c; }
+            }
+            cr[i] = best;
+            const double q = (keep && !keep[r * kstride + i]) ? 0.0 : b[best];
+            const double e = (x - q) / u[i * ustride + i];
+            const double *ui = u + i * ustride;
+            for (int64_t j = i; j < bw; j++) wr[j] -= e * ui[j];
+            er[i] = e;
+        }
+    }
+}
 """
 
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
@@ -472,6 +506,8 @@ def _build() -> ctypes.CDLL:
     lib.tz_lloyd_sorted.restype = None
     lib.tz_refit_normal.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, ptr, i32]
     lib.tz_refit_normal.restype = None
+    lib.tz_gptq_codebook_block.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, i32]
+    lib.tz_gptq_codebook_block.restype = None
     return lib
 
 
@@ -625,3 +661,23 @@ def refit_normal(h: torch.Tensor, slots: torch.Tensor, w: torch.Tensor, k: int) 
     _lib.tz_refit_normal(h.data_ptr(), size, slots.data_ptr(), w.data_ptr(), n, k, lhs.data_ptr(), rhs.data_ptr(),
                          torch.get_num_threads())
     return lhs, rhs
+
+
+def gptq_codebook_block(w: torch.Tensor, u: torch.Tensor, book: torch.Tensor, keep: torch.Tensor | None,
+                        codes: torch.Tensor, err: torch.Tensor) -> None:
+    """One block of GPTQ columns onto codebooks, in place: ``w`` ``[N, B]`` float64 (the block
+    with the earlier blocks' feedback; left updated), ``u`` ``[B, B]`` float64 (its part of the
+    inverse Hessian factor), ``book`` ``[N or 1, k]`` float64, ``keep`` ``[N, B]`` bool or None;
+    writes each weight's nearest centroid into ``codes`` ``[N, B]`` int64 and its scaled error
+    into ``err`` ``[N, B]`` float64, as :func:`torchzip.passes.calibrated.gptq` does (bit for bit)."""
+    n, bw = w.shape
+    _need(w.dtype == u.dtype == book.dtype == err.dtype == torch.float64 and codes.dtype == torch.int64
+          and u.shape == (bw, bw) and book.dim() == 2 and book.shape[0] in (1, n) and codes.shape == err.shape == (n, bw)
+          and all(t.stride(-1) == 1 for t in (w, u, codes, err)) and (keep is None or keep.shape == (n, bw)),
+          "gptq_codebook_block takes float64 w [N, B], u [B, B], book [N or 1, k], err, int64 codes, unit stride")
+    book = book.contiguous()
+    keep = None if keep is None else keep.to(torch.uint8).contiguous()
+    _lib.tz_gptq_codebook_block(w.data_ptr(), w.stride(0), u.data_ptr(), u.stride(0), book.data_ptr(),
+                                book.shape[1] if book.shape[0] > 1 else 0, None if keep is None else keep.data_ptr(),
+                                bw, n, bw, book.shape[1], codes.data_ptr(), codes.stride(0), err.data_ptr(),
+                                err.stride(0), torch.get_num_threads())

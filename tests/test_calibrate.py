@@ -88,7 +88,19 @@ def test_gptq_int8_matches_float64_reference(group_size):
     assert output_mse(model, nn.Sequential(layer), x) < output_mse(plain, nn.Sequential(layer), x)
 
 
-def test_gptq_codebook_assignment_matches_float64_reference():
+@pytest.fixture(params=["compiled", "torch"])
+def cpu_route(request, monkeypatch):
+    """Both routes of the codebook calibration: the compiled kernels (where they build) and torch's."""
+    from torchzip.kernels import codebook_cpu
+
+    if request.param == "compiled" and not codebook_cpu.available():
+        pytest.skip(f"compiled CPU kernels: {codebook_cpu.why_not()}")
+    if request.param == "torch":
+        monkeypatch.setattr(codebook_cpu, "available", lambda: False)
+    return request.param
+
+
+def test_gptq_codebook_assignment_matches_float64_reference(cpu_route):
     from torchzip.passes.calibrated import act_order, inverse_hessian_factor
     from torchzip.passes.codebook import _gptq_assign
 
@@ -106,6 +118,29 @@ def test_gptq_codebook_assignment_matches_float64_reference():
     order = torch.argsort(torch.diagonal(h), descending=True)
     ref = reference_gptq(w[:, order], h[order][:, order], grid)[:, torch.argsort(order)]
     assert (book.gather(1, got) == ref).double().mean() > 0.99
+
+
+@pytest.mark.parametrize("k, n, shared, masked", [(300, 37, False, True), (129, 20, True, False), (7, 5, False, False)])
+def test_compiled_gptq_codebook_assignment_is_torchs_bit_for_bit(k, n, shared, masked, monkeypatch):
+    from torchzip.kernels import codebook_cpu
+    from torchzip.passes.calibrated import act_order, inverse_hessian_factor
+    from torchzip.passes.codebook import _gptq_assign
+
+    if not codebook_cpu.available():
+        pytest.skip(f"compiled CPU kernels: {codebook_cpu.why_not()}")
+    gen = torch.Generator().manual_seed(k)
+    h = second_moment([correlated(n, k, seed=k)(2 * k)])
+    w = torch.randn(n, k, generator=gen)
+    book = torch.sort(torch.randn(1 if shared else n, 16, generator=gen), dim=1).values
+    book[:, 3] = book[:, 2]  # a tie: the first of equal centroids wins on both routes
+    keep = torch.rand(n, k, generator=gen) > 0.3 if masked else None
+    visit = act_order(h)
+    factor = inverse_hessian_factor(h[visit][:, visit])
+    got = _gptq_assign(w, h, book, keep, visit, factor)  # several ragged blocks of 128 columns at k = 300
+    monkeypatch.setattr(codebook_cpu, "available", lambda: False)
+    want = _gptq_assign(w, h, book, keep, visit, factor)
+    assert torch.equal(got, want)
+    assert masked == bool((got == -1).any()) and not bool((got == 3).any())
 
 
 def test_calibrated_codebook_is_the_least_squares_codebook_of_its_assignments():
@@ -657,19 +692,12 @@ def test_block_reuse_is_refused_for_blocks_that_change_their_inputs():
     assert ok.blocks is None  # nothing to calibrate: no block list chosen
 
 
-@pytest.mark.parametrize("route", ["compiled", "torch"])
-@pytest.mark.parametrize("k, n, books, rows", [(23, 7, 6, 3), (300, 45, 16, 1), (150, 37, 16, 37)])
-def test_refit_codebook_matches_float64_normal_equations_for_groups_and_unassigned(route, k, n, books, rows,
-                                                                                   monkeypatch):
-    from torchzip.kernels import codebook_cpu
+@pytest.mark.parametrize("k, n, books, rows", [(23, 7, 6, 3), (300, 45, 16, 1), (150, 37, 16, 5), (150, 6, 16, 6)])
+def test_refit_codebook_matches_float64_normal_equations_for_groups_and_unassigned(cpu_route, k, n, books, rows):
     from torchzip.passes.calibrated import refit_codebook
 
     # 7 rows in groups of 3 (the last group has one row); 45 rows of 300 inputs (more than one of
-    # the C kernel's blocks of rows and tiles of columns, both ragged); one book for 37 rows.
-    if route == "compiled" and not codebook_cpu.available():
-        pytest.skip(f"compiled CPU kernels: {codebook_cpu.why_not()}")
-    if route == "torch":
-        monkeypatch.setattr(codebook_cpu, "available", lambda: False)
+    # the C kernel's blocks of rows and tiles of columns, both ragged); groups of 5; one book for all.
     data = correlated(n, k, seed=5)
     h = second_moment([data(80 + k)])
     w = torch.randn(n, k, dtype=torch.float64)

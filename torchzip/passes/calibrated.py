@@ -54,7 +54,7 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     for attempt in range(8):
         factor, info = torch.linalg.cholesky_ex(flip + (damp * 10**attempt) * mean * eye)
         if int(info) == 0:
-            return torch.flip(torch.linalg.solve_triangular(factor, eye, upper=False), (0, 1))
+            return torch.flip(torch.linalg.solve_triangular(factor, eye, upper=False), (0, 1)).contiguous()
     raise ValueError("the input second moment is not positive definite even with heavy damping")
 
 
