@@ -739,3 +739,11 @@ def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inver
     ref = torch.linalg.cholesky(torch.linalg.inv(hd), upper=True)  # float64, the textbook route
     assert torch.equal(u, torch.triu(u)) and bool((torch.diagonal(u) > 0).all())
     assert torch.allclose(u, ref, rtol=1e-8, atol=1e-10 * float(ref.abs().max()))
+
+
+def test_blocked_gram_matrix_is_the_float64_product(monkeypatch):
+    monkeypatch.setattr(calibrate, "GRAM_BLOCK", 16)
+    for k in (20, 32, 45, 70):  # one block (plain product), two exactly, ragged last blocks
+        x = torch.randn(53, k) * torch.logspace(-1, 1, k)
+        got, ref = calibrate.gram(x), x.double().T @ x.double()
+        assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

@@ -112,6 +112,23 @@ def token_mask(batch: Any) -> torch.Tensor | None:
     return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
+GRAM_BLOCK = 768  # columns a block of the Gram matrix: from 2 blocks wide, only those on and above the diagonal are multiplied
+
+
+def gram(rows: torch.Tensor) -> torch.Tensor:
+    """``rows^T rows`` ``[K, K]``: for wide rows only the blocks of columns on and above the
+    diagonal are multiplied and mirrored (K = 3072: 5/8 of the flops of the whole product)."""
+    k = rows.shape[1]
+    if k < 2 * GRAM_BLOCK:
+        return rows.T @ rows
+    out = torch.empty(k, k, dtype=rows.dtype, device=rows.device)
+    for i in range(0, k, GRAM_BLOCK):
+        part = rows[:, i:i + GRAM_BLOCK].T @ rows[:, i:]  # block row i, from the diagonal on
+        out[i:i + GRAM_BLOCK, i:] = part
+        out[i:, i:i + GRAM_BLOCK] = part.T
+    return out
+
+
 class _Accumulator:
     """``X^T X`` of one layer's input rows, summed in float64 over calls; with reference rows
     (the same rows as the float model computes them), also ``X_ref^T X``."""
@@ -145,7 +162,7 @@ class _Accumulator:
             count, xtx = hit[1], hit[2]
         else:
             rows = self.rows_of(x, tokens)
-            count, xtx = rows.shape[0], (rows.T @ rows).double()  # float32 product per batch, float64 sum across batches
+            count, xtx = rows.shape[0], gram(rows).double()  # float32 product per batch, float64 sum across batches
             if memo is not None and reference is None:
                 memo[key] = (x, count, xtx, x._version)
             if reference is not None and reference.shape == rows.shape:
