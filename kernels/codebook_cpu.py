@@ -356,49 +356,60 @@ void tz_lloyd_sorted(const float *keys, const double *sum_x, const double *sum_w
     }
     free(starts);
 }
-/* The normal equations of a least-squares codebook refit, for the one-hot A_r [K, kk] of each
-   row's codes slots[r] (kk: no centroid): lhs[r] = A_r^T H A_r (float64 [kk, kk]) and rhs[r] =
-   A_r^T H w_r (float64 [kk]), H fp32 [K, K], w fp32 [n, K]. For a tile of H's columns, each row
-   first sums the rows of H that share a code (b[a, :] += H[i, tile]: K^2 vector adds a row, where
-   a one-hot matmul would do kk times the flops), then sums each of those over the tile's columns
-   by their code, and dots it with w_r there, in float64. A block of REFIT_ROWS rows shares every
-   H tile while it is in cache (their b: REFIT_ROWS (kk + 1) REFIT_TILE floats, L2-sized at kk 16). */
+/* The left-hand sides of a least-squares codebook refit: lhs[r] = A_r^T H A_r (float64
+   [kk, kk]) for the one-hot A_r [K, kk] of each row's codes slots[r] (kk: no centroid), H fp32
+   [K, K] symmetric. For a tile of H's columns, each row sums the rows of H that share a code
+   (b[a, :] += H[i, tile]: vector adds, where a one-hot matmul would do kk times the flops), then
+   sums each of those over the tile's columns by their code, in float64. By symmetry only the
+   rows from the tile down are read: the tile's own block once, the rows below it for both
+   (a, b) and (b, a) (half the adds). A block of REFIT_ROWS rows shares every H tile while it is
+   in cache (their b: REFIT_ROWS (kk + 1) REFIT_TILE floats, L2-sized at kk 16). */
 #define REFIT_ROWS 32
 #define REFIT_TILE 128
-void tz_refit_normal(const float *h, int64_t K, const int32_t *slots, const float *w, int64_t n, int64_t kk,
-                     double *lhs, double *rhs, int threads) {
+static void refit_rows_into(const float *h, int64_t K, const int32_t *slots, int64_t r0, int64_t r1, int64_t kk,
+                            int64_t j0, int64_t t, int64_t i0, int64_t i1, float *b) {
+    memset(b, 0, (size_t)((r1 - r0) * (kk + 1) * REFIT_TILE) * sizeof(float));
+    for (int64_t i = i0; i < i1; i++) {
+        const float *restrict hi = h + i * K + j0;
+        for (int64_t r = r0; r < r1; r++) {
+            float *restrict br = b + ((r - r0) * (kk + 1) + slots[r * K + i]) * REFIT_TILE;
+            for (int64_t j = 0; j < t; j++) br[j] += hi[j];
+        }
+    }
+}
+
+static void refit_flush(const int32_t *slots, int64_t K, int64_t r0, int64_t r1, int64_t kk, int64_t j0, int64_t t,
+                        const float *b, int mirror, double *lhs) {
+    for (int64_t r = r0; r < r1; r++) {
+        const int32_t *s = slots + r * K + j0;
+        double *L = lhs + r * kk * kk;
+        for (int64_t a = 0; a < kk; a++) {
+            const float *br = b + ((r - r0) * (kk + 1) + a) * REFIT_TILE;
+            for (int64_t j = 0; j < t; j++) {
+                if (s[j] >= kk) continue;
+                L[a * kk + s[j]] += (double)br[j];
+                if (mirror) L[s[j] * kk + a] += (double)br[j];
+            }
+        }
+    }
+}
+
+void tz_refit_lhs(const float *h, int64_t K, const int32_t *slots, int64_t n, int64_t kk, double *lhs, int threads) {
     const int64_t blocks = (n + REFIT_ROWS - 1) / REFIT_ROWS;
-    const size_t bsize = (size_t)(REFIT_ROWS * (kk + 1) * REFIT_TILE) * sizeof(float);
     #pragma omp parallel num_threads(threads)
     {
-        float *b = (float *)aligned_alloc(64, bsize);
+        float *b = (float *)aligned_alloc(64, (size_t)(REFIT_ROWS * (kk + 1) * REFIT_TILE) * sizeof(float));
         #pragma omp for schedule(dynamic, 1)
         for (int64_t blk = 0; blk < blocks; blk++) {
             const int64_t r0 = blk * REFIT_ROWS, r1 = r0 + REFIT_ROWS < n ? r0 + REFIT_ROWS : n;
             memset(lhs + r0 * kk * kk, 0, (size_t)((r1 - r0) * kk * kk) * sizeof(double));
-            memset(rhs + r0 * kk, 0, (size_t)((r1 - r0) * kk) * sizeof(double));
             for (int64_t j0 = 0; j0 < K; j0 += REFIT_TILE) {
                 const int64_t t = j0 + REFIT_TILE < K ? REFIT_TILE : K - j0;
-                memset(b, 0, bsize);
-                for (int64_t i = 0; i < K; i++) {
-                    const float *restrict hi = h + i * K + j0;
-                    for (int64_t r = r0; r < r1; r++) {
-                        float *restrict br = b + ((r - r0) * (kk + 1) + slots[r * K + i]) * REFIT_TILE;
-                        for (int64_t j = 0; j < t; j++) br[j] += hi[j];
-                    }
-                }
-                for (int64_t r = r0; r < r1; r++) {
-                    const int32_t *s = slots + r * K + j0;
-                    const float *wr = w + r * K + j0;
-                    for (int64_t a = 0; a < kk; a++) {
-                        const float *br = b + ((r - r0) * (kk + 1) + a) * REFIT_TILE;
-                        double *La = lhs + (r * kk + a) * kk, dot = 0.0;
-                        for (int64_t j = 0; j < t; j++) {
-                            dot += (double)br[j] * (double)wr[j];
-                            if (s[j] < kk) La[s[j]] += (double)br[j];
-                        }
-                        rhs[r * kk + a] += dot;
-                    }
+                refit_rows_into(h, K, slots, r0, r1, kk, j0, t, j0, j0 + t, b);  /* the diagonal block */
+                refit_flush(slots, K, r0, r1, kk, j0, t, b, 0, lhs);
+                if (j0 + t < K) {
+                    refit_rows_into(h, K, slots, r0, r1, kk, j0, t, j0 + t, K, b);  /* below it, and its mirror */
+                    refit_flush(slots, K, r0, r1, kk, j0, t, b, 1, lhs);
                 }
             }
         }
@@ -504,8 +515,8 @@ def _build() -> ctypes.CDLL:
     lib.tz_int8_dequantize.restype = None
     lib.tz_lloyd_sorted.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr, i32, ptr, ptr, i32]
     lib.tz_lloyd_sorted.restype = None
-    lib.tz_refit_normal.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, ptr, i32]
-    lib.tz_refit_normal.restype = None
+    lib.tz_refit_lhs.argtypes = [ptr, i64, ptr, i64, i64, ptr, i32]
+    lib.tz_refit_lhs.restype = None
     lib.tz_gptq_codebook_block.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, i32]
     lib.tz_gptq_codebook_block.restype = None
     return lib
@@ -646,21 +657,19 @@ def lloyd_sorted(keys: torch.Tensor, order: torch.Tensor, n_valid: torch.Tensor,
     return centroids, assign
 
 
-def refit_normal(h: torch.Tensor, slots: torch.Tensor, w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The normal equations ``(A_r^T H A_r, A_r^T H w_r)`` (``[N, k, k]``, ``[N, k]``, float64) of
-    each row's one-hot ``A_r`` of ``slots`` ``[N, K]`` (codes ``0..k-1``; ``k``: no centroid, left
-    out), ``H`` ``[K, K]`` and ``w`` ``[N, K]``: ``H`` summed in fp32 by code, then in float64;
-    rows on OpenMP threads. For :func:`torchzip.passes.calibrated.refit_codebook`."""
+def refit_lhs(h: torch.Tensor, slots: torch.Tensor, k: int) -> torch.Tensor:
+    """``A_r^T H A_r`` ``[N, k, k]`` (float64) for each row's one-hot ``A_r`` of ``slots``
+    ``[N, K]`` (codes ``0..k-1``; ``k``: no centroid, left out) and a symmetric ``H`` ``[K, K]``
+    (only its lower triangle read): ``H`` summed in fp32 by code, then in float64; rows on
+    OpenMP threads. For :func:`torchzip.passes.calibrated.refit_codebook`."""
     n, size = slots.shape
-    _need(h.shape == (size, size) and w.shape == (n, size) and 0 < k
-          and bool(((slots >= 0) & (slots <= k)).all()), "refit_normal takes H [K, K], slots [N, K] in 0..k, w [N, K]")
-    h, w = h.float().contiguous(), w.float().contiguous()
+    _need(h.shape == (size, size) and 0 < k and bool(((slots >= 0) & (slots <= k)).all()),
+          "refit_lhs takes H [K, K] and slots [N, K] in 0..k")
+    h = h.float().contiguous()
     slots = slots.to(torch.int32).contiguous()
     lhs = torch.empty(n, k, k, dtype=torch.float64)
-    rhs = torch.empty(n, k, dtype=torch.float64)
-    _lib.tz_refit_normal(h.data_ptr(), size, slots.data_ptr(), w.data_ptr(), n, k, lhs.data_ptr(), rhs.data_ptr(),
-                         torch.get_num_threads())
-    return lhs, rhs
+    _lib.tz_refit_lhs(h.data_ptr(), size, slots.data_ptr(), n, k, lhs.data_ptr(), torch.get_num_threads())
+    return lhs
 
 
 def gptq_codebook_block(w: torch.Tensor, u: torch.Tensor, book: torch.Tensor, keep: torch.Tensor | None,

@@ -277,7 +277,10 @@ def refit_codebook(w: torch.Tensor, h: torch.Tensor, assign: torch.Tensor, centr
     # Unassigned weights (-1) go to an extra centroid k, dropped.
     slots = torch.where(assign >= 0, assign.long(), k)
     if w.device.type == "cpu" and codebook_cpu.available():
-        lhs, rhs = codebook_cpu.refit_normal(h, slots, w, k)  # the sums below in C, cache-blocked
+        lhs = codebook_cpu.refit_lhs(h, slots, k)  # A^T H A as below, in C: cache-blocked, by symmetry half the adds
+        # A^T H w: each row's H w_i (one float32 matmul for all rows) summed over its centroids.
+        hw = (w.float() @ h.float()).double()
+        rhs = torch.zeros(n, k + 1, dtype=torch.float64).scatter_add_(1, slots, hw)[:, :k]
     else:
         # A^T H A and A^T H w: the rows, then the columns, of H that share a centroid (K^2 adds a
         # row, not a k K^2 one-hot matmul); sums of H in float32.
