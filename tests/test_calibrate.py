@@ -693,8 +693,12 @@ def test_block_reuse_is_refused_for_blocks_that_change_their_inputs():
 
 
 @pytest.mark.parametrize("k, n, books, rows", [(23, 7, 6, 3), (300, 45, 16, 1), (150, 37, 16, 5), (150, 6, 16, 6)])
-def test_refit_codebook_matches_float64_normal_equations_for_groups_and_unassigned(cpu_route, k, n, books, rows):
+def test_refit_codebook_matches_float64_normal_equations_for_groups_and_unassigned(cpu_route, k, n, books, rows,
+                                                                                   monkeypatch):
+    from torchzip.passes import calibrated
     from torchzip.passes.calibrated import refit_codebook
+
+    monkeypatch.setattr(calibrated, "REFIT_CHUNK_BYTES", 8 * books * books * 4)  # rows four at a time
 
     # 7 rows in groups of 3 (the last group has one row); 45 rows of 300 inputs (more than one of
     # the C kernel's blocks of rows and tiles of columns, both ragged); groups of 5; one book for all.

@@ -263,6 +263,9 @@ def search_int8_scales(w: torch.Tensor, h: torch.Tensor, ratios: int = 20, low: 
     return best
 
 
+REFIT_CHUNK_BYTES = 64 << 20  # of per-row [k, k] sums before they are added into their groups' (8 bits: 128 rows)
+
+
 def refit_codebook(w: torch.Tensor, h: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor,
                    group_rows: int = 1) -> torch.Tensor:
     """Centroids that minimise the output error ``Σ_i (w_i - c[assign_i]) H (w_i - c[assign_i])^T``
@@ -276,24 +279,26 @@ def refit_codebook(w: torch.Tensor, h: torch.Tensor, assign: torch.Tensor, centr
     group = torch.arange(n, device=w.device) // (n if groups == 1 else group_rows)
     # Unassigned weights (-1) go to an extra centroid k, dropped.
     slots = torch.where(assign >= 0, assign.long(), k)
-    if w.device.type == "cpu" and codebook_cpu.available():
-        lhs = codebook_cpu.refit_lhs(h, slots, k)  # A^T H A as below, in C: cache-blocked, by symmetry half the adds
-        # A^T H w: each row's H w_i (one float32 matmul for all rows) summed over its centroids.
-        hw = (w.float() @ h.float()).double()
-        rhs = torch.zeros(n, k + 1, dtype=torch.float64).scatter_add_(1, slots, hw)[:, :k]
-    else:
-        # A^T H A and A^T H w: the rows, then the columns, of H that share a centroid (K^2 adds a
-        # row, not a k K^2 one-hot matmul); sums of H in float32.
-        h32, w64 = h.float(), w.double()
-        lhs = torch.zeros(n, k, k, dtype=torch.float64, device=w.device)
-        rhs = torch.zeros(n, k, dtype=torch.float64, device=w.device)
-        for r in range(n):
-            at_h = torch.zeros(k + 1, h.shape[0], dtype=h32.dtype, device=w.device).index_add_(0, slots[r], h32)
-            lhs[r] = torch.zeros(k + 1, k + 1, dtype=h32.dtype, device=w.device).index_add_(1, slots[r], at_h)[:k, :k]
-            rhs[r] = at_h[:k].double() @ w64[r]
-    if groups < n:
-        lhs = torch.zeros(groups, k, k, dtype=torch.float64, device=w.device).index_add_(0, group, lhs)
-        rhs = torch.zeros(groups, k, dtype=torch.float64, device=w.device).index_add_(0, group, rhs)
+    compiled = w.device.type == "cpu" and codebook_cpu.available()
+    h32 = h.float().contiguous()  # sums of H in float32, solved in float64
+    # A^T H w: each row's H w_i (one float32 matmul for all rows) summed over its centroids.
+    hw = (w.float() @ h32).double()
+    rhs = torch.zeros(n, k + 1, dtype=torch.float64, device=w.device).scatter_add_(1, slots, hw)[:, :k]
+    rhs = torch.zeros(groups, k, dtype=torch.float64, device=w.device).index_add_(0, group, rhs)
+    lhs = torch.zeros(groups, k, k, dtype=torch.float64, device=w.device)
+    chunk = max(1, REFIT_CHUNK_BYTES // (8 * k * k))  # rows whose own [k, k] sums are held at once
+    for r0 in range(0, n, chunk):
+        part = slots[r0:r0 + chunk]
+        if compiled:  # A^T H A as below, in C: cache-blocked, by symmetry half the adds
+            rows = codebook_cpu.refit_lhs(h32, part, k)
+        else:
+            # A^T H A: the rows, then the columns, of H that share a centroid (K^2 adds a row,
+            # not a k K^2 one-hot matmul).
+            rows = torch.zeros(part.shape[0], k, k, dtype=torch.float64, device=w.device)
+            for r in range(part.shape[0]):
+                at_h = torch.zeros(k + 1, h.shape[0], dtype=h32.dtype, device=w.device).index_add_(0, part[r], h32)
+                rows[r] = torch.zeros(k + 1, k + 1, dtype=h32.dtype, device=w.device).index_add_(1, part[r], at_h)[:k, :k]
+        lhs.index_add_(0, group[r0:r0 + chunk], rows)
     return _solve(lhs, rhs, centroids.double()).to(centroids.dtype)
 
 
