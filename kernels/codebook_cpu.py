@@ -41,6 +41,7 @@ import torch
 
 SOURCE = r"""
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -537,6 +538,99 @@ void tz_lloyd_sorted(const float *keys, const double *sum_x, const double *sum_w
     }
     free(starts);
 }
+/* The left-hand sides of a least-squares codebook refit: lhs[r] = A_r^T H A_r (float64
+   [kk, kk]) for the one-hot A_r [K, kk] of each row's codes slots[r] (kk: no centroid), H fp32
+   [K, K] symmetric. For a tile of H's columns, each row sums the rows of H that share a code
+   (b[a, :] += H[i, tile]: vector adds, where a one-hot matmul would do kk times the flops), then
+   sums each of those over the tile's columns by their code, in float64. By symmetry only the
+   rows from the tile down are read: the tile's own block once, the rows below it for both
+   (a, b) and (b, a) (half the adds). A block of REFIT_ROWS rows shares every H tile while it is
+   in cache (their b: REFIT_ROWS (kk + 1) REFIT_TILE floats, L2-sized at kk 16). */
+#define REFIT_ROWS 32
+#define REFIT_TILE 128
+static void refit_rows_into(const float *h, int64_t K, const int32_t *slots, int64_t r0, int64_t r1, int64_t kk,
+                            int64_t j0, int64_t t, int64_t i0, int64_t i1, float *b) {
+    memset(b, 0, (size_t)((r1 - r0) * (kk + 1) * REFIT_TILE) * sizeof(float));
+    for (int64_t i = i0; i < i1; i++) {
+        const float *restrict hi = h + i * K + j0;
+        for (int64_t r = r0; r < r1; r++) {
+            float *restrict br = b + ((r - r0) * (kk + 1) + slots[r * K + i]) * REFIT_TILE;
+            for (int64_t j = 0; j < t; j++) br[j] += hi[j];
+        }
+    }
+}
+
+static void refit_flush(const int32_t *slots, int64_t K, int64_t r0, int64_t r1, int64_t kk, int64_t j0, int64_t t,
+                        const float *b, int mirror, double *lhs) {
+    for (int64_t r = r0; r < r1; r++) {
+        const int32_t *s = slots + r * K + j0;
+        double *L = lhs + r * kk * kk;
+        for (int64_t a = 0; a < kk; a++) {
+            const float *br = b + ((r - r0) * (kk + 1) + a) * REFIT_TILE;
+            for (int64_t j = 0; j < t; j++) {
+                if (s[j] >= kk) continue;
+                L[a * kk + s[j]] += (double)br[j];
+                if (mirror) L[s[j] * kk + a] += (double)br[j];
+            }
+        }
+    }
+}
+
+void tz_refit_lhs(const float *h, int64_t K, const int32_t *slots, int64_t n, int64_t kk, double *lhs, int threads) {
+    const int64_t blocks = (n + REFIT_ROWS - 1) / REFIT_ROWS;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *b = (float *)aligned_alloc(64, (size_t)(REFIT_ROWS * (kk + 1) * REFIT_TILE) * sizeof(float));
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            const int64_t r0 = blk * REFIT_ROWS, r1 = r0 + REFIT_ROWS < n ? r0 + REFIT_ROWS : n;
+            memset(lhs + r0 * kk * kk, 0, (size_t)((r1 - r0) * kk * kk) * sizeof(double));
+            for (int64_t j0 = 0; j0 < K; j0 += REFIT_TILE) {
+                const int64_t t = j0 + REFIT_TILE < K ? REFIT_TILE : K - j0;
+                refit_rows_into(h, K, slots, r0, r1, kk, j0, t, j0, j0 + t, b);  /* the diagonal block */
+                refit_flush(slots, K, r0, r1, kk, j0, t, b, 0, lhs);
+                if (j0 + t < K) {
+                    refit_rows_into(h, K, slots, r0, r1, kk, j0, t, j0 + t, K, b);  /* below it, and its mirror */
+                    refit_flush(slots, K, r0, r1, kk, j0, t, b, 1, lhs);
+                }
+            }
+        }
+        free(b);
+    }
+}
+/* One block of GPTQ columns onto per-row codebooks (torchzip.passes.calibrated.gptq with the
+   nearest centroid as its grid, bit for bit). Inside a block the error feedback stays within a
+   row, so each row runs alone: column i takes the first nearest of the row's kk centroids
+   (q = 0 where keep is 0), err = (w - q) / u[i, i], and w[i'] -= err * u[i, i'] for i' >= i, the
+   same operations in the same order as torch's (this file builds with -std=c11: no FMA
+   contraction). w [n, bw] float64 in/out, u [bw, bw] the block's upper factor, book [n or 1, kk]
+   float64 (bstride 0: one book), keep [n, bw] uint8 or NULL; codes [n, bw] int64 and err
+   [n, bw] float64 out. Rows on OpenMP threads. */
+void tz_gptq_codebook_block(double *w, int64_t wstride, const double *u, int64_t ustride, const double *book,
+                            int64_t bstride, const uint8_t *keep, int64_t kstride, int64_t n, int64_t bw, int64_t kk,
+                            int64_t *codes, int64_t cstride, double *err, int64_t estride, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < n; r++) {
+        double *wr = w + r * wstride, *er = err + r * estride;
+        const double *b = book + r * bstride;
+        int64_t *cr = codes + r * cstride;
+        for (int64_t i = 0; i < bw; i++) {
+            const double x = wr[i];
+            int64_t best = 0;
+            double bd = fabs(x - b[0]);
+            for (int64_t c = 1; c < kk; c++) {
+                const double d = fabs(x - b[c]);
+                if (d < bd) { bd = d; best = c; }
+            }
+            cr[i] = best;
+            const double q = (keep && !keep[r * kstride + i]) ? 0.0 : b[best];
+            const double e = (x - q) / u[i * ustride + i];
+            const double *ui = u + i * ustride;
+            for (int64_t j = i; j < bw; j++) wr[j] -= e * ui[j];
+            er[i] = e;
+        }
+    }
+}
 """
 
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
@@ -627,6 +721,10 @@ def _build() -> ctypes.CDLL:
         fn.restype = None
     lib.tz_lloyd_sorted.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr, i32, ptr, ptr, i32]
     lib.tz_lloyd_sorted.restype = None
+    lib.tz_refit_lhs.argtypes = [ptr, i64, ptr, i64, i64, ptr, i32]
+    lib.tz_refit_lhs.restype = None
+    lib.tz_gptq_codebook_block.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, i32]
+    lib.tz_gptq_codebook_block.restype = None
     return lib
 
 
@@ -797,3 +895,38 @@ def lloyd_sorted(keys: torch.Tensor, order: torch.Tensor, n_valid: torch.Tensor,
                          n_valid.data_ptr(), g, n, centroids.shape[1], centroids.data_ptr(), iterations,
                          order.data_ptr(), assign.data_ptr(), torch.get_num_threads())
     return centroids, assign
+
+
+def refit_lhs(h: torch.Tensor, slots: torch.Tensor, k: int) -> torch.Tensor:
+    """``A_r^T H A_r`` ``[N, k, k]`` (float64) for each row's one-hot ``A_r`` of ``slots``
+    ``[N, K]`` (codes ``0..k-1``; ``k``: no centroid, left out) and a symmetric ``H`` ``[K, K]``
+    (only its lower triangle read): ``H`` summed in fp32 by code, then in float64; rows on
+    OpenMP threads. For :func:`torchzip.passes.calibrated.refit_codebook`."""
+    n, size = slots.shape
+    _need(h.shape == (size, size) and 0 < k and bool(((slots >= 0) & (slots <= k)).all()),
+          "refit_lhs takes H [K, K] and slots [N, K] in 0..k")
+    h = h.float().contiguous()
+    slots = slots.to(torch.int32).contiguous()
+    lhs = torch.empty(n, k, k, dtype=torch.float64)
+    _lib.tz_refit_lhs(h.data_ptr(), size, slots.data_ptr(), n, k, lhs.data_ptr(), torch.get_num_threads())
+    return lhs
+
+
+def gptq_codebook_block(w: torch.Tensor, u: torch.Tensor, book: torch.Tensor, keep: torch.Tensor | None,
+                        codes: torch.Tensor, err: torch.Tensor) -> None:
+    """One block of GPTQ columns onto codebooks, in place: ``w`` ``[N, B]`` float64 (the block
+    with the earlier blocks' feedback; left updated), ``u`` ``[B, B]`` float64 (its part of the
+    inverse Hessian factor), ``book`` ``[N or 1, k]`` float64, ``keep`` ``[N, B]`` bool or None;
+    writes each weight's nearest centroid into ``codes`` ``[N, B]`` int64 and its scaled error
+    into ``err`` ``[N, B]`` float64, as :func:`torchzip.passes.calibrated.gptq` does (bit for bit)."""
+    n, bw = w.shape
+    _need(w.dtype == u.dtype == book.dtype == err.dtype == torch.float64 and codes.dtype == torch.int64
+          and u.shape == (bw, bw) and book.dim() == 2 and book.shape[0] in (1, n) and codes.shape == err.shape == (n, bw)
+          and all(t.stride(-1) == 1 for t in (w, u, codes, err)) and (keep is None or keep.shape == (n, bw)),
+          "gptq_codebook_block takes float64 w [N, B], u [B, B], book [N or 1, k], err, int64 codes, unit stride")
+    book = book.contiguous()
+    keep = None if keep is None else keep.to(torch.uint8).contiguous()
+    _lib.tz_gptq_codebook_block(w.data_ptr(), w.stride(0), u.data_ptr(), u.stride(0), book.data_ptr(),
+                                book.shape[1] if book.shape[0] > 1 else 0, None if keep is None else keep.data_ptr(),
+                                bw, n, bw, book.shape[1], codes.data_ptr(), codes.stride(0), err.data_ptr(),
+                                err.stride(0), torch.get_num_threads())

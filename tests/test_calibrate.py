@@ -88,7 +88,19 @@ def test_gptq_int8_matches_float64_reference(group_size):
     assert output_mse(model, nn.Sequential(layer), x) < output_mse(plain, nn.Sequential(layer), x)
 
 
-def test_gptq_codebook_assignment_matches_float64_reference():
+@pytest.fixture(params=["compiled", "torch"])
+def cpu_route(request, monkeypatch):
+    """Both routes of the codebook calibration: the compiled kernels (where they build) and torch's."""
+    from torchzip.kernels import codebook_cpu
+
+    if request.param == "compiled" and not codebook_cpu.available():
+        pytest.skip(f"compiled CPU kernels: {codebook_cpu.why_not()}")
+    if request.param == "torch":
+        monkeypatch.setattr(codebook_cpu, "available", lambda: False)
+    return request.param
+
+
+def test_gptq_codebook_assignment_matches_float64_reference(cpu_route):
     from torchzip.passes.calibrated import act_order, inverse_hessian_factor
     from torchzip.passes.codebook import _gptq_assign
 
@@ -106,6 +118,29 @@ def test_gptq_codebook_assignment_matches_float64_reference():
     order = torch.argsort(torch.diagonal(h), descending=True)
     ref = reference_gptq(w[:, order], h[order][:, order], grid)[:, torch.argsort(order)]
     assert (book.gather(1, got) == ref).double().mean() > 0.99
+
+
+@pytest.mark.parametrize("k, n, shared, masked", [(300, 37, False, True), (129, 20, True, False), (7, 5, False, False)])
+def test_compiled_gptq_codebook_assignment_is_torchs_bit_for_bit(k, n, shared, masked, monkeypatch):
+    from torchzip.kernels import codebook_cpu
+    from torchzip.passes.calibrated import act_order, inverse_hessian_factor
+    from torchzip.passes.codebook import _gptq_assign
+
+    if not codebook_cpu.available():
+        pytest.skip(f"compiled CPU kernels: {codebook_cpu.why_not()}")
+    gen = torch.Generator().manual_seed(k)
+    h = second_moment([correlated(n, k, seed=k)(2 * k)])
+    w = torch.randn(n, k, generator=gen)
+    book = torch.sort(torch.randn(1 if shared else n, 16, generator=gen), dim=1).values
+    book[:, 3] = book[:, 2]  # a tie: the first of equal centroids wins on both routes
+    keep = torch.rand(n, k, generator=gen) > 0.3 if masked else None
+    visit = act_order(h)
+    factor = inverse_hessian_factor(h[visit][:, visit])
+    got = _gptq_assign(w, h, book, keep, visit, factor)  # several ragged blocks of 128 columns at k = 300
+    monkeypatch.setattr(codebook_cpu, "available", lambda: False)
+    want = _gptq_assign(w, h, book, keep, visit, factor)
+    assert torch.equal(got, want)
+    assert masked == bool((got == -1).any()) and not bool((got == 3).any())
 
 
 def test_calibrated_codebook_is_the_least_squares_codebook_of_its_assignments():
@@ -444,7 +479,10 @@ class Branches(nn.Module):
         return self.out(self.q(x) * self.k(x))
 
 
-def test_sweep_groups_shared_inputs_and_stops_early():
+def test_sweep_groups_shared_inputs_and_stops_early(monkeypatch):
+    made = []
+    rows_of = calibrate._Accumulator.rows_of
+    monkeypatch.setattr(calibrate._Accumulator, "rows_of", lambda self, *a: made.append(1) or rows_of(self, *a))
     model = Branches()
     layers = [("out", model.out), ("k", model.k), ("q", model.q)]
     batches = [torch.randn(4, 6) for _ in range(5)]
@@ -463,7 +501,8 @@ def test_sweep_groups_shared_inputs_and_stops_early():
     assert len(counted) == 1 + len(batches)  # the order-finding call, then only out's own group
     ref = second_moment(batches)
     assert torch.allclose(hs["q"], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
-    assert torch.equal(hs["q"], hs["k"])
+    assert torch.equal(hs["q"], hs["k"]) and hs["q"] is not hs["k"]
+    assert len(made) == 2 * len(batches)  # q and k read one tensor: its X^T X is made once a batch
 
 
 def test_conv_statistics_are_unfolded_patches():
@@ -653,12 +692,18 @@ def test_block_reuse_is_refused_for_blocks_that_change_their_inputs():
     assert ok.blocks is None  # nothing to calibrate: no block list chosen
 
 
-def test_refit_codebook_matches_float64_normal_equations_for_groups_and_unassigned():
+@pytest.mark.parametrize("k, n, books, rows", [(23, 7, 6, 3), (300, 45, 16, 1), (150, 37, 16, 5), (150, 6, 16, 6)])
+def test_refit_codebook_matches_float64_normal_equations_for_groups_and_unassigned(cpu_route, k, n, books, rows,
+                                                                                   monkeypatch):
+    from torchzip.passes import calibrated
     from torchzip.passes.calibrated import refit_codebook
 
-    k, n, books, rows = 23, 7, 6, 3  # 7 rows in groups of 3: the last group has one row
+    monkeypatch.setattr(calibrated, "REFIT_CHUNK_BYTES", 8 * books * books * 4)  # rows four at a time
+
+    # 7 rows in groups of 3 (the last group has one row); 45 rows of 300 inputs (more than one of
+    # the C kernel's blocks of rows and tiles of columns, both ragged); groups of 5; one book for all.
     data = correlated(n, k, seed=5)
-    h = second_moment([data(80)])
+    h = second_moment([data(80 + k)])
     w = torch.randn(n, k, dtype=torch.float64)
     assign = torch.randint(0, books, (n, k))
     assign[torch.rand(n, k) < 0.2] = -1  # pruned weights take no centroid
@@ -683,3 +728,26 @@ def test_refit_codebook_matches_float64_normal_equations_for_groups_and_unassign
         err = w - torch.where(assign >= 0, c.repeat_interleave(rows, 0)[:n].gather(1, assign.clamp(min=0)), 0)
         return float(torch.einsum("ik,kl,il->", err, h, err))
     assert objective(got) <= objective(ref) * (1 + 1e-6)
+
+
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    from torchzip.passes.calibrated import inverse_hessian_factor
+
+    k = 37
+    h = second_moment([correlated(5, k, seed=7)(60)])
+    h[4, :] = h[:, 4] = 0  # an input that never fired: unit diagonal, no feedback
+    u = inverse_hessian_factor(h)
+    hd = h.clone()
+    hd[4, 4] = 1.0
+    hd += 0.01 * torch.diagonal(hd).mean() * torch.eye(k, dtype=torch.float64)
+    ref = torch.linalg.cholesky(torch.linalg.inv(hd), upper=True)  # float64, the textbook route
+    assert torch.equal(u, torch.triu(u)) and bool((torch.diagonal(u) > 0).all())
+    assert torch.allclose(u, ref, rtol=1e-8, atol=1e-10 * float(ref.abs().max()))
+
+
+def test_blocked_gram_matrix_is_the_float64_product(monkeypatch):
+    monkeypatch.setattr(calibrate, "GRAM_BLOCK", 16)
+    for k in (20, 32, 45, 70):  # one block (plain product), two exactly, ragged last blocks
+        x = torch.randn(53, k) * torch.logspace(-1, 1, k)
+        got, ref = calibrate.gram(x), x.double().T @ x.double()
+        assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

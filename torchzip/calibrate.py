@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from torchzip.errors import CalibrationError
 from torchzip.packed.layers import kind_of
@@ -111,6 +112,23 @@ def token_mask(batch: Any) -> torch.Tensor | None:
     return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
+GRAM_BLOCK = 768  # columns a block of the Gram matrix: from 2 blocks wide, only those on and above the diagonal are multiplied
+
+
+def gram(rows: torch.Tensor) -> torch.Tensor:
+    """``rows^T rows`` ``[K, K]``: for wide rows only the blocks of columns on and above the
+    diagonal are multiplied and mirrored (K = 3072: 5/8 of the flops of the whole product)."""
+    k = rows.shape[1]
+    if k < 2 * GRAM_BLOCK:
+        return rows.T @ rows
+    out = torch.empty(k, k, dtype=rows.dtype, device=rows.device)
+    for i in range(0, k, GRAM_BLOCK):
+        part = rows[:, i:i + GRAM_BLOCK].T @ rows[:, i:]  # block row i, from the diagonal on
+        out[i:i + GRAM_BLOCK, i:] = part
+        out[i:, i:i + GRAM_BLOCK] = part.T
+    return out
+
+
 class _Accumulator:
     """``X^T X`` of one layer's input rows, summed in float64 over calls; with reference rows
     (the same rows as the float model computes them), also ``X_ref^T X``."""
@@ -126,16 +144,34 @@ class _Accumulator:
             x = x[tokens]  # padding positions are not part of any output: leave them out
         return input_rows(self.module, x).float()
 
-    def add(self, x: torch.Tensor, tokens: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> None:
-        rows = self.rows_of(x, tokens)
-        xtx = (rows.T @ rows).double()  # float32 product per batch, float64 sum across batches
-        self.h = xtx if self.h is None else self.h + xtx
-        if reference is not None and reference.shape == rows.shape:
-            cross = (reference.T @ rows).double()
-            self.cross = cross if self.cross is None else self.cross + cross
-        elif reference is not None or self.cross is not None:
-            self.paired = False  # rows without their float twin (a layer called twice): no cross moment
-        self.rows += rows.shape[0]
+    def row_form(self) -> tuple:
+        """What :func:`input_rows` makes of an input for this layer: layers of one form make the
+        same rows of the same tensor."""
+        m = self.module
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            return type(m).__name__, m.kernel_size, m.dilation, m.padding, m.stride
+        return ("rows",)
+
+    def add(self, x: torch.Tensor, tokens: torch.Tensor | None = None, reference: torch.Tensor | None = None,
+            memo: dict | None = None) -> None:
+        """Add one call's rows. ``memo`` (one dict per model call, no ``reference``): ``X^T X`` of
+        a tensor already summed for another layer that reads it (q, k and v) is reused."""
+        key = (id(x), self.row_form())
+        hit = memo.get(key) if memo is not None and reference is None else None
+        if hit is not None and hit[0] is x and hit[3] == x._version:  # the same tensor, unchanged
+            count, xtx = hit[1], hit[2]
+        else:
+            rows = self.rows_of(x, tokens)
+            count, xtx = rows.shape[0], gram(rows).double()  # float32 product per batch, float64 sum across batches
+            if memo is not None and reference is None:
+                memo[key] = (x, count, xtx, x._version)
+            if reference is not None and reference.shape == rows.shape:
+                cross = (reference.T @ rows).double()
+                self.cross = cross if self.cross is None else self.cross + cross
+            elif reference is not None or self.cross is not None:
+                self.paired = False  # rows without their float twin (a layer called twice): no cross moment
+        self.h = xtx.clone() if self.h is None else self.h + xtx  # its own copy: xtx may be a sibling's
+        self.rows += count
         self.calls += 1
 
 
@@ -286,7 +322,7 @@ class _BlockInputs:
 
         handle = blocks[b].register_forward_pre_hook(grab, with_kwargs=True)
         try:
-            with torch.no_grad(), eval_mode(model):
+            with torch.no_grad(), eval_mode(model), parametrize.cached():
                 for batch in batches:
                     count = len(got)
                     try:
@@ -302,7 +338,7 @@ class _BlockInputs:
 
     def advance(self, model: nn.Module, blocks: list[nn.Module], tuple_out: bool) -> None:
         """Run this block (now compressed) on its inputs: they become the next block's."""
-        with torch.no_grad(), eval_mode(model):
+        with torch.no_grad(), eval_mode(model), parametrize.cached():
             for n, (args, kwargs) in enumerate(self.inputs):
                 out = blocks[self.block](*args, **kwargs)
                 self.inputs[n] = ((out[0] if tuple_out else out,) + tuple(args[1:]), kwargs)
@@ -390,12 +426,13 @@ def _accumulate(model: nn.Module, layers: list[tuple[str, nn.Module]], group: li
     pending: set[int] = set()
     tokens: list[torch.Tensor | None] = [None]
     ref_rows: dict[int, torch.Tensor] = {}
+    memo: dict = {}  # X^T X of the current call's inputs, by tensor, for layers that share one
 
     def hook(i: int) -> Callable:
         def record(module: nn.Module, args: tuple) -> None:
             if args and isinstance(args[0], torch.Tensor):
                 if reference is None:
-                    stats[i].add(args[0], tokens[0])
+                    stats[i].add(args[0], tokens[0], memo=memo)
                 elif i in ref_rows:
                     stats[i].add(args[0], tokens[0], ref_rows.pop(i))
                 else:
@@ -421,11 +458,15 @@ def _accumulate(model: nn.Module, layers: list[tuple[str, nn.Module]], group: li
     calls = _calls(model, batches, run)
     ref_calls = [None] * len(batches) if reference is None else _calls(reference, batches, ref_run)
     try:
-        with torch.no_grad(), eval_mode(model), eval_mode(reference) if reference is not None else contextlib.nullcontext():
+        # Compressed weights are rebuilt once for all the batches, not once a batch (no layer
+        # changes while the group's statistics are summed).
+        with torch.no_grad(), eval_mode(model), eval_mode(reference) if reference is not None else contextlib.nullcontext(), \
+                parametrize.cached():
             for call, ref_call, batch in zip(calls, ref_calls, batches):
                 tokens[0] = token_mask(batch)
                 for c in ([ref_call] if ref_call is not None else []) + [call]:
                     pending.update(group)
+                    memo.clear()
                     try:
                         c()
                     except _Stop:

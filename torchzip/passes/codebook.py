@@ -246,9 +246,12 @@ def _gptq_assign(w: torch.Tensor, h: torch.Tensor, centroids: torch.Tensor, keep
     """Assignments ``[N, K]`` (-1 outside ``keep``) chosen column by column with GPTQ's error
     feedback (columns in ``order``; ``factor``: the inverse Hessian factor in that order), each
     weight taking the centroid nearest to its updated value."""
+    from torchzip.kernels import codebook_cpu
     from torchzip.passes.calibrated import gptq, nearest_centroid
 
     book = centroids.double()
+    if w.device.type == "cpu" and codebook_cpu.available():
+        return _gptq_assign_compiled(w, book, keep, order, factor)
     assign = torch.zeros(w.shape, dtype=torch.long, device=w.device)
 
     def nearest(j: int, col: torch.Tensor) -> torch.Tensor:
@@ -258,6 +261,33 @@ def _gptq_assign(w: torch.Tensor, h: torch.Tensor, centroids: torch.Tensor, keep
 
     gptq(w, h, nearest, keep=keep, order=order, factor=factor)
     return assign if keep is None else torch.where(keep, assign, -1)
+
+
+def _gptq_assign_compiled(w: torch.Tensor, book: torch.Tensor, keep: torch.Tensor | None, order: torch.Tensor,
+                          factor: torch.Tensor) -> torch.Tensor:
+    """:func:`_gptq_assign` with each block's column loop in C (rows run alone inside a block:
+    no per-column torch calls), the updates between blocks as the same matmuls; bit for bit."""
+    from torchzip.kernels import codebook_cpu
+    from torchzip.passes.calibrated import _block, one_thread
+
+    n, k = w.shape
+    w = w[:, order].double()  # a copy, in visiting order
+    keep = None if keep is None else keep[:, order]
+    if keep is not None:
+        w = torch.where(keep, w, torch.zeros((), dtype=w.dtype))
+    assign = torch.empty(n, k, dtype=torch.long)
+    block = _block(k, 1)
+    with one_thread():  # as gptq: small steps, on a busy machine threads wait for each other
+        for i1 in range(0, k, block):
+            i2 = min(i1 + block, k)
+            w1, err1 = w[:, i1:i2].clone(), torch.empty(n, i2 - i1, dtype=w.dtype)
+            codes = torch.empty(n, i2 - i1, dtype=torch.long)
+            codebook_cpu.gptq_codebook_block(w1, factor[i1:i2, i1:i2], book, None if keep is None else keep[:, i1:i2],
+                                             codes, err1)
+            assign[:, i1:i2] = codes
+            w[:, i2:] -= err1 @ factor[i1:i2, i2:]
+    assign = assign[:, torch.argsort(order)]
+    return assign if keep is None else torch.where(keep[:, torch.argsort(order)], assign, -1)
 
 
 class CodebookQuant(nn.Module):
