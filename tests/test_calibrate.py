@@ -755,3 +755,22 @@ def test_refit_codebook_matches_float64_normal_equations_for_groups_and_unassign
         err = w - torch.where(assign >= 0, c.repeat_interleave(rows, 0)[:n].gather(1, assign.clamp(min=0)), 0)
         return float(torch.einsum("ik,kl,il->", err, h, err))
     assert objective(got) <= objective(ref) * (1 + 1e-6)
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mid(self.emb(ids))))
+
+
+def test_a_tied_embedding_is_compressed_from_its_weights_with_a_warning_saying_why():
+    model = TiedLM()
+    batches = [torch.randint(0, 20, (4, 6)) for _ in range(2)]
+    with pytest.warns(UserWarning, match=r"emb \(its weight is tied to another layer's\)"):
+        out = tz.compress(model, [tz.Prune(pattern="2:4")], progress=False, calibration=batches)
+    assert out.emb.weight is out.head.weight or torch.equal(out.emb.weight, out.head.weight)
+    assert int((out.emb.weight == 0).sum()) == out.emb.weight.numel() // 2

@@ -179,9 +179,10 @@ class LayerPass(Pass):
 
     def apply_calibrated(self, model: nn.Module, plan: Plan, group: str, progress: bool, batches: list) -> None:
         """Apply this pass layer by layer on calibration data (:func:`torchzip.calibrate.sweep`);
-        layers that cannot be calibrated (kind, tied weights) are compressed from their weights
-        alone first, so that the layers calibrated after them see their compressed outputs (layers
-        the batches never call: after the sweep), with one warning."""
+        embeddings are compressed first on their output metric (:func:`torchzip.calibrate.output_metrics`)
+        and layers that cannot be calibrated (kind, tied weights) from their weights alone, so that
+        the layers calibrated after them see their compressed outputs (layers the batches never
+        call: after the sweep, from their weights alone); one warning lists those."""
         from torchzip.calibrate import OUTPUT_METRIC_KINDS, output_metrics, sweep, why_not_calibrated
 
         held = holders(model)
@@ -189,14 +190,16 @@ class LayerPass(Pass):
         for name, module, own in plan:
             reason = why_not_calibrated(module) if own.uses_calibration() else "its arguments use no data"
             tied = any(len(held.get(id(raw_tensor(module, t)), [])) > 1 for t, _ in own.tensors(module))
+            # A lookup (embedding) has no input statistics: it is weighted by its effect on the output.
+            lookup = own.uses_calibration() and self.tensor == "weight" and kind_of(module).name in OUTPUT_METRIC_KINDS
             if reason is None and self.tensor != "weight":
                 reason = "only weights are calibrated"
-            if reason is None and tied:
-                reason = "its weight is tied to another layer's"
+            if (reason is None or lookup) and tied:
+                reason, lookup = "its weight is tied to another layer's", False
             if reason is None:
                 calibrated.append((name, module, own))
-            elif own.uses_calibration() and self.tensor == "weight" and not tied and kind_of(module).name in OUTPUT_METRIC_KINDS:
-                by_output.append((name, module, own))  # no input statistics: weighted by its effect on the output
+            elif lookup:
+                by_output.append((name, module, own))
             else:
                 rest.append((name, module, own))
                 if own.uses_calibration():
