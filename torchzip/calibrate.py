@@ -456,7 +456,8 @@ def output_metrics(model: nn.Module, modules: list[nn.Module], batches: list, pr
     gradient of ``<v, output>`` at the module's output, ``E[v v^T] = I``): a few backward passes,
     nothing stored but ``[K, K]`` per module. The output is the model's tensor (else its
     ``logits``, else its first tensor); padding tokens' outputs (a dict batch's
-    ``attention_mask``) get no direction. None for a module the batches never call."""
+    ``attention_mask``) get no direction. None for a module the batches never call or whose
+    output never reaches the model's (or when the model's outputs hold no tensor)."""
     sums: list[torch.Tensor | None] = [None] * len(modules)
     outs: dict[int, list[torch.Tensor]] = {}
     gen = torch.Generator().manual_seed(seed)

@@ -212,7 +212,7 @@ class LayerPass(Pass):
             for (name, module, own), g in zip(by_output, metrics):
                 if g is None:
                     rest.append((name, module, own))
-                    notes.append(f"{name} (the calibration batches never call it)")
+                    notes.append(f"{name} (on the calibration batches its output never reaches the model's)")
                 else:
                     own.compress_calibrated(name, module, g, group)
         if rest:
