@@ -179,28 +179,43 @@ class LayerPass(Pass):
 
     def apply_calibrated(self, model: nn.Module, plan: Plan, group: str, progress: bool, batches: list) -> None:
         """Apply this pass layer by layer on calibration data (:func:`torchzip.calibrate.sweep`);
-        layers that cannot be calibrated (kind, tied weights) are compressed from their weights
-        alone first, so that the layers calibrated after them see their compressed outputs (layers
-        the batches never call: after the sweep), with one warning."""
-        from torchzip.calibrate import sweep, why_not_calibrated
+        embeddings are compressed first on their output metric (:func:`torchzip.calibrate.output_metrics`)
+        and layers that cannot be calibrated (kind, tied weights) from their weights alone, so that
+        the layers calibrated after them see their compressed outputs (layers the batches never
+        call: after the sweep, from their weights alone); one warning lists those."""
+        from torchzip.calibrate import OUTPUT_METRIC_KINDS, output_metrics, sweep, why_not_calibrated
 
         held = holders(model)
-        calibrated, rest, notes = [], [], []
+        calibrated, by_output, rest, notes = [], [], [], []
         for name, module, own in plan:
             reason = why_not_calibrated(module) if own.uses_calibration() else "its arguments use no data"
+            tied = any(len(held.get(id(raw_tensor(module, t)), [])) > 1 for t, _ in own.tensors(module))
+            # A lookup (embedding) has no input statistics: it is weighted by its effect on the output.
+            lookup = own.uses_calibration() and self.tensor == "weight" and kind_of(module).name in OUTPUT_METRIC_KINDS
             if reason is None and self.tensor != "weight":
                 reason = "only weights are calibrated"
-            if reason is None and any(len(held.get(id(raw_tensor(module, t)), [])) > 1 for t, _ in own.tensors(module)):
-                reason = "its weight is tied to another layer's"
+            if (reason is None or lookup) and tied:
+                reason, lookup = "its weight is tied to another layer's", False
             if reason is None:
                 calibrated.append((name, module, own))
+            elif lookup:
+                by_output.append((name, module, own))
             else:
                 rest.append((name, module, own))
                 if own.uses_calibration():
                     notes.append(f"{name} ({reason})")
         # A pass that fits the float model's outputs needs that model as it is now, uncompressed.
         reference = copy.deepcopy(model) if calibrated and self.fits_float_outputs() else None
-        if rest:  # first, so that the layers calibrated after them see what they output compressed
+        # First, so that the layers calibrated after them see what they output compressed.
+        if by_output:
+            metrics = output_metrics(model, [m for _, m, _ in by_output], batches)
+            for (name, module, own), g in zip(by_output, metrics):
+                if g is None:
+                    rest.append((name, module, own))
+                    notes.append(f"{name} (on the calibration batches its output never reaches the model's)")
+                else:
+                    own.compress_calibrated(name, module, g, group)
+        if rest:
             self.apply(model, rest, group, progress)
         if calibrated:
             missed = sweep(model, [(n, m) for n, m, _ in calibrated], batches,
