@@ -12,6 +12,8 @@ writes the dense weight for cuBLAS at large M. The ``torchzip::sparse24_linear``
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -441,7 +443,10 @@ def _gemv(x, values, positions, scales, codebook, bias, group_size, k, split_k, 
 # Every pair of positions in turn, small-integer values (in x's dtype) and x, values' signs picked
 # so each row's sum lands within 16 of its own target (-12..12): exact in fp32 and 16 bits. Both
 # the unmasked two-step loop and the masked tail run.
-PROBE_N, PROBE_J = 40, 16 * (2 * S24_GEMV_CONFIGS[0].kwargs["BLOCK_W"] + 3) + 6
+# The lanes check runs both thread layouts: 4 groups a thread (the first config) and 8 (the first
+# such config), each through its unmasked loop and its masked tail.
+LANES_PROBE_CONFIGS = (S24_GEMV_CONFIGS[0], next(c for c in S24_GEMV_CONFIGS if groups_per_thread(c) == 8))
+PROBE_N, PROBE_J = 40, 16 * (2 * max(c.kwargs["BLOCK_W"] for c in LANES_PROBE_CONFIGS) + 3) + 6
 _PAIRS = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
 
 
@@ -485,11 +490,11 @@ def probe_codebook(per_row: bool):
 
 
 def _lanes_probe_check(device: torch.device, dtype: torch.dtype) -> bool:
-    for per_row in (True, False):
+    for per_row, config in itertools.product((True, False), LANES_PROBE_CONFIGS):
         x, codes, positions, book, k, want = probe_codebook(per_row)
         taken = []
         got = _gemv(x.to(device, dtype), codes.to(device), positions.to(device), None, book.to(device), None, 0, k,
-                    1, S24_GEMV_CONFIGS[0], None, lambda p, _: p == "sparse24.lanes" and not taken.append(p))
+                    1, config, None, lambda p, _: p == "sparse24.lanes" and not taken.append(p))
         if taken != ["sparse24.lanes"] or not torch.equal(got.double().cpu(), want):
             return False
     return True
