@@ -228,7 +228,7 @@ def test_sparse24_kernels(seed, kind, dtype, m, with_bias):
 
 @pytest.mark.parametrize("config", [c for c in sparse24.S24_GEMV_CONFIGS if sparse24.groups_per_thread(c) == 8],
                          ids=lambda c: f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_W']}w{c.num_warps}")
-@pytest.mark.parametrize("kind", ["int8", "codebook-channel", "float32"])
+@pytest.mark.parametrize("kind", ["int8", "int8-group", "codebook-channel", "float32"])
 def test_sparse24_gemv_eight_group_configs(seed, config, kind):
     """The 8-groups-a-thread GEMV configs (the codebook GEMV's fastest) at an odd N and a K that
     runs two unmasked two-step iterations and a masked tail, against float64; 16-bit float values
@@ -242,6 +242,8 @@ def test_sparse24_gemv_eight_group_configs(seed, config, kind):
     got = sparse24.sparse24_gemv(x, *args, split_k=1, config=config)
     check(got, ref, torch.bfloat16, seed, f"gemv 2:4 {kind} {config} N={n} K={k}")
     assert not sparse24.gemv_config_ok(config, True, 0) and sparse24.gemv_config_ok(config, False, 16)
+    assert config not in sparse24._prune_lanes(sparse24.S24_GEMV_CONFIGS, {}, V16=True, LANES=0)
+    assert config in sparse24._prune_lanes(sparse24.S24_GEMV_CONFIGS, {}, V16=False, LANES=16)
 
 
 @pytest.mark.parametrize("kind,dtype,m,with_bias", cases(VALUE_KINDS, DTYPES))
