@@ -188,12 +188,13 @@ def halves_as_f32(h, dtype: tl.constexpr):
 # loads, so there the weights load without a hint.
 TRITON_38 = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 8)
 STREAM_CACHE = tl.constexpr(".cs" if TRITON_38 else "")
-# Triton orders a tile's threads by its pointers' contiguity, ties broken towards the last axis
-# from 3.8 on but towards the first before: 3.6 lays the 8-bit values' [rows, words, groups] tile
-# out rows first, so a row's lanes are not consecutive (the register-held codebook's shuffle
-# segments then mix rows) and 8-group tiles route x through shared memory. Declaring the words
-# axis 2-contiguous there breaks the tie as 3.8 does; Triton vectorizes along the groups axis
-# only (each thread's groups are consecutive), so no load reads it as a promise.
+# Triton orders a tile's threads by its pointers' contiguity; the rows and words axes tie (1),
+# and 3.8 breaks the tie words-first, 3.6 rows-first (order [2, 0, 1] in its TTGIR): 3.6 lays the
+# 8-bit values' [rows, words, groups] tile out rows first, so a row's lanes are not consecutive
+# (the register-held codebook's shuffle segments then mix rows, and the lanes self-check fails)
+# and 8-group tiles route x through shared memory. Declaring the words axis 2-contiguous there
+# breaks the tie as 3.8 does; loads vectorize along the groups axis only (a thread's groups are
+# consecutive), so none reads the hint as a promise.
 WORDS_ORDER_HINT = tl.constexpr(not TRITON_38)
 
 
@@ -355,16 +356,17 @@ def _sparse24_dequant_kernel(v_ptr, p_ptr, s_ptr, book_ptr, out_ptr, N, K, strid
     tl.store(out_ptr + rn * K + rk, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def gemv_config_ok(config: triton.Config, v16: bool, lanes: int) -> bool:
+def gemv_config_ok(config: triton.Config, value_bytes: int, lanes: int) -> bool:
     """Whether the GEMV runs ``config``: rows spanning enough lanes for a register-held codebook
-    (``lanes``), and 16-bit float values (``v16``) only at 4 groups a thread (8 would be two
-    128-bit loads a thread, which Triton routes through shared memory)."""
-    return (not lanes or book_lanes(config, lanes) > 0) and not (v16 and groups_per_thread(config) > 4)
+    (``lanes``), and 8 groups a thread only for 8-bit values (16- and 32-bit ones would be two or
+    four 128-bit loads a thread, which Triton routes through shared memory)."""
+    return (not lanes or book_lanes(config, lanes) > 0) and (value_bytes == 1 or groups_per_thread(config) <= 4)
 
 
 def _prune_lanes(configs, named_args, **kwargs):
     """Keep the configs the launch can run (:func:`gemv_config_ok`)."""
-    return [c for c in configs if gemv_config_ok(c, kwargs.get("V16", False), kwargs.get("LANES", 0))]
+    value_bytes = named_args["v_ptr"].element_size()
+    return [c for c in configs if gemv_config_ok(c, value_bytes, kwargs.get("LANES", 0))]
 
 
 _s24_gemv_tuned = C.tuned(_sparse24_gemv_kernel, S24_GEMV_CONFIGS, key=["N", "J", "KIND", "GROUP", "SPLIT_K", "LANES"],
