@@ -119,7 +119,7 @@ def variants() -> list[Variant]:
     for kind, values, vbytes in ((0, bf16, 2.0), (1, "*i8", 1.0), (2, "*u8", 1.0)):
         s24 = {"x_ptr": bf16, "v_ptr": values, "p_ptr": "*i32", **side, **out}
         for c in S24.S24_GEMV_CONFIGS:
-            if kind == 2 and not S24.book_lanes(c, 16):
+            if not S24.gemv_config_ok(c, 2 if kind == 0 else 1, 16 if kind == 2 else 0):
                 continue  # a 16-entry codebook (4-bit values) runs on the configs that hold it in registers
             res.append(Variant(f"sparse24_gemv_kind{kind}", S24._sparse24_gemv_kernel, s24,
                                {"KIND": kind, "GROUP": 0, "HAS_BIAS": True, **S24.gemv_constexprs(c, kind)},

@@ -12,6 +12,8 @@ writes the dense weight for cuBLAS at large M. The ``torchzip::sparse24_linear``
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -22,22 +24,34 @@ from torchzip.kernels import dispatch
 from torchzip.kernels.codebook import lane_ids, lane_lookup_fma
 
 # BLOCK_W position words (16 kept values, 32 dense columns each) of BLOCK_N rows per step.
-# Each thread holds 4 groups (2 x 64-bit x loads, one 128-bit load of 16-bit values) of one word;
-# the x tile (8 * BLOCK_W groups) stays smaller than the program, or Triton routes it through
-# shared memory.
+# Each thread holds 4 groups (2 x 64-bit x loads, one 128-bit load of 16-bit values) of one word,
+# or, in the last two, 8 groups (a whole word; 8-bit values in one 128-bit load): the codebook
+# GEMV's per-word work (address math, the word's load and shifts, the loop) spread over twice the
+# kept values. The x tile (8 * BLOCK_W groups) stays smaller than the program, or Triton routes it
+# through shared memory.
 S24_GEMV_CONFIGS = C.configs(("BLOCK_N", "BLOCK_W"), [
     (8, 8, 4, 2), (16, 4, 4, 2), (32, 2, 4, 2), (8, 4, 2, 2),
     (16, 8, 8, 2), (8, 16, 8, 2), (32, 4, 8, 2), (8, 8, 4, 3),
+    (16, 16, 8, 2), (32, 16, 16, 2),
 ])
 S24_INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_W": 4})
 # From this M on, dequantize + cuBLAS beats the fused kernel (see kernels.dispatch).
 dispatch.DENSE_MIN_M.setdefault("sparse24", 256)
 
 
+def groups_per_thread(config: triton.Config) -> int:
+    """Groups of 4 columns a thread holds of the GEMV's ``[BLOCK_N, BLOCK_W, 8]`` tile of 8-bit
+    values: Triton's coalescing gives each thread up to 8 (one 128-bit load), at most its share."""
+    k = config.kwargs
+    return max(1, min(8, k["BLOCK_N"] * k["BLOCK_W"] * 8 // (32 * config.num_warps)))
+
+
 def book_lanes(config: triton.Config, entries: int) -> int:
     """LANES of the GEMV for a codebook of ``entries`` under ``config``: the entries (a power of
-    two) if a row's lanes (``2 * BLOCK_W`` of a warp, at most 32) can hold them, else 0 (gather)."""
-    fits = entries & (entries - 1) == 0 and entries <= min(32, 2 * config.kwargs["BLOCK_W"])
+    two) if a row's consecutive lanes (its ``8 * BLOCK_W`` groups over :func:`groups_per_thread`,
+    at most 32) can hold them, else 0 (gather)."""
+    row_lanes = min(32, 8 * config.kwargs["BLOCK_W"] // groups_per_thread(config))
+    fits = entries & (entries - 1) == 0 and entries <= row_lanes
     return entries if fits else 0
 
 
@@ -172,7 +186,16 @@ def halves_as_f32(h, dtype: tl.constexpr):
 # eviction_policy="evict_first" they need no L2 policy register, which ptxas rebuilt every
 # iteration (7 instructions, 0.44 a kept value: over the target). Triton 3.6 has no ``.cs``
 # loads, so there the weights load without a hint.
-STREAM_CACHE = tl.constexpr(".cs" if tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 8) else "")
+TRITON_38 = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 8)
+STREAM_CACHE = tl.constexpr(".cs" if TRITON_38 else "")
+# Triton orders a tile's threads by its pointers' contiguity; the rows and words axes tie (1),
+# and 3.8 breaks the tie words-first, 3.6 rows-first (order [2, 0, 1] in its TTGIR): 3.6 lays the
+# 8-bit values' [rows, words, groups] tile out rows first, so a row's lanes are not consecutive
+# (the register-held codebook's shuffle segments then mix rows, and the lanes self-check fails)
+# and 8-group tiles route x through shared memory. Declaring the words axis 2-contiguous there
+# breaks the tie as 3.8 does; loads vectorize along the groups axis only (a thread's groups are
+# consecutive), so none reads the hint as a promise.
+WORDS_ORDER_HINT = tl.constexpr(not TRITON_38)
 
 
 @triton.jit
@@ -218,8 +241,10 @@ def _gemv_step(acc, x_row, v_ptr, p_ptr, s_ptr, book_ptr, rn, w0, w_hi, J, strid
         jmask = None if mask is None else mask[:, :, :, None]
         va, vb = tl.split(_load(v_ptr + rows[:, :, :, None] * stride_vn + j[None, :, :, :], jmask, MASKED, True))
     else:  # 8-bit values (int8, codebook indices): a group's pair is one int16, split in registers
-        vv = _load(v_ptr.to(tl.pointer_type(tl.int16)) + rows * (stride_vn // 2) + g[None, :, :], mask, MASKED,
-                   True)
+        ptrs = v_ptr.to(tl.pointer_type(tl.int16)) + rows * (stride_vn // 2) + g[None, :, :]
+        if WORDS_ORDER_HINT:
+            ptrs = tl.max_contiguous(ptrs, [1, 2, 8])
+        vv = _load(ptrs, mask, MASKED, True)
         va, vb = vv.to(v_ptr.dtype.element_ty), (vv >> 8).to(v_ptr.dtype.element_ty)  # truncations: bytes 0, 1
     if X16:
         # x of a group: 4 16-bit values, one 64-bit load (two groups a 128-bit load); the kept
@@ -272,8 +297,8 @@ def _sparse24_gemv_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_W, 8), tl.float32)
     if LANES:
         # LANES (codebook values, entries a power of two <= the lanes of a row): lane l holds
-        # centroid l % LANES of its row (each row spans 2 * BLOCK_W lanes of the [rows, words,
-        # groups] layout), and a lookup is a warp shuffle, as in the codebook GEMV.
+        # centroid l % LANES of its row (each row spans consecutive lanes of the [rows, words,
+        # groups] layout, see book_lanes), and a lookup is a warp shuffle, as in the codebook GEMV.
         lane = lane_ids(acc.to(tl.int32)) % LANES
         table = tl.load(book_ptr + rn_in[:, None, None] * stride_b + lane)
     else:
@@ -331,10 +356,17 @@ def _sparse24_dequant_kernel(v_ptr, p_ptr, s_ptr, book_ptr, out_ptr, N, K, strid
     tl.store(out_ptr + rn * K + rk, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def gemv_config_ok(config: triton.Config, value_bytes: int, lanes: int) -> bool:
+    """Whether the GEMV runs ``config``: rows spanning enough lanes for a register-held codebook
+    (``lanes``), and 8 groups a thread only for 8-bit values (16- and 32-bit ones would be two or
+    four 128-bit loads a thread, which Triton routes through shared memory)."""
+    return (not lanes or book_lanes(config, lanes) > 0) and (value_bytes == 1 or groups_per_thread(config) <= 4)
+
+
 def _prune_lanes(configs, named_args, **kwargs):
-    """Keep the configs whose rows span enough lanes for the register-held codebook (LANES)."""
-    lanes = kwargs.get("LANES", 0)
-    return [c for c in configs if not lanes or book_lanes(c, lanes)]
+    """Keep the configs the launch can run (:func:`gemv_config_ok`)."""
+    value_bytes = named_args["v_ptr"].element_size()
+    return [c for c in configs if gemv_config_ok(c, value_bytes, kwargs.get("LANES", 0))]
 
 
 _s24_gemv_tuned = C.tuned(_sparse24_gemv_kernel, S24_GEMV_CONFIGS, key=["N", "J", "KIND", "GROUP", "SPLIT_K", "LANES"],
@@ -413,7 +445,10 @@ def _gemv(x, values, positions, scales, codebook, bias, group_size, k, split_k, 
 # Every pair of positions in turn, small-integer values (in x's dtype) and x, values' signs picked
 # so each row's sum lands within 16 of its own target (-12..12): exact in fp32 and 16 bits. Both
 # the unmasked two-step loop and the masked tail run.
-PROBE_N, PROBE_J = 40, 16 * (2 * S24_GEMV_CONFIGS[0].kwargs["BLOCK_W"] + 3) + 6
+# The lanes check runs both thread layouts: 4 groups a thread (the first config) and 8 (the first
+# such config), each through its unmasked loop and its masked tail.
+LANES_PROBE_CONFIGS = (S24_GEMV_CONFIGS[0], next(c for c in S24_GEMV_CONFIGS if groups_per_thread(c) == 8))
+PROBE_N, PROBE_J = 40, 16 * (2 * max(c.kwargs["BLOCK_W"] for c in LANES_PROBE_CONFIGS) + 3) + 6
 _PAIRS = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
 
 
@@ -457,11 +492,11 @@ def probe_codebook(per_row: bool):
 
 
 def _lanes_probe_check(device: torch.device, dtype: torch.dtype) -> bool:
-    for per_row in (True, False):
+    for per_row, config in itertools.product((True, False), LANES_PROBE_CONFIGS):
         x, codes, positions, book, k, want = probe_codebook(per_row)
         taken = []
         got = _gemv(x.to(device, dtype), codes.to(device), positions.to(device), None, book.to(device), None, 0, k,
-                    1, S24_GEMV_CONFIGS[0], None, lambda p, _: p == "sparse24.lanes" and not taken.append(p))
+                    1, config, None, lambda p, _: p == "sparse24.lanes" and not taken.append(p))
         if taken != ["sparse24.lanes"] or not torch.equal(got.double().cpu(), want):
             return False
     return True

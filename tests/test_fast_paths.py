@@ -297,6 +297,7 @@ def test_sparse24_codebook_probe_is_exact():
         assert codes.min() == 0 and codes.max() == 15 and want.unique().numel() > 5
         for dtype in (torch.bfloat16, torch.float16):
             assert torch.equal(want.to(dtype).double(), want)
-            got = sparse24._gemv(x.to(dtype), codes, positions, None, book, None, 0, k, 1,
-                                 sparse24.S24_GEMV_CONFIGS[0], None, lambda *a: True)
-            assert torch.equal(got.double(), want)
+            for config in sparse24.LANES_PROBE_CONFIGS:  # both thread layouts the lanes check runs
+                got = sparse24._gemv(x.to(dtype), codes, positions, None, book, None, 0, k, 1, config, None,
+                                     lambda *a: True)
+                assert torch.equal(got.double(), want)

@@ -226,6 +226,28 @@ def test_sparse24_kernels(seed, kind, dtype, m, with_bias):
         check(sparse24.sparse24_gemv(x, *args), ref, dtype, seed, "gemv " + what)
 
 
+@pytest.mark.parametrize("config", [c for c in sparse24.S24_GEMV_CONFIGS if sparse24.groups_per_thread(c) == 8],
+                         ids=lambda c: f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_W']}w{c.num_warps}")
+@pytest.mark.parametrize("kind", ["int8", "int8-group", "codebook-channel", "float32"])
+def test_sparse24_gemv_eight_group_configs(seed, config, kind):
+    """The 8-groups-a-thread GEMV configs (the codebook GEMV's fastest) at an odd N and a K that
+    runs two unmasked two-step iterations and a masked tail, against float64 (float32 values too,
+    for coverage; on a GPU the autotuner offers them to 8-bit values only: gemv_config_ok)."""
+    bw = config.kwargs["BLOCK_W"]
+    n, k = config.kwargs["BLOCK_N"] + 5, 32 * (4 * bw + 3) - 4 * random.randint(1, 7)
+    w = sparse_weight(Sparse24Weight, kind, mask24(n, k), torch.float32)
+    x = torch.randn(1, k).to(torch.bfloat16)
+    args = (*sparse24_args(w), None, w.group_size, k)
+    ref = sparse24.sparse24_reference(x, *args)
+    got = sparse24.sparse24_gemv(x, *args, split_k=1, config=config)
+    check(got, ref, torch.bfloat16, seed, f"gemv 2:4 {kind} {config} N={n} K={k}")
+    assert not sparse24.gemv_config_ok(config, 2, 0) and sparse24.gemv_config_ok(config, 1, 16)
+    for values, lanes in ((torch.zeros(1, dtype=torch.bfloat16), 0), (torch.zeros(1), 0),
+                          (torch.zeros(1, dtype=torch.uint8), 16), (torch.zeros(1, dtype=torch.int8), 0)):
+        pruned = sparse24._prune_lanes(sparse24.S24_GEMV_CONFIGS, {"v_ptr": values}, LANES=lanes)
+        assert (config in pruned) == (values.element_size() == 1), values.dtype
+
+
 @pytest.mark.parametrize("kind,dtype,m,with_bias", cases(VALUE_KINDS, DTYPES))
 def test_csr_kernel(seed, kind, dtype, m, with_bias):
     n, k = pick_n(), pick_k(4)
