@@ -104,15 +104,23 @@ def test_codebook_gemv_loop_shuffles_instead_of_gathering(report, bits):
         # rows), nothing per weight. The gathering baseline had at least one a weight.
         loads = sum(v for k, v in m.items() if k.startswith("LDG.") and k != "LDG.evict_hint")
         assert loads <= per / 4, f"{r['variant']}: {loads} global loads for {per} weights"
-        assert m.get("barrier", 0) == 0 and m.get("shared_ld", 0) + m.get("shared_st", 0) == 0, r["variant"]
+        # No barrier in the loop; shared memory only where x is staged there (XS: fp32 x written
+        # before the loop, read in 128-bit loads of 4 columns, once for all of a thread's rows).
+        staged = int(re.search(r"BLOCK_W=(\d+)", r["variant"]).group(1)) * 8 // 32 // 4 if "XS=" in r["variant"] else 0
+        assert m.get("barrier", 0) == 0 and m.get("shared_st", 0) == 0, r["variant"]
+        assert m.get("shared_ld", 0) == staged, f"{r['variant']}: {m}"
         assert r["registers"] <= 128, f"{r['variant']}: {r['registers']} registers"
         # The shuffles read the table from lanes of the same 2**bits-lane segment: those must work
         # on one row, which the packed words' [1, 32] threads-per-warp layout guarantees.
         assert r["i32_load_threads_per_warp"] == ["1, 32"], r["variant"]
         _weights_in_128bit_loads(r)
     # The gathering baseline's best: 8.47 (4-bit), 12.5 (3-bit); one accumulator a word: 3.22
-    # (4-bit, 8 rows a thread); lane_dot4 with 16 rows a thread: 3.03.
-    assert min(r["per_weight"] for r in rows) < {4: 3.05, 3: 3.4}[bits]
+    # (4-bit, 8 rows a thread); lane_dot4 with 16 rows a thread: 3.03; x staged in shared memory
+    # as fp32: 2.97 (Triton 3.6 fits 8 rows a thread under 128 registers: 3.01).
+    import triton
+
+    v38 = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 8)
+    assert min(r["per_weight"] for r in rows) <= {4: 3.0 if v38 else 3.05, 3: 3.4}[bits]
 
 
 def _prmt(a: int, b: int, selector: int) -> int:
