@@ -63,7 +63,7 @@ class Variant:
 
     def name(self) -> str:
         tag = ",".join(f"{k}={v}" for k, v in self.constexprs.items() if k.startswith("BLOCK") or k in (
-            "GROUP", "BITS", "KIND", "SPLIT_K", "XS"))
+            "GROUP", "BITS", "KIND", "SPLIT_K") or k == "XS" and v)
         cap = f",r{self.maxnreg}" if self.maxnreg else ""
         return f"{self.family}[{tag},w{self.num_warps},s{self.num_stages}{cap}]{self.label}"
 

@@ -391,7 +391,7 @@ def _run_ptx(asm: str, ops: dict, memory: bytes = b"") -> dict:
     ``ops``: operand number -> uint32[32] (one value a lane; 64-bit addresses for ``ld`` are byte
     offsets into ``memory``). Knows the instructions the codebook GEMV's blocks use: mov, shr, shl,
     and, shfl.sync.idx, fma.rn.f32 (exact here: the tests' values keep every sum exact),
-    ld.global.nc.v4.b32 and cvt.f32.f16.
+    ld.global.nc.v4.b32, ld.shared.v4.f32 and cvt.f32.f16.
     """
     regs = {f"${k}": np.asarray(v, np.uint32).copy() for k, v in ops.items()}
     lanes = np.arange(32)
@@ -412,7 +412,7 @@ def _run_ptx(asm: str, ops: dict, memory: bytes = b"") -> dict:
         if not ins or ins.startswith(".reg"):
             continue
         op, _, rest = ins.partition(" ")
-        if op == "ld.global.nc.v4.b32":
+        if op in ("ld.global.nc.v4.b32", "ld.shared.v4.f32"):
             m = re.fullmatch(r"\{(.*)\}, \[(\$\d+)\+?(\d*)\]", rest)
             base = regs[m.group(2)].astype(np.int64) + int(m.group(3) or 0)
             for i, d in enumerate(t.strip() for t in m.group(1).split(",")):
@@ -500,6 +500,22 @@ def test_load_x32_ptx_is_exact(kind):
             got = regs[f"${4 * j + q}"].view(np.float32)
             want = x.float().numpy()[cols + 8 * q + j]
             np.testing.assert_array_equal(got, want)
+
+
+def test_lds_x32_ptx_reads_the_staged_columns():
+    """Emulate lds_x32 on fp32 x staged in shared memory: output j, element q of a lane is the
+    float at column 8 q + j of the 32 from its (16-byte aligned) address, as load_x32 hands them
+    to lane_dot4."""
+    from torchzip.kernels.codebook import LDS_X32, stage_asm
+
+    rng = np.random.default_rng()
+    staged = rng.standard_normal(32 * 32 + 8).astype(np.float32)
+    start = (np.arange(32) * 32 + 8 * rng.integers(0, 2)) * 4
+    regs = _run_ptx(LDS_X32.value, {32 + q: start.astype(np.uint32) for q in range(4)}, staged.tobytes())
+    for q in range(4):
+        for j in range(8):
+            np.testing.assert_array_equal(regs[f"${4 * j + q}"].view(np.float32), staged[start // 4 + 8 * q + j])
+    assert "[45056]" in stage_asm(11264)  # bytes: 4 a column
 
 
 def test_sparse24_codebook_gemv_looks_values_up_by_shuffle(report):
