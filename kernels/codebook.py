@@ -257,8 +257,8 @@ def stage_x(x_row, c_lo, c_hi, XS: tl.constexpr, XS_ASM: tl.constexpr):
     ``XS`` columns once (zeros from ``c_hi`` on, so masked words and padding fields meet x = 0)
     and wait at one barrier, before the hot loop."""
     base = tl.inline_asm_elementwise(XS_ASM, "=r,r", [c_lo], dtype=tl.int32, is_pure=False, pack=1)
-    for c0 in tl.range(0, XS, 256, num_stages=1):  # a loop (not unrolled): few registers
-        c = c0 + tl.arange(0, 256)
+    for c0 in tl.range(0, XS, 1024, num_stages=1):  # not pipelined: no shared-memory buffers of its own
+        c = c0 + tl.arange(0, 1024)
         v = tl.load(x_row + c_lo + c, mask=c_lo + c < c_hi, other=0.0).to(tl.float32)
         tl.inline_asm_elementwise("st.shared.f32 [$1], $2; mov.b32 $0, 0;", "=r,r,f", [base + c * 4, v],
                                   dtype=tl.int32, is_pure=False, pack=1)
