@@ -112,7 +112,7 @@ def variants() -> list[Variant]:
         if bits == 4:  # x staged in shared memory, for K = 4096 (the variant for K up to 11264)
             for c in CB.GEMV_STAGED_CONFIGS4:
                 res.append(Variant("codebook4_gemv", CB._codebook_gemv_kernel, cb,
-                                   {**CB.gemv_constexprs(4, c, staged=CB.stage_columns(4096 // 8, 1)), "HAS_BIAS": False},
+                                   {**CB.gemv_constexprs(4, c, staged_k=4096), "HAS_BIAS": False},
                                    c.num_warps, c.num_stages, CB.gemv_weights_per_iter, 0.5, maxnreg=c.maxnreg))
         per = {"BITS": bits, "PER": 32 // bits, "PER_P2": C.next_pow2(32 // bits)}
         for c in (CB.GEMM_CONFIGS[1], CB.GEMM_CONFIGS[-1]):

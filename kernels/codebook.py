@@ -62,28 +62,32 @@ GEMM_CONFIGS = [
 dispatch.DENSE_MIN_M.setdefault("codebook", 512)
 
 
-def gemv_constexprs(bits: int, config: triton.Config, lanes: bool = True, staged: int = 0) -> dict:
+def gemv_constexprs(bits: int, config: triton.Config, lanes: bool = True, staged_k: int = 0) -> dict:
     """Constexprs of the GEMV for ``bits`` and a launch config (benchmarks/sass_report.py).
 
     ``lanes``: the codebook in registers (a GPU, ``bits <= LANE_MAX_BITS``), else gathered.
-    ``staged``: columns of x staged in shared memory (:func:`stage_columns`; 4-bit lanes only).
+    ``staged_k``: x of this many features staged in shared memory (4-bit lanes, unsplit).
     """
     lanes = lanes and bits <= LANE_MAX_BITS and min(32, config.kwargs["BLOCK_W"] // 4) >= 2**bits
+    words = triton.cdiv(staged_k, 32 // bits)
     return {"BITS": bits, "PER": 32 // bits, "SPLIT_K": 1, "LANES": lanes, "X_KIND": 0,
-            "SEG": shuffle_control(bits) if lanes else 0, **config.kwargs, **stage_constexprs(staged)}
+            "SEG": shuffle_control(bits) if lanes else 0, **config.kwargs,
+            **stage_constexprs(stage_columns(words, 1) if staged_k else 0, words)}
 
 
 def stage_columns(words: int, split_k: int) -> int:
     """Columns of x a program of the 4-bit GEMV stages in shared memory (its K range rounded up
-    to whole steps of every config, zeros past K), or 0 where that passes STAGE_MAX_BYTES."""
+    to whole steps of every config, zeros past K), or 0 where that passes STAGE_MAX_BYTES. The
+    staged kernel also needs N >= BLOCK_N (see _codebook_gemv_kernel)."""
     step = max(c.kwargs["BLOCK_W"] for c in GEMV_STAGED_CONFIGS4)
     columns = triton.cdiv(words, split_k * step) * step * 8
     return columns if columns * 4 <= STAGE_MAX_BYTES else 0
 
 
-def stage_constexprs(columns: int) -> dict:
-    """The GEMV's ``XS``/``XS_ASM`` constexprs for ``columns`` staged columns (0: none)."""
-    return {"XS": columns, "XS_ASM": stage_asm(columns) if columns else ""}
+def stage_constexprs(columns: int, words: int) -> dict:
+    """The GEMV's ``XS``/``XS_ASM``/``WS`` constexprs for ``columns`` staged columns (0: none) of
+    a weight of ``words`` packed words a row."""
+    return {"XS": columns, "XS_ASM": stage_asm(columns) if columns else "", "WS": words if columns else 0}
 
 
 def gemv_configs(bits: int) -> list[triton.Config]:
@@ -324,13 +328,23 @@ def _codebook_gemv_kernel(
     x_ptr, p_ptr, book_ptr, b_ptr, out_ptr, M, N, K, W, stride_xm, stride_pn, stride_b,
     BITS: tl.constexpr, PER: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
     LANES: tl.constexpr, SEG: tl.constexpr, X_KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-    XS: tl.constexpr = 0, XS_ASM: tl.constexpr = "",
+    XS: tl.constexpr = 0, XS_ASM: tl.constexpr = "", WS: tl.constexpr = 0,
 ):
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Rows past N repeat the last one (their sums are not stored), so no load needs a row mask
-    # (a masked load also costs the zeroing of its registers).
-    rows = tl.minimum(rn, N - 1)
+    if XS:
+        # Staged x: the rows are contiguous (the last program starts at N - BLOCK_N, N >= BLOCK_N;
+        # rows two programs share get the same sums twice) and their stride is the constexpr WS
+        # (= W), so a row's load address is the first row's plus an immediate: no address
+        # arithmetic a row in the loop.
+        rn = tl.minimum(pid_n * BLOCK_N, N - BLOCK_N) + tl.arange(0, BLOCK_N)
+        rows = rn
+        W = WS
+        stride_pn = WS
+    else:
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # Rows past N repeat the last one (their sums are not stored), so no load needs a row mask
+        # (a masked load also costs the zeroing of its registers).
+        rows = tl.minimum(rn, N - 1)
     w_span = tl.cdiv(W, SPLIT_K * BLOCK_W) * BLOCK_W
     w_lo = pid_k * w_span
     w_hi = tl.minimum(w_lo + w_span, W)
@@ -478,7 +492,8 @@ def _gemv(x, packed, codebook, bias, bits, k, split_k, config, allow, stage) -> 
         xp[:, :k] = x2
         x2 = xp[:, :k]
     split = split_k or C.pick_split_k(x2, triton.cdiv(n, 16) * m, k, n)
-    staged = stage_columns(words, split) if stage and lanes and bits == 4 else 0
+    rows_needed = max(c.kwargs["BLOCK_N"] for c in GEMV_STAGED_CONFIGS4) if config is None else config.kwargs["BLOCK_N"]
+    staged = stage_columns(words, split) if stage and lanes and bits == 4 and n >= rows_needed else 0
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
     if m and n:
         C.launch(
@@ -488,7 +503,7 @@ def _gemv(x, packed, codebook, bias, bits, k, split_k, config, allow, stage) -> 
             (x2, packed, codebook, bias, ws, m, n, k, words, x2.stride(0), packed.stride(0), stride_b),
             config, INTERP_GEMV, BITS=bits, PER=32 // bits, HAS_BIAS=bias is not None, SPLIT_K=split,
             LANES=lanes, SEG=shuffle_control(bits) if lanes else 0, X_KIND=X_KINDS[x.dtype],
-            **stage_constexprs(staged),
+            **stage_constexprs(staged, words),
         )
         C.finish_split_k(out, ws, bias, split)
     return out.view(*x.shape[:-1], n)

@@ -67,7 +67,7 @@ def variants():
             s = CB.GEMV_STAGED_CONFIGS4[0]
             for x_kind, x_type in ((0, bf16), (2, "*fp32")):
                 out.append((CB._codebook_gemv_kernel, {**cb, "x_ptr": x_type},
-                            {**CB.gemv_constexprs(4, s, staged=2048), "X_KIND": x_kind, "HAS_BIAS": False},
+                            {**CB.gemv_constexprs(4, s, staged_k=2000), "X_KIND": x_kind, "HAS_BIAS": False},
                             s.num_warps, s.num_stages))
         out += [(CB._codebook_gemm_kernel, cb, {**per, **dot, **c.kwargs}, c.num_warps, c.num_stages)
                 for c in (CB.GEMM_CONFIGS[1], CB.GEMM_CONFIGS[-1])]
