@@ -86,8 +86,10 @@ def stage_columns(words: int, split_k: int) -> int:
 
 def stage_constexprs(columns: int, words: int) -> dict:
     """The GEMV's ``XS``/``XS_ASM``/``WS`` constexprs for ``columns`` staged columns (0: none) of
-    a weight of ``words`` packed words a row."""
-    return {"XS": columns, "XS_ASM": stage_asm(columns) if columns else "", "WS": words if columns else 0}
+    a weight of ``words`` packed words a row. WS (the row stride as a constexpr) only under
+    Triton 3.8, whose build folds the rows' offsets into load immediates (3.6's keeps a
+    multiply-add a row and loses a little)."""
+    return {"XS": columns, "XS_ASM": stage_asm(columns) if columns else "", "WS": words if columns and C.V38 else 0}
 
 
 def gemv_configs(bits: int) -> list[triton.Config]:
@@ -331,8 +333,8 @@ def _codebook_gemv_kernel(
     XS: tl.constexpr = 0, XS_ASM: tl.constexpr = "", WS: tl.constexpr = 0,
 ):
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if XS:
-        # Staged x: the rows are contiguous (the last program starts at N - BLOCK_N, N >= BLOCK_N;
+    if WS:
+        # WS (staged x, Triton 3.8): the rows are contiguous (the last program starts at N - BLOCK_N, N >= BLOCK_N;
         # rows two programs share get the same sums twice) and their stride is the constexpr WS
         # (= W), so a row's load address is the first row's plus an immediate: no address
         # arithmetic a row in the loop.
