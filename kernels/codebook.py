@@ -334,10 +334,10 @@ def _codebook_gemv_kernel(
 ):
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if WS:
-        # WS (staged x, Triton 3.8): the rows are contiguous (the last program starts at N - BLOCK_N, N >= BLOCK_N;
-        # rows two programs share get the same sums twice) and their stride is the constexpr WS
-        # (= W), so a row's load address is the first row's plus an immediate: no address
-        # arithmetic a row in the loop.
+        # WS (staged x, Triton 3.8): the rows are contiguous (the last program starts at
+        # N - BLOCK_N, the dispatcher keeps N >= BLOCK_N; rows two programs share get the same
+        # sums twice) and their stride is the constexpr WS (= W), so a row's load address is the
+        # first row's plus an immediate: no address arithmetic a row in the loop.
         rn = tl.minimum(pid_n * BLOCK_N, N - BLOCK_N) + tl.arange(0, BLOCK_N)
         rows = rn
         W = WS
