@@ -63,7 +63,7 @@ class Variant:
 
     def name(self) -> str:
         tag = ",".join(f"{k}={v}" for k, v in self.constexprs.items() if k.startswith("BLOCK") or k in (
-            "GROUP", "BITS", "KIND", "SPLIT_K"))
+            "GROUP", "BITS", "KIND", "SPLIT_K") or k == "XS" and v)
         cap = f",r{self.maxnreg}" if self.maxnreg else ""
         return f"{self.family}[{tag},w{self.num_warps},s{self.num_stages}{cap}]{self.label}"
 
@@ -109,6 +109,11 @@ def variants() -> list[Variant]:
                                {**CB.gemv_constexprs(bits, c), "HAS_BIAS": False},
                                c.num_warps, c.num_stages, CB.gemv_weights_per_iter, bits / 8 if bits == 4 else 0.4,
                                maxnreg=c.maxnreg))
+        if bits == 4:  # x staged in shared memory, for K = 4096 (the variant for K up to 11264)
+            for c in CB.GEMV_STAGED_CONFIGS4:
+                res.append(Variant("codebook4_gemv", CB._codebook_gemv_kernel, cb,
+                                   {**CB.gemv_constexprs(4, c, staged_k=4096), "HAS_BIAS": False},
+                                   c.num_warps, c.num_stages, CB.gemv_weights_per_iter, 0.5, maxnreg=c.maxnreg))
         per = {"BITS": bits, "PER": 32 // bits, "PER_P2": C.next_pow2(32 // bits)}
         for c in (CB.GEMM_CONFIGS[1], CB.GEMM_CONFIGS[-1]):
             res.append(Variant(f"codebook{bits}_gemm", CB._codebook_gemm_kernel, cb, {**per, **dot, **c.kwargs},

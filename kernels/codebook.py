@@ -36,6 +36,13 @@ GEMV_CONFIGS4 = [triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w, num_
                  for bn, bw, w, r in ([(32, 128, 2, 128), (16, 128, 1, None), (16, 256, 2, 128), (64, 128, 4, 128),
                                        (32, 256, 4, 128)] if C.V38 else [])
                  + [(8, 128, 1, None), (16, 128, 2, None), (32, 128, 4, None)]]
+# x staged in shared memory (stage_x): the 128-word programs, all capped at 128 registers (Triton
+# 3.6's one-warp program would take 167). The allocation is static, and ptxas caps static shared
+# memory at 48 KiB: up to 11264 columns of fp32 x a program (K = 11008 in 128-word steps, or
+# split-K); wider x takes the unstaged loop.
+GEMV_STAGED_CONFIGS4 = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg or 128)
+                        for c in GEMV_CONFIGS4 if c.kwargs["BLOCK_W"] == 128]
+STAGE_MAX_BYTES = 44 * 1024  # leaves Triton's own (dynamic) shared memory <= 4 KiB under 48 KiB
 INTERP_GEMV = triton.Config({"BLOCK_N": 16, "BLOCK_W": 8})
 # Widest index the register-held codebook serves (32 entries, one per lane); wider ones gather
 # from the codebook in global memory (L1).
@@ -55,14 +62,34 @@ GEMM_CONFIGS = [
 dispatch.DENSE_MIN_M.setdefault("codebook", 512)
 
 
-def gemv_constexprs(bits: int, config: triton.Config, lanes: bool = True) -> dict:
+def gemv_constexprs(bits: int, config: triton.Config, lanes: bool = True, staged_k: int = 0) -> dict:
     """Constexprs of the GEMV for ``bits`` and a launch config (benchmarks/sass_report.py).
 
     ``lanes``: the codebook in registers (a GPU, ``bits <= LANE_MAX_BITS``), else gathered.
+    ``staged_k``: x of this many features staged in shared memory (4-bit lanes, unsplit).
     """
     lanes = lanes and bits <= LANE_MAX_BITS and min(32, config.kwargs["BLOCK_W"] // 4) >= 2**bits
+    words = triton.cdiv(staged_k, 32 // bits)
     return {"BITS": bits, "PER": 32 // bits, "SPLIT_K": 1, "LANES": lanes, "X_KIND": 0,
-            "SEG": shuffle_control(bits) if lanes else 0, **config.kwargs}
+            "SEG": shuffle_control(bits) if lanes else 0, **config.kwargs,
+            **stage_constexprs(stage_columns(words, 1) if staged_k else 0, words)}
+
+
+def stage_columns(words: int, split_k: int) -> int:
+    """Columns of x a program of the 4-bit GEMV stages in shared memory (its K range rounded up
+    to whole steps of every config, zeros past K), or 0 where that passes STAGE_MAX_BYTES. The
+    staged kernel also needs N >= BLOCK_N (see _codebook_gemv_kernel)."""
+    step = max(c.kwargs["BLOCK_W"] for c in GEMV_STAGED_CONFIGS4)
+    columns = triton.cdiv(words, split_k * step) * step * 8
+    return columns if columns * 4 <= STAGE_MAX_BYTES else 0
+
+
+def stage_constexprs(columns: int, words: int) -> dict:
+    """The GEMV's ``XS``/``XS_ASM``/``WS`` constexprs for ``columns`` staged columns (0: none) of
+    a weight of ``words`` packed words a row. WS (the row stride as a constexpr) only under
+    Triton 3.8, whose build folds the rows' offsets into load immediates (3.6's keeps a
+    multiply-add a row and loses a little)."""
+    return {"XS": columns, "XS_ASM": stage_asm(columns) if columns else "", "WS": words if columns and C.V38 else 0}
 
 
 def gemv_configs(bits: int) -> list[triton.Config]:
@@ -104,10 +131,14 @@ def lane_lookup_fma(code, table, x, acc, seg):
 
 
 @triton.jit
-def _gemv_words4(acc, x_row, words, w0, cols, w_mask, K, table, zero, X_KIND: tl.constexpr, MASKED: tl.constexpr):
+def _gemv_words4(acc, x_row, words, w0, cols, w_mask, K, table, zero, xs, w_lo, X_KIND: tl.constexpr,
+                 MASKED: tl.constexpr, XS: tl.constexpr):
     """:func:`_gemv_words` for 4-bit indices in registers: x 8 columns (one word) a load, one
-    accumulator a row (:func:`lane_dot4`). MASKED: the last step (x pairs masked to K)."""
-    if MASKED:
+    accumulator a row (:func:`lane_dot4`). MASKED: the last step (x pairs masked to K). XS: x
+    staged in shared memory at ``xs`` (word ``w_lo`` first, zeros past K: no masks)."""
+    if XS:
+        x0, x1, x2, x3, x4, x5, x6, x7 = lds_x32(xs + (w0 - w_lo + cols)[None, :] * 32 + zero)
+    elif MASKED:
         col = (w0 + cols)[None, :] * 8 + zero
         ok = w_mask[None, :]
         x0, x1 = load_x_pair((x_row + col).to(tl.int64), ok & (col < K), X_KIND, True)
@@ -196,6 +227,52 @@ def load_x32(addr, KIND: tl.constexpr):
                                      is_pure=True, pack=4)
 
 
+def _lds_x32_asm() -> str:
+    """PTX of :func:`lds_x32`: 32 fp32 columns from shared memory, word q's 8 at ``$32 + 32 q``."""
+    out = []
+    for q in range(4):
+        for h in range(2):
+            regs = ", ".join(f"${4 * j + q}" for j in range(4 * h, 4 * h + 4))
+            out.append(f"ld.shared.v4.f32 {{{regs}}}, [$32+{32 * q + 16 * h}];")
+    return "{ " + " ".join(out) + " }"
+
+
+LDS_X32 = tl.constexpr(_lds_x32_asm())
+LDS_X32_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 32 + ["r"] * 4))
+
+
+@triton.jit
+def lds_x32(saddr):
+    """:func:`load_x32` from the fp32 x staged in shared memory (``saddr``: 32-bit shared address
+    of the first word's 8 columns, 16-byte aligned): 8 128-bit loads, no conversion. Pure: the
+    identical loads of a thread's rows merge into one."""
+    f = tl.float32
+    return tl.inline_asm_elementwise(LDS_X32, LDS_X32_CONSTRAINTS, [saddr], dtype=(f, f, f, f, f, f, f, f),
+                                     is_pure=True, pack=4)
+
+
+def stage_asm(columns: int) -> str:
+    """PTX that allocates ``columns`` fp32 of shared memory and returns its address (a static
+    allocation in a block of its own: one per kernel, ptxas sizes it at compile time)."""
+    return f"{{ .shared .align 16 .b8 cbk_xs[{4 * columns}]; mov.u32 $0, cbk_xs; }}"
+
+
+@triton.jit
+def stage_x(x_row, c_lo, c_hi, XS: tl.constexpr, XS_ASM: tl.constexpr):
+    """Shared-memory address of x's columns ``c_lo ..`` as fp32: the program's threads convert
+    ``XS`` columns once (zeros from ``c_hi`` on, so masked words and padding fields meet x = 0)
+    and wait at one barrier, before the hot loop."""
+    base = tl.inline_asm_elementwise(XS_ASM, "=r,r", [c_lo], dtype=tl.int32, is_pure=False, pack=1)
+    for c0 in tl.range(0, XS, 1024, num_stages=1):  # not pipelined: no shared-memory buffers of its own
+        c = c0 + tl.arange(0, 1024)
+        v = tl.load(x_row + c_lo + c, mask=c_lo + c < c_hi, other=0.0).to(tl.float32)
+        tl.inline_asm_elementwise("st.shared.f32 [$1], $2; mov.b32 $0, 0;", "=r,r,f", [base + c * 4, v],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    # Every column is written before any thread reads: the loop's loads take the barrier's output.
+    return tl.inline_asm_elementwise("bar.sync 0; mov.b32 $0, $1;", "=r,r", [base], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
 @triton.jit
 def load_x_pair(addr, ok, KIND: tl.constexpr, MASKED: tl.constexpr):
     """Activations at ``addr`` and the next element as fp32, 0 where not ``ok`` (if MASKED).
@@ -253,16 +330,31 @@ def _codebook_gemv_kernel(
     x_ptr, p_ptr, book_ptr, b_ptr, out_ptr, M, N, K, W, stride_xm, stride_pn, stride_b,
     BITS: tl.constexpr, PER: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
     LANES: tl.constexpr, SEG: tl.constexpr, X_KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    XS: tl.constexpr = 0, XS_ASM: tl.constexpr = "", WS: tl.constexpr = 0,
 ):
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Rows past N repeat the last one (their sums are not stored), so no load needs a row mask
-    # (a masked load also costs the zeroing of its registers).
-    rows = tl.minimum(rn, N - 1)
+    if WS:
+        # WS (staged x, Triton 3.8): the rows are contiguous (the last program starts at
+        # N - BLOCK_N, the dispatcher keeps N >= BLOCK_N; rows two programs share get the same
+        # sums twice) and their stride is the constexpr WS (= W), so a row's load address is the
+        # first row's plus an immediate: no address arithmetic a row in the loop.
+        rn = tl.minimum(pid_n * BLOCK_N, N - BLOCK_N) + tl.arange(0, BLOCK_N)
+        rows = rn
+        W = WS
+        stride_pn = WS
+    else:
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # Rows past N repeat the last one (their sums are not stored), so no load needs a row mask
+        # (a masked load also costs the zeroing of its registers).
+        rows = tl.minimum(rn, N - 1)
     w_span = tl.cdiv(W, SPLIT_K * BLOCK_W) * BLOCK_W
     w_lo = pid_k * w_span
     w_hi = tl.minimum(w_lo + w_span, W)
     zero = tl.zeros((BLOCK_N, BLOCK_W), tl.int32)
+    if XS:  # 4-bit lanes only: the program's x as fp32 in shared memory (see stage_x)
+        xs = stage_x(x_ptr + m * stride_xm, w_lo * PER, tl.minimum(w_hi * PER, K), XS, XS_ASM)
+    else:
+        xs = 0
     if LANES:
         # The codebook lives in registers: lane l of each 2**BITS-lane segment holds centroid
         # l % 2**BITS of every row it works on (the [1, 32]-threads-per-warp layout puts one row
@@ -282,7 +374,7 @@ def _codebook_gemv_kernel(
         words = tl.load(p_ptr + rows[:, None] * stride_pn + rw[None, :], cache_modifier=C.STREAM_CACHE,
                         eviction_policy=C.STREAM_EVICT)
         if LANES and BITS == 4:
-            acc = _gemv_words4(acc, x_row, words, w0, cols, rw < w_hi, K, table, zero, X_KIND, False)
+            acc = _gemv_words4(acc, x_row, words, w0, cols, rw < w_hi, K, table, zero, xs, w_lo, X_KIND, False, XS)
         else:
             acc = _gemv_words(acc, x_row, words, rw, rw < w_hi, K, table, book_rows, zero, BITS, PER, LANES,
                               SEG, X_KIND, False)
@@ -292,7 +384,7 @@ def _codebook_gemv_kernel(
         words = tl.load(p_ptr + rows[:, None] * stride_pn + rw[None, :], mask=w_mask[None, :], other=0,
                         cache_modifier=C.STREAM_CACHE, eviction_policy=C.STREAM_EVICT)
         if LANES and BITS == 4:
-            acc = _gemv_words4(acc, x_row, words, w_full, cols, w_mask, K, table, zero, X_KIND, True)
+            acc = _gemv_words4(acc, x_row, words, w_full, cols, w_mask, K, table, zero, xs, w_lo, X_KIND, True, XS)
         else:
             acc = _gemv_words(acc, x_row, words, rw, w_mask, K, table, book_rows, zero, BITS, PER, LANES,
                               SEG, X_KIND, True)
@@ -350,6 +442,7 @@ def _codebook_dequant_kernel(p_ptr, book_ptr, out_ptr, N, K, stride_pn, stride_b
 
 _gemv_tuned = C.tuned(_codebook_gemv_kernel, GEMV_CONFIGS, key=["N", "K", "BITS", "SPLIT_K"])
 _gemv4_tuned = C.tuned(_codebook_gemv_kernel, GEMV_CONFIGS4, key=["N", "K", "BITS", "SPLIT_K"])
+_gemv4s_tuned = C.tuned(_codebook_gemv_kernel, GEMV_STAGED_CONFIGS4, key=["N", "K", "BITS", "SPLIT_K"])
 _gemm_tuned = C.tuned(_codebook_gemm_kernel, GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "BITS", "SPLIT_K"],
                       prune=C.prune_gemm)
 
@@ -375,7 +468,7 @@ def codebook_gemv(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor,
     returns ``[..., N]`` in ``x.dtype``. On CUDA the register-held codebook (shuffles) runs once
     its self-check passed (:data:`SELF_CHECKS`), else the codebook is gathered from L1.
     """
-    return _gemv(x, packed, codebook, bias, bits, k, split_k, config, _checked)
+    return _gemv(x, packed, codebook, bias, bits, k, split_k, config, _checked, True)
 
 
 def _checked(path: str, x2: torch.Tensor) -> bool:
@@ -383,8 +476,9 @@ def _checked(path: str, x2: torch.Tensor) -> bool:
     return dispatch.fast_path_ok(path, x2, check, fallback)
 
 
-def _gemv(x, packed, codebook, bias, bits, k, split_k, config, allow) -> torch.Tensor:
-    """:func:`codebook_gemv`, taking the shuffle path ``codebook.lanes<bits>`` only where ``allow``."""
+def _gemv(x, packed, codebook, bias, bits, k, split_k, config, allow, stage) -> torch.Tensor:
+    """:func:`codebook_gemv`, taking the shuffle path ``codebook.lanes<bits>`` only where ``allow``;
+    ``stage``: 4-bit x staged in shared memory where it fits (:func:`stage_columns`)."""
     x2, packed, codebook, stride_b = _prepare(x, packed, codebook, bits, k)
     m, (n, words) = x2.shape[0], packed.shape
     # The shuffles need a warp's 2**bits-lane segments on one row: every gemv_configs entry does that.
@@ -400,14 +494,18 @@ def _gemv(x, packed, codebook, bias, bits, k, split_k, config, allow) -> torch.T
         xp[:, :k] = x2
         x2 = xp[:, :k]
     split = split_k or C.pick_split_k(x2, triton.cdiv(n, 16) * m, k, n)
+    rows_needed = max(c.kwargs["BLOCK_N"] for c in GEMV_STAGED_CONFIGS4) if config is None else config.kwargs["BLOCK_N"]
+    staged = stage_columns(words, split) if stage and lanes and bits == 4 and n >= rows_needed else 0
     out, ws = C.new_output(m, n, split, x.dtype, x.device)
     if m and n:
         C.launch(
-            _codebook_gemv_kernel, _gemv4_tuned if bits == 4 and lanes else _gemv_tuned,
+            _codebook_gemv_kernel,
+            _gemv4s_tuned if staged else _gemv4_tuned if bits == 4 and lanes else _gemv_tuned,
             lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, split),
             (x2, packed, codebook, bias, ws, m, n, k, words, x2.stride(0), packed.stride(0), stride_b),
             config, INTERP_GEMV, BITS=bits, PER=32 // bits, HAS_BIAS=bias is not None, SPLIT_K=split,
             LANES=lanes, SEG=shuffle_control(bits) if lanes else 0, X_KIND=X_KINDS[x.dtype],
+            **stage_constexprs(staged, words),
         )
         C.finish_split_k(out, ws, bias, split)
     return out.view(*x.shape[:-1], n)
@@ -448,12 +546,13 @@ def _probe_check(bits: int):
     path = f"codebook.lanes{bits}"
 
     def check(device: torch.device, dtype: torch.dtype) -> bool:
-        for per_row in (True, False):
+        # 4-bit: with x staged in shared memory (the probe's K fits) and without (wider K).
+        for per_row, stage in ((True, True), (False, True), (True, False))[:3 if bits == 4 else 2]:
             x, packed, book, k, want = probe(bits, per_row)
             taken = []
-            got = _gemv(x.to(device, dtype), packed.to(device), book.to(device), None, bits, k, 1,
-                        gemv_configs(bits)[0],
-                        lambda p, _: p == path and not taken.append(p))
+            config = (GEMV_STAGED_CONFIGS4 if stage and bits == 4 else gemv_configs(bits))[0]
+            got = _gemv(x.to(device, dtype), packed.to(device), book.to(device), None, bits, k, 1, config,
+                        lambda p, _: p == path and not taken.append(p), stage)
             if taken != [path] or not torch.equal(got.double().cpu(), want):
                 return False
         return True

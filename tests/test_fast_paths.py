@@ -181,7 +181,19 @@ def test_codebook_and_sparse24_gates(fake_gpu, monkeypatch):
     monkeypatch.setattr(codebook.C, "launch", lambda kernel, tuned, grid, args, config, default, **kw: seen.update(kw))
     x = torch.randn(1, 64)
     codebook.codebook_gemv(x, torch.zeros(8, 8, dtype=torch.int32), torch.randn(8, 16), None, 4, 64)
-    assert asked == ["codebook.lanes4"] and seen["LANES"] is False
+    assert asked == ["codebook.lanes4"] and seen["LANES"] is False and seen["XS"] == 0
+    # Once the shuffles pass: x staged in shared memory where the program's columns fit (zeros
+    # past K up to whole 128-word steps) and N fills every config's rows, else the unstaged loop.
+    monkeypatch.setattr(dispatch, "fast_path_ok", lambda path, x, check, fallback: True)
+    monkeypatch.setattr(codebook.C, "finish_split_k", lambda *args: None)  # nothing was launched
+    rows = max(c.kwargs["BLOCK_N"] for c in codebook.GEMV_STAGED_CONFIGS4)
+    for k, split, n, xs in ((64, 1, rows, 1024), (8 * 1376, 1, rows + 3, 11264), (8 * 1376, 2, rows, 6144),
+                            (8 * 1500, 1, rows, 0), (64, 1, rows - 1, 0)):
+        codebook.codebook_gemv(torch.randn(1, k), torch.zeros(n, k // 8, dtype=torch.int32), torch.randn(n, 16),
+                               None, 4, k, split)
+        assert seen["LANES"] is True and seen["XS"] == xs and (seen["XS_ASM"] != "") == (xs > 0), (k, split, n)
+        assert seen["WS"] == (k // 8 if xs and codebook.C.V38 else 0) and (xs == 0 or f"[{4 * xs}]" in seen["XS_ASM"])
+    monkeypatch.setattr(dispatch, "fast_path_ok", lambda path, x, check, fallback: asked.append(path) or False)
     sparse24.sparse24_gemv(x.bfloat16(), torch.zeros(8, 32), torch.zeros(8, 2, dtype=torch.int32), None, None, None,
                            0, 64)
     assert asked[-1] == "sparse24.prmt" and seen["FAST"] is False
@@ -250,7 +262,8 @@ def test_codebook_probe_is_exact(bits):
         for dtype in (torch.bfloat16, torch.float16):
             assert torch.equal(want.to(dtype).double(), want)
             assert torch.equal(codebook.reference(x.to(dtype), packed, book, None, bits, k), want)
-    got = codebook._gemv(x.bfloat16(), packed, book, None, bits, k, 1, codebook.gemv_configs(bits)[0], lambda *a: True)
+    got = codebook._gemv(x.bfloat16(), packed, book, None, bits, k, 1, codebook.gemv_configs(bits)[0], lambda *a: True,
+                         True)
     assert torch.equal(got.double(), want)
 
 

@@ -63,6 +63,12 @@ def variants():
             out.append((CB._codebook_gemv_kernel, {**cb, "x_ptr": x_type},
                         {**CB.gemv_constexprs(bits, c, lanes), "X_KIND": x_kind, "HAS_BIAS": False},
                         c.num_warps, c.num_stages))
+        if bits == 4:  # x staged in shared memory (16- and 32-bit x)
+            s = CB.GEMV_STAGED_CONFIGS4[0]
+            for x_kind, x_type in ((0, bf16), (2, "*fp32")):
+                out.append((CB._codebook_gemv_kernel, {**cb, "x_ptr": x_type},
+                            {**CB.gemv_constexprs(4, s, staged_k=2000), "X_KIND": x_kind, "HAS_BIAS": False},
+                            s.num_warps, s.num_stages))
         out += [(CB._codebook_gemm_kernel, cb, {**per, **dot, **c.kwargs}, c.num_warps, c.num_stages)
                 for c in (CB.GEMM_CONFIGS[1], CB.GEMM_CONFIGS[-1])]
     for kind, values in ((0, bf16), (1, "*i8"), (2, "*u8")):

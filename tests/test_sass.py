@@ -104,15 +104,23 @@ def test_codebook_gemv_loop_shuffles_instead_of_gathering(report, bits):
         # rows), nothing per weight. The gathering baseline had at least one a weight.
         loads = sum(v for k, v in m.items() if k.startswith("LDG.") and k != "LDG.evict_hint")
         assert loads <= per / 4, f"{r['variant']}: {loads} global loads for {per} weights"
-        assert m.get("barrier", 0) == 0 and m.get("shared_ld", 0) + m.get("shared_st", 0) == 0, r["variant"]
+        # No barrier in the loop; shared memory only where x is staged there (XS: fp32 x written
+        # before the loop, read in 128-bit loads of 4 columns, once for all of a thread's rows).
+        staged = int(re.search(r"BLOCK_W=(\d+)", r["variant"]).group(1)) * 8 // 32 // 4 if "XS=" in r["variant"] else 0
+        assert m.get("barrier", 0) == 0 and m.get("shared_st", 0) == 0, r["variant"]
+        assert m.get("shared_ld", 0) == staged, f"{r['variant']}: {m}"
         assert r["registers"] <= 128, f"{r['variant']}: {r['registers']} registers"
         # The shuffles read the table from lanes of the same 2**bits-lane segment: those must work
         # on one row, which the packed words' [1, 32] threads-per-warp layout guarantees.
         assert r["i32_load_threads_per_warp"] == ["1, 32"], r["variant"]
         _weights_in_128bit_loads(r)
     # The gathering baseline's best: 8.47 (4-bit), 12.5 (3-bit); one accumulator a word: 3.22
-    # (4-bit, 8 rows a thread); lane_dot4 with 16 rows a thread: 3.03.
-    assert min(r["per_weight"] for r in rows) < {4: 3.05, 3: 3.4}[bits]
+    # (4-bit, 8 rows a thread); lane_dot4 with 16 rows a thread: 3.03; x staged in shared memory
+    # as fp32: 2.97 (Triton 3.6 fits 8 rows a thread under 128 registers: 3.01).
+    import triton
+
+    v38 = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 8)
+    assert min(r["per_weight"] for r in rows) <= {4: 3.0 if v38 else 3.05, 3: 3.4}[bits]
 
 
 def _prmt(a: int, b: int, selector: int) -> int:
@@ -383,7 +391,7 @@ def _run_ptx(asm: str, ops: dict, memory: bytes = b"") -> dict:
     ``ops``: operand number -> uint32[32] (one value a lane; 64-bit addresses for ``ld`` are byte
     offsets into ``memory``). Knows the instructions the codebook GEMV's blocks use: mov, shr, shl,
     and, shfl.sync.idx, fma.rn.f32 (exact here: the tests' values keep every sum exact),
-    ld.global.nc.v4.b32 and cvt.f32.f16.
+    ld.global.nc.v4.b32, ld.shared.v4.f32 and cvt.f32.f16.
     """
     regs = {f"${k}": np.asarray(v, np.uint32).copy() for k, v in ops.items()}
     lanes = np.arange(32)
@@ -404,7 +412,7 @@ def _run_ptx(asm: str, ops: dict, memory: bytes = b"") -> dict:
         if not ins or ins.startswith(".reg"):
             continue
         op, _, rest = ins.partition(" ")
-        if op == "ld.global.nc.v4.b32":
+        if op in ("ld.global.nc.v4.b32", "ld.shared.v4.f32"):
             m = re.fullmatch(r"\{(.*)\}, \[(\$\d+)\+?(\d*)\]", rest)
             base = regs[m.group(2)].astype(np.int64) + int(m.group(3) or 0)
             for i, d in enumerate(t.strip() for t in m.group(1).split(",")):
@@ -492,6 +500,22 @@ def test_load_x32_ptx_is_exact(kind):
             got = regs[f"${4 * j + q}"].view(np.float32)
             want = x.float().numpy()[cols + 8 * q + j]
             np.testing.assert_array_equal(got, want)
+
+
+def test_lds_x32_ptx_reads_the_staged_columns():
+    """Emulate lds_x32 on fp32 x staged in shared memory: output j, element q of a lane is the
+    float at column 8 q + j of the 32 from its (16-byte aligned) address, as load_x32 hands them
+    to lane_dot4."""
+    from torchzip.kernels.codebook import LDS_X32, stage_asm
+
+    rng = np.random.default_rng()
+    staged = rng.standard_normal(32 * 32 + 8).astype(np.float32)
+    start = (np.arange(32) * 32 + 8 * rng.integers(0, 2)) * 4
+    regs = _run_ptx(LDS_X32.value, {32 + q: start.astype(np.uint32) for q in range(4)}, staged.tobytes())
+    for q in range(4):
+        for j in range(8):
+            np.testing.assert_array_equal(regs[f"${4 * j + q}"].view(np.float32), staged[start // 4 + 8 * q + j])
+    assert "[45056]" in stage_asm(11264)  # bytes: 4 a column
 
 
 def test_sparse24_codebook_gemv_looks_values_up_by_shuffle(report):
