@@ -40,3 +40,16 @@ def plain_attention():
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(before)
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def cpu_route(request, monkeypatch):
+    """Run a test on both routes of the CPU kernels: the compiled C library (where it builds) and
+    torch's code."""
+    from torchzip.kernels import codebook_cpu
+
+    if request.param == "compiled" and not codebook_cpu.available():
+        pytest.skip(f"compiled CPU kernels: {codebook_cpu.why_not()}")
+    if request.param == "torch":
+        monkeypatch.setattr(codebook_cpu, "available", lambda: False)
+    return request.param

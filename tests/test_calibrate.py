@@ -90,18 +90,6 @@ def test_gptq_int8_matches_float64_reference(group_size):
     assert output_mse(model, nn.Sequential(layer), x) < output_mse(plain, nn.Sequential(layer), x)
 
 
-@pytest.fixture(params=["compiled", "torch"])
-def cpu_route(request, monkeypatch):
-    """Both routes of the codebook calibration: the compiled kernels (where they build) and torch's."""
-    from torchzip.kernels import codebook_cpu
-
-    if request.param == "compiled" and not codebook_cpu.available():
-        pytest.skip(f"compiled CPU kernels: {codebook_cpu.why_not()}")
-    if request.param == "torch":
-        monkeypatch.setattr(codebook_cpu, "available", lambda: False)
-    return request.param
-
-
 def test_gptq_codebook_assignment_matches_float64_reference(cpu_route):
     from torchzip.passes.calibrated import act_order, inverse_hessian_factor
     from torchzip.passes.codebook import _gptq_assign

@@ -8,14 +8,10 @@ from torchzip.passes import codebook
 from torchzip.passes.codebook import assign_nearest, kmeans_1d
 
 
-@pytest.fixture(autouse=True, params=["compiled", "torch"])
-def route(request, monkeypatch):
+@pytest.fixture(autouse=True)
+def route(cpu_route):
     """Every test runs on both Lloyd's loops: the compiled one (where it builds) and torch's."""
-    if request.param == "compiled" and not codebook_cpu.available():
-        pytest.skip(f"compiled CPU kernels: {codebook_cpu.why_not()}")
-    if request.param == "torch":
-        monkeypatch.setattr(codebook_cpu, "available", lambda: False)
-    return request.param
+    return cpu_route
 
 
 def lloyd_reference(x, valid, k, iterations, weights=None):
