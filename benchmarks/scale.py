@@ -31,7 +31,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torchzip as tz  # noqa: E402
 from common import write_json  # noqa: E402
-from torchzip.kernels import codebook_cpu  # noqa: E402
+from torchzip.kernels import cpu  # noqa: E402
 from torchzip.packed import CodebookWeight, Int8Weight  # noqa: E402
 from torchzip.passes.codebook import kmeans_1d  # noqa: E402
 
@@ -222,7 +222,7 @@ ISA_ENV = ("TORCHZIP_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL
 def cpu_forward(s: dict, repeat: int = 11) -> list[dict]:
     """Four n x n layers at one thread and at all threads: dense fp32 / bf16 vs packed int8 and
     4-bit codebook: the default route (fused C linears for M <= INT8_MAX_M / LINEAR_MAX_M, blocks
-    above), the bit-exact dequantize-a-block + BLAS route (codebook_cpu.set_fused(False)) and the
+    above), the bit-exact dequantize-a-block + BLAS route (cpu.set_fused(False)) and the
     torch fallback (no C library). Best of ``repeat`` turns."""
     threads = torch.get_num_threads()
     n = s["gemm"]
@@ -231,23 +231,23 @@ def cpu_forward(s: dict, repeat: int = 11) -> list[dict]:
     book = [CodebookWeight.from_indices(torch.randint(0, 16, (n, n)), torch.randn(n, 16) * 0.02, 4, torch.float32)
             for _ in range(4)]
     bf16 = [w.bfloat16() for w in dense]
-    compiled = codebook_cpu.available()
-    real = codebook_cpu.available
+    compiled = cpu.available()
+    real = cpu.available
 
     def torch_route():
-        codebook_cpu.available = lambda: False
+        cpu.available = lambda: False
         try:
             return [p.linear(x) for p in book]
         finally:
-            codebook_cpu.available = real
+            cpu.available = real
 
     def blocked(layers):
         def run():
-            codebook_cpu.set_fused(False)
+            cpu.set_fused(False)
             try:
                 return [p.linear(x) for p in layers]
             finally:
-                codebook_cpu.set_fused(True)
+                cpu.set_fused(True)
         return run
 
     routes = ("bf16", "int8", "int8_blocked", "codebook4", "codebook4_blocked", "codebook4_torch")
@@ -264,7 +264,7 @@ def cpu_forward(s: dict, repeat: int = 11) -> list[dict]:
                          "codebook4": lambda: [p.linear(x) for p in book],
                          "codebook4_blocked": blocked(book)}, repeat=repeat)
             t["codebook4_torch"] = best(torch_route, repeat=1)
-            rows.append({"M": m, "threads": n_threads, "compiled_kernels": compiled, "isa": codebook_cpu.ISA,
+            rows.append({"M": m, "threads": n_threads, "compiled_kernels": compiled, "isa": cpu.ISA,
                          **{f"{k}_ms": v * 1e3 for k, v in t.items()},
                          **{f"{k}_speed_vs_fp32": t["fp32"] / t[k] for k in routes}})
     torch.set_num_threads(threads)
@@ -278,7 +278,7 @@ def print_cpu(results: dict, s: dict) -> None:
               f"sort {r['sort_s']:.3f} s, "
               f"ratio {r['ratio']:.2f}x (target <= 1.5)")
     print(f"CPU forward, 4 layers of {s['gemm']}x{s['gemm']} (speed vs fp32; targets int8 >= 1.0 at M 1, 8; codebook >= 0.8); "
-          f"compiled CPU kernels: {codebook_cpu.why_not()}, C linears {codebook_cpu.ISA}; {results['isa_env'] or 'no ISA caps'}")
+          f"compiled CPU kernels: {cpu.why_not()}, C linears {cpu.ISA}; {results['isa_env'] or 'no ISA caps'}")
     for r in results["cpu_forward"]:
         print(f"  {r['threads']} thread(s), M={r['M']:3d}: fp32 {r['fp32_ms']:7.2f} ms | bf16 {r['bf16_speed_vs_fp32']:.2f}x | "
               f"int8 {r['int8_speed_vs_fp32']:.2f}x (bit-exact blocks {r['int8_blocked_speed_vs_fp32']:.2f}x) | "
@@ -311,7 +311,7 @@ def main() -> int:
         torch.set_num_threads(1)
     results: dict = {"setting": setting, **s, "timer": "process CPU time" if args.cpu_time else "wall", "note": args.note,
                      "isa_env": {k: os.environ[k] for k in ISA_ENV if k in os.environ}}
-    suffix = "-avx2" if codebook_cpu.ISA == "avx2" and "TORCHZIP_CPU_ISA" in os.environ else ""
+    suffix = "-avx2" if cpu.ISA == "avx2" and "TORCHZIP_CPU_ISA" in os.environ else ""
     results["kmeans"] = kmeans_vs_sort(s)
     results["cpu_forward"] = cpu_forward(s, args.repeat)
     results["repeat"] = args.repeat

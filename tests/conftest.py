@@ -46,10 +46,10 @@ def plain_attention():
 def cpu_route(request, monkeypatch):
     """Run a test on both routes of the CPU kernels: the compiled C library (where it builds) and
     torch's code."""
-    from torchzip.kernels import codebook_cpu
+    from torchzip.kernels import cpu
 
-    if request.param == "compiled" and not codebook_cpu.available():
-        pytest.skip(f"compiled CPU kernels: {codebook_cpu.why_not()}")
+    if request.param == "compiled" and not cpu.available():
+        pytest.skip(f"compiled CPU kernels: {cpu.why_not()}")
     if request.param == "torch":
-        monkeypatch.setattr(codebook_cpu, "available", lambda: False)
+        monkeypatch.setattr(cpu, "available", lambda: False)
     return request.param

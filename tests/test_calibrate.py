@@ -112,12 +112,12 @@ def test_gptq_codebook_assignment_matches_float64_reference(cpu_route):
 
 @pytest.mark.parametrize("k, n, shared, masked", [(300, 37, False, True), (129, 20, True, False), (7, 5, False, False)])
 def test_compiled_gptq_codebook_assignment_is_torchs_bit_for_bit(k, n, shared, masked, monkeypatch):
-    from torchzip.kernels import codebook_cpu
+    from torchzip.kernels import cpu
     from torchzip.passes.calibrated import act_order, inverse_hessian_factor
     from torchzip.passes.codebook import _gptq_assign
 
-    if not codebook_cpu.available():
-        pytest.skip(f"compiled CPU kernels: {codebook_cpu.why_not()}")
+    if not cpu.available():
+        pytest.skip(f"compiled CPU kernels: {cpu.why_not()}")
     gen = torch.Generator().manual_seed(k)
     h = second_moment([correlated(n, k, seed=k)(2 * k)])
     w = torch.randn(n, k, generator=gen)
@@ -127,7 +127,7 @@ def test_compiled_gptq_codebook_assignment_is_torchs_bit_for_bit(k, n, shared, m
     visit = act_order(h)
     factor = inverse_hessian_factor(h[visit][:, visit])
     got = _gptq_assign(w, h, book, keep, visit, factor)  # several ragged blocks of 128 columns at k = 300
-    monkeypatch.setattr(codebook_cpu, "available", lambda: False)
+    monkeypatch.setattr(cpu, "available", lambda: False)
     want = _gptq_assign(w, h, book, keep, visit, factor)
     assert torch.equal(got, want)
     assert masked == bool((got == -1).any()) and not bool((got == 3).any())

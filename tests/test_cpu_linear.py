@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchzip.kernels import codebook_cpu
+from torchzip.kernels import cpu
 from torchzip.packed import base
 from torchzip.packed import CodebookWeight, Int8Weight
 
@@ -12,7 +12,7 @@ from torchzip.packed import CodebookWeight, Int8Weight
 @pytest.fixture
 def small_blocks(monkeypatch):
     monkeypatch.setattr(base, "BLOCK", 700)  # several blocks of rows, and a ragged last one
-    monkeypatch.setattr(codebook_cpu, "_fused", False)  # the blocked route at every M
+    monkeypatch.setattr(cpu, "_fused", False)  # the blocked route at every M
 
 
 def within_rounding(got, want, scale, k):
@@ -63,7 +63,7 @@ def test_large_layer_takes_blocks_bitwise_like_f_linear(monkeypatch):
     real = Int8Weight.dequantize_block
     monkeypatch.setattr(Int8Weight, "dequantize_block", lambda self, *a: (calls.append(a[:2]), real(self, *a))[1])
     packed = Int8Weight.from_float(torch.randn(640, 2048))  # 1.3M weights: over BLOCK
-    x = torch.randn(codebook_cpu.INT8_MAX_M + 1, 2048)  # more rows than the fused kernel takes
+    x = torch.randn(cpu.INT8_MAX_M + 1, 2048)  # more rows than the fused kernel takes
     got = packed.linear(x)
     assert calls == [(0, 512), (512, 640)]
     assert torch.allclose(got, F.linear(x, packed.dequantize()), rtol=1e-5, atol=1e-5)

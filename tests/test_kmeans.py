@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from torchzip.kernels import codebook_cpu
 from torchzip.passes import codebook
 from torchzip.passes.codebook import assign_nearest, kmeans_1d
 

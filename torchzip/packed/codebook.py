@@ -9,7 +9,7 @@ import torch
 
 from torchzip.export import huffman
 from torchzip.export.container import brief
-from torchzip.kernels import codebook_cpu
+from torchzip.kernels import cpu
 from torchzip.packed.base import PackedWeight, WeightState, register_format
 from torchzip.packed.bits import pack_bits, packed_words, unpack_bits, unpack_codes_u8
 from torchzip.packed.values import CodebookValues, read_table, table
@@ -17,7 +17,7 @@ from torchzip.packed.values import CodebookValues, read_table, table
 
 def _compiled(t: torch.Tensor) -> bool:
     """Whether the compiled CPU kernels take this tensor (CPU, eager, kernels built)."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling() and codebook_cpu.available()
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and cpu.available()
 
 
 def _byte_fields(bits: int, device: torch.device) -> torch.Tensor:
@@ -114,7 +114,7 @@ class CodebookWeight(PackedWeight):
         if _compiled(self.packed) and self.dtype in (torch.float32, torch.bfloat16, torch.float16):
             # The same table entries without int64 indices: bit for bit the lookup below.
             out = torch.empty(self.shape, dtype=self.dtype)
-            return codebook_cpu.dequantize_rows(self.packed, self.codebook.to(self.dtype), self.bits, out)
+            return cpu.dequantize_rows(self.packed, self.codebook.to(self.dtype), self.bits, out)
         return self._lookup(self.indices(), self.codebook)
 
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
@@ -126,7 +126,7 @@ class CodebookWeight(PackedWeight):
         book = self.codebook[start:stop] if self.codebook.shape[0] > 1 else self.codebook
         if _compiled(out) and out.stride(-1) == 1 and out.dtype in (torch.float32, torch.bfloat16, torch.float16):
             # Table entries rounded as the eager lookup rounds them: the same values, bit for bit.
-            return codebook_cpu.dequantize_rows(self.packed[start:stop], book.to(self.dtype).to(out.dtype), self.bits, out)
+            return cpu.dequantize_rows(self.packed[start:stop], book.to(self.dtype).to(out.dtype), self.bits, out)
         if 8 % self.bits:  # fields straddle bytes: unpack, then look up
             return out.copy_(self._lookup(unpack_bits(self.packed[start:stop], self.bits, k), book))
         # Fields never straddle a byte: each byte of the packed words indexes a small table of the
@@ -153,11 +153,11 @@ class CodebookWeight(PackedWeight):
     def cpu_linear(self, x, bias):
         # The fused kernel reads the packed codes once for up to LINEAR_MAX_M rows of x; more rows
         # take the blocked dequantize + BLAS matmul (dequantize_block above).
-        m = codebook_cpu.fused_rows(x, self.shape[1], codebook_cpu.LINEAR_MAX_M)
+        m = cpu.fused_rows(x, self.shape[1], cpu.LINEAR_MAX_M)
         if not m:
             return None
         book = self.codebook.to(self.dtype).to(x.dtype)  # what dequantize().to(x.dtype) holds
-        y = codebook_cpu.linear(x.reshape(m, self.shape[1]).float(), self.packed, book, self.bits, self.shape[1])
+        y = cpu.linear(x.reshape(m, self.shape[1]).float(), self.packed, book, self.bits, self.shape[1])
         if bias is not None:
             y += bias.to(x.dtype).float()
         return y.to(x.dtype).view(*x.shape[:-1], self.shape[0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from torchzip.kernels import codebook_cpu
+from torchzip.kernels import cpu
 from torchzip.packed.base import PackedWeight, WeightState, register_format
 from torchzip.packed.values import Int8Values, check_group_size, int8_quantize, read_table, table
 
@@ -46,8 +46,8 @@ class Int8Weight(PackedWeight):
             return out.copy_(self._dequantize(q, scales))
         rows, k = q.shape
         g = self.group_size or k
-        if q.device.type == "cpu" and codebook_cpu.available():  # one pass, the same bits
-            return codebook_cpu.int8_dequantize_rows(q, scales.float().contiguous(), g, out)
+        if q.device.type == "cpu" and cpu.available():  # one pass, the same bits
+            return cpu.int8_dequantize_rows(q, scales.float().contiguous(), g, out)
         # Widen into the buffer, then scale in place (still in cache): the same single rounding as
         # _dequantize, and faster than a mixed-dtype multiply.
         out.copy_(q)
@@ -67,10 +67,10 @@ class Int8Weight(PackedWeight):
         # registers; more rows take the blocked dequantize + BLAS matmul. It sums in fp32 whatever
         # x's dtype (the weights as q * scale in fp32, which a bf16/fp16 layer would round).
         k = self.shape[1]
-        m = codebook_cpu.fused_rows(x, k, codebook_cpu.INT8_MAX_M)
+        m = cpu.fused_rows(x, k, cpu.INT8_MAX_M)
         if not m:
             return None
-        y = codebook_cpu.int8_linear(x.reshape(m, k).float(), self.qweight, self.scales, self.group_size or k)
+        y = cpu.int8_linear(x.reshape(m, k).float(), self.qweight, self.scales, self.group_size or k)
         if bias is not None:
             y += bias.to(x.dtype).float()
         return y.to(x.dtype).view(*x.shape[:-1], self.shape[0])

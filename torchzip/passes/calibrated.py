@@ -272,14 +272,14 @@ def refit_codebook(w: torch.Tensor, h: torch.Tensor, assign: torch.Tensor, centr
     for fixed assignments (``-1``: none), by least squares: one codebook per row
     (``centroids`` ``[N, k]``), per group of ``group_rows`` rows (``[ceil(N / group_rows), k]``) or
     one shared (``[1, k]``). Centroids no weight uses keep their value."""
-    from torchzip.kernels import codebook_cpu
+    from torchzip.kernels import cpu
 
     n, k = assign.shape[0], centroids.shape[1]
     groups = centroids.shape[0]
     group = torch.arange(n, device=w.device) // (n if groups == 1 else group_rows)
     # Unassigned weights (-1) go to an extra centroid k, dropped.
     slots = torch.where(assign >= 0, assign.long(), k)
-    compiled = w.device.type == "cpu" and codebook_cpu.available()
+    compiled = w.device.type == "cpu" and cpu.available()
     h32 = h.float().contiguous()  # sums of H in float32, solved in float64
     # A^T H w: each row's H w_i (one float32 matmul for all rows) summed over its centroids.
     hw = (w.float() @ h32).double()
@@ -290,7 +290,7 @@ def refit_codebook(w: torch.Tensor, h: torch.Tensor, assign: torch.Tensor, centr
     for r0 in range(0, n, chunk):
         part = slots[r0:r0 + chunk]
         if compiled:  # A^T H A as below, in C: cache-blocked, by symmetry half the adds
-            rows = codebook_cpu.refit_lhs(h32, part, k)
+            rows = cpu.refit_lhs(h32, part, k)
         else:
             # A^T H A: the rows, then the columns, of H that share a centroid (K^2 adds a row,
             # not a k K^2 one-hot matmul).

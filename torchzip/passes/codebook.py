@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 from torchzip.errors import RecipeError
 from torchzip.export.artifact import trim_heap
-from torchzip.kernels import codebook_cpu
+from torchzip.kernels import cpu
 from torchzip.packed.bits import pack_bits, packed_words, unpack_fields
 from torchzip.packed.values import HALF_DTYPES, CodebookValues
 from torchzip.passes.base import check_choice, check_int, register_pass, weight_before
@@ -104,9 +104,9 @@ def _lloyd_sorted(x: torch.Tensor, valid: torch.Tensor | None, weights: torch.Te
     # The same iterations in C where it builds, a row per thread: the torch loop below runs ~30
     # small ops per iteration that do not spread over threads (the sort before them does), and
     # binary searches start from the last iteration's edges. Unweighted, C sums the keys itself.
-    compiled = x.device.type == "cpu" and codebook_cpu.available()
+    compiled = x.device.type == "cpu" and cpu.available()
     if compiled and weights is None:
-        return codebook_cpu.lloyd_sorted(keys, order, n_valid, None, None, centroids, iterations)
+        return cpu.lloyd_sorted(keys, order, n_valid, None, None, centroids, iterations)
     values = keys if live is None else torch.where(live, keys, torch.zeros((), device=x.device))
     sum_w = None
     if weights is not None:
@@ -116,7 +116,7 @@ def _lloyd_sorted(x: torch.Tensor, valid: torch.Tensor | None, weights: torch.Te
     sum_x = values.cumsum(1, dtype=torch.float64)
     del values
     if compiled:
-        return codebook_cpu.lloyd_sorted(keys, order, n_valid, sum_x, sum_w, centroids, iterations)
+        return cpu.lloyd_sorted(keys, order, n_valid, sum_x, sum_w, centroids, iterations)
     block = 16
     coarse = keys[:, block - 1::block].contiguous()
     zero, edges = torch.zeros_like(n_valid), None
@@ -246,11 +246,11 @@ def _gptq_assign(w: torch.Tensor, h: torch.Tensor, centroids: torch.Tensor, keep
     """Assignments ``[N, K]`` (-1 outside ``keep``) chosen column by column with GPTQ's error
     feedback (columns in ``order``; ``factor``: the inverse Hessian factor in that order), each
     weight taking the centroid nearest to its updated value."""
-    from torchzip.kernels import codebook_cpu
+    from torchzip.kernels import cpu
     from torchzip.passes.calibrated import gptq, nearest_centroid
 
     book = centroids.double()
-    if w.device.type == "cpu" and codebook_cpu.available():
+    if w.device.type == "cpu" and cpu.available():
         return _gptq_assign_compiled(w, book, keep, order, factor)
     assign = torch.zeros(w.shape, dtype=torch.long, device=w.device)
 
@@ -267,7 +267,7 @@ def _gptq_assign_compiled(w: torch.Tensor, book: torch.Tensor, keep: torch.Tenso
                           factor: torch.Tensor) -> torch.Tensor:
     """:func:`_gptq_assign` with each block's column loop in C (rows run alone inside a block:
     no per-column torch calls), the updates between blocks as the same matmuls; bit for bit."""
-    from torchzip.kernels import codebook_cpu
+    from torchzip.kernels import cpu
     from torchzip.passes.calibrated import _block, one_thread
 
     n, k = w.shape
@@ -282,7 +282,7 @@ def _gptq_assign_compiled(w: torch.Tensor, book: torch.Tensor, keep: torch.Tenso
             i2 = min(i1 + block, k)
             w1, err1 = w[:, i1:i2].clone(), torch.empty(n, i2 - i1, dtype=w.dtype)
             codes = torch.empty(n, i2 - i1, dtype=torch.long)
-            codebook_cpu.gptq_codebook_block(w1, factor[i1:i2, i1:i2], book, None if keep is None else keep[:, i1:i2],
+            cpu.gptq_codebook_block(w1, factor[i1:i2, i1:i2], book, None if keep is None else keep[:, i1:i2],
                                              codes, err1)
             assign[:, i1:i2] = codes
             w[:, i2:] -= err1 @ factor[i1:i2, i2:]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchzip.kernels import codebook_cpu
+from torchzip.kernels import cpu
 from torchzip.packed import CodebookWeight, base
 from torchzip.passes.codebook import kmeans_1d
 
@@ -23,18 +23,18 @@ def _avx2_linux() -> bool:
     return {"avx2", "fma", "f16c"} <= set(flags.split())
 
 
-needs_kernels = pytest.mark.skipif(not codebook_cpu.available(), reason=f"compiled CPU kernels: {codebook_cpu.why_not()}")
+needs_kernels = pytest.mark.skipif(not cpu.available(), reason=f"compiled CPU kernels: {cpu.why_not()}")
 
 
 @pytest.mark.skipif(not (_avx2_linux() and shutil.which("gcc")), reason="needs x86-64 Linux with AVX2 and gcc")
 def test_kernels_build_where_they_can():
     # Where the toolchain is there, a broken build must fail here, not fall back silently.
-    assert codebook_cpu.available(), codebook_cpu.why_not()
+    assert cpu.available(), cpu.why_not()
 
 
 def test_environment_turns_them_off(monkeypatch):
     monkeypatch.setenv("TORCHZIP_CPU_KERNELS", "0")
-    assert not codebook_cpu.available()
+    assert not cpu.available()
 
 
 def weight(n, k, bits, books, dtype, group_rows=3):
@@ -48,19 +48,19 @@ def weight(n, k, bits, books, dtype, group_rows=3):
 
 
 def eager(monkeypatch):
-    monkeypatch.setattr(codebook_cpu, "available", lambda: False)
+    monkeypatch.setattr(cpu, "available", lambda: False)
 
 
 @pytest.fixture
 def fused(monkeypatch):
-    monkeypatch.setattr(codebook_cpu, "_fused", True)
+    monkeypatch.setattr(cpu, "_fused", True)
     monkeypatch.setattr(base, "BLOCK", 0)  # the fused kernels take weights over BLOCK values: all here
 
 
 def spy(monkeypatch, name):
     calls = []
-    real = getattr(codebook_cpu, name)
-    monkeypatch.setattr(codebook_cpu, name, lambda *a: (calls.append(a), real(*a))[1])
+    real = getattr(cpu, name)
+    monkeypatch.setattr(cpu, name, lambda *a: (calls.append(a), real(*a))[1])
     return calls
 
 
@@ -72,7 +72,7 @@ def test_small_layers_are_bitwise_f_linear(monkeypatch, bits, dtype):
     # default, take larger ones): packed outputs equal the trainable model's bit for bit.
     from torchzip.packed import Int8Weight
 
-    assert codebook_cpu.fused()  # on by default
+    assert cpu.fused()  # on by default
     calls = spy(monkeypatch, "linear"), spy(monkeypatch, "int8_linear")
     packed, ref = weight(37, 90, bits, "channel", dtype)
     assert torch.equal(packed.dequantize(), ref)
@@ -83,11 +83,11 @@ def test_small_layers_are_bitwise_f_linear(monkeypatch, bits, dtype):
     assert torch.equal(q.linear(x, bias), F.linear(x, q.dequantize(), bias))
     assert calls == ([], [])
     monkeypatch.setattr(base, "BLOCK", 700)  # large weights now: blocks of rows when fused is off
-    codebook_cpu.set_fused(False)
+    cpu.set_fused(False)
     try:
         packed.linear(x, bias), q.linear(x, bias)
     finally:
-        codebook_cpu.set_fused(True)
+        cpu.set_fused(True)
     assert calls == ([], [])
     packed.linear(x, bias), q.linear(x, bias)  # fused again: both kernels run
     assert len(calls[0]) == len(calls[1]) == 1
@@ -95,7 +95,7 @@ def test_small_layers_are_bitwise_f_linear(monkeypatch, bits, dtype):
     assert torch.equal(packed.dequantize(), ref)
 
 
-ISAS = ["avx2"] + (["avx512"] if codebook_cpu.ISA == "avx512" else [])  # what this CPU can run
+ISAS = ["avx2"] + (["avx512"] if cpu.ISA == "avx512" else [])  # what this CPU can run
 
 
 @needs_kernels
@@ -104,12 +104,12 @@ ISAS = ["avx2"] + (["avx512"] if codebook_cpu.ISA == "avx512" else [])  # what t
 @pytest.mark.parametrize("books", ["channel", "layer", "group"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_linear_matches_reference(monkeypatch, fused, isa, bits, books, dtype):
-    monkeypatch.setattr(codebook_cpu, "ISA", isa)
+    monkeypatch.setattr(cpu, "ISA", isa)
     n, k = 23, 77  # odd: no whole number of words per row, an odd number of rows; 77 = 4 * 16 + 13
     packed, ref_w = weight(n, k, bits, books, torch.float32)
     w = ref_w.to(dtype).double()
     # M = 1 (dotted in registers), 3, 5, 8, a leading batch dim and LINEAR_MAX_M: the fused kernel
-    for lead in [(1,), (3,), (5,), (2, 4), (codebook_cpu.LINEAR_MAX_M,)]:
+    for lead in [(1,), (3,), (5,), (2, 4), (cpu.LINEAR_MAX_M,)]:
         x = torch.randn(*lead, k).to(dtype)
         bias = torch.randn(n).to(dtype)
         want = x.double() @ w.t() + bias.double()
@@ -145,10 +145,10 @@ def test_block_dequantize_is_bitwise_eager(monkeypatch, bits, dtype):
 def test_large_m_takes_compiled_blocks(monkeypatch, fused):
     monkeypatch.setattr(base, "BLOCK", 1000)
     calls = []
-    real = codebook_cpu.dequantize_rows
-    monkeypatch.setattr(codebook_cpu, "dequantize_rows", lambda *a: (calls.append(a[0].shape[0]), real(*a))[1])
+    real = cpu.dequantize_rows
+    monkeypatch.setattr(cpu, "dequantize_rows", lambda *a: (calls.append(a[0].shape[0]), real(*a))[1])
     packed, ref = weight(50, 70, 4, "layer", torch.float32)
-    x = torch.randn(codebook_cpu.LINEAR_MAX_M + 3, 70)
+    x = torch.randn(cpu.LINEAR_MAX_M + 3, 70)
     got = packed.linear(x)
     assert sum(calls) == 50 and max(calls) == 1000 // 70  # every row once, a block at a time
     assert within_rounding(got, x.double() @ ref.double().t(), x.double().abs() @ ref.double().abs().t(), 70)
@@ -181,12 +181,12 @@ def test_int8_fused_linear_matches_reference(monkeypatch, fused, isa, group, dty
     # tile of 4 x rows, up to INT8_MAX_M.
     from torchzip.packed import Int8Weight
 
-    monkeypatch.setattr(codebook_cpu, "ISA", isa)
+    monkeypatch.setattr(cpu, "ISA", isa)
     calls = spy(monkeypatch, "int8_linear")
     n, k = 23, (group * 7 if group else 77)
     packed = Int8Weight.from_float(torch.randn(n, k) * 3, group)
     w = packed.dequantize().double()
-    for lead in [(1,), (2,), (3,), (5,), (2, 4), (13,), (codebook_cpu.INT8_MAX_M,)]:
+    for lead in [(1,), (2,), (3,), (5,), (2, 4), (13,), (cpu.INT8_MAX_M,)]:
         x = torch.randn(*lead, k).to(dtype)
         bias = torch.randn(n).to(dtype)
         want = x.double() @ w.t() + bias.double()
@@ -195,7 +195,7 @@ def test_int8_fused_linear_matches_reference(monkeypatch, fused, isa, group, dty
         assert within_rounding(got, want, x.double().abs() @ w.abs().t() + bias.double().abs(), k)
         assert torch.equal(packed.linear(x), packed.linear(x))
     assert len(calls) == 7 * 3
-    x = torch.randn(codebook_cpu.INT8_MAX_M + 1, k).to(dtype)  # past INT8_MAX_M: blocks + BLAS
+    x = torch.randn(cpu.INT8_MAX_M + 1, k).to(dtype)  # past INT8_MAX_M: blocks + BLAS
     assert within_rounding(packed.linear(x), x.double() @ w.t(), x.double().abs() @ w.abs().t(), k) and len(calls) == 21
 
 
@@ -203,9 +203,9 @@ def test_int8_fused_linear_matches_reference(monkeypatch, fused, isa, group, dty
 def test_int8_fused_linear_names_bad_input():
     q = torch.randint(-128, 128, (4, 32), dtype=torch.int8)
     with pytest.raises(RuntimeError, match="int8_linear takes"):
-        codebook_cpu.int8_linear(torch.randn(2, 32).double(), q, torch.rand(4, 1), 32)
+        cpu.int8_linear(torch.randn(2, 32).double(), q, torch.rand(4, 1), 32)
     with pytest.raises(RuntimeError, match="int8_linear takes"):
-        codebook_cpu.int8_linear(torch.randn(2, 32), q, torch.rand(4, 1), 8)  # 1 scale for 4 groups
+        cpu.int8_linear(torch.randn(2, 32), q, torch.rand(4, 1), 8)  # 1 scale for 4 groups
 
 
 @needs_kernels
@@ -230,7 +230,7 @@ def test_tiny_and_empty_rows(fused):
 def both_routes(monkeypatch, *args, **kwargs):
     compiled = kmeans_1d(*args, **kwargs)
     with monkeypatch.context() as m:
-        m.setattr(codebook_cpu, "available", lambda: False)
+        m.setattr(cpu, "available", lambda: False)
         eager = kmeans_1d(*args, **kwargs)
     return compiled, eager
 
@@ -263,8 +263,8 @@ def test_int8_block_dequantize_is_bitwise_torch(monkeypatch, group):
     from torchzip.packed import Int8Weight
 
     calls = []
-    real = codebook_cpu.int8_dequantize_rows
-    monkeypatch.setattr(codebook_cpu, "int8_dequantize_rows", lambda *a: (calls.append(1), real(*a))[1])
+    real = cpu.int8_dequantize_rows
+    monkeypatch.setattr(cpu, "int8_dequantize_rows", lambda *a: (calls.append(1), real(*a))[1])
     k = (group or 7) * int(torch.randint(3, 40, ()))  # rows of whole groups (or any width per channel)
     n = int(torch.randint(1, 70, ()))
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
@@ -275,7 +275,7 @@ def test_int8_block_dequantize_is_bitwise_torch(monkeypatch, group):
     g = group or k
     want = (q[n // 3:].double().view(-1, k // g, g) * scales[n // 3:].double().unsqueeze(-1)).float().view(-1, k)
     assert calls and torch.equal(got, want)  # one rounding of the exact product
-    monkeypatch.setattr(codebook_cpu, "available", lambda: False)  # the torch route: the same floats
+    monkeypatch.setattr(cpu, "available", lambda: False)  # the torch route: the same floats
     assert torch.equal(w.dequantize_block(n // 3, n, torch.empty_like(out)), got)
     with pytest.raises(RuntimeError, match="int8_dequantize_rows takes"):
         real(q.float(), scales, g, torch.empty(n, k))

@@ -1,5 +1,5 @@
-"""CPU kernels for codebook and int8 weights: table lookups and fused linears in C, built once
-with the machine's C compiler.
+"""CPU kernels in C, built once with the machine's C compiler: codebook and int8 dequantizes and
+fused linears, and the calibration loops (sorted-values Lloyd's, codebook refit, GPTQ columns).
 
 A row of 4-bit codes is expanded eight at a time: one int32 word is broadcast, shifted per lane
 and masked into eight indices, and two ``vpermps`` over the row's 16-entry table (plus a blend on
@@ -696,11 +696,11 @@ def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC", "gcc")
     key = hashlib.sha256((SOURCE + " ".join(FLAGS) + cc).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("TORCHZIP_CACHE", Path.home() / ".cache" / "torchzip"))
-    path = cache / f"codebook_cpu_{key}.so"
+    path = cache / f"cpu_{key}.so"
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            src = Path(tmp) / "codebook_cpu.c"
+            src = Path(tmp) / "cpu.c"
             src.write_text(SOURCE)
             lib = Path(tmp) / "lib.so"
             subprocess.run([cc, *FLAGS, str(src), "-o", str(lib)], check=True, capture_output=True, timeout=120)
@@ -810,7 +810,7 @@ def _books(book: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def _need(ok: bool, what: str) -> None:
     if _lib is None or not ok:
-        raise RuntimeError(f"codebook_cpu: {what}" if _lib is not None else "codebook_cpu: kernels not available()")
+        raise RuntimeError(f"cpu kernels: {what}" if _lib is not None else "cpu kernels: kernels not available()")
 
 
 def dequantize_rows(packed: torch.Tensor, book: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
