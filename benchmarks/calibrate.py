@@ -333,6 +333,7 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=256)
     parser.add_argument("--held", type=int, default=256)
     # Adam moves every centroid by about lr a step, signal or not: 1e-4 and up lowered the cosine.
+    parser.add_argument("--distill-sentences", type=int, default=512, help="unlabelled sentences for distillation")
     parser.add_argument("--distill-epochs", type=int, default=2)
     parser.add_argument("--distill-lr", type=float, default=3e-5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -354,7 +355,7 @@ def main() -> None:
         return
     model, tokenizer, fp32 = load_minilm(workdir)
     fp32_bytes = fp32.stat().st_size
-    texts = sentences(n_cal + args.held + 512)
+    texts = sentences(n_cal + args.held + args.distill_sentences)
     calibration = batches_of(tokenizer, texts[:n_cal], 16)
     held = batches_of(tokenizer, texts[n_cal:n_cal + args.held], 32)
     train = batches_of(tokenizer, texts[n_cal + args.held:], 16)  # unlabelled sentences for distillation
