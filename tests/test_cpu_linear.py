@@ -74,3 +74,23 @@ def test_compiled_large_layer_has_no_graph_break():
     x = torch.randn(3, 1024)
     compiled = torch.compile(lambda inp: packed.linear(inp), fullgraph=True)
     assert torch.allclose(compiled(x), F.linear(x, packed.dequantize()), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("make", [lambda w: Int8Weight.from_float(w, 14),
+                                  lambda w: CodebookWeight.from_indices(torch.randint(0, 16, w.shape), torch.randn(w.shape[0], 16), 4, torch.float32)])
+def test_a_bias_that_needs_grad_gets_it_through_large_layers(small_blocks, monkeypatch, make, fused):
+    """A trainable bias (or x) on a packed weight: every M takes the differentiable route, and the
+    gradients are those of dequantize + F.linear."""
+    monkeypatch.setattr(cpu, "_fused", fused)
+    packed = make(torch.randn(45, 70))
+    for m in (1, 40, cpu.INT8_MAX_M + 3):
+        bias = torch.randn(45, requires_grad=True)
+        x = torch.randn(m, 70, requires_grad=m == 40)
+        packed.linear(x, bias).square().sum().backward()
+        ref_bias = bias.detach().clone().requires_grad_(True)
+        ref_x = x.detach().clone().requires_grad_(x.requires_grad)
+        F.linear(ref_x, packed.dequantize(), ref_bias).square().sum().backward()
+        assert torch.allclose(bias.grad, ref_bias.grad, rtol=1e-5, atol=1e-5)
+        if x.requires_grad:
+            assert torch.allclose(x.grad, ref_x.grad, rtol=1e-5, atol=1e-5)

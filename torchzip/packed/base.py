@@ -192,7 +192,8 @@ class PackedWeight(nn.Module):
         # outputs stay bitwise those of the trainable layer. Neither the compiled kernels nor the
         # out= matmuls of the blocks have a backward.
         if (x.device.type == "cpu" and x.is_floating_point() and not torch.compiler.is_compiling()
-                and self.shape[0] * self.shape[1] > BLOCK and not (x.requires_grad and torch.is_grad_enabled())):
+                and self.shape[0] * self.shape[1] > BLOCK
+                and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
             out = self.cpu_linear(x, bias)
             if out is not None:
                 return out
