@@ -668,6 +668,14 @@ def fused_rows(x: torch.Tensor, k: int, max_m: int) -> int:
     m = x.numel() // max(k, 1)
     return m if _fused and 0 < m <= max_m and x.dtype in _KIND and available() else 0
 
+def fused_output(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A fused linear's fp32 ``[M, N]`` result as the layer returns it: plus ``bias`` (rounded to
+    ``x.dtype`` first, as ``F.linear`` would see it), in ``x.dtype``, shaped ``[..., N]``."""
+    if bias is not None:
+        y += bias.to(x.dtype).float()
+    return y.to(x.dtype).view(*x.shape[:-1], y.shape[1])
+
+
 def _cpu_flags() -> set[str]:
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")

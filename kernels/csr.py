@@ -17,6 +17,7 @@ from torch import Tensor
 
 from torchzip.kernels import _common as C
 from torchzip.kernels import dispatch
+from torchzip.kernels.codebook import lane_ids
 
 # CSR: [BLOCK_M activations, BLOCK_R rows, BLOCK_NZ nonzeros] per step. One activation row wants
 # several weight rows per program (a row at 90% sparsity of K=4096 has ~400 nonzeros); more
@@ -63,12 +64,6 @@ def csr_constexprs(config: triton.Config, kind: int, entries: int = 16) -> dict:
 def csr_nonzeros_per_iter(constexprs: dict) -> int:
     """Nonzeros one iteration of the CSR kernel's loop consumes."""
     return constexprs["BLOCK_R"] * constexprs["BLOCK_NZ"]
-
-
-@triton.jit
-def lane_id(like):
-    """This thread's lane in its warp, for every element of ``like`` (a GPU-only register read)."""
-    return tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -168,7 +163,7 @@ def _csr_kernel(
             # The codebook in registers: every warp works on one row per register slot (the
             # [1, 32] threads-per-warp tile of BLOCK_NZ >= 256), lane l holds centroid l of it
             # (0 from E on, which PAD_CODE's low 5 bits pick if E < 32), and a lookup is one shuffle.
-            lane = lane_id(tl.zeros((BLOCK_R, BLOCK_NZ), tl.int32))
+            lane = lane_ids(tl.zeros((BLOCK_R, BLOCK_NZ), tl.int32))
             table = load_table((book_ptr + rr[:, None] * stride_b + lane).to(tl.int64), r_mask[:, None] & (lane < E))
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_R, BLOCK_NZ), tl.float32)

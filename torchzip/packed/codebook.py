@@ -158,9 +158,7 @@ class CodebookWeight(PackedWeight):
             return None
         book = self.codebook.to(self.dtype).to(x.dtype)  # what dequantize().to(x.dtype) holds
         y = cpu.linear(x.reshape(m, self.shape[1]).float(), self.packed, book, self.bits, self.shape[1])
-        if bias is not None:
-            y += bias.to(x.dtype).float()
-        return y.to(x.dtype).view(*x.shape[:-1], self.shape[0])
+        return cpu.fused_output(y, x, bias)
 
     def kernel_linear(self, x, bias):
         from torchzip.kernels import codebook

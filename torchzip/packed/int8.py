@@ -71,9 +71,7 @@ class Int8Weight(PackedWeight):
         if not m:
             return None
         y = cpu.int8_linear(x.reshape(m, k).float(), self.qweight, self.scales, self.group_size or k)
-        if bias is not None:
-            y += bias.to(x.dtype).float()
-        return y.to(x.dtype).view(*x.shape[:-1], self.shape[0])
+        return cpu.fused_output(y, x, bias)
 
     def kernel_linear(self, x, bias):
         from torchzip.kernels import int8

@@ -286,8 +286,9 @@ def _gptq_assign_compiled(w: torch.Tensor, book: torch.Tensor, keep: torch.Tenso
                                              codes, err1)
             assign[:, i1:i2] = codes
             w[:, i2:] -= err1 @ factor[i1:i2, i2:]
-    assign = assign[:, torch.argsort(order)]
-    return assign if keep is None else torch.where(keep[:, torch.argsort(order)], assign, -1)
+    back = torch.argsort(order)
+    assign = assign[:, back]
+    return assign if keep is None else torch.where(keep[:, back], assign, -1)
 
 
 class CodebookQuant(nn.Module):
