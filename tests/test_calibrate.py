@@ -509,24 +509,29 @@ def test_output_metric_estimates_the_jacobian_gram_over_real_tokens():
 def test_embeddings_calibrated_on_their_output_metric_beat_weights_alone(recipe):
     # The gains make some columns matter far more than their magnitude says: the calibrated
     # table (scored on the output metric) has a lower output error than the data-free one.
-    model = TokensModel(vocab=48, width=16, out=6, seed=int(torch.randint(0, 2**31, ())))
-    draw = lambda n: {"input_ids": torch.randint(0, 48, (n, 11)), "attention_mask": torch.ones(n, 11, dtype=torch.long)}
-    batches, held = [draw(16) for _ in range(4)], draw(64)
-    kwargs = {"targets": ["Embedding"]}
-    calibrated_recipe = [type(p)(**{**p.__dict__, **kwargs}) for p in recipe]
-    free_recipe = [type(p)(**{**p.__dict__, **kwargs, **({"score": "magnitude"} if isinstance(p, tz.Prune) else
-                                                         {"method": "kmeans"})}) for p in recipe]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the embedding is calibrated: no "weights alone" warning
-        calibrated = tz.compress(model, calibrated_recipe, progress=False, calibration=batches)
-    free = tz.compress(model, free_recipe, progress=False)
-    with torch.no_grad():
-        ref = model(**held)
-        errors = [float((m(**held) - ref).double().pow(2).mean()) for m in (calibrated, free)]
-        table = calibrated.emb.weight
-    if isinstance(recipe[0], tz.Prune):
-        assert int((table == 0).sum()) == round((0.5 if recipe[0].pattern == "2:4" else 0.6) * table.numel())
-    # Measured over seeds: pruning about 0.07-0.27 of the data-free error, 2-bit codebooks 0.6-0.75.
+    # Summed over a few random models: one 2-bit codebook in about 60 comes out worse calibrated.
+    errors = [0.0, 0.0]
+    for _ in range(4):
+        model = TokensModel(vocab=48, width=16, out=6, seed=int(torch.randint(0, 2**31, ())))
+        draw = lambda n: {"input_ids": torch.randint(0, 48, (n, 11)), "attention_mask": torch.ones(n, 11, dtype=torch.long)}
+        batches, held = [draw(16) for _ in range(4)], draw(64)
+        kwargs = {"targets": ["Embedding"]}
+        calibrated_recipe = [type(p)(**{**p.__dict__, **kwargs}) for p in recipe]
+        free_recipe = [type(p)(**{**p.__dict__, **kwargs, **({"score": "magnitude"} if isinstance(p, tz.Prune) else
+                                                             {"method": "kmeans"})}) for p in recipe]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the embedding is calibrated: no "weights alone" warning
+            calibrated = tz.compress(model, calibrated_recipe, progress=False, calibration=batches)
+        free = tz.compress(model, free_recipe, progress=False)
+        with torch.no_grad():
+            ref = model(**held)
+            for i, m in enumerate((calibrated, free)):
+                errors[i] += float((m(**held) - ref).double().pow(2).mean())
+            table = calibrated.emb.weight
+        if isinstance(recipe[0], tz.Prune):
+            assert int((table == 0).sum()) == round((0.5 if recipe[0].pattern == "2:4" else 0.6) * table.numel())
+    # Measured over seeds, one model each: pruning about 0.07-0.27 of the data-free error, 2-bit
+    # codebooks 0.6 on average (0.94 and 1.23 seen in 60).
     assert errors[0] < (0.5 if isinstance(recipe[0], tz.Prune) else 0.85) * errors[1]
 
 
