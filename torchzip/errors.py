@@ -27,3 +27,8 @@ class DistillationError(TorchzipError):
 
 class CalibrationError(TorchzipError):
     """Calibration data is missing, empty, or cannot run through the model."""
+
+
+class MetaTensorError(TorchzipError):
+    """A model runs while some of its tensors are still on the meta device (they have no values):
+    tensors a ``.tzip`` file cannot hold, such as non-persistent buffers, on a meta skeleton."""

@@ -10,7 +10,7 @@ import sys
 import types
 
 from torchzip.export.artifact import export as _export
-from torchzip.export.artifact import load, read_manifest
+from torchzip.export.artifact import empty_weights, load, read_manifest
 
 
 class _CallableModule(types.ModuleType):
@@ -22,4 +22,4 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 export = _export
 
-__all__ = ["export", "load", "read_manifest"]
+__all__ = ["export", "load", "read_manifest", "empty_weights"]

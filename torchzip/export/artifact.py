@@ -12,12 +12,15 @@ puts them in. A file that fails any check leaves the skeleton exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
 import os
 import sys
 import warnings
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from torchzip.errors import TorchzipError
+from torchzip.errors import MetaTensorError, TorchzipError
 from torchzip.export import container
 from torchzip.export.codec import DTYPES, Section, StreamReader, StreamWriter, checked_shape, dtype_name, lookup, need
 from torchzip.export.container import brief
@@ -533,45 +536,135 @@ def _commit(skeleton: nn.Module, plan: LoadPlan) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def empty_weights() -> Iterator[None]:
+    """Build models with every parameter on the meta device and every buffer real.
+
+    Inside ``with tz.empty_weights():`` a parameter is put on meta as it is registered, so a
+    model's weights take no memory, while its buffers (position ids, rotary tables: the tensors a
+    ``state_dict``, and so a ``.tzip`` file, may not hold) are computed by its own ``__init__`` as
+    usual. Like accelerate's ``init_empty_weights()``, it swaps ``nn.Module.register_parameter``
+    while inside: do not build models in other threads meanwhile. A parameter registered under
+    two names stays one parameter. ``tz.load(path, build)`` builds the model this way.
+    """
+    outer = nn.Module.register_parameter
+    moved: dict[int, tuple[weakref.ref, nn.Parameter]] = {}  # id(real parameter) -> (it, its meta twin)
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if isinstance(param, nn.Parameter) and not param.is_meta and not isinstance(param, nn.parameter.UninitializedParameter):
+            seen = moved.get(id(param))
+            if seen is None or seen[0]() is not param:
+                meta = type(param)(param.detach().to("meta"), requires_grad=param.requires_grad)
+                meta.__dict__.update(param.__dict__)
+                seen = moved[id(param)] = (weakref.ref(param), meta)
+            param = seen[1]
+        outer(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = outer  # type: ignore[method-assign]
+
+
 @torch.no_grad()
-def load(path: str | os.PathLike, model_skeleton: nn.Module, *, device: str | torch.device | None = None,
-         decode: str = "auto", progress: bool | None = None) -> nn.Module:
-    """Load a ``.tzip`` file into ``model_skeleton`` (a freshly built, uncompressed model).
+def load(path: str | os.PathLike, model_skeleton: nn.Module | Callable[[], nn.Module], *,
+         device: str | torch.device | None = None, decode: str = "auto", progress: bool | None = None) -> nn.Module:
+    """Load a ``.tzip`` file into ``model_skeleton`` (a freshly built, uncompressed model), or
+    into the model that ``model_skeleton()`` builds when it is a function of no arguments.
 
     Compressed layers are replaced by packed layers restored bit for bit; every other tensor is
-    loaded into the skeleton. Returns the model (on ``device``). ``decode``: where Huffman
-    streams of values and indices are decoded — ``"auto"`` (the Triton decoder on ``device``
-    when it is CUDA, so only the compressed bytes cross to the GPU; else the CPU), ``"cpu"``, or
-    ``"triton"`` (on ``device``, or the CPU under ``TRITON_INTERPRET=1``). The result is
-    bit-identical either way. With a ``device`` other than the CPU, each layer's tensors (and
-    each dense tensor) move there as soon as they are decoded, so the CPU holds one layer at a
-    time. ``progress``: a bar per layer (None: only on a terminal).
+    loaded into the skeleton. Returns the model (on ``device``). A function is called inside
+    :func:`empty_weights`: its parameters take no memory until the file's tensors replace them,
+    and its buffers are its own, so nothing is left empty (the way to load a big model). A
+    skeleton built on the meta device takes the decoded tensors as its own; tensors the file does
+    not hold (non-persistent buffers) stay on meta: ``load`` warns, naming them, and running the
+    model raises :class:`torchzip.MetaTensorError` until they are set.
+
+    ``decode``: where Huffman streams of values and indices are decoded — ``"auto"`` (the Triton
+    decoder on ``device`` when it is CUDA, so only the compressed bytes cross to the GPU; else
+    the CPU), ``"cpu"``, or ``"triton"`` (on ``device``, or the CPU under ``TRITON_INTERPRET=1``).
+    The result is bit-identical either way. With a ``device`` other than the CPU, each layer's
+    tensors (and each dense tensor) move there as soon as they are decoded, so the CPU holds one
+    layer at a time. ``progress``: a bar per layer (None: only on a terminal).
 
     All or nothing: raises :class:`torchzip.FormatError` for a damaged or hostile file, or a
     skeleton whose layer names, types (matched exactly: not subclasses), shapes or dtypes do not
     match, and then the skeleton is exactly as it was.
     """
-    if not isinstance(model_skeleton, nn.Module):
-        raise TorchzipError(f"load needs a model skeleton (an nn.Module), got {type(model_skeleton).__name__}")
+    if not isinstance(model_skeleton, nn.Module) and not callable(model_skeleton):
+        raise TorchzipError(f"load needs a model skeleton (an nn.Module) or a function of no arguments that builds one, "
+                            f"got {type(model_skeleton).__name__}")
     if decode not in ("auto", "cpu", "triton"):
         raise TorchzipError(f"decode must be 'auto', 'cpu' or 'triton', got {decode!r}")
     try:
         target = torch.device(device) if device is not None else torch.device("cpu")
     except (RuntimeError, TypeError) as err:
         raise TorchzipError(f"bad device {device!r}: {err}") from None
+    if not isinstance(model_skeleton, nn.Module):
+        with empty_weights():
+            built = model_skeleton()
+        if not isinstance(built, nn.Module):
+            raise TorchzipError(f"the function given to load must return the model (an nn.Module), got {type(built).__name__}")
+        model_skeleton = built
     on = target if decode == "triton" or (decode == "auto" and target.type == "cuda") else None
     moved = target if device is not None and target.type != "cpu" else None
     model = _commit(model_skeleton, _plan_load(path, model_skeleton, on, progress, moved))
-    _warn_left_on_meta(model)
-    return model.to(device) if device is not None else model
-
-
-def _warn_left_on_meta(model: nn.Module) -> None:
-    # Tensors outside the state_dict (non-persistent buffers: position ids, rotary tables) are not
-    # in the file; on a meta skeleton they stay empty and the model would compute garbage or fail.
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
-        shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
         warnings.warn(f"load: {len(left)} tensor(s) of the skeleton are not in the file and stay on the meta device "
-                      f"({shown}); fill them before running the model, or build the skeleton so that buffers are real "
-                      "(e.g. accelerate's init_empty_weights(), which puts only parameters on meta)", stacklevel=2)
+                      f"({_shown(left)}); running the model raises MetaTensorError until they are set. Pass load a "
+                      "function that builds the model (tz.load(path, lambda: Model(...))), or build the skeleton under "
+                      "tz.empty_weights(): both put only parameters on meta and keep buffers real", stacklevel=3)  # the caller, past no_grad's wrapper
+        _guard_meta(model, left)
+    if device is None:
+        return model
+    # Module.to cannot copy out of meta (it would raise after the commit): what is left there stays.
+    return model._apply(lambda t: t if t.is_meta else t.to(device)) if left else model.to(device)
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+
+class _MetaGuard:
+    """A forward pre-hook that raises :class:`MetaTensorError` while any of ``names`` (relative to
+    the module it hooks) is a meta tensor, and removes itself once none is. Without it, a model
+    with meta buffers may run: ``F.embedding`` of meta indices (BERT's position ids) returns
+    uninitialised memory, so the model computes garbage instead of failing."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.handle: Any = None
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        still = [n for n in self.names if _is_meta(module, n)]
+        if still:
+            raise MetaTensorError(
+                f"{len(still)} tensor(s) of {type(module).__name__} are still on the meta device, with no values: "
+                f"{_shown(still)}. They were not in the file (a state_dict holds no non-persistent buffers, such as "
+                "position ids or rotary tables); pass load a function that builds the model (tz.load(path, lambda: "
+                "Model(...))) or build the skeleton under tz.empty_weights(), or set them before running the model")
+        self.handle.remove()
+
+
+def _is_meta(module: nn.Module, name: str) -> bool:
+    owner, _, attr = name.rpartition(".")
+    try:
+        t = getattr(module.get_submodule(owner), attr, None)
+    except AttributeError:  # the user replaced or removed the module that held it
+        return False
+    return isinstance(t, torch.Tensor) and t.is_meta
+
+
+def _guard_meta(model: nn.Module, left: list[str]) -> None:
+    """Hook the model, and each module that holds one of ``left``, so that running either while
+    a tensor of ``left`` is still on meta raises (calling a submodule alone skips the root's hooks)."""
+    guards: dict[str, list[str]] = {"": left}
+    for name in left:
+        owner, _, attr = name.rpartition(".")
+        if owner:
+            guards.setdefault(owner, []).append(attr)
+    for owner, names in guards.items():
+        guard = _MetaGuard(names)
+        guard.handle = model.get_submodule(owner).register_forward_pre_hook(guard, prepend=True)
