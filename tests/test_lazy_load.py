@@ -69,6 +69,118 @@ def test_meta_skeleton_tensors_the_file_cannot_fill_are_named_in_a_warning(tmp_p
         tz.load(path, WithPositions(), progress=False)
 
 
+class Buffers(nn.Module):
+    """Tensors a meta skeleton cannot get back from a file: a non-persistent buffer computed in
+    __init__ (one in a child, as BERT's embeddings hold theirs), beside a persistent one, a frozen
+    parameter and one parameter registered under two names."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 24)
+        self.register_buffer("positions", torch.linspace(-1, 1, 24).exp(), persistent=False)
+        self.norm = nn.LayerNorm(24)
+        self.norm.register_buffer("offsets", torch.arange(24.0).sin(), persistent=False)
+        self.register_buffer("counts", torch.zeros(24))
+        self.scale = nn.Parameter(torch.ones(24), requires_grad=False)
+        shared = nn.Parameter(torch.randn(37, 24))
+        self.a, self.b = nn.Linear(24, 37), nn.Linear(24, 37)
+        self.a.weight = shared
+        self.b.weight = shared
+        self.head = nn.Linear(37, 5)
+
+    def forward(self, idx):
+        x = self.norm(self.embed(idx) * self.positions) * self.scale + self.norm.offsets + self.counts
+        return self.head(self.a(x) - self.b(x).relu())
+
+
+def test_a_function_builds_the_skeleton_with_empty_weights_and_real_buffers(tmp_path):
+    model = Buffers()
+    with torch.no_grad():
+        model.counts.uniform_()
+        model.scale.uniform_()
+    path = tmp_path / "m.tzip"
+    tz.export(tz.compress(model, [tz.Quantize(targets=["Linear"], exclude=["head"]),
+                                  tz.Codebook(bits=3, targets=["Embedding"], granularity="layer")], progress=False),
+              path, progress=False)
+    register = nn.Module.register_parameter
+    with tz.empty_weights():
+        empty = Buffers()
+        assert all(p.is_meta for p in empty.parameters()) and not any(b.is_meta for b in empty.buffers())
+        assert empty.a.weight is empty.b.weight and not empty.scale.requires_grad and empty.a.bias.requires_grad
+    assert nn.Module.register_parameter is register and not nn.Linear(2, 2).weight.is_meta
+    with pytest.raises(KeyError), tz.empty_weights():  # an error while building: the patch is undone
+        raise KeyError("x")
+    assert nn.Module.register_parameter is register
+    ordinary = tz.load(path, Buffers(), progress=False)
+    idx = torch.randint(0, 50, (3, 9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left on meta: nothing to say
+        loaded = [tz.load(path, empty, progress=False), tz.load(path, Buffers, progress=False),
+                  tz.load(path, lambda: Buffers(), device="cpu", progress=False)]
+    with torch.no_grad():
+        expected = ordinary(idx)
+        for m in loaded:
+            same_state(m, ordinary)
+            for (n, b), (n2, b2) in zip(m.named_buffers(), ordinary.named_buffers()):
+                assert n == n2 and torch.equal(b, b2), n
+            assert m.a.packed is m.b.packed  # the shared parameter is one packed weight
+            assert not any(t.is_meta for t in (*m.parameters(), *m.buffers()))
+            assert torch.equal(m(idx), expected)
+
+
+def test_running_a_model_with_tensors_left_on_meta_raises_naming_them(tmp_path):
+    path = tmp_path / "m.tzip"
+    tz.export(tz.compress(Buffers(), [tz.Quantize()], progress=False), path, progress=False)
+    ordinary = tz.load(path, Buffers(), progress=False)
+    idx = torch.randint(0, 50, (2, 5))
+    for device in (None, "cpu"):  # Module.to cannot copy out of meta: what is left there stays
+        with torch.device("meta"):
+            skeleton = Buffers()
+        with pytest.warns(UserWarning, match=r"2 tensor\(s\) .* \(positions, norm\.offsets\); running the model raises "
+                                             "MetaTensorError"):
+            loaded = tz.load(path, skeleton, device=device, progress=False)
+        assert loaded.positions.is_meta and loaded.norm.offsets.is_meta and not loaded.head.weight.is_meta
+        with pytest.raises(tz.MetaTensorError, match=r"2 tensor\(s\) of Buffers are still on the meta device.*"
+                                                     r"positions, norm\.offsets"):
+            loaded(idx)
+        with pytest.raises(tz.MetaTensorError, match=r"1 tensor\(s\) of LayerNorm .*: offsets\."):
+            loaded.norm(torch.randn(3, 24))  # a submodule run alone
+        loaded.positions = ordinary.positions.clone()
+        with pytest.raises(tz.MetaTensorError, match=r"1 tensor\(s\) of Buffers .*: norm\.offsets\."):
+            loaded(idx)
+        loaded.norm.offsets = ordinary.norm.offsets.clone()
+        with torch.no_grad():
+            assert torch.equal(loaded(idx), ordinary(idx))
+        assert not loaded._forward_pre_hooks and not loaded.norm._forward_pre_hooks  # the guards are gone
+
+
+def test_a_failed_load_changes_nothing_it_was_given(tmp_path):
+    path = tmp_path / "m.tzip"
+    tz.export(tz.compress(Buffers(), [tz.Quantize()], progress=False), path, progress=False)
+    bad = tmp_path / "bad.tzip"
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 0xFF  # the dense section: its CRC fails
+    bad.write_bytes(bytes(data))
+    with torch.device("meta"):
+        meta = Buffers()
+    with tz.empty_weights():
+        empty = Buffers()
+    for skeleton in (meta, empty):
+        before = {k: v for k, v in (*skeleton.named_parameters(), *skeleton.named_buffers())}
+        modules = list(skeleton.modules())
+        with pytest.raises(tz.FormatError):
+            tz.load(bad, skeleton, progress=False)
+        assert list(skeleton.modules()) == modules and not skeleton._forward_pre_hooks
+        assert all(v is before[k] for k, v in (*skeleton.named_parameters(), *skeleton.named_buffers()))
+    with pytest.raises(tz.FormatError):
+        tz.load(bad, Buffers, progress=False)
+    assert not nn.Linear(2, 2).weight.is_meta  # the patch is undone
+    with pytest.raises(tz.TorchzipError, match="must return the model .* got dict"):
+        tz.load(path, dict, progress=False)
+    with pytest.raises(tz.TorchzipError, match="an nn.Module.* or a function of no arguments .* got str"):
+        tz.load(path, "Buffers", progress=False)
+
+
 def test_each_layer_goes_to_the_target_device_as_it_is_decoded(tmp_path, monkeypatch):
     # No GPU here: the meta device stands in for "cuda". What matters is the order: a layer's
     # tensors leave the CPU before the next layer is decoded, so the CPU never holds the model.

@@ -611,11 +611,11 @@ def load(path: str | os.PathLike, model_skeleton: nn.Module | Callable[[], nn.Mo
     moved = target if device is not None and target.type != "cpu" else None
     model = _commit(model_skeleton, _plan_load(path, model_skeleton, on, progress, moved))
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if left:
+    if left:  # stacklevel 3: the caller, past no_grad's wrapper
         warnings.warn(f"load: {len(left)} tensor(s) of the skeleton are not in the file and stay on the meta device "
                       f"({_shown(left)}); running the model raises MetaTensorError until they are set. Pass load a "
                       "function that builds the model (tz.load(path, lambda: Model(...))), or build the skeleton under "
-                      "tz.empty_weights(): both put only parameters on meta and keep buffers real", stacklevel=3)  # the caller, past no_grad's wrapper
+                      "tz.empty_weights(): both put only parameters on meta and keep buffers real", stacklevel=3)
         _guard_meta(model, left)
     if device is None:
         return model
