@@ -1,21 +1,28 @@
 """Hugging Face models end to end (built from configs, random weights: nothing is downloaded):
 compress -> distill -> export -> load into a fresh skeleton -> generate(), greedy decoding token
-for token equal to the frozen model's; tied embeddings stay one packed weight."""
+for token equal to the frozen model's; tied embeddings stay one packed weight. Loading into a
+function that builds the model equals an ordinary skeleton; a meta skeleton refuses to run."""
 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import pytest
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration,
+from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration,
                           WhisperConfig, WhisperForConditionalGeneration)
 from transformers.utils import logging as hf_logging
 
 import torchzip as tz
 
 hf_logging.set_verbosity_error()  # generation-config chatter
+
+
+def bert():  # all-MiniLM-L6-v2's architecture, small
+    return BertModel(BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=128, max_position_embeddings=64)).eval()
 
 
 def gpt2():
@@ -116,3 +123,31 @@ def test_bf16_causal_lm_round_trip_and_cast(tmp_path):
     out = fp32(input_ids=prompt).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert os.path.getsize(tmp_path / "bf16.tzip") > 0
+
+
+@pytest.mark.parametrize("make,left", [(bert, "embeddings.position_ids, embeddings.token_type_ids"),
+                                       (llama, "model.rotary_emb.inv_freq, model.rotary_emb.original_inv_freq")],
+                         ids=["bert", "llama"])
+def test_load_into_a_build_function_equals_an_ordinary_skeleton_and_a_meta_one_refuses_to_run(make, left, tmp_path):
+    # Their non-persistent buffers (position ids, token type ids, rotary tables) are in no state_dict.
+    path = tmp_path / "m.tzip"
+    tz.export(tz.compress(make(), [tz.Quantize()], progress=False), path, progress=False)
+    ordinary = tz.load(path, make(), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left on meta
+        built = tz.load(path, make, progress=False)
+    assert packed_ties(built) == packed_ties(ordinary)
+    assert [(n, b.dtype) for n, b in built.named_buffers()] == [(n, b.dtype) for n, b in ordinary.named_buffers()]
+    assert all(torch.equal(a, b) for a, b in zip(built.buffers(), ordinary.buffers()))
+    ids = torch.randint(2, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(built(input_ids=ids)[0], ordinary(input_ids=ids)[0])  # last_hidden_state / logits
+    if make is llama:
+        assert torch.equal(generate(built, input_ids=ids[:, :5]), generate(ordinary, input_ids=ids[:, :5]))
+    with torch.device("meta"):
+        skeleton = make()
+    with pytest.warns(UserWarning, match=re.escape(f"2 tensor(s) of the skeleton are not in the file and stay on the meta "
+                                                   f"device ({left})")):
+        lazy = tz.load(path, skeleton, progress=False)
+    with pytest.raises(tz.MetaTensorError, match=re.escape(left)), torch.no_grad():
+        lazy(input_ids=ids)  # BERT computed NaN here: F.embedding of meta position ids reads uninitialised memory
