@@ -5,6 +5,7 @@ lazy load, CPU forward of packed layers, export/load throughput vs torch.save an
     python benchmarks/scale.py --setting medium   # hidden 1024, 8 layers: 0.5 GB of fp32
     python benchmarks/scale.py             # hidden 2048, 16 layers, ~1B parameters (slow on 2 cores)
     python benchmarks/scale.py --setting medium --cpu-only   # k-means and CPU forward only
+    python benchmarks/scale.py --setting medium --load-paths  # load into meta vs a build function
 
 CPU forward and k-means run at one thread and at torch's thread count. Every memory figure is
 VmHWM growth in a fresh subprocess (it resets at exec). Timings are best of a few runs, side by
@@ -127,9 +128,13 @@ def child_compress(s: dict, recipe: str, path: str) -> dict:
     return out
 
 
-def child_load(s: dict, path: str) -> dict:
-    with torch.device("meta"):
+def child_load(s: dict, path: str, how: str = "meta") -> dict:
+    """Load into a meta skeleton, or (``how="build"``) into one that load builds itself under
+    ``tz.empty_weights()``: the building is measured too."""
+    with torch.device("meta"):  # also loads torch's meta kernels (~150 MB RSS, once) before the measurement
         skeleton = LlamaLike(s)
+    if how == "build":
+        skeleton = lambda: LlamaLike(s)  # noqa: E731
     gc.collect()
     start = hwm()
     t0 = time.perf_counter()
@@ -159,6 +164,22 @@ def child_baseline(s: dict, kind: str, path: str) -> dict:
     t2 = time.perf_counter()
     del back
     return {"file_bytes": os.path.getsize(path), "save_MB_s": size / (t1 - t0) / 1e6, "load_MB_s": size / (t2 - t1) / 1e6}
+
+
+def load_paths(setting: str, runs: int) -> dict:
+    """Peak memory and time of the two ways to load without a full-size skeleton, alternating
+    (fresh subprocesses), on one file per recipe."""
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for recipe in RECIPES:
+            path = os.path.join(tmp, f"{recipe}.tzip")
+            run_child(["compress", setting, recipe, path])
+            out[recipe] = {"meta": [], "build": []}
+            for _ in range(runs):
+                for how, results in out[recipe].items():
+                    results.append(run_child(["load", setting, path, how]))
+            os.unlink(path)
+    return out
 
 
 def run_child(args: list[str]) -> dict:
@@ -295,6 +316,8 @@ def main() -> int:
     parser.add_argument("--child", nargs="+")
     parser.add_argument("--repeat", type=int, default=11, help="CPU forward: best of this many turns (more on a busy machine)")
     parser.add_argument("--note", help="a note stored in the JSON (e.g. how loaded the machine was)")
+    parser.add_argument("--load-paths", type=int, nargs="?", const=3, metavar="RUNS",
+                        help="only load into meta vs a build function, RUNS times each (scale-SETTING-load-paths.json)")
     args = parser.parse_args()
     if args.child:
         what, setting, *rest = args.child
@@ -305,6 +328,16 @@ def main() -> int:
 
     setting = args.setting or ("quick" if args.quick else "full")
     s = SETTINGS[setting]
+    if args.load_paths:
+        paths = load_paths(setting, args.load_paths)
+        for recipe, r in paths.items():
+            for how, runs in r.items():
+                x = [run["peak_growth_x_file"] for run in runs]
+                print(f"{recipe:9s} load into {'a meta skeleton' if how == 'meta' else 'a build function':16s}: peak growth "
+                      f"{min(x):.3f}-{max(x):.3f}x file ({runs[0]['file_bytes'] / 1e6:.0f} MB), "
+                      f"{min(run['load_s'] for run in runs):.2f} s best of {len(runs)}")
+        write_json(f"scale-{setting}-load-paths", {"setting": setting, **s, "note": args.note, "load": paths})
+        return 0
     if args.cpu_time:
         global TIMER
         TIMER = time.process_time
