@@ -125,6 +125,8 @@ def test_a_function_builds_the_skeleton_with_empty_weights_and_real_buffers(tmp_
                 assert n == n2 and torch.equal(b, b2), n
             assert m.a.packed is m.b.packed  # the shared parameter is one packed weight
             assert not any(t.is_meta for t in (*m.parameters(), *m.buffers()))
+            grads = [(n, p.requires_grad) for n, p in m.named_parameters()]
+            assert grads == [(n, p.requires_grad) for n, p in ordinary.named_parameters()]
             assert torch.equal(m(idx), expected)
 
 

@@ -545,13 +545,17 @@ def empty_weights() -> Iterator[None]:
     ``state_dict``, and so a ``.tzip`` file, may not hold) are computed by its own ``__init__`` as
     usual. Like accelerate's ``init_empty_weights()``, it swaps ``nn.Module.register_parameter``
     while inside: do not build models in other threads meanwhile. A parameter registered under
-    two names stays one parameter. ``tz.load(path, build)`` builds the model this way.
+    two names stays one parameter. Modules create a parameter before registering it, mostly with
+    ``torch.empty``, whose pages are never written and so never resident; one made from values
+    (``nn.Parameter(torch.ones(n))``) is held for that moment. ``tz.load(path, build)`` builds
+    the model this way.
     """
     outer = nn.Module.register_parameter
     moved: dict[int, tuple[weakref.ref, nn.Parameter]] = {}  # id(real parameter) -> (it, its meta twin)
 
     def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if isinstance(param, nn.Parameter) and not param.is_meta and not isinstance(param, nn.parameter.UninitializedParameter):
+        lazy = isinstance(param, nn.parameter.UninitializedParameter)  # a lazy module's: no data yet
+        if isinstance(param, nn.Parameter) and not param.is_meta and not lazy:
             seen = moved.get(id(param))
             if seen is None or seen[0]() is not param:
                 meta = type(param)(param.detach().to("meta"), requires_grad=param.requires_grad)
