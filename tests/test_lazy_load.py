@@ -139,8 +139,9 @@ def test_running_a_model_with_tensors_left_on_meta_raises_naming_them(tmp_path):
         with torch.device("meta"):
             skeleton = Buffers()
         with pytest.warns(UserWarning, match=r"2 tensor\(s\) .* \(positions, norm\.offsets\); running the model raises "
-                                             "MetaTensorError"):
+                                             "MetaTensorError") as record:
             loaded = tz.load(path, skeleton, device=device, progress=False)
+        assert record[0].filename == __file__  # it points at the caller
         assert loaded.positions.is_meta and loaded.norm.offsets.is_meta and not loaded.head.weight.is_meta
         with pytest.raises(tz.MetaTensorError, match=r"2 tensor\(s\) of Buffers are still on the meta device.*"
                                                      r"positions, norm\.offsets"):
