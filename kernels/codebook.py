@@ -31,7 +31,8 @@ GEMV_CONFIGS = C.configs(("BLOCK_N", "BLOCK_W"), [
 # 4-bit (lane_dot4): 16 rows a thread (BLOCK_N // num_warps) share each converted x, one
 # accumulator a row; the wider programs cap registers at 128 (ptxas would take up to 186).
 # Triton 3.6's build keeps the 16 rows' pointers in 64-bit registers (208 registers, spills
-# under a cap of 128), so there a thread takes 8 rows.
+# under a cap of 128; the staged loop, which has no pointer a row, still spills 80 bytes there),
+# so there a thread takes 8 rows.
 GEMV_CONFIGS4 = [triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w, num_stages=2, maxnreg=r)
                  for bn, bw, w, r in ([(32, 128, 2, 128), (16, 128, 1, None), (16, 256, 2, 128), (64, 128, 4, 128),
                                        (32, 256, 4, 128)] if C.V38 else [])
