@@ -31,7 +31,8 @@ GEMV_CONFIGS = C.configs(("BLOCK_N", "BLOCK_W"), [
 # 4-bit (lane_dot4): 16 rows a thread (BLOCK_N // num_warps) share each converted x, one
 # accumulator a row; the wider programs cap registers at 128 (ptxas would take up to 186).
 # Triton 3.6's build keeps the 16 rows' pointers in 64-bit registers (208 registers, spills
-# under a cap of 128), so there a thread takes 8 rows.
+# under a cap of 128; the staged loop, which has no pointer a row, still spills 80 bytes there),
+# so there a thread takes 8 rows.
 GEMV_CONFIGS4 = [triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w, num_stages=2, maxnreg=r)
                  for bn, bw, w, r in ([(32, 128, 2, 128), (16, 128, 1, None), (16, 256, 2, 128), (64, 128, 4, 128),
                                        (32, 256, 4, 128)] if C.V38 else [])
@@ -86,10 +87,9 @@ def stage_columns(words: int, split_k: int) -> int:
 
 def stage_constexprs(columns: int, words: int) -> dict:
     """The GEMV's ``XS``/``XS_ASM``/``WS`` constexprs for ``columns`` staged columns (0: none) of
-    a weight of ``words`` packed words a row. WS (the row stride as a constexpr) only under
-    Triton 3.8, whose build folds the rows' offsets into load immediates (3.6's keeps a
-    multiply-add a row and loses a little)."""
-    return {"XS": columns, "XS_ASM": stage_asm(columns) if columns else "", "WS": words if columns and C.V38 else 0}
+    a weight of ``words`` packed words a row (WS: the row stride as a constexpr, so the rows'
+    offsets become load immediates; see _codebook_gemv_kernel)."""
+    return {"XS": columns, "XS_ASM": stage_asm(columns) if columns else "", "WS": words if columns else 0}
 
 
 def gemv_configs(bits: int) -> list[triton.Config]:
@@ -334,11 +334,12 @@ def _codebook_gemv_kernel(
 ):
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if WS:
-        # WS (staged x, Triton 3.8): the rows are contiguous (the last program starts at
-        # N - BLOCK_N, the dispatcher keeps N >= BLOCK_N; rows two programs share get the same
-        # sums twice) and their stride is the constexpr WS (= W), so a row's load address is the
-        # first row's plus an immediate: no address arithmetic a row in the loop.
-        rn = tl.minimum(pid_n * BLOCK_N, N - BLOCK_N) + tl.arange(0, BLOCK_N)
+        # WS (staged x): the rows are contiguous (the last program starts at N - BLOCK_N, the
+        # dispatcher keeps N >= BLOCK_N; rows two programs share get the same sums twice) and
+        # their stride is the constexpr WS (= W), so a row's load address is the first row's plus
+        # an immediate: no address arithmetic a row in the loop.
+        row0 = tl.minimum(pid_n * BLOCK_N, N - BLOCK_N)
+        rn = row0 + tl.arange(0, BLOCK_N)
         rows = rn
         W = WS
         stride_pn = WS
@@ -369,15 +370,33 @@ def _codebook_gemv_kernel(
     # does.
     w_full = w_lo + tl.maximum(tl.minimum(w_hi, K // PER) - w_lo, 0) // BLOCK_W * BLOCK_W
     cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_W), 4), 4)
-    for w0 in range(w_lo, w_full, BLOCK_W):
-        rw = w0 + cols
-        words = tl.load(p_ptr + rows[:, None] * stride_pn + rw[None, :], cache_modifier=C.STREAM_CACHE,
-                        eviction_policy=C.STREAM_EVICT)
-        if LANES and BITS == 4:
-            acc = _gemv_words4(acc, x_row, words, w0, cols, rw < w_hi, K, table, zero, xs, w_lo, X_KIND, False, XS)
-        else:
-            acc = _gemv_words(acc, x_row, words, rw, rw < w_hi, K, table, book_rows, zero, BITS, PER, LANES,
-                              SEG, X_KIND, False)
+    if WS:  # (4-bit lanes, x staged)
+        # One scalar pointer and one shared-memory address step through K, every load's address a
+        # compile-time offset from them: no address arithmetic a row and a 32-bit loop counter
+        # (offsets recomputed from the counter, as below, cost Triton 3.6's build a multiply-add a
+        # row and a 64-bit counter). The row offsets are added last: summed with the columns'
+        # first, Triton 3.6 keeps a register a row in programs of more than one warp.
+        p_at = p_ptr + row0.to(tl.int64) * WS + w_lo
+        row_offs = tl.arange(0, BLOCK_N)[:, None] * WS
+        x_at = xs + cols[None, :] * 32 + zero
+        for _ in range(w_lo, w_full, BLOCK_W):
+            words = tl.load((p_at + cols[None, :]) + row_offs, cache_modifier=C.STREAM_CACHE,
+                            eviction_policy=C.STREAM_EVICT)
+            x0, x1, x2, x3, x4, x5, x6, x7 = lds_x32(x_at)
+            acc = lane_dot4(words, table, x0, x1, x2, x3, x4, x5, x6, x7, acc)
+            p_at += BLOCK_W
+            x_at += BLOCK_W * 32
+    else:
+        for w0 in range(w_lo, w_full, BLOCK_W):
+            rw = w0 + cols
+            words = tl.load(p_ptr + rows[:, None] * stride_pn + rw[None, :], cache_modifier=C.STREAM_CACHE,
+                            eviction_policy=C.STREAM_EVICT)
+            if LANES and BITS == 4:
+                acc = _gemv_words4(acc, x_row, words, w0, cols, rw < w_hi, K, table, zero, xs, w_lo, X_KIND, False,
+                                   XS)
+            else:
+                acc = _gemv_words(acc, x_row, words, rw, rw < w_hi, K, table, book_rows, zero, BITS, PER, LANES,
+                                  SEG, X_KIND, False)
     if w_full < w_hi:  # one step, not a loop: the steady-state loop above is the hot one
         rw = w_full + cols
         w_mask = rw < w_hi

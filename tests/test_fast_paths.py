@@ -192,7 +192,7 @@ def test_codebook_and_sparse24_gates(fake_gpu, monkeypatch):
         codebook.codebook_gemv(torch.randn(1, k), torch.zeros(n, k // 8, dtype=torch.int32), torch.randn(n, 16),
                                None, 4, k, split)
         assert seen["LANES"] is True and seen["XS"] == xs and (seen["XS_ASM"] != "") == (xs > 0), (k, split, n)
-        assert seen["WS"] == (k // 8 if xs and codebook.C.V38 else 0) and (xs == 0 or f"[{4 * xs}]" in seen["XS_ASM"])
+        assert seen["WS"] == (k // 8 if xs else 0) and (xs == 0 or f"[{4 * xs}]" in seen["XS_ASM"])
     monkeypatch.setattr(dispatch, "fast_path_ok", lambda path, x, check, fallback: asked.append(path) or False)
     sparse24.sparse24_gemv(x.bfloat16(), torch.zeros(8, 32), torch.zeros(8, 2, dtype=torch.int32), None, None, None,
                            0, 64)

@@ -95,8 +95,11 @@ def test_int8_mma_gemv_meets_the_target(report):
 
 @pytest.mark.parametrize("bits", (4, 3))
 def test_codebook_gemv_loop_shuffles_instead_of_gathering(report, bits):
+    from torchzip.kernels import codebook
+
     rows = [r for r in report["variants"] if r["family"] == f"codebook{bits}_gemv"]
-    assert len(rows) >= 8
+    # Every config the dispatcher can launch (Triton 3.6 has fewer 4-bit ones: 8 rows a thread).
+    assert len(rows) == len(codebook.gemv_configs(bits)) + (len(codebook.GEMV_STAGED_CONFIGS4) if bits == 4 else 0)
     for r in rows:
         m, per = r["mix"], r["units_per_iteration"] / r["threads"]  # weights a thread an iteration
         assert m.get("shuffle", 0) == per, f"{r['variant']}: {m}"  # one lookup a weight, by shuffle
@@ -116,11 +119,12 @@ def test_codebook_gemv_loop_shuffles_instead_of_gathering(report, bits):
         _weights_in_128bit_loads(r)
     # The gathering baseline's best: 8.47 (4-bit), 12.5 (3-bit); one accumulator a word: 3.22
     # (4-bit, 8 rows a thread); lane_dot4 with 16 rows a thread: 3.03; x staged in shared memory
-    # as fp32: 2.97 (Triton 3.6 fits 8 rows a thread under 128 registers: 3.01).
-    import triton
-
-    v38 = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 8)
-    assert min(r["per_weight"] for r in rows) <= {4: 3.0 if v38 else 3.05, 3: 3.4}[bits]
+    # as fp32: 2.94 (Triton 3.6, 8 rows a thread under 128 registers: 3.03; with the staged
+    # loop's pointer steps: 2.98). Every staged variant (all configs of the path K <= 11264
+    # takes) meets the 4-bit target, under Triton 3.6 too.
+    assert min(r["per_weight"] for r in rows) <= {4: 3.0, 3: 3.4}[bits]
+    for r in rows:
+        assert "XS=" not in r["variant"] or r["per_weight"] <= 3.0, f"{r['variant']}: {r['per_weight']}"
 
 
 def _prmt(a: int, b: int, selector: int) -> int:
@@ -163,6 +167,8 @@ def test_sparse24_gemv_loop_selects_x_in_registers(report):
     """2:4 GEMV (float and int8 values): at most 7 thread-instructions per kept value, activations
     read a group (64 bits) at a time instead of gathered 16 bits per kept value, no shared memory
     or barrier, streaming (evict-first) weight loads, 128-bit loads of 16-bit values."""
+    from torchzip.kernels import sparse24
+
     rows = [r for r in report["variants"] if r["family"] in ("sparse24_gemv_kind0", "sparse24_gemv_kind1")]
     assert len(rows) == 2
     for r in rows:
@@ -170,7 +176,10 @@ def test_sparse24_gemv_loop_selects_x_in_registers(report):
         assert r["per_weight"] <= 7.0, f"{r['variant']}: {r['per_weight']} per kept value"
         assert m.get("LDG.U16", 0) + m.get("LDG.S16", 0) == 0, f"{r['variant']}: 16-bit gathers"
         assert m.get("barrier", 0) == 0 and m.get("shared_ld", 0) + m.get("shared_st", 0) == 0, r["variant"]
-        assert m.get("LDG.evict_hint", 0) >= 2, f"{r['variant']}: weight loads without an eviction hint"
+        # Triton 3.6 has no .cs loads, and its evict_first policy costs 0.44 a kept value: no hint
+        # there (kernels/sparse24.py STREAM_CACHE).
+        if sparse24.TRITON_38:
+            assert m.get("LDG.evict_hint", 0) >= 2, f"{r['variant']}: weight loads without an eviction hint"
         assert r["registers"] <= 128, f"{r['variant']}: {r['registers']} registers"
     float_row = next(r for r in rows if r["family"] == "sparse24_gemv_kind0")
     assert float_row["mix"].get("LDG.128", 0) >= 3  # values and x
