@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from torchzip.kernels import _interpret  # noqa: F401  (Triton 3.6 interpreter fix, see there)
+
 # Value kinds of torchzip.packed.values, as kernel constexprs.
 KIND_FLOAT, KIND_INT8, KIND_CODEBOOK = 0, 1, 2
 

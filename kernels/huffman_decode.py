@@ -31,6 +31,7 @@ from torchzip.export.huffman import (
     decode_table,
     expand_table,
 )
+from torchzip.kernels import _interpret  # noqa: F401  (Triton 3.6 interpreter fix: this loop's bound)
 
 # Table entries pack the symbol above a 5-bit code length (lengths are at most 20).
 _LEN_BITS = 5
