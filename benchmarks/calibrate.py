@@ -142,6 +142,17 @@ def recipes() -> dict[str, tuple[list, list]]:
     }
 
 
+def conv_recipes() -> dict[str, tuple[list, list]]:
+    """The recipes of :func:`recipes` for conv nets: no embedding tables, so plain codebooks
+    (16-bit centroids; calibrated, fitting the float model's outputs) and no "2:4 linear" row."""
+    table = recipes()
+    del table["2:4 linear + int8"]
+    for bits in (4, 3):
+        table[f"codebook {bits}-bit"] = ([tz.Codebook(bits=bits, method="kmeans", centroid_dtype="float16")],
+                                         [tz.Codebook(bits=bits, method="gptq", centroid_dtype="float16", float_targets=True)])
+    return table
+
+
 def measure(name: str, kind: str, model: nn.Module, student: nn.Module, seconds: float, held: list[dict],
             ref: torch.Tensor, fp32_bytes: int, workdir: Path) -> dict:
     path = workdir / "m.tzip"
@@ -174,7 +185,7 @@ PHASES = {"statistics": ("torchzip.calibrate", "_accumulate"), "gram": ("torchzi
           "advance": ("torchzip.calibrate", "_BlockInputs.advance"), "check_batches": ("torchzip.calibrate", "check_batches"),
           "kmeans": ("torchzip.passes.codebook", "kmeans_1d"), "gptq": ("torchzip.passes.codebook", "_gptq_assign"),
           "refit": ("torchzip.passes.calibrated", "refit_codebook"),
-          "factor": ("torchzip.passes.calibrated", "inverse_hessian_factor")}
+          "factor": ("torchzip.passes.calibrated", "inverse_hessian_factor"), "float_target": ("torchzip.passes.calibrated", "float_target_weight")}
 
 
 def timed_phases(seconds: dict) -> list:
@@ -300,7 +311,7 @@ def conv_table(workdir: Path, frames: int, only: list | None = None) -> dict:
     print(f"\nCREPE tiny: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, fp32 weights "
           f"{fp32_bytes / 1e3:.0f} kB; {frames} calibration frames, 512 held apart; BatchNorm folding: {fold_note}", flush=True)
     rows = []
-    for name, (free, calibrated) in recipes().items():
+    for name, (free, calibrated) in conv_recipes().items():
         if only and name not in only:
             continue
         for kind, recipe, data in (("data-free", free, None), ("calibrated", calibrated, calibration)):
@@ -438,8 +449,8 @@ def detector_table(workdir: Path, clips: int, held_clips: int, only: list | None
           f"at {BAT_THRESHOLD}); {len(bns) - len(BAT_UNFOLDED)} of {len(bns)} BatchNorms fold (max |error| of the folded "
           f"fp32 heatmap {fold_error:.1e})", flush=True)
     rows = []
-    for name, (free, calibrated) in recipes().items():
-        if name not in (only or [n for n in recipes() if n != "2:4 linear + int8"]):  # (no embedding tables here)
+    for name, (free, calibrated) in conv_recipes().items():
+        if only and name not in only:
             continue
         for bn in ("not folded", "folded"):
             fold = [tz.FoldBatchNorm(exclude=BAT_UNFOLDED)] if bn == "folded" else []
