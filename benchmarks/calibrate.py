@@ -178,14 +178,18 @@ def distil(model: nn.Module, student: nn.Module, train: list[dict], epochs: int,
     return time.perf_counter() - start
 
 
-# Where the calibration's time goes: (module, function) wrapped with a timer for the --big run.
-# "statistics" holds the block re-runs and X^T X ("gram", part of it); "advance" runs each
-# compressed block once more to make the next block's inputs.
+# Where the calibration's time goes: (module, function) wrapped with a timer (the --big run and
+# the conv tables). "statistics" holds the block re-runs and X^T X ("gram", part of it); "advance"
+# runs each compressed block once more to make the next block's inputs; "gptq" (codebooks),
+# "gptq_int8" and "sparsegpt" include their "factor" (and "sparsegpt" its "refit_kept").
 PHASES = {"statistics": ("torchzip.calibrate", "_accumulate"), "gram": ("torchzip.calibrate", "gram"),
           "advance": ("torchzip.calibrate", "_BlockInputs.advance"), "check_batches": ("torchzip.calibrate", "check_batches"),
           "kmeans": ("torchzip.passes.codebook", "kmeans_1d"), "gptq": ("torchzip.passes.codebook", "_gptq_assign"),
           "refit": ("torchzip.passes.calibrated", "refit_codebook"),
-          "factor": ("torchzip.passes.calibrated", "inverse_hessian_factor"), "float_target": ("torchzip.passes.calibrated", "float_target_weight")}
+          "factor": ("torchzip.passes.calibrated", "inverse_hessian_factor"),
+          "float_target": ("torchzip.passes.calibrated", "float_target_weight"),
+          "gptq_int8": ("torchzip.passes.quantize", "gptq"), "int8_scales": ("torchzip.passes.quantize", "search_int8_scales"),
+          "sparsegpt": ("torchzip.passes.prune", "sparsegpt"), "refit_kept": ("torchzip.passes.calibrated", "refit_kept")}
 
 
 def timed_phases(seconds: dict) -> list:
@@ -212,6 +216,21 @@ def timed_phases(seconds: dict) -> list:
         setattr(owner, name, wrapper)
         undo.append((owner, name, original))
     return undo
+
+
+def timed_compress(model: nn.Module, recipe: list, data: list | None) -> tuple[nn.Module, float, dict]:
+    """``compress`` (warnings off), its wall time, and the seconds of each of PHASES in it."""
+    phases: dict = {}
+    undo = timed_phases(phases)
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # layers too short for a pattern, or not calibrated: said in README
+            student = tz.compress(model, recipe, progress=False, calibration=data)
+    finally:
+        for owner, name, original in undo:
+            setattr(owner, name, original)
+    return student, time.perf_counter() - start, {k: round(v, 2) for k, v in phases.items()}
 
 
 def big_timing(n_calibration: int, seq: int, layers: int = 12) -> dict:
@@ -315,11 +334,7 @@ def conv_table(workdir: Path, frames: int, only: list | None = None) -> dict:
         if only and name not in only:
             continue
         for kind, recipe, data in (("data-free", free, None), ("calibrated", calibrated, calibration)):
-            start = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the first conv (512 taps, 1 channel) is too short for 2:4 and alike
-                student = tz.compress(model, recipe, progress=False, calibration=data)
-            seconds = time.perf_counter() - start
+            student, seconds, phases = timed_compress(model, recipe, data)  # (conv1: 512 taps, 1 channel)
             size = tz.export(student, workdir / "c.tzip", progress=False)
             with torch.no_grad():
                 out = student(held)
@@ -328,7 +343,7 @@ def conv_table(workdir: Path, frames: int, only: list | None = None) -> dict:
             pitch = float(((out.argmax(1) - ref.argmax(1)).abs() <= 1).float().mean())
             cos = float(F.cosine_similarity(out, ref, dim=-1).mean())
             row = {"recipe": name, "kind": kind, "iou": iou, "pitch_agreement": pitch, "cos_mean": cos,
-                   "file_bytes": size, "ratio": fp32_bytes / size, "seconds": seconds}
+                   "file_bytes": size, "ratio": fp32_bytes / size, "seconds": seconds, "phase_seconds": phases}
             rows.append(row)
             print(f"{name:16s} {kind:12s} IoU {iou:.3f}  pitch within 20 cents {pitch:.3f}  cos {cos:.4f}  "
                   f"{size / 1e3:7.0f} kB {row['ratio']:5.2f}x {seconds:5.1f} s", flush=True)
@@ -455,11 +470,7 @@ def detector_table(workdir: Path, clips: int, held_clips: int, only: list | None
         for bn in ("not folded", "folded"):
             fold = [tz.FoldBatchNorm(exclude=BAT_UNFOLDED)] if bn == "folded" else []
             for kind, recipe, data in (("data-free", free, None), ("calibrated", calibrated, calibration)):
-                start = time.perf_counter()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # the first conv (18 taps) is too short for some recipes
-                    student = tz.compress(model, fold + recipe, progress=False, calibration=data)
-                seconds = time.perf_counter() - start
+                student, seconds, phases = timed_compress(model, fold + recipe, data)
                 size = tz.export(student, workdir / "b.tzip", progress=False)
                 with torch.no_grad():
                     out = student(held)
@@ -471,7 +482,7 @@ def detector_table(workdir: Path, clips: int, held_clips: int, only: list | None
                 agree = float((species == ref_species).float().mean())
                 row = {"recipe": name, "batchnorm": bn, "kind": kind, "iou": iou, "detection_f1": f1,
                        "recall": float(recall), "precision": float(precision), "species_agreement": agree,
-                       "file_bytes": size, "ratio": fp32_bytes / size, "seconds": seconds}
+                       "file_bytes": size, "ratio": fp32_bytes / size, "seconds": seconds, "phase_seconds": phases}
                 rows.append(row)
                 print(f"{name:16s} BN {bn:10s} {kind:10s} IoU {iou:.3f}  F1 {f1:.3f}  species {agree:.3f}  "
                       f"{size / 1e3:7.0f} kB {row['ratio']:5.2f}x {seconds:6.1f} s", flush=True)
