@@ -54,6 +54,7 @@ def compressed_block(d=10):
     with torch.no_grad():  # LayerNorm and biases away from their defaults, so every parameter matters
         block.norm.weight.uniform_(0.5, 1.5)
         block.norm.bias.normal_()
+        block.norm.weight[0] = block.norm.bias[0] = 0.0  # a dimension always 0: its weight is floored
     small = tz.compress(block, [tz.Codebook(bits=2, method="kmeans")], progress=False)
     batches = padded_batches(d)
     inputs = [((b["x"], (1.0 - b["attention_mask"][:, None, :].float()) * -1e4), {}) for b in batches]
@@ -66,7 +67,8 @@ def compressed_block(d=10):
 def reference_error(block64, inputs, targets, tokens):
     """The normalised block error per real token, in float64, written out from its definition."""
     real_t = torch.cat([t.double()[m] for t, m in zip(targets, tokens)])
-    weight = 1.0 / (real_t**2).mean(0)  # each output dimension divided by its mean square target
+    square = (real_t**2).mean(0)  # each output dimension divided by its mean square target, floored
+    weight = 1.0 / torch.maximum(square, calibrate.NORM_FLOOR * square.mean())
     total, count = 0.0, 0
     for (args, _), t, m in zip(inputs, targets, tokens):
         out = block64(args[0].double(), args[1].double())[0]

@@ -369,6 +369,7 @@ def _twins(model: nn.Module, reference: nn.Module, modules: list[nn.Module]) -> 
     return [theirs[names[id(m)]] for m in modules]
 
 
+NORM_FLOOR = 1e-2  # block tuning: no output dimension weighs more than 100x one of average mean square
 BLOCK_TUNE_LR = 1e-4  # Adam's step for block tuning (centroids are ~1e-2: a step moves each by about this)
 
 
@@ -412,8 +413,8 @@ def tune_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list
     parameters of ``block`` so that its outputs on ``inputs`` (``(args, kwargs)`` per batch, one
     batch a step in turn) match ``targets`` (the float block's outputs), in the error
     :func:`block_error` per real token. ``normalise``: each output dimension's error is divided by
-    the mean square of its targets, so outlier dimensions (BERT has a few, ~10x the others) do not
-    drown the rest. Eval mode; every other parameter is frozen meanwhile. If the tuned block's
+    the mean square of its targets (at least :data:`NORM_FLOOR` times their mean over dimensions),
+    so outlier dimensions (BERT has a few, ~10-100x the others) do not drown the rest. Eval mode; every other parameter is frozen meanwhile. If the tuned block's
     error over all batches is not lower than before, the parameters are put back. Returns the
     error per token over all batches ``(before, after)``."""
     params = tunable(block)
@@ -424,7 +425,10 @@ def tune_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list
             rows = _real(t, m).double()
             total = (rows * rows).sum(0) if total is None else total + (rows * rows).sum(0)
             count += rows.shape[0]
-        weight = (count / total.clamp(min=1e-12)).float()
+        square = total / max(count, 1)
+        # A floor: a dimension whose targets are all zero (a LayerNorm weight of 0: all-MiniLM's
+        # last layer has two) would otherwise weigh without bound.
+        weight = (1 / square.clamp(min=NORM_FLOOR * float(square.mean().clamp(min=1e-30)))).float()
     n_tokens = [max(1, _real(t, m).shape[0]) for t, m in zip(targets, tokens)]
 
     def error() -> float:
