@@ -156,8 +156,9 @@ class DistillationCallback(Callback, nn.Module):
     name ``""`` for the model's own output (its first tensor, e.g. a pooled embedding).
     ``feature_loss``: ``"mse"``, ``"cosine"`` (``1 - cos`` along the last dimension, averaged) or
     ``"standardized"``: MSE with each channel (last dimension) divided by the teacher feature's
-    standard deviation over the batch's other positions (every token of a hidden state), so a
-    few outlier channels (BERT has some) do not outweigh the rest as they do in plain MSE.
+    standard deviation over the batch's other positions (every token of a hidden state), floored
+    at a tenth of the channels' mean, so a few outlier channels (BERT has some) do not outweigh
+    the rest as they do in plain MSE, nor a near-constant one all of them.
 
     ``latent_weights=True``: the student's codebooks train their assignments too, not only their
     centroids: for the length of :func:`finetune` each weight takes the centroid nearest to a
@@ -363,7 +364,10 @@ class DistillationCallback(Callback, nn.Module):
                 total = total + (1.0 - F.cosine_similarity(s_feat.float(), t_feat.float(), dim=-1)).mean()
             elif self.feature_loss == "standardized":
                 t = t_feat.float()
-                scale = t.reshape(-1, t.shape[-1]).std(0).clamp(min=1e-6) if t.dim() > 1 else t.std().clamp(min=1e-6)
+                std = t.reshape(-1, t.shape[-1]).std(0) if t.dim() > 1 else t.std().reshape(1)
+                # Floored at a tenth of the mean: a near-constant channel (MiniLM's last hidden
+                # state has one, std ~1e-5) would otherwise outweigh all the rest and wreck training.
+                scale = std.clamp(min=max(0.1 * float(std.mean()), 1e-12))
                 total = total + ((s_feat.float() - t) / scale).pow(2).mean()
             else:
                 total = total + F.mse_loss(s_feat.float(), t_feat.float())
