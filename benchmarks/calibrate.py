@@ -166,6 +166,32 @@ def recipes() -> dict[str, tuple[list, list]]:
     }
 
 
+# The error budget of calibrated 4-bit: one group of layers compressed at a time, the rest fp32.
+# fnmatch's * crosses dots: "*.layer.?.output.dense" is each FFN's output, not attention's.
+BUDGET = {"word table": (["Embedding"], SHARED_TABLES),
+          "attention q/k/v/o": (["Linear"], ["*.intermediate.dense", "*.layer.?.output.dense"]),
+          "FFN in": (["Linear"], ["*.attention.*", "*.layer.?.output.dense"]),
+          "FFN out": (["Linear"], ["*.attention.*", "*.intermediate.dense"])}
+
+
+def error_budget(model: nn.Module, calibration: list[dict], held: list[dict], ref: torch.Tensor) -> list[dict]:
+    """Held-apart cosine with calibrated 4-bit codebooks (as ``codebooks(4, "gptq")``) on one
+    group of layers at a time, the rest of the model fp32."""
+    rows = []
+    for group, (targets, exclude) in BUDGET.items():
+        words = {"*.word_embeddings": {"granularity": "group"}} if "Embedding" in targets else {}
+        recipe = [tz.Codebook(bits=4, method="gptq", centroid_dtype="float16", targets=targets, exclude=exclude,
+                              overrides=words, float_targets=True)]
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            student = tz.compress(model, recipe, progress=False, calibration=calibration)
+        cos = float(F.cosine_similarity(embed(student, held), ref, dim=-1).mean())
+        rows.append({"group": group, "cos_mean": cos, "seconds": time.perf_counter() - start})
+        print(f"4-bit on {group:18s} only: cos {cos:.4f} (1 - cos {1 - cos:.4f})", flush=True)
+    return rows
+
+
 def measure(name: str, kind: str, model: nn.Module, student: nn.Module, seconds: float, held: list[dict],
             ref: torch.Tensor, fp32_bytes: int, workdir: Path) -> dict:
     path = workdir / "m.tzip"
@@ -373,6 +399,7 @@ def main() -> None:
     parser.add_argument("--distill-latent", action="store_true", help="codebooks learn assignments (latent weights)")
     parser.add_argument("--distill-weight-lr", type=float, default=None, help="rate of the latent master weights")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--budget", action="store_true", help="only the 4-bit error budget by layer group")
     parser.add_argument("--conv", action="store_true", help="only the conv-net table (CREPE)")
     parser.add_argument("--conv-frames", type=int, default=32, help="calibration frames for CREPE")
     parser.add_argument("--name", default=None, help="results file name (default calibrate or calibrate-quick)")
@@ -399,6 +426,11 @@ def main() -> None:
     ref = embed(model, held)
     print(f"all-MiniLM-L6-v2: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, fp32 weights "
           f"{fp32_bytes / 1e6:.2f} MB; {n_cal} calibration sentences, {args.held} held apart", flush=True)
+    if args.budget:
+        result = {"model": "all-MiniLM-L6-v2", "calibration_sentences": n_cal, "held_sentences": args.held,
+                  "budget": error_budget(model, calibration, held, ref), "load_average_1_5_15_min_at_end": list(os.getloadavg())}
+        print(f"wrote {write_json(args.name or 'calibrate-budget', result)}")
+        return
     rows = []
     table = recipes()
     names = args.only or (["int8", "codebook 4-bit"] if args.quick else list(table))
