@@ -129,7 +129,7 @@ def test_standardized_feature_loss_matches_a_float64_reference():
         s, t = student(x).double(), teacher(x).double()
     flat = t.reshape(-1, 5)
     std = ((flat - flat.mean(0)) ** 2).sum(0).div(flat.shape[0] - 1).sqrt()
-    ref = (((s - t) / std) ** 2).mean()
+    ref = (((s - t) / std.clamp(min=0.1 * std.mean())) ** 2).mean()  # the outlier can lift the floor over others
     assert torch.allclose(loss.detach().double(), ref, rtol=1e-5)
     with torch.no_grad():  # a constant channel: its scale is floored at a tenth of the mean std
         teacher[0].weight[4] = 0.0
