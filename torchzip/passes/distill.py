@@ -37,7 +37,8 @@ class Distill(Pass):
     ``temperature`` (> 0), ``alpha`` (in [0, 1]), ``features`` (student layer name -> teacher
     layer name, or a list of names both models have), ``logits`` (field name or index of the
     logits in the outputs; None finds them), ``feature_weight`` (>= 0), ``features_only`` (no
-    logits, no task loss: encoders), ``feature_loss`` (``mse`` or ``cosine``). See
+    logits, no task loss: encoders), ``feature_loss`` (``mse``, ``cosine`` or ``standardized``), ``latent_weights``
+    (codebooks also learn their assignments, through float master weights). See
     :class:`~torchzip.DistillationCallback`.
     """
 
@@ -49,10 +50,13 @@ class Distill(Pass):
     feature_weight: float = 1.0
     features_only: bool = False
     feature_loss: str = "mse"
+    latent_weights: bool = False
 
     def __post_init__(self) -> None:
         # Bad values fail when the recipe is read, before any model is touched.
         check_settings(self.temperature, self.alpha, self.feature_weight, self.logits)
+        if not isinstance(self.latent_weights, bool):
+            raise RecipeError(f"distill: latent_weights must be true or false, got {self.latent_weights!r}")
         self.features = normalize_features(self.features)
         try:
             check_features_mode(self.features_only, self.feature_loss, self.features)
@@ -70,4 +74,5 @@ class Distill(Pass):
             raise RecipeError("the 'distill' pass needs a teacher: call recipe.callbacks(student, teacher=teacher_model)")
         return [DistillationCallback(teacher, temperature=self.temperature, alpha=self.alpha, features=self.features,
                                      logits=self.logits, feature_weight=self.feature_weight, student=model,
-                                     features_only=self.features_only, feature_loss=self.feature_loss)]
+                                     features_only=self.features_only, feature_loss=self.feature_loss,
+                                     latent_weights=self.latent_weights)]

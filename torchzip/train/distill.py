@@ -60,13 +60,16 @@ def check_settings(temperature: float, alpha: float, feature_weight: float = 1.0
         raise DistillationError(f"logits must be a field name, an index or None, got {logits!r}")
 
 
+FEATURE_LOSSES = ("mse", "cosine", "standardized")
+
+
 def check_features_mode(features_only: Any, feature_loss: Any, features: Any) -> None:
     """Raise :class:`DistillationError` unless ``features_only`` is a bool (True needing
     features) and ``feature_loss`` is ``"mse"`` or ``"cosine"``."""
     if not isinstance(features_only, bool):
         raise DistillationError(f"features_only must be True or False, got {features_only!r}")
-    if feature_loss not in ("mse", "cosine"):
-        raise DistillationError(f"feature_loss must be 'mse' or 'cosine', got {feature_loss!r}")
+    if feature_loss not in FEATURE_LOSSES:
+        raise DistillationError(f"feature_loss must be one of {FEATURE_LOSSES}, got {feature_loss!r}")
     if features_only and not normalize_features(features):
         raise DistillationError("features_only distils features alone: name at least one, e.g. features={'': ''} "
                                 "for the models' outputs")
@@ -151,7 +154,18 @@ class DistillationCallback(Callback, nn.Module):
     ``features_only=True`` (encoders, sentence embeddings: no logits, no labels): the loss is the
     feature terms alone, ``feature_weight * Σ_pairs distance(student_feature, teacher_feature)``;
     name ``""`` for the model's own output (its first tensor, e.g. a pooled embedding).
-    ``feature_loss``: ``"mse"`` or ``"cosine"`` (``1 - cos`` along the last dimension, averaged).
+    ``feature_loss``: ``"mse"``, ``"cosine"`` (``1 - cos`` along the last dimension, averaged) or
+    ``"standardized"``: MSE with each channel (last dimension) divided by the teacher feature's
+    standard deviation over the batch's other positions (every token of a hidden state), floored
+    at a tenth of the channels' mean, so a few outlier channels (BERT has some) do not outweigh
+    the rest as they do in plain MSE, nor a near-constant one all of them.
+
+    ``latent_weights=True``: the student's codebooks train their assignments too, not only their
+    centroids: for the length of :func:`finetune` each weight takes the centroid nearest to a
+    float master weight that starts at its dequantized value and learns with a straight-through
+    gradient (:meth:`~torchzip.passes.codebook.CodebookQuant.start_latent`); at the end the
+    nearest assignments are fixed again (the file's size is unchanged). Give the master weights
+    their own rate with ``finetune(..., param_lrs={"*.original": ...})``.
 
     Raises :class:`DistillationError` for a temperature ≤ 0, alpha outside [0, 1], a layer
     name missing from either model, and (at the first batch, before any update) teacher
@@ -161,8 +175,12 @@ class DistillationCallback(Callback, nn.Module):
     def __init__(self, teacher: nn.Module, *, temperature: float = 4.0, alpha: float = 0.5,
                  features: Mapping[str, str] | Iterable[str] | None = None, logits: LogitsSpec = None,
                  student: nn.Module | None = None, loss_fn: TaskLoss | None = None,
-                 feature_weight: float = 1.0, features_only: bool = False, feature_loss: str = "mse") -> None:
+                 feature_weight: float = 1.0, features_only: bool = False, feature_loss: str = "mse",
+                 latent_weights: bool = False) -> None:
         nn.Module.__init__(self)
+        if not isinstance(latent_weights, bool):
+            raise DistillationError(f"latent_weights must be True or False, got {latent_weights!r}")
+        self.latent_weights = latent_weights
         if not isinstance(teacher, nn.Module):
             raise DistillationError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
         check_settings(temperature, alpha, feature_weight, logits)
@@ -215,6 +233,11 @@ class DistillationCallback(Callback, nn.Module):
     def on_train_begin(self, model: nn.Module) -> None:
         """Bind the student and put the teacher and projections on the student's device."""
         super().on_train_begin(model)
+        if self.latent_weights:
+            from torchzip.passes.codebook import latent_codebooks
+
+            if not latent_codebooks(self.student, True):
+                raise DistillationError("latent_weights: the student has no clustered codebook")
         param = next(self.student.parameters(), None)
         if param is not None:
             self.teacher.to(param.device)
@@ -339,6 +362,13 @@ class DistillationCallback(Callback, nn.Module):
                 )
             if self.feature_loss == "cosine":
                 total = total + (1.0 - F.cosine_similarity(s_feat.float(), t_feat.float(), dim=-1)).mean()
+            elif self.feature_loss == "standardized":
+                t = t_feat.float()
+                std = t.reshape(-1, t.shape[-1]).std(0) if t.dim() > 1 else t.std().reshape(1)
+                # Floored at a tenth of the mean: a near-constant channel (MiniLM's last hidden
+                # state has one, std ~1e-5) would otherwise outweigh all the rest and wreck training.
+                scale = std.clamp(min=max(0.1 * float(std.mean()), 1e-12))
+                total = total + ((s_feat.float() - t) / scale).pow(2).mean()
             else:
                 total = total + F.mse_loss(s_feat.float(), t_feat.float())
         return total
@@ -356,8 +386,14 @@ class DistillationCallback(Callback, nn.Module):
             self.on_loss(task if task is not None else torch.zeros(()), outputs, targets, inputs)
 
     def on_train_end(self, model: nn.Module) -> None:
+        """Drop captured features; with ``latent_weights``, fix the codebooks' new assignments."""
         self._clear()
+        if self.latent_weights:
+            from torchzip.passes.codebook import latent_codebooks
+
+            latent_codebooks(self.student, False)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, alpha={self.alpha}, feature_weight={self.feature_weight}, "
-                f"features={self.features}, features_only={self.features_only}, feature_loss={self.feature_loss!r}")
+                f"features={self.features}, features_only={self.features_only}, feature_loss={self.feature_loss!r}, "
+                f"latent_weights={self.latent_weights}")

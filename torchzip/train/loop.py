@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ def _is_rank0() -> bool:
 def finetune(model: nn.Module, loader: Iterable, *, loss_fn: TaskLoss | None = None, callbacks: Iterable[Callback] = (),
              epochs: int = 1, optimizer: torch.optim.Optimizer | None = None, lr: float = 1e-3,
              device: torch.device | str | None = None, lr_schedule: str = "constant",
-             progress: bool | None = None) -> list[dict]:
+             progress: bool | None = None, param_lrs: Mapping[str, float] | None = None) -> list[dict]:
     """Fine-tune ``model`` (maybe wrapped in ``DistributedDataParallel``) on ``loader``.
 
     ``loader`` yields ``(inputs, targets)`` pairs or dicts (passed as keyword arguments, targets =
@@ -45,6 +46,10 @@ def finetune(model: nn.Module, loader: Iterable, *, loss_fn: TaskLoss | None = N
     added as a new parameter group if it lacks them. ``device`` moves the model, teacher and
     batches there. ``lr_schedule``: ``"constant"``, or ``"cosine"`` (the learning rate decays
     from its start value to 0 over all steps, following half a cosine; needs ``len(loader)``).
+    ``param_lrs`` (default optimizer only): ``{glob pattern: lr}`` over the model's parameter
+    names, e.g. ``{"*.original": 3e-4}`` for the master weights under quantizers; a parameter
+    takes the rate of the first pattern it matches, else ``lr``. A pattern that matches no
+    trainable parameter raises :class:`TorchzipError`.
 
     Before any update, the first batch is run once in eval mode under ``no_grad`` through the
     whole loss, so a bad set-up raises (e.g. :class:`DistillationError`) with nothing changed.
@@ -59,6 +64,7 @@ def finetune(model: nn.Module, loader: Iterable, *, loss_fn: TaskLoss | None = N
         raise TorchzipError(f"epochs must be a non-negative integer, got {epochs!r}")
     if lr_schedule not in ("constant", "cosine"):
         raise TorchzipError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+    _check_param_lrs(param_lrs, optimizer)
     if lr_schedule == "cosine" and not hasattr(loader, "__len__"):
         raise TorchzipError("lr_schedule 'cosine' needs a loader with a length (to know the number of steps)")
     inner = unwrap(model)
@@ -83,7 +89,7 @@ def finetune(model: nn.Module, loader: Iterable, *, loss_fn: TaskLoss | None = N
     with torch.no_grad(), eval_mode(inner):
         loss = _loss(inner, inputs, targets, loss_fn, cbs)
 
-    optimizer = _optimizer(model, cbs, optimizer, lr)
+    optimizer = _optimizer(model, cbs, optimizer, lr, param_lrs)
     scheduler = None
     if lr_schedule == "cosine":
         steps = max(epochs * len(loader), 1)
@@ -151,10 +157,43 @@ def _loss(model: nn.Module, inputs: Any, targets: Any, loss_fn: TaskLoss, cbs: l
     return loss
 
 
+def _check_param_lrs(param_lrs: Any, optimizer: torch.optim.Optimizer | None) -> None:
+    if param_lrs is None:
+        return
+    if optimizer is not None:
+        raise TorchzipError("param_lrs sets the rates of finetune's own optimizer: give it or an optimizer, not both")
+    if not isinstance(param_lrs, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+            for k, v in param_lrs.items()):
+        raise TorchzipError(f"param_lrs must map parameter-name patterns to learning rates >= 0, got {param_lrs!r}")
+
+
+def _param_groups(model: nn.Module, lr: float, param_lrs: Mapping[str, float]) -> list[dict]:
+    """Adam parameter groups: each trainable parameter at the rate of the first pattern its name matches."""
+    groups: dict[float, list] = {}
+    used = set()
+    for name, p in unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        pattern = next((k for k in param_lrs if fnmatch.fnmatchcase(name, k)), None)
+        used.add(pattern)
+        groups.setdefault(lr if pattern is None else float(param_lrs[pattern]), []).append(p)
+    unused = [k for k in param_lrs if k not in used]
+    if unused:
+        names = [n for n, p in unwrap(model).named_parameters() if p.requires_grad][:10]
+        raise TorchzipError(f"param_lrs pattern(s) {unused} match no trainable parameter; names look like {names}")
+    return [{"params": ps, "lr": rate} for rate, ps in groups.items()]
+
+
 def _optimizer(model: nn.Module, cbs: list[Callback], optimizer: torch.optim.Optimizer | None,
-               lr: float) -> torch.optim.Optimizer:
+               lr: float, param_lrs: Mapping[str, float] | None = None) -> torch.optim.Optimizer:
     extra = _params_of(cbs)
     if optimizer is None:
+        if param_lrs:
+            groups = _param_groups(model, lr, param_lrs)
+            seen = {id(p) for g in groups for p in g["params"]}
+            rest = [p for p in extra if id(p) not in seen]
+            return torch.optim.Adam(groups + ([{"params": rest, "lr": lr}] if rest else []), lr=lr)
         params = [p for p in model.parameters() if p.requires_grad]
         seen = {id(p) for p in params}
         return torch.optim.Adam(params + [p for p in extra if id(p) not in seen], lr=lr)
