@@ -179,7 +179,7 @@ def test_next_block_is_calibrated_on_the_tuned_blocks_outputs(monkeypatch):
 
 
 def test_block_tune_arguments_are_checked():
-    for bad in ({"block_tune": -1}, {"block_tune": 1.5}, {"block_tune_lr": 0}, {"block_tune_lr": "fast"},
+    for bad in ({"block_tune": -1}, {"block_tune": 1.5}, {"block_tune_lr": 0}, {"block_tune_lr": "fast"}, {"block_tune_lr": float("inf")},
                 {"block_tune": 10, "method": "kmeans"}):
         with pytest.raises(RecipeError, match="block_tune"):
             tz.Codebook(**bad)
@@ -199,3 +199,15 @@ def test_block_tune_warns_without_a_chain_of_blocks():
     with pytest.warns(UserWarning, match="block tuning needs"):
         tz.compress(model, [tz.Codebook(bits=2, method="gptq", block_tune=5)], progress=False,
                     calibration=[torch.randn(20, 6)])
+
+    with pytest.warns(UserWarning, match="needs calibration data"):  # method auto, no data: k-means; said, not silently ignored
+        tz.compress(model, [tz.Codebook(bits=2, block_tune=5)], progress=False)
+
+
+def test_block_tune_lr_in_yaml_takes_exponents_without_a_dot():
+    # PyYAML alone reads 3e-4 as the string '3e-4' (YAML 1.1 wants 3.0e-4).
+    recipe = tz.Recipe.from_yaml("passes:\n  - codebook: {bits: 4, block_tune: 5, block_tune_lr: 3e-4}\n")
+    assert recipe.passes[0].block_tune_lr == 3e-4
+    assert tz.Recipe.from_yaml(recipe.to_yaml()).passes[0].block_tune_lr == 3e-4
+    with pytest.raises(RecipeError, match="block_tune_lr"):
+        tz.Recipe.from_yaml("passes:\n  - codebook: {block_tune_lr: 3e-4x}\n")

@@ -128,7 +128,7 @@ def test_standardized_feature_loss_matches_a_float64_reference():
     with torch.no_grad():
         s, t = student(x).double(), teacher(x).double()
     flat = t.reshape(-1, 5)
-    std = ((flat - flat.mean(0)) ** 2).sum(0).div(flat.shape[0] - 1).sqrt()
+    std = ((flat - flat.mean(0)) ** 2).sum(0).div(flat.shape[0]).sqrt()
     ref = (((s - t) / std.clamp(min=0.1 * std.mean())) ** 2).mean()  # the outlier can lift the floor over others
     assert torch.allclose(loss.detach().double(), ref, rtol=1e-5)
     with torch.no_grad():  # a constant channel: its scale is floored at a tenth of the mean std
@@ -138,7 +138,35 @@ def test_standardized_feature_loss_matches_a_float64_reference():
     with torch.no_grad():
         s, t = student(x).double(), teacher(x).double()
     flat = t.reshape(-1, 5)
-    std = ((flat - flat.mean(0)) ** 2).sum(0).div(flat.shape[0] - 1).sqrt()
+    std = ((flat - flat.mean(0)) ** 2).sum(0).div(flat.shape[0]).sqrt()
     assert std[4] < 1e-6 < 0.1 * std.mean()
     ref = (((s - t) / std.clamp(min=0.1 * std.mean())) ** 2).mean()
     assert torch.allclose(loss.detach().double(), ref, rtol=1e-5)
+
+    # One sample: no spread per channel, so every channel is scaled by the whole feature's spread.
+    x1 = torch.randn(1, 6)
+    loss = cb.loss(student(x1), None, x1)
+    with torch.no_grad():
+        s, t = student(x1).double(), teacher(x1).double()
+    ref = (((s - t) / ((t - t.mean()) ** 2).mean().sqrt()) ** 2).mean()
+    assert torch.isfinite(loss) and torch.allclose(loss.detach().double(), ref, rtol=1e-5)
+
+
+def test_latent_distillation_that_fails_before_training_changes_nothing():
+    teacher = nn.Sequential(nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 5))
+    student = tz.compress(teacher, [tz.Codebook(bits=2, granularity="layer")], progress=False)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    batches = [(torch.randn(4, 12), None) for _ in range(3)]
+    cb = tz.DistillationCallback(teacher, features={"0": "0"}, features_only=True, latent_weights=True)
+    with pytest.raises(tz.TorchzipError, match="match no trainable parameter"):
+        tz.finetune(student, batches, callbacks=[cb], param_lrs={"*.orignal": 3e-4}, progress=False)
+    after = student.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(getattr(m, "latent", False) for m in student.modules())
+    # The same callback then trains (latent mode on, then settled) and leaves no hooks behind.
+    tz.finetune(student, batches, callbacks=[cb], param_lrs={"*.original": 1e-2}, progress=False)
+    assert not any(getattr(m, "latent", False) for m in student.modules())
+    assert not any(m._forward_hooks for m in (*student.modules(), *teacher.modules()))
+    student.train()
+    student(torch.randn(2, 12)).sum().backward()
+    copy.deepcopy(student)  # a captured activation with its graph would make this raise

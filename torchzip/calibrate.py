@@ -510,7 +510,9 @@ def sweep(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list,
     done = {i for g in plan.groups for i in g}
     if tune_steps and blocks is None:
         warnings.warn("block tuning needs a model that runs its layers' blocks as a chain (a transformer's layer "
-                      "list); this one does not: the blocks are not tuned", stacklevel=3)
+                      "list, each block called with the previous one's output and nothing that changes between "
+                      "calls, such as a key-value cache: use_cache=False for Hugging Face models); this one does "
+                      "not: the blocks are not tuned", stacklevel=6)
     tokens = [token_mask(batch) for batch in batches]
     float_block: list[nn.Module | None] = [None]  # the current block before compression ("block" target, no reference)
     tuned: set[int] = set()

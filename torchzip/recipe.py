@@ -10,6 +10,7 @@ passes:
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Hashable
@@ -42,6 +43,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                                   f"(line {key_node.start_mark.line + 1}); each key may appear once")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads 3e-4 as a string, wanting 3.0e-4; YAML 1.2 and Python read it as a float.
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                       list("-+0123456789"))
 
 
 @dataclass

@@ -606,8 +606,8 @@ class Codebook(LayerPass):
         if self.float_targets and self.method == "kmeans":
             raise RecipeError(f"codebook float_targets needs calibration: it cannot go with method 'kmeans' in {where}")
         check_int(where, "block_tune", self.block_tune)
-        if isinstance(self.block_tune_lr, bool) or not isinstance(self.block_tune_lr, (int, float)) or not self.block_tune_lr > 0:
-            raise RecipeError(f"codebook block_tune_lr must be a positive number, got {self.block_tune_lr!r} in {where}")
+        if isinstance(self.block_tune_lr, bool) or not isinstance(self.block_tune_lr, (int, float)) or not 0 < self.block_tune_lr < float("inf"):
+            raise RecipeError(f"codebook block_tune_lr must be a positive finite number, got {self.block_tune_lr!r} in {where}")
         if self.block_tune and self.method == "kmeans":
             raise RecipeError(f"codebook block_tune needs calibration: it cannot go with method 'kmeans' in {where}")
         if self.needs_calibration() and self.start_step:

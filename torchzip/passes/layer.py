@@ -466,5 +466,9 @@ def run_passes(model: nn.Module, passes: list[Pass], *, inplace: bool, progress:
             p.apply_calibrated(model, [(name, modules[name], own) for name, _, own in plan], f"{p.key}{index}-{call}",
                                progress, batches)
         else:
+            if getattr(p, "block_tune", 0):
+                warnings.warn(f"pass #{index + 1} '{p.key}': block_tune needs calibration data (compress(..., "
+                              "calibration=batches)) and clustering at once (start_step 0); the blocks are not tuned",
+                              stacklevel=3)
             p.apply(model, [(name, modules[name], own) for name, _, own in plan], f"{p.key}{index}-{call}", progress)
     return model

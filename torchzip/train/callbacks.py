@@ -28,7 +28,8 @@ class Callback:
     * per step: ``on_step_begin(model)``, forward, ``loss = on_loss(loss, outputs, targets,
       inputs)``, backward, ``optimizer.step()``, :func:`torchzip.step` (once, by the loop), then
       ``on_step_end(model)``;
-    * ``on_epoch_end(model, epoch, logs)`` and finally ``on_train_end(model)``.
+    * ``on_epoch_end(model, epoch, logs)`` and finally ``on_train_end(model)`` (also when training
+      fails, for every callback whose ``on_train_begin`` was called).
 
     In a loop of your own, :meth:`loss` and :meth:`step` stand for all of that::
 

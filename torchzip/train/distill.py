@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from torchzip.errors import DistillationError
 from torchzip.train.batches import (LogitsSpec, TaskLoss, _first_tensor, _values, call_model, eval_mode,
@@ -118,6 +119,14 @@ class _Capture:
         self.store[self.name] = output
 
 
+def _clustered_codebooks(model: nn.Module) -> bool:
+    from torchzip.passes.codebook import codebook_of
+
+    return any(q is not None and bool(q.clustered)
+               for m in model.modules() if parametrize.is_parametrized(m)
+               for q in (codebook_of(m, t) for t in m.parametrizations.keys()))
+
+
 class _AverageGrad:
     """Post-accumulate-grad hook: average a projection's gradient over DDP ranks (the projection
     lives outside the DDP-wrapped student, so DDP does not do it)."""
@@ -194,6 +203,7 @@ class DistillationCallback(Callback, nn.Module):
         object.__setattr__(self, "_hooks", [])
         object.__setattr__(self, "_captured", {"student": {}, "teacher": {}})
         object.__setattr__(self, "_ready", False)  # shapes checked and projections built
+        object.__setattr__(self, "_latent_on", False)  # latent codebooks started by this callback
         self._teacher_modules = {s: find_module(self.teacher, t, "teacher") for s, t in self.features.items()}
         self.teacher.eval()
         Callback.__init__(self, student, loss_fn=loss_fn)
@@ -233,11 +243,10 @@ class DistillationCallback(Callback, nn.Module):
     def on_train_begin(self, model: nn.Module) -> None:
         """Bind the student and put the teacher and projections on the student's device."""
         super().on_train_begin(model)
-        if self.latent_weights:
-            from torchzip.passes.codebook import latent_codebooks
-
-            if not latent_codebooks(self.student, True):
-                raise DistillationError("latent_weights: the student has no clustered codebook")
+        if not self._hooks and self.features:
+            self.bind(self.student)  # a previous finetune's end removed them
+        if self.latent_weights and not _clustered_codebooks(self.student):
+            raise DistillationError("latent_weights: the student has no clustered codebook")
         param = next(self.student.parameters(), None)
         if param is not None:
             self.teacher.to(param.device)
@@ -364,10 +373,13 @@ class DistillationCallback(Callback, nn.Module):
                 total = total + (1.0 - F.cosine_similarity(s_feat.float(), t_feat.float(), dim=-1)).mean()
             elif self.feature_loss == "standardized":
                 t = t_feat.float()
-                std = t.reshape(-1, t.shape[-1]).std(0) if t.dim() > 1 else t.std().reshape(1)
+                flat = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(-1, 1)
+                std = flat.std(0, correction=0)
                 # Floored at a tenth of the mean: a near-constant channel (MiniLM's last hidden
                 # state has one, std ~1e-5) would otherwise outweigh all the rest and wreck training.
-                scale = std.clamp(min=max(0.1 * float(std.mean()), 1e-12))
+                # A batch of one sample has no spread per channel: then the whole feature's spread.
+                floor = 0.1 * float(std.mean()) or float(t.std(correction=0)) or 1.0
+                scale = std.clamp(min=floor)
                 total = total + ((s_feat.float() - t) / scale).pow(2).mean()
             else:
                 total = total + F.mse_loss(s_feat.float(), t_feat.float())
@@ -385,13 +397,32 @@ class DistillationCallback(Callback, nn.Module):
             task = self.loss_fn(outputs, targets)
             self.on_loss(task if task is not None else torch.zeros(()), outputs, targets, inputs)
 
+    def on_step_begin(self, model: nn.Module) -> None:
+        """With ``latent_weights``, the first step starts latent mode (not ``on_train_begin``: a
+        set-up error in the dry run then leaves the student's master weights as they were)."""
+        self._start_latent()
+
+    def on_step_end(self, model: nn.Module) -> None:
+        """In a loop of your own (``cb.step()``), latent mode starts after the first step."""
+        self._start_latent()
+
+    def _start_latent(self) -> None:
+        if self.latent_weights and not self._latent_on and self.student is not None:
+            from torchzip.passes.codebook import latent_codebooks
+
+            latent_codebooks(self.student, True)
+            object.__setattr__(self, "_latent_on", True)
+
     def on_train_end(self, model: nn.Module) -> None:
-        """Drop captured features; with ``latent_weights``, fix the codebooks' new assignments."""
-        self._clear()
-        if self.latent_weights:
+        """Remove the feature hooks (the next ``finetune`` puts them back: left on, every later
+        forward of the student would keep its activation and graph); with ``latent_weights``, fix
+        the codebooks' new assignments. :func:`finetune` calls it even when training fails."""
+        self.remove_hooks()
+        if self._latent_on:
             from torchzip.passes.codebook import latent_codebooks
 
             latent_codebooks(self.student, False)
+            object.__setattr__(self, "_latent_on", False)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, alpha={self.alpha}, feature_weight={self.feature_weight}, "

@@ -82,8 +82,23 @@ def finetune(model: nn.Module, loader: Iterable, *, loss_fn: TaskLoss | None = N
         raise TorchzipError("the loader yielded no batch")
     first = _to(first, device)
 
+    began: list[Callback] = []
+    try:
+        return _train(model, inner, loader, first, batches, cbs, began, loss_fn, optimizer, lr, param_lrs,
+                      lr_schedule, epochs, device, progress)
+    finally:
+        # Also after an error or Ctrl-C: callbacks undo what they set up (hooks, latent codebooks).
+        for cb in began:
+            cb.on_train_end(model)
+
+
+def _train(model: nn.Module, inner: nn.Module, loader: Iterable, first: Any, batches: Any, cbs: list[Callback],
+           began: list[Callback], loss_fn: TaskLoss, optimizer: torch.optim.Optimizer | None, lr: float,
+           param_lrs: Mapping[str, float] | None, lr_schedule: str, epochs: int, device: Any,
+           progress: bool | None) -> list[dict]:
     # Dry run: every check happens here, before anything trains.
     for cb in cbs:
+        began.append(cb)
         cb.on_train_begin(model)
     inputs, targets = split_batch(first)
     with torch.no_grad(), eval_mode(inner):
@@ -142,8 +157,6 @@ def finetune(model: nn.Module, loader: Iterable, *, loss_fn: TaskLoss | None = N
         epoch_bar.close()
         for m, training in modes:
             m.training = training
-    for cb in cbs:
-        cb.on_train_end(model)
     return history
 
 
