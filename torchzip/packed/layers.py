@@ -181,19 +181,23 @@ class PackedMultiheadAttention(nn.MultiheadAttention, PackedLayer):
 
     kind = "MultiheadAttention"
 
-    def __init__(self, mha: nn.MultiheadAttention, packed: dict[str, PackedWeight]) -> None:
+    def __init__(self, mha: nn.MultiheadAttention, packed: dict[str, PackedWeight],
+                 biases: dict[str, torch.Tensor | None] | None = None) -> None:
         nn.Module.__init__(self)
         for key, value in vars(mha).items():
             if key not in ("_parameters", "_buffers", "_modules"):
                 self.__dict__[key] = copy.copy(value) if isinstance(value, (dict, list)) else value
+        self.bias_names = {name: ("in_proj_bias" if name == "in_proj_weight" else None) for name in packed}
+        # On load the bias comes with the packed weight in the file: the skeleton's own is only its init.
+        given = {self.bias_names[t]: b for t, b in (biases or {}).items() if t in packed and b is not None}
         for name, p in mha._parameters.items():  # None entries too: MHA reads the weights it does not use
             if name not in packed:
+                p = given.get(name, p)
                 self._parameters[name] = None if p is None else nn.Parameter(p.detach().clone(), requires_grad=False)
         for name, child in mha.named_children():
             self.add_module(name, child)
         for name, p in packed.items():
             self.add_module(_PROJ[name], p)
-        self.bias_names = {name: ("in_proj_bias" if name == "in_proj_weight" else None) for name in packed}
 
     def packed_weights(self) -> dict[str, str]:
         return {name: _PROJ[name] for name in _PROJ if isinstance(self._modules.get(_PROJ[name]), PackedWeight)}
@@ -305,7 +309,7 @@ for _kind in (
               view=WeightView(transposed=True)),
     LayerKind("NonDynamicallyQuantizableLinear", nn.modules.linear.NonDynamicallyQuantizableLinear,
               _linear("NonDynamicallyQuantizableLinear")),
-    LayerKind("MultiheadAttention", nn.MultiheadAttention, lambda m, p, b: PackedMultiheadAttention(m, p),
+    LayerKind("MultiheadAttention", nn.MultiheadAttention, PackedMultiheadAttention,
               weights=_mha_weights, includes=("NonDynamicallyQuantizableLinear",)),
     *(LayerKind(c.__name__, c, lambda m, p, b: PackedConv(p["weight"], b["weight"], m)) for c in _CONVS),
     LayerKind("Embedding", nn.Embedding, lambda m, p, b: PackedEmbedding(p["weight"], m), weights=lambda m: {"weight": None}),
