@@ -136,5 +136,9 @@ def test_fold_then_quantize_freeze_export_load(tmp_path):
     tz.export(student, path, progress=False)
     loaded = tz.load(path, tz.fold_batchnorm(build()), progress=False)  # a folded skeleton
     assert torch.equal(loaded(x), frozen(x))
+    lazy = tz.load(path, lambda: tz.fold_batchnorm(build()), progress=False)  # folded with empty weights
+    assert torch.equal(lazy.eval()(x), frozen(x))
+    with pytest.raises(tz.FormatError, match="folded skeleton"):  # an unfolded skeleton: told why
+        tz.load(path, build, progress=False)
     with pytest.raises(tz.RecipeError, match="before every pass"):
         tz.compress(model, [tz.Quantize(), tz.FoldBatchNorm()], progress=False)

@@ -412,7 +412,9 @@ def _skeleton_layer(head: LayerHeader, modules: dict[str, nn.Module], where: str
     bias = getattr(module, names[head.tensor], None) if names[head.tensor] else None
     need(head.has_bias == (bias is not None), where,
          f"layer '{name}' has {'a' if head.has_bias else 'no'} bias in the file but {'a' if bias is not None else 'no'} "
-         "bias in the skeleton")
+         "bias in the skeleton" + ("; a file written from a BatchNorm-folded model needs a folded skeleton: "
+                                   "tz.fold_batchnorm(skeleton), or in a build function"
+                                   if head.has_bias and bias is None else ""))
     return module
 
 

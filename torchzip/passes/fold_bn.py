@@ -125,19 +125,29 @@ def fold_batchnorm(model: nn.Module, exclude: tuple | list = (), example: Any = 
     for layer_name, norm_name in pairs:
         layer, norm = modules[layer_name], modules[norm_name]
         w = layer.weight
-        scale = torch.rsqrt(norm.running_var.double() + norm.eps)
-        if norm.weight is not None:
-            scale = scale * norm.weight.double()
-        shift = -norm.running_mean.double() * scale + (norm.bias.double() if norm.bias is not None else 0.0)
-        bias = shift if layer.bias is None else layer.bias.double() * scale + shift
-        w.copy_((w.double() * scale.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
-        if layer.bias is None:
-            layer.bias = nn.Parameter(bias.to(w.dtype), requires_grad=w.requires_grad)
+        if w.is_meta:  # a skeleton with empty weights (tz.empty_weights, a build function): only the shape
+            if layer.bias is None:
+                layer.bias = nn.Parameter(torch.empty(w.shape[0], dtype=w.dtype, device="meta"), requires_grad=w.requires_grad)
         else:
-            layer.bias.copy_(bias.to(layer.bias.dtype))
+            _fold(layer, norm)
         parent, _, child = norm_name.rpartition(".")
         setattr(modules[parent] if parent else model, child, nn.Identity())
     return model
+
+
+def _fold(layer: nn.Module, norm: nn.Module) -> None:
+    """``layer``'s weight and bias times the BatchNorm's eval-mode scale, plus its shift (float64 math)."""
+    w = layer.weight
+    scale = torch.rsqrt(norm.running_var.double() + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight.double()
+    shift = -norm.running_mean.double() * scale + (norm.bias.double() if norm.bias is not None else 0.0)
+    bias = shift if layer.bias is None else layer.bias.double() * scale + shift
+    w.copy_((w.double() * scale.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+    if layer.bias is None:
+        layer.bias = nn.Parameter(bias.to(w.dtype), requires_grad=w.requires_grad)
+    else:
+        layer.bias.copy_(bias.to(layer.bias.dtype))
 
 
 @register_pass
