@@ -49,7 +49,7 @@ def cpu_route(request, monkeypatch):
     from torchzip.kernels import cpu
 
     if request.param == "compiled" and not cpu.available():
-        pytest.skip(f"compiled CPU kernels: {cpu.why_not()}")
+        pytest.skip(f"needs the compiled CPU kernels (x86-64 with AVX2 and gcc; the torch route is tested everywhere): {cpu.why_not()}")
     if request.param == "torch":
         monkeypatch.setattr(cpu, "available", lambda: False)
     return request.param

@@ -180,7 +180,7 @@ def test_next_block_is_calibrated_on_the_tuned_blocks_outputs(monkeypatch):
 
 def test_block_tune_arguments_are_checked():
     for bad in ({"block_tune": -1}, {"block_tune": 1.5}, {"block_tune_lr": 0}, {"block_tune_lr": "fast"}, {"block_tune_lr": float("inf")},
-                {"block_tune": 10, "method": "kmeans"}):
+                {"block_tune": 10, "method": "kmeans"}, {"block_tune": 10, "start_step": 5}):
         with pytest.raises(RecipeError, match="block_tune"):
             tz.Codebook(**bad)
 

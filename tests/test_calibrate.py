@@ -117,7 +117,7 @@ def test_compiled_gptq_codebook_assignment_is_torchs_bit_for_bit(k, n, shared, m
     from torchzip.passes.codebook import _gptq_assign
 
     if not cpu.available():
-        pytest.skip(f"compiled CPU kernels: {cpu.why_not()}")
+        pytest.skip(f"needs the compiled CPU kernels (x86-64 with AVX2 and gcc; the torch route is tested everywhere): {cpu.why_not()}")
     gen = torch.Generator().manual_seed(k)
     h = second_moment([correlated(n, k, seed=k)(2 * k)])
     w = torch.randn(n, k, generator=gen)

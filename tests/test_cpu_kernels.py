@@ -23,7 +23,7 @@ def _avx2_linux() -> bool:
     return {"avx2", "fma", "f16c"} <= set(flags.split())
 
 
-needs_kernels = pytest.mark.skipif(not cpu.available(), reason=f"compiled CPU kernels: {cpu.why_not()}")
+needs_kernels = pytest.mark.skipif(not cpu.available(), reason=f"needs the compiled CPU kernels (x86-64 with AVX2 and gcc; the torch route is tested everywhere): {cpu.why_not()}")
 
 
 @pytest.mark.skipif(not (_avx2_linux() and shutil.which("gcc")), reason="needs x86-64 Linux with AVX2 and gcc")

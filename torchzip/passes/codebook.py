@@ -608,8 +608,9 @@ class Codebook(LayerPass):
         check_int(where, "block_tune", self.block_tune)
         if isinstance(self.block_tune_lr, bool) or not isinstance(self.block_tune_lr, (int, float)) or not 0 < self.block_tune_lr < float("inf"):
             raise RecipeError(f"codebook block_tune_lr must be a positive finite number, got {self.block_tune_lr!r} in {where}")
-        if self.block_tune and self.method == "kmeans":
-            raise RecipeError(f"codebook block_tune needs calibration: it cannot go with method 'kmeans' in {where}")
+        if self.block_tune and (self.method == "kmeans" or self.start_step):
+            raise RecipeError(f"codebook block_tune tunes codebooks clustered on calibration data when compressing: it "
+                              f"cannot go with method 'kmeans' or a start_step in {where}")
         if self.needs_calibration() and self.start_step:
             raise RecipeError(f"codebook method '{self.method}' clusters on calibration data when compressing: it needs "
                               f"start_step 0 in {where}")
@@ -630,8 +631,8 @@ class Codebook(LayerPass):
         return self.float_targets and self.uses_calibration()
 
     def block_tuning(self) -> tuple[int, float]:
-        """``block_tune`` Adam steps at ``block_tune_lr`` per block, with calibration data."""
-        return (self.block_tune, float(self.block_tune_lr)) if self.uses_calibration() else (0, 0.0)
+        """``block_tune`` Adam steps at ``block_tune_lr`` per block (with calibration data)."""
+        return self.block_tune, float(self.block_tune_lr)
 
     def _quant(self, module: nn.Module, tensor: str, view: WeightView) -> tuple[CodebookQuant, bool]:
         """An unclustered codebook for one tensor, and whether ``auto`` chose one per layer."""

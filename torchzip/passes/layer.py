@@ -223,11 +223,12 @@ class LayerPass(Pass):
         if rest:
             self.apply(model, rest, group, progress)
         if calibrated:
+            tune_steps, tune_lr = self.block_tuning()
             missed = sweep(model, [(n, m) for n, m, _ in calibrated], batches,
                            lambda i, h, *cross: calibrated[i][2].compress_calibrated(calibrated[i][0], calibrated[i][1],
                                                                                      h, group, *cross),
                            progress=progress, desc=f"calibrate {self.key}", reference=reference,
-                           tune_steps=self.block_tuning()[0], tune_lr=self.block_tuning()[1])
+                           tune_steps=tune_steps, tune_lr=tune_lr)
             del reference
             for i in missed:
                 notes.append(f"{calibrated[i][0]} (the calibration batches never call it)")
@@ -466,9 +467,8 @@ def run_passes(model: nn.Module, passes: list[Pass], *, inplace: bool, progress:
             p.apply_calibrated(model, [(name, modules[name], own) for name, _, own in plan], f"{p.key}{index}-{call}",
                                progress, batches)
         else:
-            if getattr(p, "block_tune", 0):
-                warnings.warn(f"pass #{index + 1} '{p.key}': block_tune needs calibration data (compress(..., "
-                              "calibration=batches)) and clustering at once (start_step 0); the blocks are not tuned",
-                              stacklevel=3)
+            if p.block_tuning()[0]:
+                warnings.warn(f"pass #{index + 1} '{p.key}': block tuning needs calibration data (compress(..., "
+                              "calibration=batches)); the blocks are not tuned", stacklevel=3)
             p.apply(model, [(name, modules[name], own) for name, _, own in plan], f"{p.key}{index}-{call}", progress)
     return model
