@@ -535,23 +535,29 @@ def codebook_of(module: nn.Module, tensor: str = "weight") -> CodebookQuant | No
     return next((p for p in module.parametrizations[tensor] if isinstance(p, CodebookQuant)), None)
 
 
+def clustered_codebooks(model: nn.Module) -> Iterator[tuple[nn.Module, str, CodebookQuant]]:
+    """``(module, tensor name, codebook)`` for every clustered codebook in ``model``."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for tensor in list(module.parametrizations.keys()):
+                quant = codebook_of(module, tensor)
+                if quant is not None and bool(quant.clustered):
+                    yield module, tensor, quant
+
+
 def latent_codebooks(model: nn.Module, on: bool = True) -> int:
     """Put every clustered codebook of ``model`` in latent mode (``on``; see
     :meth:`CodebookQuant.start_latent`) or settle them back onto fixed assignments; returns how
     many codebooks it changed."""
     count = 0
-    for module in model.modules():
-        if not parametrize.is_parametrized(module):
+    for module, tensor, quant in clustered_codebooks(model):
+        if quant.latent == on:
             continue
-        for tensor in list(module.parametrizations.keys()):
-            quant = codebook_of(module, tensor)
-            if quant is None or not bool(quant.clustered) or quant.latent == on:
-                continue
-            if on:
-                quant.start_latent(module)
-            else:
-                quant.settle(weight_before(module, quant, tensor))
-            count += 1
+        if on:
+            quant.start_latent(module)
+        else:
+            quant.settle(weight_before(module, quant, tensor))
+        count += 1
     return count
 
 

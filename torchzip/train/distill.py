@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 from torchzip.errors import DistillationError
 from torchzip.train.batches import (LogitsSpec, TaskLoss, _first_tensor, _values, call_model, eval_mode,
@@ -119,14 +118,6 @@ class _Capture:
         self.store[self.name] = output
 
 
-def _clustered_codebooks(model: nn.Module) -> bool:
-    from torchzip.passes.codebook import codebook_of
-
-    return any(q is not None and bool(q.clustered)
-               for m in model.modules() if parametrize.is_parametrized(m)
-               for q in (codebook_of(m, t) for t in m.parametrizations.keys()))
-
-
 class _AverageGrad:
     """Post-accumulate-grad hook: average a projection's gradient over DDP ranks (the projection
     lives outside the DDP-wrapped student, so DDP does not do it)."""
@@ -173,7 +164,8 @@ class DistillationCallback(Callback, nn.Module):
     centroids: for the length of :func:`finetune` each weight takes the centroid nearest to a
     float master weight that starts at its dequantized value and learns with a straight-through
     gradient (:meth:`~torchzip.passes.codebook.CodebookQuant.start_latent`); at the end the
-    nearest assignments are fixed again (the file's size is unchanged). Give the master weights
+    nearest assignments are fixed again (the packed size in memory is unchanged; the Huffman-coded
+    file changes a little with the codes' frequencies). Give the master weights
     their own rate with ``finetune(..., param_lrs={"*.original": ...})``.
 
     Raises :class:`DistillationError` for a temperature ≤ 0, alpha outside [0, 1], a layer
@@ -245,7 +237,9 @@ class DistillationCallback(Callback, nn.Module):
         super().on_train_begin(model)
         if not self._hooks and self.features:
             self.bind(self.student)  # a previous finetune's end removed them
-        if self.latent_weights and not _clustered_codebooks(self.student):
+        from torchzip.passes.codebook import clustered_codebooks  # here: passes import this module
+
+        if self.latent_weights and next(clustered_codebooks(self.student), None) is None:
             raise DistillationError("latent_weights: the student has no clustered codebook")
         param = next(self.student.parameters(), None)
         if param is not None:

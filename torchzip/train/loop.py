@@ -84,80 +84,72 @@ def finetune(model: nn.Module, loader: Iterable, *, loss_fn: TaskLoss | None = N
 
     began: list[Callback] = []
     try:
-        return _train(model, inner, loader, first, batches, cbs, began, loss_fn, optimizer, lr, param_lrs,
-                      lr_schedule, epochs, device, progress)
+        # Dry run: every check happens here, before anything trains.
+        for cb in cbs:
+            began.append(cb)
+            cb.on_train_begin(model)
+        inputs, targets = split_batch(first)
+        with torch.no_grad(), eval_mode(inner):
+            loss = _loss(inner, inputs, targets, loss_fn, cbs)
+
+        optimizer = _optimizer(model, cbs, optimizer, lr, param_lrs)
+        scheduler = None
+        if lr_schedule == "cosine":
+            steps = max(epochs * len(loader), 1)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t / steps, 1.0))))
+        history: list[dict] = []
+        modes = [(m, m.training) for m in inner.modules()]
+        show = enabled(progress) and _is_rank0()
+        epoch_bar = bar(range(epochs), show, desc="finetune", unit="epoch")
+        try:
+            for epoch in epoch_bar:
+                if epoch > 0:
+                    _set_epoch(loader, epoch)
+                    batches = iter(loader)
+                stream = itertools.chain([first], batches) if epoch == 0 else batches
+                total = len(loader) if hasattr(loader, "__len__") else None
+                step_bar = bar(stream, show, total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False)
+                model.train()
+                start, losses, samples = time.perf_counter(), [], 0
+                for batch in step_bar:
+                    inputs, targets = split_batch(_to(batch, device))
+                    for cb in cbs:
+                        cb.on_step_begin(model)
+                    loss = _loss(model, inputs, targets, loss_fn, cbs)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    if scheduler is not None:
+                        scheduler.step()
+                    advance_schedules(model)  # once per optimizer step, however many callbacks
+                    for cb in cbs:
+                        cb.on_step_end(model)
+                    losses.append(loss.item())
+                    samples += _batch_size(inputs)
+                    step_bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                step_bar.close()
+                logs = {
+                    "epoch": epoch,
+                    "loss": sum(losses) / len(losses) if losses else math.nan,
+                    "steps": len(losses),
+                    "samples": samples,
+                    "seconds": time.perf_counter() - start,
+                    "lr": optimizer.param_groups[0]["lr"],
+                }
+                history.append(logs)
+                epoch_bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                for cb in cbs:
+                    cb.on_epoch_end(model, epoch, logs)
+        finally:
+            epoch_bar.close()
+            for m, training in modes:
+                m.training = training
+        return history
     finally:
         # Also after an error or Ctrl-C: callbacks undo what they set up (hooks, latent codebooks).
         for cb in began:
             cb.on_train_end(model)
-
-
-def _train(model: nn.Module, inner: nn.Module, loader: Iterable, first: Any, batches: Any, cbs: list[Callback],
-           began: list[Callback], loss_fn: TaskLoss, optimizer: torch.optim.Optimizer | None, lr: float,
-           param_lrs: Mapping[str, float] | None, lr_schedule: str, epochs: int, device: Any,
-           progress: bool | None) -> list[dict]:
-    # Dry run: every check happens here, before anything trains.
-    for cb in cbs:
-        began.append(cb)
-        cb.on_train_begin(model)
-    inputs, targets = split_batch(first)
-    with torch.no_grad(), eval_mode(inner):
-        loss = _loss(inner, inputs, targets, loss_fn, cbs)
-
-    optimizer = _optimizer(model, cbs, optimizer, lr, param_lrs)
-    scheduler = None
-    if lr_schedule == "cosine":
-        steps = max(epochs * len(loader), 1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t / steps, 1.0))))
-    history: list[dict] = []
-    modes = [(m, m.training) for m in inner.modules()]
-    show = enabled(progress) and _is_rank0()
-    epoch_bar = bar(range(epochs), show, desc="finetune", unit="epoch")
-    try:
-        for epoch in epoch_bar:
-            if epoch > 0:
-                _set_epoch(loader, epoch)
-                batches = iter(loader)
-            stream = itertools.chain([first], batches) if epoch == 0 else batches
-            total = len(loader) if hasattr(loader, "__len__") else None
-            step_bar = bar(stream, show, total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False)
-            model.train()
-            start, losses, samples = time.perf_counter(), [], 0
-            for batch in step_bar:
-                inputs, targets = split_batch(_to(batch, device))
-                for cb in cbs:
-                    cb.on_step_begin(model)
-                loss = _loss(model, inputs, targets, loss_fn, cbs)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                advance_schedules(model)  # once per optimizer step, however many callbacks
-                for cb in cbs:
-                    cb.on_step_end(model)
-                losses.append(loss.item())
-                samples += _batch_size(inputs)
-                step_bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            step_bar.close()
-            logs = {
-                "epoch": epoch,
-                "loss": sum(losses) / len(losses) if losses else math.nan,
-                "steps": len(losses),
-                "samples": samples,
-                "seconds": time.perf_counter() - start,
-                "lr": optimizer.param_groups[0]["lr"],
-            }
-            history.append(logs)
-            epoch_bar.set_postfix(loss=f"{logs['loss']:.4f}")
-            for cb in cbs:
-                cb.on_epoch_end(model, epoch, logs)
-    finally:
-        epoch_bar.close()
-        for m, training in modes:
-            m.training = training
-    return history
 
 
 def _loss(model: nn.Module, inputs: Any, targets: Any, loss_fn: TaskLoss, cbs: list[Callback]) -> torch.Tensor:
@@ -202,14 +194,11 @@ def _optimizer(model: nn.Module, cbs: list[Callback], optimizer: torch.optim.Opt
                lr: float, param_lrs: Mapping[str, float] | None = None) -> torch.optim.Optimizer:
     extra = _params_of(cbs)
     if optimizer is None:
-        if param_lrs:
-            groups = _param_groups(model, lr, param_lrs)
-            seen = {id(p) for g in groups for p in g["params"]}
-            rest = [p for p in extra if id(p) not in seen]
-            return torch.optim.Adam(groups + ([{"params": rest, "lr": lr}] if rest else []), lr=lr)
-        params = [p for p in model.parameters() if p.requires_grad]
-        seen = {id(p) for p in params}
-        return torch.optim.Adam(params + [p for p in extra if id(p) not in seen], lr=lr)
+        groups = (_param_groups(model, lr, param_lrs) if param_lrs
+                  else [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}])
+        seen = {id(p) for g in groups for p in g["params"]}
+        rest = [p for p in extra if id(p) not in seen]
+        return torch.optim.Adam([g for g in groups + [{"params": rest, "lr": lr}] if g["params"]], lr=lr)
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = [p for p in extra if id(p) not in held]
     if missing:
